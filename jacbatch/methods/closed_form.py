@@ -1,0 +1,65 @@
+"""The closed-form route: registered rules, no autodiff.
+
+Runs every rule under ``torch.no_grad()`` on detached arguments, so no graph is built even when
+the caller's tensors require grad.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _validation as V
+from .. import rules
+from .._validation import Call
+from . import batched_args
+
+
+def has_rules(call: Call, argnums: Sequence[int]) -> bool:
+    return all(rules.lookup(call.func, a) is not None for a in argnums)
+
+
+def compute(
+    call: Call,
+    argnums: Sequence[int],
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    outs: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor]:
+    """Jacobians w.r.t. ``args[a]`` for ``a in argnums`` via the registered rules.
+
+    Returns:
+        Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``layout``).
+    """
+    found = []
+    for a in argnums:
+        rule = rules.lookup(call.func, a)
+        if rule is None:
+            V.no_rule_error("jacobian", call.func, a, rules.available())
+        found.append(rule)
+    args, flags, B = batched_args(call)
+    args = [x.detach() for x in args]
+    order = "col" if layout == "col" else "row"
+    results = []
+    with torch.no_grad():
+        for a, rule, buf in zip(argnums, found, outs, strict=True):
+            in_shape = call.sample_shape(a)
+            flat_buf = None if buf is None else buf.view(B, -1, max(1, _numel(in_shape)))
+            if flat_buf is not None and _numel(in_shape) == 0:
+                flat_buf = None
+            J = rule(args, flags, B, order, flat_buf)  # (B, o, i)
+            if layout is None:
+                J = J.view(B, *out_shape, *in_shape)
+            if buf is not None and J.data_ptr() != buf.data_ptr():
+                buf.copy_(J.view(buf.shape))
+                J = buf
+            results.append(J)
+    return results
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,103 @@
+"""The vjp route: an explicit loop of vector-Jacobian products with one-hot cotangents.
+
+NOTE [One backward pass per output element, for the whole batch]
+    Samples are independent, so the batched output ``Y (B, *out_shape)`` depends on sample ``b``'s
+    input only through ``Y[b]``. Pulling back the cotangent that is one at flat output index ``k``
+    of every sample gives, in one ``torch.autograd.grad`` call, row ``k`` of every sample's
+    Jacobian. Shared differentiated arguments are expanded to a batched leaf first, so their
+    gradient is per sample instead of summed over the batch. ``out_numel`` backward passes in all,
+    not ``B * out_numel``.
+
+    The forward runs under ``torch.func.vmap`` when the function allows it; for functions vmap
+    rejects (``.item()``, Python control flow on values) it runs sample by sample and stacks the
+    outputs, so the backward passes still cover the whole batch. Any function autograd can
+    differentiate works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.func import vmap
+
+from .._validation import Call
+from . import batched_args, finish
+
+
+def forward(
+    call: Call, args: Sequence[torch.Tensor], batched: Sequence[bool], B: int
+) -> torch.Tensor:
+    """Batched output ``(B, *out_shape)`` with an autograd graph: vmap, else a per-sample loop."""
+    dims = tuple(0 if f else None for f in batched)
+    try:
+        return vmap(call.func, in_dims=dims)(*args)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError):
+        pass
+    outs = [
+        call.func(*(x[b] if f else x for x, f in zip(args, batched, strict=True))) for b in range(B)
+    ]
+    shapes = {tuple(o.shape) for o in outs}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"jacobian: expected func to return the same shape for every sample, got {sorted(shapes)}."
+        )
+    return torch.stack(outs)
+
+
+def compute(
+    call: Call,
+    argnums: Sequence[int],
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    outs: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor]:
+    """Jacobians w.r.t. ``args[a]`` for ``a in argnums`` by ``out_numel`` backward passes.
+
+    Returns:
+        Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``layout``).
+    """
+    args, flags, B = batched_args(call)
+    args = [x.detach() for x in args]
+    leaves = []
+    for a in argnums:
+        x = args[a] if flags[a] else args[a].unsqueeze(0).expand(B, *args[a].shape)
+        leaf = x.detach().requires_grad_(True)
+        args[a], flags[a] = leaf, True
+        leaves.append(leaf)
+
+    with torch.enable_grad():
+        Y = forward(call, args, flags, B)
+    o = Y[0].numel() if B > 0 else _numel(out_shape)
+    in_numels = [_numel(call.sample_shape(a)) for a in argnums]
+    rows = [torch.zeros(B, o, n, dtype=Y.dtype, device=Y.device) for n in in_numels]
+
+    if Y.requires_grad and B > 0:
+        onehot = torch.zeros(B, o, dtype=Y.dtype, device=Y.device)
+        for k in range(o):
+            onehot[:, k] = 1
+            grads = torch.autograd.grad(
+                Y, leaves, onehot.view(Y.shape), retain_graph=k < o - 1, allow_unused=True
+            )
+            onehot[:, k] = 0
+            for r, g in zip(rows, grads, strict=True):
+                if g is not None:
+                    r[:, k] = g.reshape(B, -1)
+
+    return [
+        finish(
+            r.view(B, *out_shape, *call.sample_shape(a)),
+            len(out_shape),
+            len(call.sample_shape(a)),
+            layout,
+            buf,
+        )
+        for r, a, buf in zip(rows, argnums, outs, strict=True)
+    ]
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

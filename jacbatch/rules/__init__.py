@@ -1,0 +1,72 @@
+"""Closed-form Jacobian rules, registered per function and argument.
+
+A rule computes the flattened Jacobian of one registered function with respect to one argument
+for a whole batch, without autodiff. Its signature is::
+
+    rule(args, batched, batch_size, order, out) -> Tensor  # (B, out_numel, in_numel)
+
+where ``args`` are the function's arguments with the batch dimension first (for ``batched[i]``)
+or shared (unbatched), ``order`` is ``"row"`` or ``"col"`` (the vec order of both axes) and ``out``
+is ``None`` or a contiguous ``(B, out_numel, in_numel)`` buffer to write into.
+
+Adding a closed form: write the function in :mod:`jacbatch.functions`, add a file here with one
+rule per argument decorated with :func:`register`, and import it at the bottom of this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+
+class Rule(Protocol):
+    def __call__(
+        self,
+        args: Sequence[torch.Tensor],
+        batched: Sequence[bool],
+        batch_size: int,
+        order: str,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor: ...
+
+
+_REGISTRY: dict[Callable[..., Any], dict[int, Rule]] = {}
+
+
+def register(func: Callable[..., Any], argnum: int) -> Callable[[Rule], Rule]:
+    """Decorator: register ``rule`` as the closed-form Jacobian of ``func`` w.r.t. ``args[argnum]``."""
+
+    def deco(rule: Rule) -> Rule:
+        _REGISTRY.setdefault(func, {})[argnum] = rule
+        return rule
+
+    return deco
+
+
+def lookup(func: Callable[..., Any], argnum: int) -> Rule | None:
+    """The rule for ``func`` w.r.t. ``args[argnum]``, or ``None``."""
+    return _REGISTRY.get(func, {}).get(argnum)
+
+
+def available() -> list[str]:
+    """Human-readable list of functions with closed forms, e.g. ``['jacbatch.affine (argnums 0, 1, 2)']``."""
+    out = []
+    for func, rules in _REGISTRY.items():
+        nums = ", ".join(str(k) for k in sorted(rules))
+        out.append(f"{func.__module__.split('.')[0]}.{func.__qualname__} (argnums {nums})")
+    return out
+
+
+def per_sample(x: torch.Tensor, batched: bool, batch_size: int) -> torch.Tensor:
+    """``x`` with a leading batch dimension: itself if batched, else a broadcast view."""
+    return x if batched else x.unsqueeze(0).expand(batch_size, *x.shape)
+
+
+def eye(n: int, like: torch.Tensor) -> torch.Tensor:
+    """``I_n`` with ``like``'s dtype and device."""
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+from . import affine as _affine  # noqa: E402,F401  (registers the affine rules)
