@@ -281,7 +281,7 @@ def jacobian(
         for a, J in zip(todo, jacs, strict=True):
             results[a] = J if call.batched else J.squeeze(0)
 
-    final = tuple(results[a] for a in call.argnums)
+    final = tuple(results[a] if b is None else b for a, b in zip(call.argnums, bufs, strict=True))
     return final if call.tuple_argnums else final[0]
 
 

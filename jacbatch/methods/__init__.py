@@ -42,7 +42,7 @@ def finish(
     if out is not None:
         out.copy_(J)
         return out
-    return J
+    return J.contiguous()
 
 
 def sample_shapes(call: Call, argnums: Sequence[int]) -> list[tuple[int, ...]]:

@@ -1,51 +1,78 @@
-"""The torch.func route: ``vmap(jacrev(func))`` or ``vmap(jacfwd(func))``.
+"""The torch.func route: ``vmap(jacrev(func))``, and forward mode from ``vmap`` and ``jvp``.
 
-``chunk_size`` bounds how many Jacobian rows (jacrev) or columns (jacfwd) are computed in one
-vectorized pass. ``torch.func.jacrev`` chunks natively; ``torch.func.jacfwd`` has no chunking, so
-with a ``chunk_size`` the columns are pushed forward in chunks of ``vmap(jvp)`` over slices of the
-identity, which is exactly what ``jacfwd`` does in a single chunk.
+``chunk_size`` bounds how many Jacobian rows (reverse) or columns (forward) are computed in one
+vectorized pass. ``torch.func.jacrev`` chunks natively.
+
+NOTE [Forward mode: vmap over tangents outside the batch]
+    ``vmap(jacfwd(f))`` nests the tangent vmap *inside* the batch vmap. In torch 2.13 that nesting
+    returns wrong Jacobians for LU-based ops: for ``torch.linalg.det``, ``torch.logdet`` and
+    ``torch.linalg.solve`` on a batch of well-conditioned 3x3 matrices the result differs from
+    per-sample ``jacfwd`` (and from ``jacrev``) by up to 1e5, while ``jvp`` under a single vmap is
+    right (tests/test_routes.py sweeps these ops). The forward route therefore puts the tangent
+    vmap *outside*: ``vmap(lambda e: jvp(vmap(f), (X,), (e,)))`` over one-hot tangents, one
+    ``jvp`` of the batched function per input element, which is the same work as ``jacfwd`` and
+    needs no copies of the inputs. ``torch.func.jacfwd`` has no chunking; the chunks here are
+    slices of the one-hot basis.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.func import jacfwd, jacrev, jvp, vmap
+from torch.func import jacrev, jvp, vmap
 
 from .._validation import Call
 from . import batched_args, finish
 
 
-def _jacfwd_chunked(
-    func: Callable[..., Any], argnum: int, chunk_size: int
-) -> Callable[..., torch.Tensor]:
-    """Per-sample ``jacfwd(func, argnum)`` that pushes at most ``chunk_size`` tangents at once."""
+def _forward_columns(
+    func: Callable[..., Any],
+    args: Sequence[torch.Tensor],
+    dims: tuple[int | None, ...],
+    batched: bool,
+    argnum: int,
+    chunk_size: int | None,
+    out_shape: tuple[int, ...],
+) -> torch.Tensor:
+    """Forward-mode Jacobian w.r.t. ``args[argnum]`` for the whole batch: ``(B, *out, *in)``.
 
-    def jac(*args: torch.Tensor) -> torch.Tensor:
-        x = args[argnum]
-        n = x.numel()
+    ``vmap`` over one-hot tangents (``chunk_size`` at a time) of ``jvp`` of the batch-vmapped
+    function; see NOTE [Forward mode: vmap over tangents outside the batch].
+    """
+    g = vmap(func, in_dims=dims) if batched else func
+    x = args[argnum]
+    in_shape = x.shape[1:] if dims[argnum] is not None else x.shape
+    n = math.prod(in_shape)
+    B = x.shape[0] if dims[argnum] is not None else None
+
+    def push(e: torch.Tensor) -> torch.Tensor:
+        t = e.expand_as(x) if B is not None else e
+        xs = list(args)
 
         def f(xx: torch.Tensor) -> torch.Tensor:
-            return func(*args[:argnum], xx, *args[argnum + 1 :])
+            xs[argnum] = xx
+            return g(*xs)
 
-        def push(t: torch.Tensor) -> torch.Tensor:
-            return jvp(f, (x,), (t.view(x.shape),))[1]
+        return jvp(f, (x,), (t,))[1]
 
-        cols = []
-        for start in range(0, n, chunk_size):
-            stop = min(n, start + chunk_size)
-            basis = torch.zeros(stop - start, n, dtype=x.dtype, device=x.device)
-            basis[torch.arange(stop - start), torch.arange(start, stop)] = 1
-            cols.append(vmap(push)(basis))  # (c, *out_shape)
-        if not cols:  # zero-sized input: push a single zero tangent for the output shape
-            out = f(x)
-            return out.new_zeros(*out.shape, *x.shape)
-        Jt = torch.cat(cols)  # (n, *out_shape)
-        return Jt.movedim(0, -1).reshape(*Jt.shape[1:], *x.shape)
-
-    return jac
+    step = n if chunk_size is None else chunk_size
+    cols = []
+    for start in range(0, n, max(step, 1)):
+        stop = min(n, start + step)
+        basis = torch.zeros(stop - start, n, dtype=x.dtype, device=x.device)
+        basis[torch.arange(stop - start), torch.arange(start, stop)] = 1
+        cols.append(vmap(push)(basis.view(stop - start, *in_shape)))  # (c, [B,] *out)
+    lead = x.shape[:1] if B is not None else ()
+    if not batched:
+        lead = ()
+    if not cols:
+        cols.append(torch.zeros(0, *lead, *out_shape, dtype=x.dtype, device=x.device))
+    Jt = torch.cat(cols)  # (n, [B,] *out)
+    J = Jt.movedim(0, -1).reshape(*Jt.shape[1:], *in_shape)
+    return J if batched else J.unsqueeze(0)
 
 
 def compute(
@@ -65,19 +92,18 @@ def compute(
     args, flags, _ = batched_args(call)
     dims = tuple(0 if f else None for f in flags)
     nums = tuple(argnums)
-    per_sample: list[Callable[..., Any]]
-    if mode == "rev":
-        per_sample = [jacrev(call.func, argnums=nums, chunk_size=chunk_size)]
-    elif chunk_size is None:
-        per_sample = [jacfwd(call.func, argnums=nums)]
-    else:
-        per_sample = [_jacfwd_chunked(call.func, a, chunk_size) for a in nums]
-
     jacs: list[torch.Tensor] = []
-    for fn in per_sample:
+    if mode == "rev":
+        fn = jacrev(call.func, argnums=nums, chunk_size=chunk_size)
         res = vmap(fn, in_dims=dims)(*args) if call.batched else fn(*args)
-        res_t = res if isinstance(res, tuple) else (res,)
-        jacs.extend(r if call.batched else r.unsqueeze(0) for r in res_t)
+        jacs.extend(r if call.batched else r.unsqueeze(0) for r in res)
+    else:
+        for a in nums:
+            # A shared differentiated argument gets a per-sample tangent through the batched
+            # function's jvp, so the result is per sample without expanding it.
+            jacs.append(
+                _forward_columns(call.func, args, dims, call.batched, a, chunk_size, out_shape)
+            )
 
     return [
         finish(J.detach(), len(out_shape), len(call.sample_shape(a)), layout, buf)

@@ -79,10 +79,11 @@ def compute(
             grads = torch.autograd.grad(
                 Y, leaves, onehot.view(Y.shape), retain_graph=k < o - 1, allow_unused=True
             )
-            onehot[:, k] = 0
             for r, g in zip(rows, grads, strict=True):
                 if g is not None:
                     r[:, k] = g.reshape(B, -1)
+            # Only now: a pass-through backward (e.g. of ``+ b``) returns the cotangent itself.
+            onehot[:, k] = 0
 
     return [
         finish(
