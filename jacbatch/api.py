@@ -6,7 +6,7 @@ import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -172,6 +172,32 @@ def _result_shape(
 # ---------------------------------------------------------------------------------------------
 
 
+@overload
+def jacobian(
+    func: Callable[..., torch.Tensor],
+    *args: torch.Tensor,
+    argnums: int = 0,
+    in_dims: int | tuple[int | None, ...] | None = 0,
+    method: str = "auto",
+    vec: str | None = None,
+    chunk_size: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def jacobian(
+    func: Callable[..., torch.Tensor],
+    *args: torch.Tensor,
+    argnums: tuple[int, ...],
+    in_dims: int | tuple[int | None, ...] | None = 0,
+    method: str = "auto",
+    vec: str | None = None,
+    chunk_size: int | None = None,
+    out: tuple[torch.Tensor, ...] | None = None,
+) -> tuple[torch.Tensor, ...]: ...
+
+
 def jacobian(
     func: Callable[..., torch.Tensor],
     *args: torch.Tensor,
@@ -213,7 +239,7 @@ def jacobian(
     Example:
         >>> A = torch.tensor([[1., 2., 3.], [4., 5., 6.]])
         >>> W, B = torch.zeros(3, 2), torch.zeros(2)
-        >>> jacobian(affine, A, W, B, argnums=1, in_dims=None, vec="row")
+        >>> jacobian(jacbatch.affine, A, W, B, argnums=1, in_dims=None, vec="row")
         tensor([[1., 0., 2., 0., 3., 0.],
                 [0., 1., 0., 2., 0., 3.],
                 [4., 0., 5., 0., 6., 0.],
@@ -308,7 +334,7 @@ def explain(
 
     Example:
         >>> A, W, B = torch.ones(2, 3), torch.ones(3, 2), torch.ones(2)
-        >>> print(explain(affine, A, W, B, argnums=1, in_dims=None))
+        >>> print(explain(jacbatch.affine, A, W, B, argnums=1, in_dims=None))
         jacobian plan (no batch, out (2, 2), in [(3, 2)]):
           argnums (1,): closed_form — registered closed-form rule, no autodiff
     """
@@ -329,6 +355,7 @@ class CheckReport:
         max_diff: ``{(route_a, route_b): max |J_a - J_b|}`` over all argnums, for every pair.
         failures: the pairs that disagree.
         dtype: the dtype of the call.
+        errors: ``{route: message}`` for routes that raised (they count as not agreeing).
     """
 
     ok: bool
@@ -336,6 +363,7 @@ class CheckReport:
     max_diff: dict[tuple[str, str], float]
     failures: tuple[tuple[str, str], ...]
     dtype: torch.dtype
+    errors: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         names = self.routes
@@ -354,6 +382,7 @@ class CheckReport:
             lines.append(f"{a:<{width}}" + "".join(cells))
         if self.failures:
             lines.append("* outside tolerance")
+        lines.extend(f"{r} failed: {msg}" for r, msg in self.errors.items())
         return "\n".join(lines)
 
 
@@ -377,7 +406,7 @@ def check(
 
     Example:
         >>> A, W, B = torch.randn(4, 2, 3), torch.randn(3, 2), torch.randn(2)
-        >>> check(affine, A, W, B, argnums=1, in_dims=(0, None, None)).ok
+        >>> check(jacbatch.affine, A, W, B, argnums=1, in_dims=(0, None, None)).ok
         True
     """
     from .testing import FINITE_DIFFERENCE_TOLERANCE, finite_difference_jacobian, tolerance
@@ -387,8 +416,15 @@ def check(
     _probe_output(call)
     routes = [r for r in ROUTES if r != "closed_form" or closed_form.has_rules(call, call.argnums)]
     jacs: dict[str, list[torch.Tensor]] = {}
+    errors: dict[str, str] = {}
     for r in routes:
-        res = jacobian(func, *args, argnums=call.argnums, in_dims=call.in_dims, method=r, vec="row")
+        try:
+            res = jacobian(
+                func, *args, argnums=call.argnums, in_dims=call.in_dims, method=r, vec="row"
+            )
+        except (RuntimeError, NotImplementedError) as err:  # e.g. no forward-mode formula
+            errors[r] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            continue
         jacs[r] = [J.to(torch.float64).reshape(-1, *J.shape[-2:]) for J in res]
     if finite_difference:
         from .methods import batched_args
@@ -424,7 +460,9 @@ def check(
             max_diff[(ra, rb)] = worst
             if bad:
                 failures.append((ra, rb))
-    return CheckReport(not failures, names, max_diff, tuple(failures), call.dtype)
+    return CheckReport(
+        not failures and not errors, names, max_diff, tuple(failures), call.dtype, errors
+    )
 
 
 __all__ = [

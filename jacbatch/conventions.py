@@ -47,7 +47,7 @@ def vec(X: torch.Tensor, order: Order = "row") -> torch.Tensor:
     V.check_order("vec", order)
     if order == "row":
         return X.reshape(-1)
-    return X.permute(*reversed(range(X.ndim))).reshape(-1)
+    return X.permute(tuple(reversed(range(X.ndim)))).reshape(-1)
 
 
 def unvec(
@@ -75,7 +75,7 @@ def unvec(
     if order == "row":
         return v.reshape(shape)
     rev = tuple(reversed(shape))
-    return v.reshape(rev).permute(*reversed(range(len(shape))))
+    return v.reshape(rev).permute(tuple(reversed(range(len(shape)))))
 
 
 def commutation_matrix(
@@ -131,7 +131,7 @@ def flatten_jacobian(
     if order == "col":
         out_axes = [lead + k for k in reversed(range(out_ndim))]
         in_axes = [lead + out_ndim + k for k in reversed(range(in_ndim))]
-        J = J.permute(*range(lead), *out_axes, *in_axes)
+        J = J.permute((*range(lead), *out_axes, *in_axes))
     return J.reshape(*J.shape[:lead], _numel(out_shape), _numel(in_shape))
 
 
@@ -150,7 +150,7 @@ def unflatten_jacobian(
     J = J.reshape(*J.shape[:lead], *reversed(out_shape), *reversed(in_shape))
     out_axes = [lead + k for k in reversed(range(no))]
     in_axes = [lead + no + k for k in reversed(range(ni))]
-    return J.permute(*range(lead), *out_axes, *in_axes)
+    return J.permute((*range(lead), *out_axes, *in_axes))
 
 
 def _numel(shape: tuple[int, ...] | torch.Size) -> int:
