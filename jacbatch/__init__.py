@@ -4,22 +4,28 @@ Every Jacobian three ways that agree: closed forms (no autodiff), torch.func (``
 ``jacfwd`` under ``vmap``) and explicit VJP loops. See :func:`jacobian`.
 """
 
-from .api import CheckReport, Plan, check, explain, jacobian
+from .api import CheckReport, Plan, check, estimate_memory, explain, jacobian
 from .compose import chain
 from .conventions import commutation_matrix, unvec, vec
 from .functions import affine
+from .memory import MemoryEstimate
+from .streaming import iter_jacobian, save_jacobian
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckReport",
+    "MemoryEstimate",
     "Plan",
     "affine",
     "chain",
     "check",
     "commutation_matrix",
+    "estimate_memory",
     "explain",
+    "iter_jacobian",
     "jacobian",
+    "save_jacobian",
     "unvec",
     "vec",
 ]

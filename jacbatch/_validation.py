@@ -349,3 +349,80 @@ def check_affine_shapes(A: torch.Tensor, W: torch.Tensor, B: torch.Tensor) -> No
             f"{where}: expected B of shape ({q},) (broadcast over rows) or ({m}, {q}), got "
             f"{tuple(B.shape)}."
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory budgets
+# ---------------------------------------------------------------------------------------------
+
+
+class JacobianMemoryError(MemoryError):
+    """A Jacobian (or the work to compute it) that cannot fit, refused before allocating."""
+
+
+def _fmt_bytes(n: float) -> str:
+    from .memory import format_bytes
+
+    return format_bytes(n)
+
+
+def bad_memory_value(where: str, value: object) -> NoReturn:
+    raise ValueError(
+        f"{where}: expected max_memory as a positive number of bytes or a string such as "
+        f"'512MiB' or '2GB', got {value!r}."
+    )
+
+
+def check_progress(where: str, progress: object) -> bool | None:
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(
+            f"{where}: expected progress to be True, False or None, got {type(progress).__name__}."
+        )
+    return progress
+
+
+def result_too_large(
+    where: str, nbytes: int, free: int, budget: int | None, batch_size: int | None
+) -> NoReturn:
+    budget_txt = "" if budget is None else f" (working budget {_fmt_bytes(budget)})"
+    smaller = (
+        f"; a smaller batch (about {max(1, int(batch_size * free / nbytes))} samples would fit)"
+        if batch_size
+        else ""
+    )
+    raise JacobianMemoryError(
+        f"{where}: expected a result that fits in memory, got a Jacobian of {_fmt_bytes(nbytes)} "
+        f"with {_fmt_bytes(free)} free{budget_txt}. Ways out: jacbatch.structured_jacobian for "
+        f"a lazy operator (where a closed form exists); out= a tensor over a numpy memmap, or "
+        f"jacbatch.save_jacobian(path, ...), to stream it to disk; jacbatch.iter_jacobian(...) to "
+        f"reduce it chunk by chunk{smaller}."
+    )
+
+
+def budget_too_small(where: str, needed: int, budget: int, method: str) -> NoReturn:
+    raise JacobianMemoryError(
+        f"{where}: expected max_memory to cover one sample's working memory, got a budget of "
+        f"{_fmt_bytes(budget)} while {method} needs about {_fmt_bytes(needed)} for one sample. "
+        f"Raise max_memory, or use a route that chunks finer (method='jacrev' or 'jacfwd' with "
+        f"a small chunk_size)."
+    )
+
+
+def needs_batch(where: str) -> NoReturn:
+    raise ValueError(
+        f"{where}: expected at least one batched argument (an int in in_dims), got all None. "
+        f"Call jacbatch.jacobian for a single Jacobian."
+    )
+
+
+def single_argnum(where: str, argnums: object) -> NoReturn:
+    raise TypeError(
+        f"{where}: expected one int argnums (one file per Jacobian), got {argnums!r}. "
+        f"Call it once per argument."
+    )
+
+
+def check_positive_int(where: str, name: str, n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"{where}: expected {name} to be a positive int, got {n!r}.")
+    return n

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import sys
+import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
 import torch
 
 from . import _validation as V
-from . import rules
+from . import memory, rules
 from .methods import closed_form, functorch, vjp
 
 ROUTES: tuple[str, ...] = ("closed_form", "jacrev", "jacfwd", "vjp")
@@ -148,13 +152,15 @@ def _run_step(
     out_shape: tuple[int, ...],
     layout: str | None,
     outs: Sequence[torch.Tensor | None],
+    *,
+    max_rows: int | None = None,
 ) -> list[torch.Tensor]:
     if step.method == "closed_form":
         return closed_form.compute(call, step.argnums, out_shape, layout, outs)
     if step.method in ("jacrev", "jacfwd"):
         mode = "rev" if step.method == "jacrev" else "fwd"
         return functorch.compute(call, step.argnums, mode, chunk_size, out_shape, layout, outs)
-    return vjp.compute(call, step.argnums, out_shape, layout, outs)
+    return vjp.compute(call, step.argnums, out_shape, layout, outs, max_rows=max_rows)
 
 
 def _result_shape(
@@ -182,6 +188,8 @@ def jacobian(
     vec: str | None = None,
     chunk_size: int | None = None,
     out: torch.Tensor | None = None,
+    max_memory: int | str | None = None,
+    progress: bool | None = None,
 ) -> torch.Tensor: ...
 
 
@@ -195,6 +203,8 @@ def jacobian(
     vec: str | None = None,
     chunk_size: int | None = None,
     out: tuple[torch.Tensor, ...] | None = None,
+    max_memory: int | str | None = None,
+    progress: bool | None = None,
 ) -> tuple[torch.Tensor, ...]: ...
 
 
@@ -207,6 +217,8 @@ def jacobian(
     vec: str | None = None,
     chunk_size: int | None = None,
     out: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    max_memory: int | str | None = None,
+    progress: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Full Jacobian of ``func`` w.r.t. ``args[argnums]``, for one input or a batch of inputs.
 
@@ -229,7 +241,13 @@ def jacobian(
             pass. The closed form writes the result directly and the vjp route already computes
             one row per backward pass, so neither is affected by it.
         out: a contiguous tensor of the result's shape, dtype and device to write into (a tuple
-            of them for tuple ``argnums``).
+            of them for tuple ``argnums``); a tensor over a numpy memmap streams to disk.
+        max_memory: working-memory budget beyond the result, in bytes or as a string such as
+            ``"512MiB"``. The route is chunked over the batch (and over rows or columns for
+            jacrev/jacfwd) to stay within it. Default: half of the memory free now. A result that
+            cannot fit in free memory at all is refused before anything is allocated.
+        progress: show a progress bar for chunked runs that take over 2 seconds; ``None`` shows
+            it only when stderr is a terminal.
 
     Returns:
         ``(B, *out_shape, *in_shape)`` (no ``B`` without a batch), or ``(B, out_numel,
@@ -250,46 +268,90 @@ def jacobian(
     method = V.check_method(where, method)
     layout = V.check_vec(where, vec)
     chunk_size = V.check_chunk_size(where, chunk_size)
+    budget = None if max_memory is None else memory.parse_bytes(where, max_memory)
+    show = V.check_progress(where, progress)
     out_shape = _probe_output(call)
     plan = _plan(call, method, out_shape)
-
     shapes = [_result_shape(call, a, out_shape, layout) for a in call.argnums]
-    bufs: list[torch.Tensor | None]
-    if out is None:
-        bufs = [None] * len(call.argnums)
-    else:
-        outs_in = out if isinstance(out, tuple) else (out,)
-        if isinstance(out, tuple) != call.tuple_argnums or len(outs_in) != len(shapes):
-            raise TypeError(
-                f"{where}: expected out to be "
-                + ("a tuple of tensors, one per argnum" if call.tuple_argnums else "one tensor")
-                + f", got {type(out).__name__}."
-            )
-        bufs = [
-            V.check_out(where, o, s, call.dtype, call.device)
-            for o, s in zip(outs_in, shapes, strict=True)
-        ]
+    bufs = _check_outs(where, call, out, shapes)
 
-    results: dict[int, torch.Tensor] = {}
-    if any(math.prod(s) == 0 for s in shapes):
-        # Empty Jacobians need no route; fill what is empty, compute the rest.
-        for a, s, b in zip(call.argnums, shapes, bufs, strict=True):
-            if math.prod(s) == 0:
-                results[a] = (
-                    b if b is not None else torch.empty(s, dtype=call.dtype, device=call.device)
+    # Refuse a result that cannot fit before allocating anything.
+    itemsize = torch.empty((), dtype=call.dtype).element_size()
+    fresh = sum(math.prod(s) for s, b in zip(shapes, bufs, strict=True) if b is None) * itemsize
+    free = memory.available_memory(call.device)
+    if fresh > free:
+        V.result_too_large(where, fresh, free, budget, call.batch_size)
+    if budget is None:
+        budget = memory.default_budget(call.device)
+
+    batch_chunk, chunk_size = _fit(call, plan, out_shape, layout, chunk_size, budget, False)
+    B = call.batch_size
+    if B is None or batch_chunk >= B:
+        final = _execute(call, plan, method, chunk_size, out_shape, layout, bufs)
+    else:
+        final = [
+            b if b is not None else torch.empty(s, dtype=call.dtype, device=call.device)
+            for s, b in zip(shapes, bufs, strict=True)
+        ]
+        with _progress(B, show, "jacobian") as bar:
+            for start in range(0, B, batch_chunk):
+                n = min(batch_chunk, B - start)
+                sub = _slice_call(call, start, n)
+                _execute(
+                    sub,
+                    plan,
+                    method,
+                    chunk_size,
+                    out_shape,
+                    layout,
+                    [f[start : start + n] for f in final],
                 )
+                bar(n)
+    return tuple(final) if call.tuple_argnums else final[0]
+
+
+def _check_outs(
+    where: str, call: V.Call, out: object, shapes: Sequence[tuple[int, ...]]
+) -> list[torch.Tensor | None]:
+    if out is None:
+        return [None] * len(call.argnums)
+    outs_in = out if isinstance(out, tuple) else (out,)
+    if isinstance(out, tuple) != call.tuple_argnums or len(outs_in) != len(shapes):
+        raise TypeError(
+            f"{where}: expected out to be "
+            + ("a tuple of tensors, one per argnum" if call.tuple_argnums else "one tensor")
+            + f", got {type(out).__name__}."
+        )
+    return [
+        V.check_out(where, o, s, call.dtype, call.device)
+        for o, s in zip(outs_in, shapes, strict=True)
+    ]
+
+
+def _execute(
+    call: V.Call,
+    plan: Plan,
+    method: str,
+    chunk_size: int | None,
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    bufs: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor]:
+    """Run the plan's steps for ``call``; results in the caller's layout (``bufs`` where given)."""
+    results: dict[int, torch.Tensor] = {}
+    shapes = [_result_shape(call, a, out_shape, layout) for a in call.argnums]
+    for a, s, b in zip(call.argnums, shapes, bufs, strict=True):
+        if math.prod(s) == 0:  # empty Jacobians need no route
+            results[a] = (
+                b if b is not None else torch.empty(s, dtype=call.dtype, device=call.device)
+            )
 
     lead = 0 if call.batched else 1  # routes always return a batch dimension
     for step in plan.steps:
         todo = tuple(a for a in step.argnums if a not in results)
         if not todo:
             continue
-        step_bufs = [
-            None
-            if bufs[call.argnums.index(a)] is None
-            else _with_batch(bufs[call.argnums.index(a)], lead)
-            for a in todo
-        ]
+        step_bufs = [_with_batch(bufs[call.argnums.index(a)], lead) for a in todo]
         sub = Step(step.method, todo, step.reason)
         try:
             jacs = _run_step(call, sub, chunk_size, out_shape, layout, step_bufs)
@@ -306,9 +368,142 @@ def jacobian(
             _VMAP_REJECTED.add(call.func)
         for a, J in zip(todo, jacs, strict=True):
             results[a] = J if call.batched else J.squeeze(0)
+    return [results[a] if b is None else b for a, b in zip(call.argnums, bufs, strict=True)]
 
-    final = tuple(results[a] if b is None else b for a, b in zip(call.argnums, bufs, strict=True))
-    return final if call.tuple_argnums else final[0]
+
+def _slice_call(call: V.Call, start: int, n: int) -> V.Call:
+    """The same call restricted to samples ``start : start + n`` (views, no copies)."""
+    args = tuple(
+        a if d is None else a.narrow(d, start, n)
+        for a, d in zip(call.args, call.in_dims, strict=True)
+    )
+    return dataclasses.replace(call, args=args, batch_size=n)
+
+
+def _meta_call(call: V.Call, samples: int | None) -> V.Call:
+    """The call on meta tensors with ``samples`` samples (shapes only)."""
+    args = []
+    for i, d in enumerate(call.in_dims):
+        shape = list(call.sample_shape(i))
+        if d is not None and samples is not None:
+            shape.insert(d, samples)
+        args.append(torch.empty(shape, dtype=call.dtype, device="meta"))
+    return dataclasses.replace(
+        call,
+        args=tuple(args),
+        batch_size=samples if call.batched else None,
+        device=torch.device("meta"),
+    )
+
+
+def _estimate(
+    call: V.Call,
+    plan: Plan,
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    chunk_size: int | None,
+    samples: int | None = None,
+) -> memory.MemoryEstimate:
+    """Peak memory of running ``plan`` on ``call`` (or on its first ``samples`` samples),
+    simulated on meta tensors (see NOTE in :mod:`jacbatch.memory`)."""
+    itemsize = torch.empty((), dtype=call.dtype).element_size()
+    B = call.batch_size if samples is None else samples
+    per_out = sum(math.prod(out_shape) * math.prod(call.sample_shape(a)) for a in call.argnums)
+    output = per_out * (B if B is not None else 1) * itemsize
+    name = "+".join(s.method for s in plan.steps)
+    mcall = _meta_call(call, B)
+
+    def run() -> list[torch.Tensor]:
+        res: list[torch.Tensor] = []
+        for step in plan.steps:
+            bufs: list[torch.Tensor | None] = [None] * len(step.argnums)
+            res += _run_step(mcall, step, chunk_size, out_shape, layout, bufs, max_rows=2)
+        return res
+
+    try:
+        peak = memory.simulate_peak(run)
+    except Exception:  # cannot run on meta tensors: conservative multiples of the output
+        mult = max(memory.FALLBACK_MULTIPLE.get(s.method, 4.0) for s in plan.steps)
+        return memory.MemoryEstimate(name, output, int(output * (1 + mult)), B, exact=False)
+    return memory.MemoryEstimate(name, output, max(peak, output), B)
+
+
+def _fit(
+    call: V.Call,
+    plan: Plan,
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    chunk_size: int | None,
+    budget: int,
+    count_output: bool,
+) -> tuple[int, int | None]:
+    """Samples per batch chunk, and rows per vectorized pass, that keep working memory within
+    ``budget`` (and the chunk's output too when ``count_output``)."""
+    B = call.batch_size if call.batch_size is not None else 1
+    itemsize = torch.empty((), dtype=call.dtype).element_size()
+    per_out = sum(math.prod(out_shape) * math.prod(call.sample_shape(a)) for a in call.argnums)
+    # Quick accept: a generous bound on any route's working memory, without simulating.
+    bound = (10 if count_output else 9) * per_out * itemsize * B + sum(a.nbytes for a in call.args)
+    if bound <= budget or B == 0:
+        return max(B, 1), chunk_size
+
+    def need(samples: int, rows: int | None) -> int:
+        est = _estimate(call, plan, out_shape, layout, rows, samples if call.batched else None)
+        return est.peak_bytes if count_output else est.working_bytes
+
+    if need(B, chunk_size) <= budget:
+        return B, chunk_size
+    if need(1, chunk_size) <= budget:  # bisect the largest chunk of samples that fits
+        lo, hi = 1, B
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if need(mid, chunk_size) <= budget else (lo, mid)
+        return lo, chunk_size
+    # One sample does not fit: fewer rows (jacrev) or columns (jacfwd) per vectorized pass.
+    if all(s.method in ("jacrev", "jacfwd") for s in plan.steps):
+        sizes = [math.prod(call.sample_shape(a)) for a in call.argnums]
+        c = chunk_size or max(math.prod(out_shape), *sizes)
+        while c > 1:
+            c = max(1, c // 2)
+            if need(1, c) <= budget:
+                return 1, c
+    V.budget_too_small(
+        "jacobian", need(1, chunk_size), budget, "+".join(s.method for s in plan.steps)
+    )
+
+
+class _Bar:
+    def __init__(self, update: Callable[[int], object]) -> None:
+        self._update = update
+
+    def __call__(self, n: int) -> None:
+        self._update(n)
+
+
+@contextlib.contextmanager
+def _progress(total: int, show: bool | None, desc: str) -> Iterator[_Bar]:
+    """A progress bar over samples for chunked runs: tqdm when installed, else plain lines.
+
+    ``show=None`` shows it only on an interactive stderr; it appears after 2 seconds either way.
+    """
+    enabled = sys.stderr.isatty() if show is None else show
+    if not enabled:
+        yield _Bar(lambda n: None)
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        t0, done = time.perf_counter(), [0]
+
+        def plain(n: int) -> None:
+            done[0] += n
+            if time.perf_counter() - t0 > 2:
+                print(f"{desc}: {done[0]}/{total} samples", file=sys.stderr, flush=True)
+
+        yield _Bar(plain)
+        return
+    with tqdm(total=total, desc=desc, unit="sample", delay=2, leave=False) as bar:
+        yield _Bar(bar.update)
 
 
 def _with_batch(buf: torch.Tensor | None, lead: int) -> torch.Tensor | None:
@@ -342,6 +537,43 @@ def explain(
     call = V.normalize_call(where, func, args, argnums, in_dims)
     method = V.check_method(where, method)
     return _plan(call, method, _probe_output(call))
+
+
+def estimate_memory(
+    func: Callable[..., torch.Tensor],
+    *args: torch.Tensor,
+    argnums: int | tuple[int, ...] = 0,
+    in_dims: int | tuple[int | None, ...] | None = 0,
+    method: str = "auto",
+    vec: str | None = None,
+    chunk_size: int | None = None,
+) -> memory.MemoryEstimate:
+    """Preflight: the result's bytes and the route's peak working bytes, from shapes alone.
+
+    The route is run on ``meta`` tensors of the arguments' shapes under an allocation tracker
+    (no data, no compute, no memory). Only a function that cannot run on meta tensors at all is
+    evaluated once on the first sample, to learn its output shape.
+
+    Args:
+        func, args, argnums, in_dims, method, vec, chunk_size: as in :func:`jacobian`.
+
+    Returns:
+        A :class:`~jacbatch.memory.MemoryEstimate` (``output_bytes``, ``peak_bytes``,
+        ``working_bytes``).
+
+    Example:
+        >>> A, W, B = torch.randn(8, 64, 64), torch.randn(64, 64), torch.randn(64)
+        >>> est = estimate_memory(jacbatch.affine, A, W, B, argnums=1, in_dims=(0, None, None))
+        >>> est.output_bytes // 2**20, est.working_bytes < est.output_bytes // 100
+        (512, True)
+    """
+    where = "estimate_memory"
+    call = V.normalize_call(where, func, args, argnums, in_dims)
+    method = V.check_method(where, method)
+    layout = V.check_vec(where, vec)
+    chunk_size = V.check_chunk_size(where, chunk_size)
+    out_shape = _probe_output(call)
+    return _estimate(call, _plan(call, method, out_shape), out_shape, layout, chunk_size)
 
 
 @dataclass(frozen=True)
@@ -472,6 +704,7 @@ __all__ = [
     "Step",
     "check",
     "choose_autodiff",
+    "estimate_memory",
     "explain",
     "jacobian",
     "plan_auto",

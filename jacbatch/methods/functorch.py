@@ -70,7 +70,7 @@ def _forward_columns(
         lead = ()
     if not cols:
         cols.append(torch.zeros(0, *lead, *out_shape, dtype=x.dtype, device=x.device))
-    Jt = torch.cat(cols)  # (n, [B,] *out)
+    Jt = cols[0] if len(cols) == 1 else torch.cat(cols)  # (n, [B,] *out)
     J = Jt.movedim(0, -1).reshape(*Jt.shape[1:], *in_shape)
     return J if batched else J.unsqueeze(0)
 

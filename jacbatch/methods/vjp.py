@@ -51,8 +51,12 @@ def compute(
     out_shape: tuple[int, ...],
     layout: str | None,
     outs: Sequence[torch.Tensor | None],
+    *,
+    max_rows: int | None = None,
 ) -> list[torch.Tensor]:
     """Jacobians w.r.t. ``args[a]`` for ``a in argnums`` by ``out_numel`` backward passes.
+
+    ``max_rows`` stops after that many rows (memory estimation on meta tensors only).
 
     Returns:
         Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``layout``).
@@ -74,10 +78,11 @@ def compute(
 
     if Y.requires_grad and B > 0:
         onehot = torch.zeros(B, o, dtype=Y.dtype, device=Y.device)
-        for k in range(o):
+        rows_run = o if max_rows is None else min(o, max_rows)
+        for k in range(rows_run):
             onehot[:, k] = 1
             grads = torch.autograd.grad(
-                Y, leaves, onehot.view(Y.shape), retain_graph=k < o - 1, allow_unused=True
+                Y, leaves, onehot.view(Y.shape), retain_graph=k < rows_run - 1, allow_unused=True
             )
             for r, g in zip(rows, grads, strict=True):
                 if g is not None:

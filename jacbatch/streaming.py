@@ -1,0 +1,155 @@
+"""Jacobians larger than memory: iterate over batch chunks, or stream them to a ``.npy`` file."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _validation as V
+from . import memory
+from .api import Plan, _execute, _fit, _plan, _probe_output, _progress, _result_shape, _slice_call
+
+
+def iter_jacobian(
+    func: Callable[..., torch.Tensor],
+    *args: torch.Tensor,
+    argnums: int | tuple[int, ...] = 0,
+    in_dims: int | tuple[int | None, ...] | None = 0,
+    method: str = "auto",
+    vec: str | None = None,
+    chunk_size: int | None = None,
+    max_memory: int | str | None = None,
+    batch_chunk: int | None = None,
+    progress: bool | None = None,
+) -> Iterator[tuple[slice, Any]]:
+    """Yield the batched Jacobian chunk by chunk, never holding all of it.
+
+    Each chunk has as many samples as fit in ``max_memory`` together with the route's working
+    memory (or exactly ``batch_chunk`` samples). Arguments are validated, and the chunking
+    planned, when this is called, before the first chunk is computed.
+
+    Args:
+        func, args, argnums, in_dims, method, vec, chunk_size, progress: as in
+            :func:`jacbatch.jacobian`. At least one argument must be batched.
+        max_memory: budget for one chunk's result plus its working memory (bytes or a string
+            like ``"512MiB"``). Default: half of the memory free now.
+        batch_chunk: samples per chunk, overriding the budget.
+
+    Yields:
+        ``(batch_slice, J_chunk)``: the samples ``batch_slice`` covers and their Jacobian,
+        ``(n, *out_shape, *in_shape)`` (or flattened with ``vec``; a tuple for tuple argnums).
+
+    Example:
+        >>> X = torch.randn(10, 3, dtype=torch.float64)
+        >>> [(s.start, s.stop, J.shape) for s, J in iter_jacobian(torch.sin, X, batch_chunk=4)]
+        [(0, 4, torch.Size([4, 3, 3])), (4, 8, torch.Size([4, 3, 3])), (8, 10, torch.Size([2, 3, 3]))]
+    """
+    where = "iter_jacobian"
+    call = V.normalize_call(where, func, args, argnums, in_dims)
+    method = V.check_method(where, method)
+    layout = V.check_vec(where, vec)
+    chunk_size = V.check_chunk_size(where, chunk_size)
+    show = V.check_progress(where, progress)
+    if call.batch_size is None:
+        V.needs_batch(where)
+    budget = (
+        memory.default_budget(call.device)
+        if max_memory is None
+        else memory.parse_bytes(where, max_memory)
+    )
+    out_shape = _probe_output(call)
+    plan = _plan(call, method, out_shape)
+    if batch_chunk is None:
+        batch_chunk, chunk_size = _fit(call, plan, out_shape, layout, chunk_size, budget, True)
+    else:
+        batch_chunk = V.check_positive_int(where, "batch_chunk", batch_chunk)
+    return _chunks(call, plan, method, chunk_size, out_shape, layout, batch_chunk, show)
+
+
+def _chunks(
+    call: V.Call,
+    plan: Plan,
+    method: str,
+    chunk_size: int | None,
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    batch_chunk: int,
+    show: bool | None,
+) -> Iterator[tuple[slice, Any]]:
+    B = call.batch_size or 0
+    with _progress(B, show, "iter_jacobian") as bar:
+        for start in range(0, B, batch_chunk):
+            n = min(batch_chunk, B - start)
+            sub = _slice_call(call, start, n)
+            res = _execute(
+                sub, plan, method, chunk_size, out_shape, layout, [None] * len(call.argnums)
+            )
+            bar(n)
+            yield slice(start, start + n), (tuple(res) if call.tuple_argnums else res[0])
+
+
+def save_jacobian(
+    path: str | os.PathLike[str],
+    func: Callable[..., torch.Tensor],
+    *args: torch.Tensor,
+    argnums: int = 0,
+    in_dims: int | tuple[int | None, ...] | None = 0,
+    method: str = "auto",
+    vec: str | None = None,
+    chunk_size: int | None = None,
+    max_memory: int | str | None = None,
+    batch_chunk: int | None = None,
+    progress: bool | None = None,
+) -> tuple[int, ...]:
+    """Stream a batched Jacobian into a ``.npy`` file, chunk by chunk, within ``max_memory``.
+
+    Each chunk is written with plain file writes, so resident memory stays near the budget
+    even when the file is many times larger than memory. Read it back with
+    ``numpy.load(path, mmap_mode="r")``. If the run is interrupted, the chunks written so far are
+    complete on disk.
+
+    Args:
+        path: the ``.npy`` file to create (overwritten).
+        func, args, argnums, in_dims, method, vec, chunk_size, max_memory, batch_chunk,
+            progress: as in :func:`iter_jacobian` (a single ``int`` argnums).
+
+    Returns:
+        The shape written: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)``.
+    """
+    where = "save_jacobian"
+    if isinstance(argnums, tuple):
+        V.single_argnum(where, argnums)
+    it = iter_jacobian(
+        func,
+        *args,
+        argnums=argnums,
+        in_dims=in_dims,
+        method=method,
+        vec=vec,
+        chunk_size=chunk_size,
+        max_memory=max_memory,
+        batch_chunk=batch_chunk,
+        progress=progress,
+    )
+    call = V.normalize_call(where, func, args, argnums, in_dims)
+    out_shape = _probe_output(call)
+    shape = _result_shape(call, call.argnums[0], out_shape, vec)
+    dtype = torch.empty((), dtype=call.dtype).numpy().dtype
+    header = np.lib.format.open_memmap(os.fspath(path), mode="w+", dtype=dtype, shape=shape)
+    offset = header.offset
+    del header
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    with open(path, "r+b") as f:
+        for sl, J in it:
+            f.seek(offset + sl.start * row_bytes)
+            f.write(J.detach().cpu().contiguous().numpy().tobytes())
+            f.flush()
+    return shape
+
+
+__all__ = ["iter_jacobian", "save_jacobian"]
