@@ -4,7 +4,7 @@ Every Jacobian three ways that agree: closed forms (no autodiff), torch.func (``
 ``jacfwd`` under ``vmap``) and explicit VJP loops. See :func:`jacobian`.
 """
 
-from .api import CheckReport, Plan, check, explain, jacobian
+from .api import CheckReport, Plan, check, explain, jacobian, structured_jacobian
 from .compose import chain
 from .conventions import commutation_matrix, unvec, vec
 from .functions import affine
@@ -20,6 +20,7 @@ __all__ = [
     "commutation_matrix",
     "explain",
     "jacobian",
+    "structured_jacobian",
     "unvec",
     "vec",
 ]
