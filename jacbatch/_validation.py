@@ -617,3 +617,17 @@ def check_dense_jacobian(
         f"{out_shape} and in_shape {in_shape}, got {tuple(t.shape)}. Pass the natural layout "
         f"of jacobian(..., vec=None)."
     )
+
+
+def check_permutation(where: str, dims: object, ndim: int) -> tuple[int, ...]:
+    try:
+        perm = tuple(int(d) for d in dims)  # type: ignore[attr-defined]
+    except TypeError:
+        raise TypeError(
+            f"{where}: expected dims to be a tuple of ints, got {type(dims).__name__}."
+        ) from None
+    if sorted(perm) != list(range(ndim)):
+        raise ValueError(
+            f"{where}: expected dims to be a permutation of {tuple(range(ndim))}, got {perm}."
+        )
+    return perm

@@ -66,6 +66,7 @@ __all__ = [
     "IdentityJacobian",
     "JacobianOperator",
     "KroneckerJacobian",
+    "PermuteJacobian",
     "SumJacobian",
     "compose",
     "sum_jacobian",
@@ -595,38 +596,64 @@ class DiagonalJacobian(JacobianOperator):
 class IdentityJacobian(JacobianOperator):
     """The identity on ``shape`` (e.g. ``dZ/dB`` when ``B`` has ``Z``'s shape); holds nothing.
 
+    With ``out_shape`` it is the Jacobian of ``x.reshape(out_shape)``: in row-major vec a reshape
+    is the identity matrix, only the shapes change.
+
     Args:
-        shape: per-sample shape of the input and output.
+        shape: per-sample shape of the input (and of the output, without ``out_shape``).
+        out_shape: per-sample shape of the output, with as many elements as ``shape``.
         batch_size: ``B``, or ``None`` for no batch.
         dtype: dtype (default: torch's default dtype).
         device: device (default: CPU).
+
+    Example:
+        >>> J = IdentityJacobian((2, 3), out_shape=(6,))  # d x.reshape(6) / dx
+        >>> J.jvp(torch.arange(6.0).reshape(2, 3))
+        tensor([0., 1., 2., 3., 4., 5.])
     """
 
     def __init__(
         self,
         shape: Sequence[int],
         *,
+        out_shape: Sequence[int] | None = None,
         batch_size: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         where = "IdentityJacobian"
-        dims = tuple(shape)
-        self.out_shape = self.in_shape = V.check_shape_numel(
-            where, "shape", dims, math.prod(int(s) for s in dims)
+        dims = tuple(int(s) for s in shape)
+        self.in_shape = V.check_shape_numel(where, "shape", dims, math.prod(dims))
+        self.out_shape = (
+            self.in_shape
+            if out_shape is None
+            else V.check_shape_numel(where, "out_shape", tuple(out_shape), math.prod(dims))
         )
         self.batch_size = V.check_batch_size(where, batch_size)
         self.dtype = dtype if dtype is not None else torch.get_default_dtype()
         self.device = torch.device(device if device is not None else "cpu")
 
+    @property
+    def is_reshape(self) -> bool:
+        """Whether the output shape differs from the input shape."""
+        return self.out_shape != self.in_shape
+
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return x.reshape(x.shape[0], x.shape[1], *self.out_shape)
 
     def _rmatvec(self, y: torch.Tensor) -> torch.Tensor:
-        return self._matvec(y)
+        return y.reshape(y.shape[0], y.shape[1], *self.in_shape)
 
     def _transpose(self) -> IdentityJacobian:
-        return self
+        if not self.is_reshape:
+            return self
+        return IdentityJacobian(
+            self.out_shape,
+            out_shape=self.in_shape,
+            batch_size=self.batch_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     def _dense(self) -> torch.Tensor:
         n = self.in_numel
@@ -637,7 +664,84 @@ class IdentityJacobian(JacobianOperator):
         return []
 
     def _describe(self) -> str:
+        if self.is_reshape:
+            return f"reshape {self.in_shape} -> {self.out_shape}"
         return f"I_{self.in_numel}"
+
+
+class PermuteJacobian(JacobianOperator):
+    """The Jacobian of ``x.permute(dims)`` (a transpose for matrices): a permutation, held as ``dims``.
+
+    For a matrix ``(m, n)`` and ``dims = (1, 0)`` it is the commutation matrix
+    (:func:`jacbatch.commutation_matrix`); ``jvp`` / ``vjp`` are a permute, nothing is stored.
+
+    Args:
+        in_shape: per-sample shape of ``x``.
+        dims: a permutation of ``range(len(in_shape))``; the output shape is
+            ``tuple(in_shape[d] for d in dims)``.
+        batch_size: ``B``, or ``None`` for no batch.
+        dtype: dtype (default: torch's default dtype).
+        device: device (default: CPU).
+
+    Example:
+        >>> from jacbatch import commutation_matrix
+        >>> J = PermuteJacobian((2, 3), (1, 0))  # d Xᵀ / dX
+        >>> torch.equal(J.to_dense(vec="row"), commutation_matrix(2, 3))
+        True
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        dims: Sequence[int],
+        *,
+        batch_size: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        where = "PermuteJacobian"
+        shape = tuple(int(s) for s in in_shape)
+        self.dims = V.check_permutation(where, dims, len(shape))
+        self.in_shape = V.check_shape_numel(where, "in_shape", shape, math.prod(shape))
+        self.out_shape = tuple(shape[d] for d in self.dims)
+        self.batch_size = V.check_batch_size(where, batch_size)
+        self.dtype = dtype if dtype is not None else torch.get_default_dtype()
+        self.device = torch.device(device if device is not None else "cpu")
+
+    @property
+    def inverse_dims(self) -> tuple[int, ...]:
+        inv = [0] * len(self.dims)
+        for k, d in enumerate(self.dims):
+            inv[d] = k
+        return tuple(inv)
+
+    def _matvec(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 1, *(2 + d for d in self.dims))
+
+    def _rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        return y.permute(0, 1, *(2 + d for d in self.inverse_dims))
+
+    def _transpose(self) -> PermuteJacobian:
+        return PermuteJacobian(
+            self.out_shape,
+            self.inverse_dims,
+            batch_size=self.batch_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def _dense(self) -> torch.Tensor:
+        n = self.in_numel
+        # column r of J is the permuted one-hot of input element r
+        onehots = torch.eye(n, dtype=self.dtype, device=self.device).reshape(1, n, *self.in_shape)
+        cols = self._matvec(onehots).reshape(1, n, n)  # (1, i, o)
+        return cols.mT.reshape(1, *self.out_shape, *self.in_shape)
+
+    def _held(self) -> list[torch.Tensor]:
+        return []
+
+    def _describe(self) -> str:
+        return f"permute {self.dims} of {self.in_shape}"
 
 
 class DenseJacobian(JacobianOperator):
@@ -898,9 +1002,18 @@ def _fuse(
         new.batch_size = batch
         return new
     if isinstance(outer, IdentityJacobian):
-        return inner._with_batch(batch)
+        return _reshaped(inner, batch, out_shape=outer.out_shape)
     if isinstance(inner, IdentityJacobian):
-        return outer._with_batch(batch)
+        return _reshaped(outer, batch, in_shape=inner.in_shape)
+    if isinstance(outer, PermuteJacobian) and isinstance(inner, PermuteJacobian):
+        dims = tuple(inner.dims[d] for d in outer.dims)  # x.permute(d1).permute(d2)
+        if dims == tuple(range(len(dims))):
+            return IdentityJacobian(
+                inner.in_shape, batch_size=batch, dtype=outer.dtype, device=outer.device
+            )
+        return PermuteJacobian(
+            inner.in_shape, dims, batch_size=batch, dtype=outer.dtype, device=outer.device
+        )
     if isinstance(outer, DiagonalJacobian) and isinstance(inner, DiagonalJacobian):
         d = outer.diag * inner.diag
         if _lead(d) == 1:  # shared by the batch (or no batch)
@@ -933,6 +1046,32 @@ def _fuse(
         y = J.reshape(J.shape[0], n, *inner.out_shape)
         flat = inner._rmatvec(y).reshape(-1, n, inner.in_numel)
         return DenseJacobian.from_flat(flat, outer.out_shape, inner.in_shape, batch)
+    return None
+
+
+def _reshaped(
+    op: JacobianOperator,
+    batch: int | None,
+    out_shape: tuple[int, ...] | None = None,
+    in_shape: tuple[int, ...] | None = None,
+) -> JacobianOperator | None:
+    """``op`` with its output or input reshaped (an identity or reshape composed with it)."""
+    outs = op.out_shape if out_shape is None else out_shape
+    ins = op.in_shape if in_shape is None else in_shape
+    if (outs, ins) == (op.out_shape, op.in_shape):
+        return op._with_batch(batch)
+    if isinstance(op, IdentityJacobian):
+        if outs == ins:
+            return IdentityJacobian(ins, batch_size=batch, dtype=op.dtype, device=op.device)
+        return IdentityJacobian(
+            ins, out_shape=outs, batch_size=batch, dtype=op.dtype, device=op.device
+        )
+    if isinstance(op, KroneckerJacobian):
+        new = copy.copy(op)
+        new.out_shape, new.in_shape, new.batch_size = outs, ins, batch
+        return new
+    if isinstance(op, DenseJacobian):
+        return DenseJacobian.from_flat(op.flat, outs, ins, batch)
     return None
 
 

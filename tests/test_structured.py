@@ -20,6 +20,7 @@ from jacbatch.structured import (
     IdentityJacobian,
     JacobianOperator,
     KroneckerJacobian,
+    PermuteJacobian,
     SumJacobian,
     compose,
     sum_jacobian,
@@ -315,6 +316,67 @@ def test_identity_dense_sum_and_mismatched_splits():
     J3b = (DiagonalJacobian(randn(Bn, m, q, seed=25), batched=True) @ K1) @ K
     assert isinstance(J3b, ComposedJacobian) and len(J3b.factors) == 2
     torch.testing.assert_close(J3.to_dense(), J3b.to_dense(), rtol=0, atol=1e-12)
+
+
+def test_permute_and_reshape_operators():
+    Bn, m, p, q = 2, 2, 3, 4
+    A, W, b = randn(Bn, m, p, seed=50), randn(Bn, p, q, seed=51), randn(q, seed=52)
+    K = structured_jacobian(affine, A, W, b, argnums=1, in_dims=(0, 0, None))
+    P = PermuteJacobian((m, q), (1, 0), dtype=F64)  # d Zᵀ / dZ
+    torch.testing.assert_close(
+        P.to_dense(vec="row"), jacbatch.commutation_matrix(m, q, dtype=F64), rtol=0, atol=0
+    )
+    assert P.nbytes == 0 and isinstance(P @ P.T, IdentityJacobian)
+    assert isinstance(P @ PermuteJacobian((q, m), (1, 0), dtype=F64), IdentityJacobian)
+    R = IdentityJacobian((q, m), out_shape=(q * m,), dtype=F64)  # d x.reshape(-1) / dx
+    assert R.T.out_shape == (q, m) and torch.equal(R.to_dense(vec="row"), torch.eye(8, dtype=F64))
+    J = check_composition(P, K, ComposedJacobian)
+    ref = ref_jacobian(lambda W_, A_: (A_ @ W_ + b).T, [W, A], (0, 0), 0)
+    torch.testing.assert_close(J.to_dense(), ref, rtol=0, atol=1e-12)
+    # a reshape next to a Kronecker or dense operator is absorbed into its shapes
+    RK = check_composition(
+        IdentityJacobian((m, q), out_shape=(m * q,), dtype=F64), K, KroneckerJacobian
+    )
+    assert RK.out_shape == (m * q,) and RK.nbytes == K.nbytes
+    check_composition(K, IdentityJacobian((p * q,), out_shape=(p, q), dtype=F64), KroneckerJacobian)
+    check_composition(R, DenseJacobian(randn(Bn, q, m, 5, seed=53), (q, m), (5,)), DenseJacobian)
+    with pytest.raises(ValueError, match=r"PermuteJacobian: expected dims to be a permutation"):
+        PermuteJacobian((2, 3), (0, 0))
+    with pytest.raises(ValueError, match=r"IdentityJacobian: expected out_shape with 6"):
+        IdentityJacobian((2, 3), out_shape=(5,))
+
+
+def test_mixed_chain_of_structured_and_dense_factors():
+    # h(W) = softmax(vec(tanh(A @ W + b)ᵀ)): Kronecker, diagonal, permutation, reshape, and a
+    # dense factor (softmax's Jacobian from jacrev), composed by the chain rule
+    Bn, m, p, q = 3, 2, 3, 4
+    A, W, b = randn(Bn, m, p, seed=54), randn(Bn, p, q, seed=55), randn(q, seed=56)
+    Z = A @ W + b
+    Y = torch.tanh(Z)
+    K = structured_jacobian(affine, A, W, b, argnums=1, in_dims=(0, 0, None))
+    D = DiagonalJacobian(1 - Y**2, batched=True)
+    P = PermuteJacobian((m, q), (1, 0), dtype=F64)
+    R = IdentityJacobian((q, m), out_shape=(q * m,), dtype=F64)
+    flat = Y.mT.reshape(Bn, -1)
+    S = DenseJacobian(jacobian(lambda v: torch.softmax(v, -1), flat, method="jacrev"), (8,), (8,))
+    J = S @ R @ P @ D @ K
+    assert isinstance(J, ComposedJacobian)
+    ref = ref_jacobian(
+        lambda W_, A_: torch.softmax((torch.tanh(A_ @ W_ + b)).T.reshape(-1), -1), [W, A], (0, 0), 0
+    )
+    torch.testing.assert_close(J.to_dense(), ref, rtol=0, atol=1e-12)
+    t, c = randn(Bn, p, q, seed=57), randn(Bn, 8, seed=58)
+    Rf = ref.reshape(Bn, 8, p * q)
+    torch.testing.assert_close(
+        J.jvp(t).reshape(Bn, -1),
+        torch.einsum("boi,bi->bo", Rf, t.reshape(Bn, -1)),
+        rtol=0,
+        atol=1e-12,
+    )
+    torch.testing.assert_close(
+        J.vjp(c).reshape(Bn, -1), torch.einsum("boi,bo->bi", Rf, c), rtol=0, atol=1e-12
+    )
+    assert J.nbytes < J.dense_nbytes
 
 
 # ---------------------------------------------------------------------------------------------
