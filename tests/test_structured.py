@@ -477,6 +477,25 @@ def test_tuple_argnums_and_requires_grad_inputs():
     assert "structured_jacobian" in jacbatch.__all__
 
 
+def test_no_autodiff_and_no_dense_work(monkeypatch):
+    """The structured route calls no autograd and never builds an (o, i) matrix for jvp/vjp."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("autodiff called")
+
+    monkeypatch.setattr(torch.autograd, "grad", forbidden)
+    monkeypatch.setattr(torch.func, "vjp", forbidden)
+    monkeypatch.setattr(torch.func, "jvp", forbidden)
+    args, dims = make_args("all-batched", False)
+    ops = structured_jacobian(affine, *args, argnums=(0, 1, 2), in_dims=dims)
+    for op in ops:
+        lead = (op.batch_size,)
+        op.jvp(torch.ones(*lead, *op.in_shape, dtype=F64))
+        op.vjp(torch.ones(*lead, *op.out_shape, dtype=F64))
+        op.to_dense(vec="col")
+    assert sum(op.nbytes for op in ops) <= sum(a.numel() * 8 for a in args)
+
+
 def test_float32_within_tolerance():
     args, dims = make_args("all-batched", False, dtype=torch.float32)
     op = structured_jacobian(affine, *args, argnums=0, in_dims=dims)
