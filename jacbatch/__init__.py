@@ -4,7 +4,15 @@ Every Jacobian three ways that agree: closed forms (no autodiff), torch.func (``
 ``jacfwd`` under ``vmap``) and explicit VJP loops. See :func:`jacobian`.
 """
 
-from .api import CheckReport, Plan, check, estimate_memory, explain, jacobian
+from .api import (
+    CheckReport,
+    Plan,
+    check,
+    estimate_memory,
+    explain,
+    jacobian,
+    structured_jacobian,
+)
 from .compose import chain
 from .conventions import commutation_matrix, unvec, vec
 from .functions import affine
@@ -26,6 +34,7 @@ __all__ = [
     "iter_jacobian",
     "jacobian",
     "save_jacobian",
+    "structured_jacobian",
     "unvec",
     "vec",
 ]

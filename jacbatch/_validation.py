@@ -426,3 +426,284 @@ def check_positive_int(where: str, name: str, n: object) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"{where}: expected {name} to be a positive int, got {n!r}.")
     return n
+
+
+# Structured Jacobian operators (jacbatch.structured)
+# ---------------------------------------------------------------------------------------------
+
+
+def no_structured_rule_error(
+    where: str, func: Callable[..., Any], argnum: int, available: list[str]
+) -> NoReturn:
+    name = getattr(func, "__qualname__", repr(func))
+    listing = ", ".join(available) if available else "(none registered)"
+    raise NotImplementedError(
+        f"{where}: expected a function with a registered structured rule for argnum {argnum}, "
+        f"got {name}. Structured forms exist for: {listing}. Use jacbatch.jacobian(...) for a "
+        f"dense Jacobian, or wrap one in jacbatch.structured.DenseJacobian to compose it."
+    )
+
+
+def _fmt_batch(batch_size: int | None) -> str:
+    return "no batch" if batch_size is None else f"batch {batch_size}"
+
+
+def check_same_dtype_device(
+    where: str,
+    name: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    want_dtype: torch.dtype,
+    want_device: torch.device,
+) -> None:
+    """``name`` must have the operator's dtype and device."""
+    if dtype != want_dtype:
+        raise TypeError(
+            f"{where}: expected {name} of dtype {want_dtype}, got {dtype}. Cast it with "
+            f".to({want_dtype})."
+        )
+    if device != want_device:
+        raise ValueError(
+            f"{where}: expected {name} on device {want_device}, got {device}. Move it with "
+            f".to('{want_device}')."
+        )
+
+
+def check_operator_operand(
+    where: str,
+    name: str,
+    x: object,
+    sample_shape: tuple[int, ...],
+    batch_size: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    like: str,
+) -> bool:
+    """A tangent / cotangent for a Jacobian operator; returns whether it carries a leading batch.
+
+    Accepted: ``sample_shape`` (one vector, shared by the batch) or ``(B, *sample_shape)``. An
+    operator without a batch accepts any leading size (a stack of vectors).
+    """
+    t = check_tensor(where, name, x)
+    check_same_dtype_device(where, name, t.dtype, t.device, dtype, device)
+    shape = tuple(t.shape)
+    if shape == sample_shape:
+        return False
+    lead = "N" if batch_size is None else str(batch_size)
+    if t.ndim == len(sample_shape) + 1 and shape[1:] == sample_shape:
+        if batch_size is not None and shape[0] != batch_size:
+            raise ValueError(
+                f"{where}: expected {name} with batch size {batch_size} (shape "
+                f"{(batch_size, *sample_shape)}), got batch size {shape[0]} (shape {shape}). "
+                f"Pass one {name} per sample, or one of shape {sample_shape} for all samples."
+            )
+        return True
+    raise ValueError(
+        f"{where}: expected {name} shaped like the {like}, {sample_shape} or "
+        f"({lead}, *{sample_shape}), got {shape}."
+    )
+
+
+def check_dense_matmul(
+    where: str,
+    x: torch.Tensor,
+    side: str,
+    numel: int,
+    batch_size: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """A dense matrix multiplying a Jacobian operator (flattened, row-major vec).
+
+    ``side="right"``: ``op @ x`` with ``x`` ``(i,)``, ``(i, n)`` or ``(B, i, n)``;
+    ``side="left"``: ``x @ op`` with ``x`` ``(o,)``, ``(n, o)`` or ``(B, n, o)``.
+    """
+    check_same_dtype_device(where, "the dense operand", x.dtype, x.device, dtype, device)
+    forms = "(i,), (i, n) or (B, i, n)" if side == "right" else "(o,), (n, o) or (B, n, o)"
+    letter = "i" if side == "right" else "o"
+    if x.ndim not in (1, 2, 3):
+        raise ValueError(
+            f"{where}: expected a dense operand of shape {forms} with {letter} = {numel}, got "
+            f"{tuple(x.shape)}."
+        )
+    k = x.shape[0] if x.ndim == 1 else (x.shape[-2] if side == "right" else x.shape[-1])
+    if k != numel:
+        what = "in_numel" if side == "right" else "out_numel"
+        raise ValueError(
+            f"{where}: expected a dense operand of shape {forms} with {letter} = {numel} (the "
+            f"operator's {what}), got {tuple(x.shape)}. Dense operands are flattened "
+            f"Jacobians or vectors in row-major vec order."
+        )
+    if x.ndim == 3 and batch_size is not None and x.shape[0] != batch_size:
+        raise ValueError(
+            f"{where}: expected a dense operand with batch size {batch_size}, got "
+            f"{x.shape[0]} (shape {tuple(x.shape)}). Use a 2-D operand to share it by the batch."
+        )
+
+
+def check_compose(
+    where: str,
+    outer_in: tuple[int, ...],
+    inner_out: tuple[int, ...],
+    outer_batch: int | None,
+    inner_batch: int | None,
+) -> None:
+    """``outer @ inner``: the outer operator's input must be the inner operator's output."""
+    if outer_in != inner_out:
+        raise ValueError(
+            f"{where}: expected the outer Jacobian's input shape to equal the inner Jacobian's "
+            f"output shape, got {outer_in} and {inner_out}. Compose d h/d y @ d y/d x, outer "
+            f"first."
+        )
+    if outer_batch is not None and inner_batch is not None and outer_batch != inner_batch:
+        raise ValueError(
+            f"{where}: expected equal batch sizes, got {_fmt_batch(outer_batch)} (outer) and "
+            f"{_fmt_batch(inner_batch)} (inner). Operators without a batch are shared by any batch."
+        )
+
+
+def check_sum_operands(
+    where: str,
+    shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    other_shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    batch: int | None,
+    other_batch: int | None,
+) -> None:
+    """``J1 + J2``: same output and input shapes, compatible batches."""
+    if shapes != other_shapes:
+        raise ValueError(
+            f"{where}: expected Jacobians with the same (out_shape, in_shape), got {shapes} and "
+            f"{other_shapes}."
+        )
+    if batch is not None and other_batch is not None and batch != other_batch:
+        raise ValueError(
+            f"{where}: expected equal batch sizes, got {_fmt_batch(batch)} and "
+            f"{_fmt_batch(other_batch)}."
+        )
+
+
+def check_factor(where: str, name: str, x: object, batch_size: int | None) -> int | None:
+    """A Kronecker factor: ``int`` n (for ``I_n``), a matrix ``(r, c)`` (shared) or ``(B, r, c)``.
+
+    Returns the factor's batch size (``None`` when shared; a leading 1 also means shared).
+    """
+    if isinstance(x, bool):
+        raise TypeError(f"{where}: expected {name} to be an int or a tensor, got bool.")
+    if isinstance(x, int):
+        if x < 0:
+            raise ValueError(f"{where}: expected {name} = n >= 0 for I_n, got {x}.")
+        return None
+    t = check_tensor(where, name, x)
+    if not t.dtype.is_floating_point:
+        raise TypeError(
+            f"{where}: expected a floating-point {name}, got dtype {t.dtype}. Convert it with "
+            f".double() or .float()."
+        )
+    if t.ndim not in (2, 3):
+        raise ValueError(
+            f"{where}: expected {name} to be a matrix (r, c) or a batch of them (B, r, c), got "
+            f"shape {tuple(t.shape)}."
+        )
+    if t.ndim == 2 or t.shape[0] == 1:
+        return None
+    if batch_size is not None and t.shape[0] != batch_size:
+        raise ValueError(
+            f"{where}: expected {name} with batch size {batch_size}, got shape {tuple(t.shape)}."
+        )
+    return int(t.shape[0])
+
+
+def check_operator_shapes(
+    where: str, out_shape: object, in_shape: object, out_numel: int, in_numel: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """An operator's ``out_shape`` / ``in_shape`` must hold as many elements as its factors say."""
+    outs = check_shape_numel(where, "out_shape", out_shape, out_numel)
+    ins = check_shape_numel(where, "in_shape", in_shape, in_numel)
+    return outs, ins
+
+
+def check_batch_size(where: str, batch_size: object) -> int | None:
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+        raise ValueError(
+            f"{where}: expected batch_size to be a non-negative int or None, got {batch_size!r}."
+        )
+    return batch_size
+
+
+def check_batch_sizes(where: str, batch_size: object, found: Sequence[int | None]) -> int | None:
+    """The batch of an operator: ``batch_size`` if given, else the per-sample tensors' one."""
+    b = check_batch_size(where, batch_size)
+    for n in found:
+        if n is None:
+            continue
+        if b is None:
+            b = n
+        elif n != b:
+            raise ValueError(
+                f"{where}: expected per-sample tensors with batch size {b}, got {n}. Give every "
+                f"batched factor the same leading size, or a leading 1 (or none) to share it."
+            )
+    return b
+
+
+def check_operator(where: str, name: str, x: object, cls: type) -> None:
+    if not isinstance(x, cls):
+        raise TypeError(
+            f"{where}: expected {name} to be a JacobianOperator, got {type(x).__name__}. "
+            f"Wrap a dense Jacobian with jacbatch.structured.DenseJacobian."
+        )
+
+
+def check_operator_list(where: str, name: str, items: Sequence[object], cls: type) -> None:
+    if len(items) == 0:
+        raise ValueError(f"{where}: expected at least one {name}, got none.")
+    for i, x in enumerate(items):
+        check_operator(where, f"{name}[{i}]", x, cls)
+
+
+def check_diagonal(where: str, diag: object, batched: bool) -> torch.Tensor:
+    d = check_tensor(where, "diag", diag)
+    if not d.dtype.is_floating_point:
+        raise TypeError(f"{where}: expected a floating-point diag, got dtype {d.dtype}.")
+    if batched and d.ndim == 0:
+        raise ValueError(
+            f"{where}: expected diag of shape (B, *shape) with batched=True, got a scalar. "
+            f"Pass batched=False for a diagonal shared by the batch."
+        )
+    return d
+
+
+def check_dense_jacobian(
+    where: str, J: object, out_shape: tuple[int, ...], in_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, bool]:
+    """A dense Jacobian ``(*out_shape, *in_shape)`` or ``(B, *out_shape, *in_shape)``;
+    returns it and whether it has the leading batch dimension."""
+    t = check_tensor(where, "jacobian", J)
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{where}: expected a floating-point jacobian, got dtype {t.dtype}.")
+    sample = (*out_shape, *in_shape)
+    if tuple(t.shape) == sample:
+        return t, False
+    if t.ndim == len(sample) + 1 and tuple(t.shape[1:]) == sample:
+        return t, True
+    raise ValueError(
+        f"{where}: expected jacobian of shape {sample} or (B, *{sample}) for out_shape "
+        f"{out_shape} and in_shape {in_shape}, got {tuple(t.shape)}. Pass the natural layout "
+        f"of jacobian(..., vec=None)."
+    )
+
+
+def check_permutation(where: str, dims: object, ndim: int) -> tuple[int, ...]:
+    try:
+        perm = tuple(int(d) for d in dims)  # type: ignore[attr-defined]
+    except TypeError:
+        raise TypeError(
+            f"{where}: expected dims to be a tuple of ints, got {type(dims).__name__}."
+        ) from None
+    if sorted(perm) != list(range(ndim)):
+        raise ValueError(
+            f"{where}: expected dims to be a permutation of {tuple(range(ndim))}, got {perm}."
+        )
+    return perm

@@ -1,16 +1,35 @@
-"""The chain rule on flattened Jacobians."""
+"""The chain rule on flattened Jacobians and on structured Jacobian operators."""
 
 from __future__ import annotations
+
+from typing import overload
 
 import torch
 
 from . import _validation as V
+from .structured import JacobianOperator
 
 
-def chain(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+@overload
+def chain(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor: ...
+
+
+@overload
+def chain(
+    outer: torch.Tensor | JacobianOperator, inner: torch.Tensor | JacobianOperator
+) -> torch.Tensor | JacobianOperator: ...
+
+
+def chain(
+    outer: torch.Tensor | JacobianOperator, inner: torch.Tensor | JacobianOperator
+) -> torch.Tensor | JacobianOperator:
     """Chain rule: ``d vec(h) / d vec(x) = (d vec(h) / d vec(y)) @ (d vec(y) / d vec(x))``.
 
     Both Jacobians must be flattened in the same vec order (``jacobian(..., vec="row")``).
+    Either may instead be a structured operator (:func:`jacbatch.structured_jacobian`): two
+    operators give an operator (structured where the algebra allows, see
+    :func:`jacbatch.structured.compose`); an operator with a dense Jacobian gives the dense,
+    flattened ``dh/dx`` (row-major vec) without materializing the operator.
 
     Args:
         outer: ``dh/dy``: ``(k,)`` (the gradient of a scalar ``h``), ``(o, k)``, or batched
@@ -29,8 +48,28 @@ def chain(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
         tensor([[5., 5.],
                 [7., 7.],
                 [9., 9.]])
+
+    The same with ``dZ/dW = A ⊗ I_2`` kept structured (its 4 x 6 entries are never built):
+        >>> from jacbatch import affine, structured_jacobian
+        >>> from jacbatch.structured import sum_jacobian
+        >>> A = torch.tensor([[1., 2., 3.], [4., 5., 6.]])
+        >>> dZ_dW = structured_jacobian(affine, A, torch.zeros(3, 2), torch.zeros(2), argnums=1,
+        ...                             in_dims=None)
+        >>> chain(dS_dZ, dZ_dW).reshape(3, 2)
+        tensor([[5., 5.],
+                [7., 7.],
+                [9., 9.]])
+        >>> dS_dW = chain(sum_jacobian((2, 2)), dZ_dW)
+        >>> dS_dW
+        KroneckerJacobian(1ᵀ·A: (1, 3) ⊗ 1ᵀ: (1, 2), dense (3, 2), 20 B vs 24 B)
+        >>> dS_dW.to_dense()
+        tensor([[5., 5.],
+                [7., 7.],
+                [9., 9.]])
     """
     where = "chain"
+    if isinstance(outer, JacobianOperator) or isinstance(inner, JacobianOperator):
+        return _chain_structured(outer, inner)
     V.check_tensor(where, "outer", outer)
     V.check_tensor(where, "inner", inner)
     if outer.ndim not in (1, 2, 3):
@@ -60,3 +99,22 @@ def chain(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     if outer.ndim == 1:
         return outer @ inner if inner.ndim == 2 else torch.einsum("k,bki->bi", outer, inner)
     return torch.matmul(outer, inner)
+
+
+def _chain_structured(
+    outer: torch.Tensor | JacobianOperator, inner: torch.Tensor | JacobianOperator
+) -> torch.Tensor | JacobianOperator:
+    where = "chain"
+    if isinstance(outer, JacobianOperator) and isinstance(inner, JacobianOperator):
+        return outer @ inner
+    if isinstance(outer, JacobianOperator):
+        dense = V.check_tensor(where, "inner", inner)
+        if dense.ndim not in (2, 3):
+            raise ValueError(
+                f"{where}: expected inner of shape (k, i) or (B, k, i), got "
+                f"{tuple(dense.shape)}. Flatten Jacobians with jacobian(..., vec='row') first."
+            )
+        return outer._matmul_dense(dense)
+    assert isinstance(inner, JacobianOperator)
+    dense = V.check_tensor(where, "outer", outer)
+    return inner._rmatmul_dense(dense)

@@ -16,9 +16,12 @@ rule per argument decorated with :func:`register`, and import it at the bottom o
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from ..structured import JacobianOperator
 
 
 class Rule(Protocol):
@@ -67,6 +70,55 @@ def per_sample(x: torch.Tensor, batched: bool, batch_size: int) -> torch.Tensor:
 def eye(n: int, like: torch.Tensor) -> torch.Tensor:
     """``I_n`` with ``like``'s dtype and device."""
     return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured rules: the Jacobian as a lazy operator (jacbatch.structured) instead of a tensor
+# ---------------------------------------------------------------------------------------------
+
+
+class StructuredRule(Protocol):
+    """``rule(args, batched, batch_size) -> JacobianOperator``.
+
+    ``args`` and ``batched`` as for :class:`Rule`; ``batch_size`` is ``B``, or ``None`` for a
+    call without a batch. The operator's ``shape`` is what :func:`jacbatch.jacobian` returns.
+    """
+
+    def __call__(
+        self,
+        args: Sequence[torch.Tensor],
+        batched: Sequence[bool],
+        batch_size: int | None,
+    ) -> JacobianOperator: ...
+
+
+_STRUCTURED: dict[Callable[..., Any], dict[int, StructuredRule]] = {}
+
+
+def register_structured(
+    func: Callable[..., Any], argnum: int
+) -> Callable[[StructuredRule], StructuredRule]:
+    """Decorator: register ``rule`` as the structured Jacobian of ``func`` w.r.t. ``args[argnum]``."""
+
+    def deco(rule: StructuredRule) -> StructuredRule:
+        _STRUCTURED.setdefault(func, {})[argnum] = rule
+        return rule
+
+    return deco
+
+
+def lookup_structured(func: Callable[..., Any], argnum: int) -> StructuredRule | None:
+    """The structured rule for ``func`` w.r.t. ``args[argnum]``, or ``None``."""
+    return _STRUCTURED.get(func, {}).get(argnum)
+
+
+def available_structured() -> list[str]:
+    """Like :func:`available`, for structured rules."""
+    out = []
+    for func, found in _STRUCTURED.items():
+        nums = ", ".join(str(k) for k in sorted(found))
+        out.append(f"{func.__module__.split('.')[0]}.{func.__qualname__} (argnums {nums})")
+    return out
 
 
 from . import affine as _affine  # noqa: E402,F401  (registers the affine rules)

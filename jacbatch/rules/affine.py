@@ -111,3 +111,54 @@ def affine_wrt_B(
     J = _result(out, (b, m * q, m * q), Bias)
     J.copy_(eye(m * q, Bias)[None].expand(b, m * q, m * q))
     return J
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured rules: the same Jacobians as lazy operators (jacbatch.structured), nothing
+# materialized. The factors are those of NOTE [Kronecker Jacobian of A @ W + B] (row-major vec);
+# the operators produce the column-major layout on request.
+# ---------------------------------------------------------------------------------------------
+
+from ..structured import IdentityJacobian, JacobianOperator, KroneckerJacobian  # noqa: E402
+from . import register_structured  # noqa: E402
+
+
+@register_structured(affine, 1)
+def affine_wrt_W_structured(
+    args: Sequence[torch.Tensor], batched: Sequence[bool], batch_size: int | None
+) -> JacobianOperator:
+    """``dZ/dW = A ⊗ I_q``: holds ``A`` (``(B, m, p)``, or ``(m, p)`` when shared)."""
+    A = args[0]
+    m, p = A.shape[-2:]
+    q = args[1].shape[-1]
+    return KroneckerJacobian(
+        A, q, out_shape=(m, q), in_shape=(p, q), batch_size=batch_size, labels=("A", None)
+    )
+
+
+@register_structured(affine, 0)
+def affine_wrt_A_structured(
+    args: Sequence[torch.Tensor], batched: Sequence[bool], batch_size: int | None
+) -> JacobianOperator:
+    """``dZ/dA = I_m ⊗ Wᵀ``: holds ``W`` (``(B, p, q)``, or ``(p, q)`` when shared) as ``Wᵀ``."""
+    W = args[1]
+    m, p = args[0].shape[-2:]
+    q = W.shape[-1]
+    return KroneckerJacobian(
+        m, W.mT, out_shape=(m, q), in_shape=(m, p), batch_size=batch_size, labels=(None, "Wᵀ")
+    )
+
+
+@register_structured(affine, 2)
+def affine_wrt_B_structured(
+    args: Sequence[torch.Tensor], batched: Sequence[bool], batch_size: int | None
+) -> JacobianOperator:
+    """``dZ/dB``: ``1_m ⊗ I_q`` for ``B (q,)`` (holds ``m`` ones), the identity for ``B (m, q)``."""
+    A, W, Bias = args
+    m, q = A.shape[-2], W.shape[-1]
+    if Bias.ndim - (1 if batched[2] else 0) == 1:
+        ones = torch.ones(m, 1, dtype=Bias.dtype, device=Bias.device)
+        return KroneckerJacobian(
+            ones, q, out_shape=(m, q), in_shape=(q,), batch_size=batch_size, labels=("1_m", None)
+        )
+    return IdentityJacobian((m, q), batch_size=batch_size, dtype=Bias.dtype, device=Bias.device)
