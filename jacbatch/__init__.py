@@ -4,6 +4,7 @@ Every Jacobian three ways that agree: closed forms (no autodiff), torch.func (``
 ``jacfwd`` under ``vmap``) and explicit VJP loops. See :func:`jacobian`.
 """
 
+from . import sensitivity
 from .api import CheckReport, Plan, check, explain, jacobian
 from .compose import chain
 from .conventions import commutation_matrix, unvec, vec
@@ -20,6 +21,7 @@ __all__ = [
     "commutation_matrix",
     "explain",
     "jacobian",
+    "sensitivity",
     "unvec",
     "vec",
 ]
