@@ -5,10 +5,11 @@ Run from the repository root::
 
     PYTHONPATH=$PWD python bench/sensitivity_bench.py [--n 1000000] [--repeat 5]
 
-Prints a Markdown table: median wall time of each estimate of ν_j = E[(∂f/∂x_j)²] over the same
-``N`` samples, its largest relative error against the closed form, and its largest deviation from
-the exact-derivative estimate on the same sample (the finite-difference bias, in units of the
-Monte Carlo standard error).
+Prints Markdown tables: median wall time of each estimate of ν_j = E[(∂f/∂x_j)²] over the same
+``N`` samples (cases timed round-robin after a warm-up), its largest relative error against the
+closed form, and its largest deviation from the exact-derivative estimate on the same sample (the
+finite-difference error alone, also in units of the Monte Carlo standard error); then the time
+of ``jacobian()`` alone over the sample for each autodiff route.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from jacbatch import jacobian
-from jacbatch.sensitivity import DEFAULT_BATCH_SIZE, dgsm, sample_uniform
+from jacbatch.sensitivity import DEFAULT_BATCH_SIZE, DGSMResult, dgsm, sample_uniform
 
 A, B = 7.0, 0.1
 PI = math.pi
@@ -84,16 +85,6 @@ def absolute_step(h: float) -> Callable[[torch.Tensor, int], torch.Tensor]:
     return step
 
 
-def median_time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
-    fn()  # warm-up (vmap tracing, allocator)
-    times, out = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -104,57 +95,66 @@ def main() -> None:
     X = sample_uniform(BOUNDS, N, seed=2024)
     exact = nu_exact()
 
-    rows: list[tuple[str, float, torch.Tensor]] = []
-    ref = None
+    cases: dict[str, Callable[[], object]] = {}
     for method in ("auto", "jacrev", "jacfwd", "vjp"):
-        t, res = median_time(
-            lambda m=method: dgsm(ishigami, X, bounds=BOUNDS, method=m, batch_size=bs),
-            args.repeat,
+        cases[f"dgsm, method={method!r}"] = lambda m=method: dgsm(
+            ishigami, X, bounds=BOUNDS, method=m, batch_size=bs
         )
-        label = f"dgsm, method={method!r}" + (f" (route {res.route})" if method == "auto" else "")
-        rows.append((label, t, res.nu))
-        if ref is None:
-            ref = res
-    assert ref is not None
     for delta in (1e-2, 1e-3):
-        t, nu = median_time(
-            lambda dl=delta: nu_forward_difference(X, salib_step(dl), bs), args.repeat
+        cases[f"forward FD, SALib step delta={delta:g}·x_j"] = lambda dl=delta: (
+            nu_forward_difference(X, salib_step(dl), bs)
         )
-        rows.append((f"forward FD, SALib step delta={delta:g}·x_j", t, nu))
     for h in (1e-6, 1e-8):
-        t, nu = median_time(
-            lambda hh=h: nu_forward_difference(X, absolute_step(hh), bs), args.repeat
+        cases[f"forward FD, step {h:g}·(b-a)"] = lambda hh=h: nu_forward_difference(
+            X, absolute_step(hh), bs
         )
-        rows.append((f"forward FD, step {h:g}·(b-a)", t, nu))
-
-    # Raw jacobian() over the whole sample per route (no statistics), to check method="auto".
-    jac_rows = []
+    # Raw jacobian() over the sample per route (no statistics), to check method="auto".
     for method in ("jacrev", "jacfwd", "vjp"):
-        t, _ = median_time(
-            lambda m=method: [jacobian(ishigami, X[s : s + bs], method=m) for s in range(0, N, bs)],
-            args.repeat,
-        )
-        jac_rows.append((method, t))
+        cases[f"jacobian() only, method={method!r}"] = lambda m=method: [
+            jacobian(ishigami, X[s : s + bs], method=m) for s in range(0, N, bs)
+        ]
 
+    # Warm up, then time the cases round-robin so that load on the machine hits all alike.
+    results = {name: fn() for name, fn in cases.items()}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.repeat):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+
+    ref = results["dgsm, method='auto'"]
+    assert isinstance(ref, DGSMResult)
     print(
         f"Ishigami (a={A:g}, b={B:g}), N = {N:,} samples, float64, batch_size = {bs}, "
-        f"median of {args.repeat}; {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+        f"median of {args.repeat} (round-robin); {platform.machine()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"method='auto' chose route {ref.route}\n"
     )
     print(
-        "| estimate of ν | time (s) | max rel. error vs closed form | max |ν − ν_exact-deriv| / SE |"
+        "| estimate of ν | time (s) | vs dgsm auto | max rel. error vs closed form "
+        "| max rel. diff vs exact derivatives, same sample | same, in standard errors |"
     )
-    print("|---|---:|---:|---:|")
-    for label, t, nu in rows:
-        nu = nu.double()
+    print("|---|---:|---:|---:|---:|---:|")
+    t_ref = med["dgsm, method='auto'"]
+    for name, out in results.items():
+        if name.startswith("jacobian()"):
+            continue
+        nu = (out.nu if isinstance(out, DGSMResult) else out).double()  # type: ignore[union-attr]
         rel = float(((nu - exact).abs() / exact).max())
+        diff = float(((nu - ref.nu) / ref.nu).abs().max())
         bias = float(((nu - ref.nu) / ref.nu_se).abs().max())
-        print(f"| {label} | {t:.3f} | {rel:.2e} | {bias:.2f} |")
-    print(f"\nMonte Carlo standard error of ν (relative): {(ref.nu_se / ref.nu).tolist()}\n")
-    print("| jacobian() over the sample, route | time (s) |")
+        print(
+            f"| {name} | {med[name]:.3f} | {med[name] / t_ref:.2f}x | {rel:.2e} | {diff:.1e} "
+            f"| {bias:.2f} |"
+        )
+    print(f"\nMonte Carlo standard error of ν, relative: {(ref.nu_se / ref.nu).tolist()}\n")
+    print("| jacobian() over the sample, no statistics | time (s) |")
     print("|---|---:|")
-    for method, t in jac_rows:
-        print(f"| {method} | {t:.3f} |")
+    for name in cases:
+        if name.startswith("jacobian()"):
+            print(f"| {name} | {med[name]:.3f} |")
 
 
 if __name__ == "__main__":

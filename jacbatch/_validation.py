@@ -376,6 +376,12 @@ def check_floating_tensor(where: str, name: str, x: object) -> torch.Tensor:
     return t
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite; one reduction when they are (a NaN or inf anywhere makes
+    the sum non-finite; a sum that overflowed falls back to the elementwise check)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _first_bad(mask: torch.Tensor) -> tuple[int, int]:
     """``(count, first index)`` of the rows of a ``(N, ...)`` boolean mask with any True."""
     rows = mask.reshape(mask.shape[0], -1).any(dim=1)
@@ -398,9 +404,8 @@ def check_sample(where: str, X: object, *, min_samples: int = 2) -> torch.Tensor
             f"{where}: expected at least {min_samples} samples (rows of X) to estimate means, "
             f"variances and standard errors, got {t.shape[0]}."
         )
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
-        count, first = _first_bad(bad)
+    if not _all_finite(t):
+        count, first = _first_bad(~torch.isfinite(t))
         raise ValueError(
             f"{where}: expected finite inputs, got {count} sample(s) with NaN or inf, the first "
             f"at row {first}: {t[first].tolist()}. Remove or resample them."
@@ -416,9 +421,8 @@ def check_points(where: str, x: object) -> torch.Tensor:
             f"{where}: expected a batch of points x of shape (B, *in_shape) with B >= 1, got "
             f"shape {tuple(t.shape)}. For one point pass x[None]."
         )
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
-        count, first = _first_bad(bad)
+    if not _all_finite(t):
+        count, first = _first_bad(~torch.isfinite(t))
         raise ValueError(
             f"{where}: expected finite points, got {count} point(s) with NaN or inf, the first "
             f"at index {first}."
@@ -481,11 +485,8 @@ def zero_output_error(where: str, count: int, first: int) -> NoReturn:
 
 def check_finite_outputs(where: str, y: torch.Tensor, offset: int) -> None:
     """Model outputs ``(c, ...)`` of samples ``offset .. offset + c``: all finite."""
-    if bool(torch.isfinite(y).all()):
-        return
-    bad = ~torch.isfinite(y)
-    if bool(bad.any()):
-        count, first = _first_bad(bad)
+    if not _all_finite(y):
+        count, first = _first_bad(~torch.isfinite(y))
         raise ValueError(
             f"{where}: expected finite model outputs, got NaN or inf for {count} sample(s) of "
             f"rows {offset}..{offset + y.shape[0] - 1}, the first at row {offset + first}. "
@@ -495,11 +496,8 @@ def check_finite_outputs(where: str, y: torch.Tensor, offset: int) -> None:
 
 def check_finite_jacobian(where: str, J: torch.Tensor, offset: int) -> None:
     """Jacobians ``(c, ...)`` of samples ``offset .. offset + c``: all finite."""
-    if bool(torch.isfinite(J).all()):
-        return
-    bad = ~torch.isfinite(J)
-    if bool(bad.any()):
-        count, first = _first_bad(bad)
+    if not _all_finite(J):
+        count, first = _first_bad(~torch.isfinite(J))
         raise ValueError(
             f"{where}: expected finite derivatives, got NaN or inf for {count} sample(s) of rows "
             f"{offset}..{offset + J.shape[0] - 1}, the first at row {offset + first}. The model "
@@ -538,8 +536,9 @@ def as_bounds(
 def check_within_bounds(where: str, X: torch.Tensor, bounds: torch.Tensor) -> None:
     """The sample ``(N, d)`` lies in the box ``bounds (d, 2)`` it is said to be drawn from."""
     low, high = bounds[:, 0], bounds[:, 1]
-    outside = (low > X) | (high < X)
-    if bool(outside.any()):
+    lo, hi = torch.aminmax(X, dim=0)
+    if bool((lo < low).any()) or bool((hi > high).any()):
+        outside = (low > X) | (high < X)
         count, first = _first_bad(outside)
         raise ValueError(
             f"{where}: expected a sample drawn from the uniform box given by bounds, got "

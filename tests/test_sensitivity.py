@@ -485,3 +485,11 @@ def test_bad_arguments_raise():
         local_sensitivity(f, torch.zeros(0, 2))
     with pytest.raises(ValueError, match="measure"):
         dgsm(f, X).plot(measure="bound")
+
+
+def test_finite_check_survives_overflowing_sums():
+    # Derivatives near the float64 maximum: their sum overflows, yet every entry is finite.
+    x = torch.ones(3, 1, dtype=torch.float64)
+    res = local_sensitivity(lambda p: 1.5e308 * p[0], x)
+    assert (res.jacobian == 1.5e308).all()
+    torch.testing.assert_close(res.elasticity, torch.ones(3, 1, dtype=torch.float64))
