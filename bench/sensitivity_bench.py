@@ -3,7 +3,7 @@ differences (the scheme of SALib's ``finite_diff`` sampler and ``dgsm`` analyzer
 
 Run from the repository root::
 
-    PYTHONPATH=$PWD python bench/sensitivity_bench.py [--n 1000000] [--repeat 5]
+    PYTHONPATH=$PWD python bench/sensitivity_bench.py [--n 1000000] [--repeat 5] [--threads 1]
 
 Prints Markdown tables: median wall time of each estimate of ν_j = E[(∂f/∂x_j)²] over the same
 ``N`` samples (cases timed round-robin after a warm-up), its largest relative error against the
@@ -90,7 +90,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared machine, OpenMP threads waiting "
+        "for busy cores make multi-threaded timings erratic)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     N, bs = args.n, args.batch_size
     X = sample_uniform(BOUNDS, N, seed=2024)
     exact = nu_exact()

@@ -627,3 +627,11 @@ def missing_optional_error(where: str, package: str, extra: str) -> NoReturn:
         f"{where}: expected the optional package {package} to be installed, got none. Install "
         f"it with `pip install {package}` (or `pip install jacbatch[{extra}]`)."
     )
+
+
+def no_total_index_bound_error(where: str) -> NoReturn:
+    raise ValueError(
+        f"{where}: expected a result with total-index bounds for measure='bound', got one "
+        f"computed without an input distribution. Pass bounds= (uniform inputs) or std= (normal "
+        f"inputs) to dgsm, or plot measure='nu' or 'mean_abs'."
+    )

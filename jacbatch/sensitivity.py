@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -206,8 +206,8 @@ class _Moments:
     def update(self, q: torch.Tensor) -> None:
         q = q.to(torch.float64)
         c = q.shape[0]
-        mean_c = q.mean(dim=0)
-        m2_c = ((q - mean_c) ** 2).sum(dim=0)
+        var_c, mean_c = torch.var_mean(q, dim=0, correction=0)  # one fused pass
+        m2_c = var_c * c
         if self.mean is None or self.m2 is None:
             self.n, self.mean, self.m2 = c, mean_c, m2_c
             return
@@ -279,7 +279,7 @@ class LocalSensitivity:
     route: str
 
     #: How many points, outputs and inputs ``str`` shows at most.
-    _SHOW: tuple[int, int, int] = (3, 12, 8)
+    _SHOW: ClassVar[tuple[int, int, int]] = (3, 12, 8)
 
     def __str__(self) -> str:
         B = self.points.shape[0]
@@ -364,14 +364,15 @@ def local_sensitivity(
     in_names = V.check_names(where, "input_names", input_names, i)
 
     ys, Js = [], []
-    for _, _, y, J in _batches(where, func, x, method, batch_size, jacobian_kwargs):
+    out_names = None
+    for start, _, y, J in _batches(where, func, x, method, batch_size, jacobian_kwargs):
+        if start == 0:  # the output size is known now: check the names before more work
+            out_names = V.check_names(where, "output_names", output_names, J.shape[1])
         ys.append(y)
         Js.append(J)
     y_all, J_flat = torch.cat(ys), torch.cat(Js)  # (B, *out_shape), (B, o, i)
     out_shape = tuple(y_all.shape[1:])
     y_flat = y_all.reshape(B, -1)
-    o = y_flat.shape[1]
-    out_names = V.check_names(where, "output_names", output_names, o)
 
     zero = y_flat == 0
     if zero_output == "raise" and bool(zero.any()):
@@ -503,7 +504,7 @@ class DGSMResult:
         except ImportError:
             V.missing_optional_error(where, "matplotlib", "plot")
         if measure == "bound" and self.total_index_bound is None:
-            V.check_choice(where, "measure (no bounds or std were given)", measure, _MEASURES[:2])
+            V.no_total_index_bound_error(where)
         o, d = len(self.output_names), len(self.input_names)
         show = list(range(o)) if outputs is None else [int(k) for k in outputs]
         values, errors, label = {
@@ -609,14 +610,15 @@ def dgsm(
 
     sq, ab, out = _Moments(), _Moments(), _Moments()
     out_shape: tuple[int, ...] = ()
-    for _, _, y, J in _batches(where, func, X, method, batch_size, jacobian_kwargs):
-        out_shape = tuple(y.shape[1:])
+    out_names = None
+    for start, _, y, J in _batches(where, func, X, method, batch_size, jacobian_kwargs):
+        if start == 0:  # the output size is known now: check the names before more work
+            out_shape = tuple(y.shape[1:])
+            out_names = V.check_names(where, "output_names", output_names, J.shape[1])
         J64 = J.to(torch.float64)  # (c, o, d)
         sq.update(J64 * J64)
         ab.update(J64.abs())
         out.update(y.reshape(y.shape[0], -1))
-    o = math.prod(out_shape)
-    out_names = V.check_names(where, "output_names", output_names, o)
 
     assert sq.mean is not None and ab.mean is not None and out.mean is not None
     V_out = out.variance()  # (o,)

@@ -484,7 +484,11 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match=r"B >= 1"):
         local_sensitivity(f, torch.zeros(0, 2))
     with pytest.raises(ValueError, match="measure"):
+        dgsm(f, X).plot(measure="sobol")
+    with pytest.raises(ValueError, match="without an input distribution"):
         dgsm(f, X).plot(measure="bound")
+    with pytest.raises(ValueError, match="3 output_names"):
+        dgsm(model, torch.rand(5, 3, dtype=torch.float64), output_names=["a"])
 
 
 def test_finite_check_survives_overflowing_sums():
