@@ -296,9 +296,9 @@ def test_dgsm_vector_output_matches_reference_loop(method):
 
 
 def test_dgsm_batched_equals_unbatched_and_passes_jacobian_options():
-    X = sample_uniform(ISHIGAMI_BOUNDS, 1000, seed=11)
+    X = sample_uniform(ISHIGAMI_BOUNDS, 400, seed=11)
     whole = dgsm(ishigami, X, batch_size=None)
-    for kwargs in ({"batch_size": 7}, {"batch_size": 300, "chunk_size": 1}):
+    for kwargs in ({"batch_size": 7}, {"batch_size": 150, "chunk_size": 1}):
         part = dgsm(ishigami, X, **kwargs)
         for key in ("nu", "nu_se", "mean_abs", "mean_abs_se", "mean", "variance"):
             torch.testing.assert_close(
