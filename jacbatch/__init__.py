@@ -4,6 +4,7 @@ Every Jacobian three ways that agree: closed forms (no autodiff), torch.func (``
 ``jacfwd`` under ``vmap``) and explicit VJP loops. See :func:`jacobian`.
 """
 
+from . import sensitivity
 from .api import (
     CheckReport,
     Plan,
@@ -34,6 +35,7 @@ __all__ = [
     "iter_jacobian",
     "jacobian",
     "save_jacobian",
+    "sensitivity",
     "structured_jacobian",
     "unvec",
     "vec",

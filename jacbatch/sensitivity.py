@@ -1,0 +1,646 @@
+"""Exact derivative-based sensitivity analysis on top of :func:`jacbatch.jacobian`.
+
+Local sensitivities (the Jacobian and its elasticity form at a batch of points) and
+derivative-based global sensitivity measures (DGSM) over a sample, with standard errors and, for
+independent uniform or normal inputs, upper bounds on the Sobol total indices. Derivatives are
+exact (autodiff or closed forms), not finite differences; the sample goes through
+:func:`jacbatch.jacobian` in batches of ``batch_size`` samples, and any further option of
+:func:`jacbatch.jacobian` (e.g. ``chunk_size``) is passed through.
+
+NOTE [DGSM and the bound on Sobol total indices]
+    For ``f: R^d -> R`` and independent inputs ``X_j``, the DGSM of input ``j`` is
+    ``ν_j = E[(∂f/∂x_j)²]``, estimated by the sample mean over ``N`` points with standard error
+    ``std((∂f/∂x_j)²) / sqrt(N)``; ``E[|∂f/∂x_j|]`` likewise (Sobol' & Kucherenko 2009).
+    The Poincaré inequality for the conditional variance gives the total Sobol index
+    ``S_T,j <= C_j ν_j / V`` with ``V = Var f(X)`` and ``C_j`` the Poincaré constant of ``X_j``:
+    ``(b_j − a_j)² / π²`` for ``U[a_j, b_j]``, ``σ_j²`` for ``N(μ_j, σ_j²)``. Here ``V`` is the
+    unbiased sample variance of the outputs on the same sample. Vector outputs are handled per
+    output element.
+
+Example (a study in a few lines):
+    >>> import math
+    >>> def f(x):  # per sample: x (3,) -> scalar
+    ...     return torch.sin(x[0]) + 7 * torch.sin(x[1]) ** 2 + 0.1 * x[2] ** 4 * torch.sin(x[0])
+    >>> bounds = [[-math.pi, math.pi]] * 3
+    >>> X = sample_uniform(bounds, 10_000, seed=0)
+    >>> res = dgsm(f, X, bounds=bounds, input_names=["x1", "x2", "x3"])
+    >>> res.nu.shape, res.total_index_bound.shape
+    (torch.Size([3]), torch.Size([3]))
+    >>> bool((res.total_index_bound >= torch.tensor([0.558, 0.442, 0.244], dtype=X.dtype)).all())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from . import _validation as V
+from .api import explain, jacobian
+from .methods import vjp as _vjp
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DGSMResult",
+    "LocalSensitivity",
+    "dgsm",
+    "local_sensitivity",
+    "sample_normal",
+    "sample_uniform",
+]
+
+#: Samples per call to :func:`jacbatch.jacobian` unless ``batch_size`` says otherwise.
+DEFAULT_BATCH_SIZE: int = 2**16
+
+_MEASURES: tuple[str, ...] = ("nu", "mean_abs", "bound")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def _generator(
+    where: str,
+    seed: int | None,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+) -> tuple[torch.Generator | None, torch.device]:
+    V.check_seed(where, seed, generator)
+    if device is None:
+        dev = generator.device if generator is not None else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+    if generator is not None:
+        V.check_generator_device(where, generator, dev)
+        return generator, dev
+    if seed is not None:
+        return torch.Generator(device=dev).manual_seed(seed), dev
+    return None, dev
+
+
+def sample_uniform(
+    bounds: torch.Tensor | Sequence[Sequence[float]],
+    n: int,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """``n`` independent samples of inputs uniform on ``[a_j, b_j]``.
+
+    Args:
+        bounds: ``(d, 2)``, one ``[a_j, b_j]`` row per input, ``a_j < b_j``.
+        n: number of samples.
+        seed: seeds a fresh ``torch.Generator`` on ``device`` (reproducible); ``None`` uses
+            ``generator`` or else torch's global generator.
+        generator: a ``torch.Generator`` on ``device`` (instead of ``seed``).
+        device: where the sample lives; default the generator's device, else CPU.
+        dtype: floating dtype of the sample.
+
+    Returns:
+        ``X (n, d)``.
+
+    Example:
+        >>> X = sample_uniform([[0.0, 1.0], [-2.0, 2.0]], 5, seed=0)
+        >>> X.shape, bool((X[:, 1].abs() <= 2).all())
+        (torch.Size([5, 2]), True)
+    """
+    where = "sample_uniform"
+    n = V.check_sample_count(where, n)
+    gen, dev = _generator(where, seed, generator, device)
+    b = V.as_bounds(where, bounds, _rows(bounds), dtype, dev)
+    u = torch.rand(n, b.shape[0], generator=gen, device=dev, dtype=dtype)
+    return torch.clamp(b[:, 0] + (b[:, 1] - b[:, 0]) * u, b[:, 0], b[:, 1])
+
+
+def sample_normal(
+    mean: torch.Tensor | Sequence[float],
+    std: torch.Tensor | Sequence[float],
+    n: int,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """``n`` independent samples of inputs ``X_j ~ N(mean_j, std_j²)``.
+
+    Args:
+        mean: ``(d,)``.
+        std: ``(d,)``, positive.
+        n, seed, generator, device, dtype: as in :func:`sample_uniform`.
+
+    Returns:
+        ``X (n, d)``.
+
+    Example:
+        >>> sample_normal([0.0, 10.0], [1.0, 0.5], 4, seed=0).shape
+        torch.Size([4, 2])
+    """
+    where = "sample_normal"
+    n = V.check_sample_count(where, n)
+    gen, dev = _generator(where, seed, generator, device)
+    mu = V.as_vector(where, "mean", mean, None, dtype, dev)
+    sigma = V.as_positive_vector(where, "std", std, mu.shape[0], dtype, dev)
+    return mu + sigma * torch.randn(n, mu.shape[0], generator=gen, device=dev, dtype=dtype)
+
+
+def _rows(bounds: object) -> int:
+    """Number of rows of a bounds-like object, for the shape check (-1 when it has none)."""
+    try:
+        return len(bounds)  # type: ignore[arg-type]
+    except TypeError:
+        return -1
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a sample through jacobian() in batches
+# ---------------------------------------------------------------------------------------------
+
+
+def _batches(
+    where: str,
+    func: Callable[..., torch.Tensor],
+    X: torch.Tensor,
+    method: str,
+    batch_size: int | None,
+    jacobian_kwargs: dict[str, Any],
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(start, x (c, *in_shape), y (c, *out_shape), J (c, o, i))`` per batch, all finite.
+
+    The Jacobian comes first: :func:`jacbatch.jacobian` validates ``func`` and its output.
+    """
+    N = X.shape[0]
+    step = N if batch_size is None else batch_size
+    for start in range(0, N, step):
+        xc = X[start : start + step]
+        J = jacobian(func, xc, method=method, vec="row", **jacobian_kwargs)
+        assert isinstance(J, torch.Tensor)
+        call = V.normalize_call(where, func, (xc,), 0, 0)
+        with torch.no_grad():
+            y = _vjp.forward(call, [xc], [True], xc.shape[0])
+        V.check_finite_outputs(where, y, start)
+        V.check_finite_jacobian(where, J, start)
+        yield start, xc, y.detach(), J
+
+
+def _route(func: Callable[..., torch.Tensor], x: torch.Tensor, method: str) -> str:
+    """The route(s) jacobian took for ``func`` (after any fallback), e.g. ``"jacrev"``."""
+    return "+".join(s.method for s in explain(func, x, method=method).steps)
+
+
+class _Moments:
+    """Running mean and sum of squared deviations over batches (Chan et al.), in float64."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def update(self, q: torch.Tensor) -> None:
+        q = q.to(torch.float64)
+        c = q.shape[0]
+        var_c, mean_c = torch.var_mean(q, dim=0, correction=0)  # one fused pass
+        m2_c = var_c * c
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = c, mean_c, m2_c
+            return
+        n = self.n + c
+        delta = mean_c - self.mean
+        self.mean = self.mean + delta * (c / n)
+        self.m2 = self.m2 + m2_c + delta**2 * (self.n * c / n)
+        self.n = n
+
+    def variance(self) -> torch.Tensor:
+        assert self.m2 is not None
+        return self.m2 / (self.n - 1)
+
+    def standard_error(self) -> torch.Tensor:
+        return torch.sqrt(self.variance() / self.n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
+    fmt = [
+        f"{h:<{w}}" if k == 0 else f"{h:>{w}}"
+        for k, (h, w) in enumerate(zip(header, widths, strict=True))
+    ]
+    lines = [indent + "  ".join(fmt).rstrip()]
+    for r in rows:
+        cells = [
+            f"{c:<{w}}" if k == 0 else f"{c:>{w}}"
+            for k, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        lines.append(indent + "  ".join(cells).rstrip())
+    return lines
+
+
+def _default_names(prefix: str, n: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}[{k}]" for k in range(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# Local sensitivity
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalSensitivity:
+    """Local sensitivities of ``y = func(x)`` at a batch of points (see :func:`local_sensitivity`).
+
+    Attributes:
+        points: ``x (B, *in_shape)``.
+        outputs: ``y (B, *out_shape)``.
+        jacobian: ``∂y_i/∂x_j`` of shape ``(B, *out_shape, *in_shape)``.
+        elasticity: ``x_j / y_i · ∂y_i/∂x_j`` of shape ``(B, *out_shape, *in_shape)``; NaN
+            where ``y_i == 0`` (the relative change of a zero output is undefined).
+        input_names: one name per input element (row-major order).
+        output_names: one name per output element (row-major order).
+        route: the route :func:`jacbatch.jacobian` took.
+    """
+
+    points: torch.Tensor
+    outputs: torch.Tensor
+    jacobian: torch.Tensor
+    elasticity: torch.Tensor
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    route: str
+
+    #: How many points, outputs and inputs ``str`` shows at most.
+    _SHOW: ClassVar[tuple[int, int, int]] = (3, 12, 8)
+
+    def __str__(self) -> str:
+        B = self.points.shape[0]
+        o, i = len(self.output_names), len(self.input_names)
+        n_pts, n_out, n_in = self._SHOW
+        J = self.jacobian.reshape(B, o, i)
+        E = self.elasticity.reshape(B, o, i)
+        lines = [f"local sensitivity at {B} point(s) (route: {self.route})"]
+        nan = int(torch.isnan(E).sum())
+        if nan:
+            lines.append(f"  {nan} elasticities are NaN (output y_i == 0)")
+        for b in range(min(B, n_pts)):
+            lines.append(f"point {b}:")
+            header = ["output", *(f"{n}" for n in self.input_names[:n_in])]
+            rows = []
+            for k in range(min(o, n_out)):
+                rows.append(
+                    [f"{self.output_names[k]} dy/dx", *(f"{float(v):.4g}" for v in J[b, k, :n_in])]
+                )
+                rows.append(
+                    [f"{self.output_names[k]} elast.", *(f"{float(v):.4g}" for v in E[b, k, :n_in])]
+                )
+            lines.extend(_table(header, rows))
+            if o > n_out or i > n_in:
+                lines.append(f"  ... ({o} outputs x {i} inputs in all)")
+        if n_pts < B:
+            lines.append(f"... {B - n_pts} more point(s)")
+        return "\n".join(lines)
+
+
+def local_sensitivity(
+    func: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    method: str = "auto",
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
+    zero_output: str = "nan",
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    **jacobian_kwargs: Any,
+) -> LocalSensitivity:
+    """Jacobian and elasticities ``x_j / y_i · ∂y_i/∂x_j`` of ``func`` at a batch of points.
+
+    Args:
+        func: per-point model ``x (*in_shape) -> y (*out_shape)``.
+        x: points ``(B, *in_shape)``, finite; for one point pass ``x[None]``.
+        method: route of :func:`jacbatch.jacobian` (``"auto"`` picks the fastest expected).
+        batch_size: points per call to :func:`jacbatch.jacobian` (bounds memory); ``None`` for
+            all at once.
+        zero_output: where an output ``y_i`` is exactly zero its elasticities are undefined:
+            ``"nan"`` (default) sets them to NaN, ``"raise"`` raises ``ValueError``.
+        input_names: one name per element of ``in_shape`` (row-major), for the table.
+        output_names: one name per element of ``out_shape`` (row-major), for the table.
+        **jacobian_kwargs: further options of :func:`jacbatch.jacobian` (e.g. ``chunk_size``).
+
+    Returns:
+        A :class:`LocalSensitivity`; ``jacobian`` and ``elasticity`` are
+        ``(B, *out_shape, *in_shape)``.
+
+    Raises:
+        ValueError: non-finite points, model outputs or derivatives (with the first bad index).
+
+    Example:
+        >>> def f(x):  # y = x0² x1 (elasticities 2 and 1 everywhere)
+        ...     return x[0] ** 2 * x[1]
+        >>> res = local_sensitivity(f, torch.tensor([[1.0, 2.0], [3.0, -1.0]]))
+        >>> res.jacobian
+        tensor([[ 4.,  1.],
+                [-6.,  9.]])
+        >>> res.elasticity
+        tensor([[2., 1.],
+                [2., 1.]])
+    """
+    where = "local_sensitivity"
+    x = V.check_points(where, x).detach()
+    method = V.check_method(where, method)
+    batch_size = V.check_samples_per_call(where, batch_size)
+    zero_output = V.check_zero_output(where, zero_output)
+    jacobian_kwargs = V.check_jacobian_kwargs(where, jacobian_kwargs)
+    B, in_shape = x.shape[0], tuple(x.shape[1:])
+    i = math.prod(in_shape)
+    in_names = V.check_names(where, "input_names", input_names, i)
+
+    ys, Js = [], []
+    out_names = None
+    for start, _, y, J in _batches(where, func, x, method, batch_size, jacobian_kwargs):
+        if start == 0:  # the output size is known now: check the names before more work
+            out_names = V.check_names(where, "output_names", output_names, J.shape[1])
+        ys.append(y)
+        Js.append(J)
+    y_all, J_flat = torch.cat(ys), torch.cat(Js)  # (B, *out_shape), (B, o, i)
+    out_shape = tuple(y_all.shape[1:])
+    y_flat = y_all.reshape(B, -1)
+
+    zero = y_flat == 0
+    if zero_output == "raise" and bool(zero.any()):
+        count = int(zero.any(dim=1).sum())
+        V.zero_output_error(where, count, int(zero.any(dim=1).nonzero()[0, 0]))
+    x_flat = x.reshape(B, 1, i)
+    with torch.no_grad():
+        E = J_flat * x_flat / y_flat.unsqueeze(-1)
+        E = torch.where(zero.unsqueeze(-1), torch.full_like(E, math.nan), E)
+    return LocalSensitivity(
+        points=x,
+        outputs=y_all,
+        jacobian=J_flat.reshape(B, *out_shape, *in_shape),
+        elasticity=E.reshape(B, *out_shape, *in_shape),
+        input_names=in_names or _default_names("x", i),
+        output_names=out_names or _output_names(out_shape),
+        route=_route(func, x[:1], method),
+    )
+
+
+def _output_names(out_shape: tuple[int, ...]) -> tuple[str, ...]:
+    return ("y",) if out_shape == () else _default_names("y", math.prod(out_shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Derivative-based global sensitivity measures
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DGSMResult:
+    """Derivative-based global sensitivity measures over a sample (see :func:`dgsm`).
+
+    Shapes use ``out_shape`` for the model's per-sample output shape (``()`` for a scalar model)
+    and ``d`` for the number of inputs.
+
+    Attributes:
+        nu: ``ν_j = E[(∂f/∂x_j)²]``, shape ``(*out_shape, d)``.
+        nu_se: standard error of ``nu`` from the sample, ``(*out_shape, d)``.
+        mean_abs: ``E[|∂f/∂x_j|]``, ``(*out_shape, d)``.
+        mean_abs_se: standard error of ``mean_abs``, ``(*out_shape, d)``.
+        mean: sample mean of the outputs, ``out_shape``.
+        variance: unbiased sample variance ``V`` of the outputs, ``out_shape``.
+        total_index_bound: upper bound ``C_j ν_j / V`` on the Sobol total index ``S_T,j``
+            (``C_j = (b_j − a_j)² / π²`` for uniform, ``σ_j²`` for normal inputs), shape
+            ``(*out_shape, d)``; NaN for outputs with ``V == 0`` (constant on the sample, so no
+            variance to apportion); ``None`` when no input distribution was given.
+        n_samples: ``N``.
+        input_names: ``d`` names.
+        output_names: one name per output element (row-major).
+        route: the route :func:`jacbatch.jacobian` took.
+    """
+
+    nu: torch.Tensor
+    nu_se: torch.Tensor
+    mean_abs: torch.Tensor
+    mean_abs_se: torch.Tensor
+    mean: torch.Tensor
+    variance: torch.Tensor
+    total_index_bound: torch.Tensor | None
+    n_samples: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    route: str
+
+    def _flat(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(len(self.output_names), len(self.input_names))
+
+    def __str__(self) -> str:
+        d = len(self.input_names)
+        nu, nu_se = self._flat(self.nu), self._flat(self.nu_se)
+        ma, ma_se = self._flat(self.mean_abs), self._flat(self.mean_abs_se)
+        var = self.variance.reshape(-1)
+        bound = None if self.total_index_bound is None else self._flat(self.total_index_bound)
+        lines = [
+            f"DGSM over N = {self.n_samples} samples (route: {self.route}); "
+            f"estimate ± standard error"
+        ]
+        for k, name in enumerate(self.output_names):
+            v = float(var[k])
+            note = " — constant on the sample, no total-index bound" if v == 0 else ""
+            lines.append(f"output {name}: variance V = {v:.6g}{note}")
+            header = ["input", "nu = E[(df/dx)^2]", "E[|df/dx|]"]
+            if bound is not None:
+                header.append("S_T bound")
+            rows = []
+            for j in range(d):
+                row = [
+                    self.input_names[j],
+                    f"{float(nu[k, j]):.6g} ± {float(nu_se[k, j]):.2g}",
+                    f"{float(ma[k, j]):.6g} ± {float(ma_se[k, j]):.2g}",
+                ]
+                if bound is not None:
+                    b = float(bound[k, j])
+                    row.append("n/a" if math.isnan(b) else f"{b:.4g}")
+                rows.append(row)
+            lines.extend(_table(header, rows))
+        return "\n".join(lines)
+
+    def plot(
+        self,
+        path: str | None = None,
+        *,
+        measure: str = "nu",
+        outputs: Sequence[int] | None = None,
+        log: bool = False,
+    ) -> Any:
+        """Bar chart of one measure per input, one group of bars per output element.
+
+        Needs matplotlib (imported here, lazily); no pyplot state is touched.
+
+        Args:
+            path: where to save the figure as PNG (``None``: only return it).
+            measure: ``"nu"`` (with standard-error bars), ``"mean_abs"`` (likewise) or
+                ``"bound"`` (the total-index bounds).
+            outputs: flat indices of the outputs to show (default all).
+            log: log-scaled value axis.
+
+        Returns:
+            The ``matplotlib.figure.Figure``.
+
+        Raises:
+            ImportError: matplotlib is not installed.
+        """
+        where = "DGSMResult.plot"
+        measure = V.check_choice(where, "measure", measure, _MEASURES)
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            V.missing_optional_error(where, "matplotlib", "plot")
+        if measure == "bound" and self.total_index_bound is None:
+            V.no_total_index_bound_error(where)
+        o, d = len(self.output_names), len(self.input_names)
+        show = list(range(o)) if outputs is None else [int(k) for k in outputs]
+        values, errors, label = {
+            "nu": (self.nu, self.nu_se, "ν = E[(∂f/∂x)²]"),
+            "mean_abs": (self.mean_abs, self.mean_abs_se, "E[|∂f/∂x|]"),
+            "bound": (self.total_index_bound, None, "upper bound on S_T"),
+        }[measure]
+        assert values is not None
+        val = self._flat(values).double().cpu()
+        err = None if errors is None else self._flat(errors).double().cpu()
+        fig = Figure(figsize=(min(12.0, 2.0 + 0.8 * d * max(1, len(show)) ** 0.5), 3.5))
+        ax = fig.subplots()
+        width = 0.8 / max(1, len(show))
+        for n, k in enumerate(show):
+            pos = [j + (n - (len(show) - 1) / 2) * width for j in range(d)]
+            ax.bar(
+                pos,
+                val[k].tolist(),
+                width=width,
+                yerr=None if err is None else err[k].tolist(),
+                capsize=3,
+                label=self.output_names[k],
+            )
+        ax.set_xticks(list(range(d)))
+        ax.set_xticklabels(self.input_names)
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(f"DGSM, N = {self.n_samples}")
+        if len(show) > 1:
+            ax.legend()
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, format="png", dpi=120)
+        return fig
+
+
+def dgsm(
+    func: Callable[[torch.Tensor], torch.Tensor],
+    X: torch.Tensor,
+    *,
+    bounds: torch.Tensor | Sequence[Sequence[float]] | None = None,
+    std: torch.Tensor | Sequence[float] | None = None,
+    method: str = "auto",
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    **jacobian_kwargs: Any,
+) -> DGSMResult:
+    """Derivative-based global sensitivity measures of ``func`` over the sample ``X``.
+
+    ``ν_j = E[(∂f/∂x_j)²]`` and ``E[|∂f/∂x_j|]`` with standard errors, per output element, from
+    exact derivatives; with the input distribution (``bounds`` or ``std``) also the upper bounds
+    on the Sobol total indices (see the NOTE at the top of this module). The sample goes through
+    :func:`jacbatch.jacobian` in batches of ``batch_size``; statistics are accumulated in float64
+    (numerically stable merging across batches) and returned in ``X``'s dtype.
+
+    Args:
+        func: per-sample model ``x (d,) -> y (*out_shape)`` (a scalar or any tensor shape).
+        X: the sample ``(N, d)``, ``N >= 2``, finite, e.g. from :func:`sample_uniform`.
+        bounds: ``(d, 2)`` rows ``[a_j, b_j]`` for independent inputs ``U[a_j, b_j]``: adds
+            ``total_index_bound`` with ``C_j = (b_j − a_j)² / π²``. ``X`` must lie inside.
+        std: ``(d,)`` for independent normal inputs ``N(μ_j, σ_j²)``: adds ``total_index_bound``
+            with ``C_j = σ_j²``. At most one of ``bounds`` and ``std``.
+        method: route of :func:`jacbatch.jacobian` (``"auto"`` picks the fastest expected).
+        batch_size: samples per call to :func:`jacbatch.jacobian` (bounds memory); ``None`` for
+            all at once.
+        input_names: ``d`` names, for the table and plot.
+        output_names: one name per output element (row-major).
+        **jacobian_kwargs: further options of :func:`jacbatch.jacobian` (e.g. ``chunk_size``).
+
+    Returns:
+        A :class:`DGSMResult` (tensors of shape ``(*out_shape, d)`` and ``out_shape``).
+
+    Raises:
+        ValueError: a sample that is not ``(N, d)`` with ``N >= 2`` or not finite; bounds with
+            ``a_j >= b_j`` or a sample outside them; non-finite model outputs or derivatives
+            (with the first bad row).
+
+    Example:
+        >>> def f(x):  # f = 2 x0 + x1, inputs U[0, 1]: ν = (4, 1), V = 5/12
+        ...     return 2 * x[0] + x[1]
+        >>> X = sample_uniform([[0.0, 1.0], [0.0, 1.0]], 1000, seed=0)
+        >>> res = dgsm(f, X, bounds=[[0.0, 1.0], [0.0, 1.0]])
+        >>> res.nu, res.nu_se
+        (tensor([4., 1.], dtype=torch.float64), tensor([0., 0.], dtype=torch.float64))
+    """
+    where = "dgsm"
+    X = V.check_sample(where, X).detach()
+    method = V.check_method(where, method)
+    batch_size = V.check_samples_per_call(where, batch_size)
+    jacobian_kwargs = V.check_jacobian_kwargs(where, jacobian_kwargs)
+    V.check_input_distribution(where, bounds, std)
+    N, d = X.shape
+    in_names = V.check_names(where, "input_names", input_names, d)
+    poincare = None
+    if bounds is not None:
+        box = V.as_bounds(where, bounds, d, X.dtype, X.device)
+        V.check_within_bounds(where, X, box)
+        poincare = ((box[:, 1] - box[:, 0]) / math.pi) ** 2
+    elif std is not None:
+        poincare = V.as_positive_vector(where, "std", std, d, X.dtype, X.device) ** 2
+
+    sq, ab, out = _Moments(), _Moments(), _Moments()
+    out_shape: tuple[int, ...] = ()
+    out_names = None
+    for start, _, y, J in _batches(where, func, X, method, batch_size, jacobian_kwargs):
+        if start == 0:  # the output size is known now: check the names before more work
+            out_shape = tuple(y.shape[1:])
+            out_names = V.check_names(where, "output_names", output_names, J.shape[1])
+        J64 = J.to(torch.float64)  # (c, o, d)
+        sq.update(J64 * J64)
+        ab.update(J64.abs())
+        out.update(y.reshape(y.shape[0], -1))
+
+    assert sq.mean is not None and ab.mean is not None and out.mean is not None
+    V_out = out.variance()  # (o,)
+    bound = None
+    if poincare is not None:
+        ratio = poincare.to(torch.float64) * sq.mean / V_out.unsqueeze(-1)
+        bound = torch.where((V_out == 0).unsqueeze(-1), torch.full_like(ratio, math.nan), ratio)
+
+    def shaped(t: torch.Tensor, per_input: bool = True) -> torch.Tensor:
+        shape = (*out_shape, d) if per_input else out_shape
+        return t.reshape(shape).to(X.dtype)
+
+    return DGSMResult(
+        nu=shaped(sq.mean),
+        nu_se=shaped(sq.standard_error()),
+        mean_abs=shaped(ab.mean),
+        mean_abs_se=shaped(ab.standard_error()),
+        mean=shaped(out.mean, per_input=False),
+        variance=shaped(V_out, per_input=False),
+        total_index_bound=None if bound is None else shaped(bound),
+        n_samples=N,
+        input_names=in_names or _default_names("x", d),
+        output_names=out_names or _output_names(out_shape),
+        route=_route(func, X[:1], method),
+    )
