@@ -23,6 +23,10 @@ ROUTES: tuple[str, ...] = ("closed_form", "jacrev", "jacfwd", "vjp")
 
 # Functions whose forward vmap rejected once: "auto" goes straight to the vjp route for them.
 _VMAP_REJECTED: weakref.WeakSet[Any] = weakref.WeakSet()
+# Chunking chosen for a (function, shapes, budget): simulations run once per shape in a loop.
+_FIT_CACHE: weakref.WeakKeyDictionary[Any, dict[Any, tuple[int, int | None]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +451,37 @@ def _fit(
     bound = (10 if count_output else 9) * per_out * itemsize * B + sum(a.nbytes for a in call.args)
     if bound <= budget or B == 0:
         return max(B, 1), chunk_size
+
+    key = (
+        tuple((s.method, s.argnums) for s in plan.steps),
+        tuple(tuple(a.shape) for a in call.args),
+        call.in_dims,
+        call.dtype,
+        call.device,
+        layout,
+        chunk_size,
+        budget,
+        count_output,
+    )
+    try:
+        cache = _FIT_CACHE.setdefault(call.func, {})
+    except TypeError:  # not weak-referenceable (a builtin): no caching
+        cache = {}
+    if key not in cache:
+        cache[key] = _fit_uncached(call, plan, out_shape, layout, chunk_size, budget, count_output)
+    return cache[key]
+
+
+def _fit_uncached(
+    call: V.Call,
+    plan: Plan,
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    chunk_size: int | None,
+    budget: int,
+    count_output: bool,
+) -> tuple[int, int | None]:
+    B = call.batch_size if call.batch_size is not None else 1
 
     def need(samples: int, rows: int | None) -> int:
         est = _estimate(call, plan, out_shape, layout, rows, samples if call.batched else None)
