@@ -993,3 +993,12 @@ def no_total_index_bound_error(where: str) -> NoReturn:
         f"computed without an input distribution. Pass bounds= (uniform inputs) or std= (normal "
         f"inputs) to dgsm, or plot measure='nu' or 'mean_abs'."
     )
+
+
+def check_output_indices(where: str, indices: Sequence[int], n: int) -> None:
+    bad = [k for k in indices if not -n <= k < n]
+    if bad:
+        raise ValueError(
+            f"{where}: expected output indices in range [-{n}, {n}), got {bad}. The result has "
+            f"{n} output element(s)."
+        )

@@ -71,12 +71,13 @@ def parse_bytes(where: str, value: object) -> int:
 
 
 def format_bytes(n: float) -> str:
-    """``536870912 -> '512 MiB'``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}".replace(".0 ", " ")
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
+    """Binary units, three significant digits: ``1536 -> '1.5 KiB'``, ``2**29 -> '512 MiB'``."""
+    value, units = float(n), ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    while abs(value) >= 1000 and len(units) > 1:  # 1000 (not 1024): no '1.02e+03 KiB'
+        value, units = value / 1024, units[1:]
+    if value == int(value):
+        return f"{int(value)} {units[0]}"
+    return f"{value:.3g} {units[0]}" if abs(value) >= 1 else f"{value:.2f} {units[0]}"
 
 
 def available_memory(device: torch.device) -> int:

@@ -499,14 +499,15 @@ class DGSMResult:
         """
         where = "DGSMResult.plot"
         measure = V.check_choice(where, "measure", measure, _MEASURES)
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:
-            V.missing_optional_error(where, "matplotlib", "plot")
         if measure == "bound" and self.total_index_bound is None:
             V.no_total_index_bound_error(where)
         o, d = len(self.output_names), len(self.input_names)
         show = list(range(o)) if outputs is None else [int(k) for k in outputs]
+        V.check_output_indices(where, show, o)
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            V.missing_optional_error(where, "matplotlib", "plot")
         values, errors, label = {
             "nu": (self.nu, self.nu_se, "ν = E[(∂f/∂x)²]"),
             "mean_abs": (self.mean_abs, self.mean_abs_se, "E[|∂f/∂x|]"),

@@ -58,6 +58,7 @@ import torch
 
 from . import _validation as V
 from . import conventions
+from .memory import format_bytes
 
 __all__ = [
     "ComposedJacobian",
@@ -73,14 +74,6 @@ __all__ = [
 ]
 
 Factor = torch.Tensor | int  # a (1 | B, r, c) matrix, or n for I_n
-
-
-def format_bytes(n: int) -> str:
-    """``1536 -> '1.5 KiB'``: binary units, three significant digits."""
-    value, units = float(n), ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
-    while value >= 1024 and len(units) > 1:
-        value, units = value / 1024, units[1:]
-    return f"{int(value)} {units[0]}" if value == int(value) else f"{value:.3g} {units[0]}"
 
 
 def _lead(t: torch.Tensor) -> int:
@@ -278,7 +271,8 @@ class JacobianOperator(ABC):
                 Xb = Xb[None]
             n = Xb.shape[-1]
             x = Xb.mT.reshape(Xb.shape[0], n, *self.in_shape)
-            y = self._matvec(x).reshape(-1, n, self.out_numel).mT  # (B', o, n)
+            y = self._matvec(x)
+            y = y.reshape(y.shape[0], n, self.out_numel).mT  # (B', o, n)
             return self._finish_dense(y, X.ndim)
 
     def _rmatmul_dense(self, X: torch.Tensor) -> torch.Tensor:
@@ -300,7 +294,7 @@ class JacobianOperator(ABC):
                 Xb = Xb[None]
             n = Xb.shape[1]
             y = self._rmatvec(Xb.reshape(Xb.shape[0], n, *self.out_shape))
-            return self._finish_dense(y.reshape(-1, n, self.in_numel), X.ndim)
+            return self._finish_dense(y.reshape(y.shape[0], n, self.in_numel), X.ndim)
 
     def _finish_dense(self, y: torch.Tensor, x_ndim: int) -> torch.Tensor:
         """``(B', r, c)`` -> the documented result shape of ``@`` with a dense operand."""
@@ -309,7 +303,7 @@ class JacobianOperator(ABC):
             B = self.batch_size if self.batch_size is not None else _lead(y)
             y = y.expand(B, *y.shape[1:])
             if x_ndim == 1:  # (B, o, 1) or (B, 1, i)
-                y = y.reshape(B, -1)
+                y = y.reshape(B, y.shape[1] * y.shape[2])
             return y.contiguous()
         y = y[0]
         return (y.reshape(-1) if x_ndim == 1 else y).contiguous()
@@ -639,10 +633,10 @@ class IdentityJacobian(JacobianOperator):
         return self.out_shape != self.in_shape
 
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], x.shape[1], *self.out_shape)
+        return x.reshape(x.shape[0], x.shape[1], *self.out_shape).clone()  # never a view of x
 
     def _rmatvec(self, y: torch.Tensor) -> torch.Tensor:
-        return y.reshape(y.shape[0], y.shape[1], *self.in_shape)
+        return y.reshape(y.shape[0], y.shape[1], *self.in_shape).clone()
 
     def _transpose(self) -> IdentityJacobian:
         if not self.is_reshape:
@@ -808,7 +802,8 @@ class DenseJacobian(JacobianOperator):
         return DenseJacobian.from_flat(self.flat.mT, self.in_shape, self.out_shape, self.batch_size)
 
     def _dense(self) -> torch.Tensor:
-        return self.flat.reshape(_lead(self.flat), *self.out_shape, *self.in_shape)
+        # a copy: to_dense promises new memory, never the caller's own tensor
+        return self.flat.reshape(_lead(self.flat), *self.out_shape, *self.in_shape).clone()
 
     def _held(self) -> list[torch.Tensor]:
         return [self.flat]
@@ -880,11 +875,13 @@ class ComposedJacobian(JacobianOperator):
 
     def _dense(self) -> torch.Tensor:
         last = self.factors[-1]
-        J = last._dense().reshape(-1, last.out_numel, last.in_numel)  # (B', k, i)
+        J = last._dense()
+        J = J.reshape(J.shape[0], last.out_numel, last.in_numel)  # (B', k, i)
         n = J.shape[-1]
         for f in reversed(self.factors[:-1]):
             x = J.mT.reshape(J.shape[0], n, *f.in_shape)  # the i columns as vectors
-            J = f._matvec(x).reshape(-1, n, f.out_numel).mT
+            J = f._matvec(x)
+            J = J.reshape(J.shape[0], n, f.out_numel).mT
         return J.reshape(J.shape[0], *self.out_shape, *self.in_shape)
 
     def _held(self) -> list[torch.Tensor]:
@@ -1038,13 +1035,15 @@ def _fuse(
         J = inner.flat  # (1 | B, k, i): its i columns through outer
         n = J.shape[-1]
         x = J.mT.reshape(J.shape[0], n, *outer.in_shape)
-        flat = outer._matvec(x).reshape(-1, n, outer.out_numel).mT
+        flat = outer._matvec(x)
+        flat = flat.reshape(flat.shape[0], n, outer.out_numel).mT
         return DenseJacobian.from_flat(flat, outer.out_shape, inner.in_shape, batch)
     if isinstance(outer, DenseJacobian) and inner.in_numel <= inner.out_numel:
         J = outer.flat  # (1 | B, o, k): its o rows through inner
         n = J.shape[1]
         y = J.reshape(J.shape[0], n, *inner.out_shape)
-        flat = inner._rmatvec(y).reshape(-1, n, inner.in_numel)
+        flat = inner._rmatvec(y)
+        flat = flat.reshape(flat.shape[0], n, inner.in_numel)
         return DenseJacobian.from_flat(flat, outer.out_shape, inner.in_shape, batch)
     return None
 
