@@ -18,13 +18,8 @@ from jacbatch.sensitivity import (
     sample_uniform,
 )
 from jacbatch.testing import tolerance
+from tests.conftest import DEVICES
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-    ),
-]
 ROUTES = ["auto", "jacrev", "jacfwd", "vjp"]
 
 # ---------------------------------------------------------------------------------------------

@@ -26,23 +26,9 @@ from jacbatch.structured import (
     sum_jacobian,
 )
 from jacbatch.testing import tolerance
+from tests.conftest import DEVICES
 
 F64 = torch.float64
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
-    ),
-]
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 # ---------------------------------------------------------------------------------------------
