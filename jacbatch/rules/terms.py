@@ -441,7 +441,8 @@ def write(terms: Sequence[Term], Y: torch.Tensor) -> torch.Tensor:
             eye_shape = [1] * Y.ndim
             eye_shape[1 + p1] = eye_shape[1 + p2] = n
             I = torch.eye(n, dtype=Y.dtype, device=Y.device).reshape(eye_shape)
-            torch.mul(Z.unsqueeze(1 + p2), I, out=Y)
+            Z = Z.unsqueeze(1 + p2)
+            torch.mul(Z.expand(Y.shape[0], *Z.shape[1:]), I, out=Y)
             return Y
     return _scatter(terms, Y, [t.out + t.inp for t in terms])
 
