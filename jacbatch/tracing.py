@@ -165,6 +165,23 @@ class TracedGraph:
                 continue
             rule = op_rules.lookup_op(op, idx)
             on_path = set(path) | {x}
+            scalars = [
+                a.name
+                for a in _nested_nodes((src.args, src.kwargs))
+                if not isinstance(a.meta.get("val"), torch.Tensor)
+            ]
+            if scalars:
+                notes.append(
+                    NodeNote(
+                        n.name, name, None, f"reads a Python scalar from a tensor ({scalars[0]})"
+                    )
+                )
+                failure = failure or f"{n.name} ({name}) uses a value read with .item()"
+                continue
+            if isinstance(val, torch.Tensor) and val.dtype != x.meta["val"].dtype:
+                notes.append(NodeNote(n.name, name, None, f"changes the dtype to {val.dtype}"))
+                failure = failure or f"{n.name} ({name}) changes the dtype"
+                continue
             nested = [
                 a
                 for a in _nested_nodes(list(src.args[0:]) + list(src.kwargs.values()))
@@ -392,13 +409,40 @@ def _trace(
 
     try:
         with torch.no_grad():
-            gm = make_fx(flat, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
+            gm = make_fx(
+                torch.func.functionalize(flat, remove="mutations"),
+                tracing_mode="fake",
+                _allow_non_fake_inputs=True,
+            )(*examples)
     except Exception as err:  # any failure means "no traced closed form", never an error
         return TracedGraph(None, _first_line(err), tuple(batched))
     ph = [nd for nd in gm.graph.nodes if nd.op == "placeholder"]
     if len(ph) != n:
         return TracedGraph(None, "the traced graph's arguments do not match", tuple(batched))
+    # Decompositions leave in-place view ops on fresh temporaries (e.g. matmul's squeeze_);
+    # their out-of-place forms keep every captured intermediate value intact.
+    for nd in gm.graph.nodes:
+        if nd.op == "call_function" and nd.target in _FUNCTIONAL_VIEW:
+            nd.target = _FUNCTIONAL_VIEW[nd.target]
+        elif nd.op == "call_function" and getattr(
+            getattr(nd.target, "_schema", None), "is_mutable", False
+        ):
+            return TracedGraph(
+                None, f"in-place op {op_rules.op_name(nd.target)} in the graph", tuple(batched)
+            )
+    gm.recompile()
     return TracedGraph(gm, None, tuple(batched))
+
+
+_aten = torch.ops.aten
+_FUNCTIONAL_VIEW = {
+    _aten.squeeze_.dim: _aten.squeeze.dim,
+    _aten.squeeze_.default: _aten.squeeze.default,
+    _aten.squeeze_.dims: _aten.squeeze.dims,
+    _aten.unsqueeze_.default: _aten.unsqueeze.default,
+    _aten.t_.default: _aten.t.default,
+    _aten.transpose_.default: _aten.transpose.int,
+}
 
 
 def jacobian_terms(
