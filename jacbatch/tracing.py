@@ -462,8 +462,13 @@ def jacobian_terms(
             raise Unsupported(an.reason)
         analyses.append(an)
     needed = list(dict.fromkeys(n for an in analyses for n in needed_nodes(an)))
-    values = tg.evaluate(needed, args, B) if needed else {}
-    return [compose(an, values, args[a]) for an, a in zip(analyses, argnums, strict=True)]
+    try:
+        values = tg.evaluate(needed, args, B) if needed else {}
+        return [compose(an, values, args[a]) for an, a in zip(analyses, argnums, strict=True)]
+    except Unsupported:
+        raise
+    except Exception as err:  # e.g. random ops under vmap: autodiff decides what to do
+        raise Unsupported(f"evaluating the traced graph failed ({_first_line(err)})") from err
 
 
 __all__ = ["NodeNote", "TracedGraph", "jacobian_terms", "trace"]

@@ -79,7 +79,7 @@ EXPRESSIONS: list[
         tuple[int | None, ...],
         tuple[int, ...],
     ]
-] = [  # noqa: E501
+] = [
     (
         "mlp_2layer_wrt_W1",
         lambda X, W1, b1, W2: torch.tanh(X @ W1 + b1) @ W2,
@@ -340,11 +340,27 @@ def test_traced_route_calls_no_autograd(monkeypatch: pytest.MonkeyPatch) -> None
         (functorch_route, "jvp"),
     ]:
         monkeypatch.setattr(mod, name, forbidden)
-    for name, f, args, dims, argnums in EXPRESSIONS[:4]:
+    for name, f, args, dims, argnums in [*EXPRESSIONS[:4], EXPRESSIONS[12]]:
         leaves = tuple(a.clone().requires_grad_(True) for a in args)
         Js = jacbatch.jacobian(f, *leaves, argnums=argnums, in_dims=dims)
         assert all(not J.requires_grad and J.grad_fn is None for J in Js), name
         assert all(a.grad is None for a in leaves)
+
+
+def test_identity_and_independent_outputs() -> None:
+    J = jacbatch.jacobian(lambda X, Y: X, X_, W1_, in_dims=(0, None), method="closed_form")
+    assert_matches(J, reference(lambda X, Y: X, (X_, W1_), (0, None), 0))
+    J = jacbatch.jacobian(lambda X, Y: 2 * Y, X_, W1_, in_dims=(0, None), method="closed_form")
+    assert J.shape == (B, p, q, m, p) and not J.any()
+
+
+def test_random_ops_fall_back() -> None:
+    f = lambda X: X * torch.rand_like(X).round()  # noqa: E731  (vmap rejects randomness)
+    torch.manual_seed(0)
+    J = jacbatch.jacobian(f, X_).reshape(B, m * p, m * p)
+    diag = torch.diagonal(J, dim1=1, dim2=2)
+    assert torch.equal(J, torch.diag_embed(diag))  # a 0/1 mask on the diagonal, nothing else
+    assert bool(((diag == 0) | (diag == 1)).all())
 
 
 def test_registered_rule_still_wins() -> None:
