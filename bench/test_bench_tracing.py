@@ -76,6 +76,14 @@ def test_no_rules_auto(benchmark: Any) -> None:
 
 
 @pytest.mark.benchmark(group="no_rules")
+def test_no_rules_jacbatch_jacrev(benchmark: Any) -> None:
+    X, W, _ = _args(*MEDIUM)
+    benchmark(
+        lambda: jacbatch.jacobian(no_rules, X, W, argnums=1, in_dims=(0, None), method="jacrev")
+    )
+
+
+@pytest.mark.benchmark(group="no_rules")
 def test_no_rules_vmap_jacrev(benchmark: Any) -> None:
     X, W, _ = _args(*MEDIUM)
     f = vmap(jacrev(no_rules, argnums=1), in_dims=(0, None))
@@ -115,6 +123,8 @@ def _ratios(path: str) -> None:  # pragma: no cover - a report helper
     print(f"auto / write bound   {auto / med['test_tanh_affine_write_bound']:.2f}x (target <= 1.3)")
     best = min(med["test_no_rules_vmap_jacrev"], med["test_no_rules_vmap_jacfwd"])
     print(f"no rules auto / best {med['test_no_rules_auto'] / best:.2f}x (target <= 1.1)")
+    same = med["test_no_rules_auto"] / med["test_no_rules_jacbatch_jacrev"]
+    print(f"no rules auto / jacbatch jacrev route {same:.2f}x (the cost of trying to trace)")
     over = med["test_overhead_planning"] / med["test_overhead_jacobian"]
     print(f"planning / jacobian  {over * 100:.1f}% (target < 5%)")
 

@@ -298,8 +298,10 @@ def jacobian(
         argnums: the argument(s) to differentiate; a tuple returns a tuple of Jacobians.
         in_dims: int (every argument), or a tuple with one int/``None`` per argument. ``None``
             marks an argument shared by the whole batch; all ``None`` means no batch.
-        method: ``"auto"`` (closed form where a rule exists, else the autodiff route expected to
-            be fastest for the shapes), ``"closed_form"``, ``"jacrev"``, ``"jacfwd"`` or ``"vjp"``.
+        method: ``"auto"`` (a registered closed form, else a closed form composed from op
+            rules when ``func`` traces into ops that all have one, else the autodiff route
+            expected to be fastest for the shapes), ``"closed_form"`` (registered or traced; raises
+            ``NotImplementedError`` otherwise), ``"jacrev"``, ``"jacfwd"`` or ``"vjp"``.
         vec: ``None`` keeps the layout ``(B, *out_shape, *in_shape)``; ``"row"`` / ``"col"``
             flatten to ``(B, out_numel, in_numel)`` in row-major (PyTorch) or column-major order.
         chunk_size: at most this many Jacobian rows (jacrev) or columns (jacfwd) per vectorized
@@ -708,6 +710,14 @@ def explain(
         >>> print(explain(jacbatch.affine, A, W, B, argnums=1, in_dims=None))
         jacobian plan (no batch, out (2, 2), in [(3, 2)]):
           argnums (1,): closed_form — registered closed-form rule, no autodiff
+
+        Plain torch code is traced; the notes say which op rule each node matched:
+
+        >>> print(explain(lambda x: torch.cumsum(x, 0).tanh(), torch.ones(4, 3)))
+        jacobian plan (B=4, out (3,), in [(3,)]):
+          argnums (0,): jacrev — no closed form (cumsum (aten.cumsum.default) has no rule); reverse mode: 3 output elements <= 3 input elements
+          note: argnum 0: cumsum = aten.cumsum.default: no closed-form rule for this op
+          note: argnum 0: tanh = aten.tanh.default -> rule elementwise_tanh
     """
     where = "explain"
     call = V.normalize_call(where, func, args, argnums, in_dims)

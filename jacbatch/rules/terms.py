@@ -173,7 +173,13 @@ def identity_reshape(out_shape: Sequence[int], in_shape: Sequence[int], like: to
 def common_refinement(P: Sequence[int], Q: Sequence[int]) -> list[int] | None:
     """The coarsest list of sizes that splits both ``P`` and ``Q`` (row-major), or ``None``.
 
-    Example: ``(6,)`` and ``(2, 3)`` give ``[2, 3]``; ``(2, 3)`` and ``(3, 2)`` give ``None``.
+    Example:
+        >>> common_refinement([6], [2, 3])
+        [2, 3]
+        >>> common_refinement([4, 6], [2, 12])
+        [2, 2, 6]
+        >>> common_refinement([2, 3], [3, 2]) is None
+        True
     """
     P, Q = list(P), list(Q)
     R: list[int] = []
