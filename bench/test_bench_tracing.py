@@ -114,7 +114,8 @@ def test_overhead_planning(benchmark: Any) -> None:
 
 
 def _ratios(path: str) -> None:  # pragma: no cover - a report helper
-    data = json.load(open(path))
+    with open(path) as fh:
+        data = json.load(fh)
     med = {b["name"]: b["stats"]["median"] for b in data["benchmarks"]}
     for name, t in sorted(med.items()):
         print(f"{name:40s} {t * 1e3:10.2f} ms")
