@@ -148,6 +148,9 @@ CASES = [
     Case("det", torch.det, lambda m, p, q: [(p, p)], well_conditioned=True),
     Case("logdet", torch.logdet, lambda m, p, q: [(p, p)], well_conditioned=True),
     Case("slogdet", lambda X: torch.linalg.slogdet(X)[1], lambda m, p, q: [(p, p)]),
+    Case("inverse_stack", torch.inverse, lambda m, p, q: [(2, p, p)], well_conditioned=True),
+    Case("det_stack", torch.det, lambda m, p, q: [(m, 2, p, p)], well_conditioned=True),
+    Case("logdet_stack", torch.logdet, lambda m, p, q: [(2, p, p)], well_conditioned=True),
 ]
 
 

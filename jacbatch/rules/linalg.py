@@ -20,11 +20,13 @@ from .terms import Term, Unsupported
 aten = torch.ops.aten
 
 
+def _lead(ctx: OpContext) -> str:
+    """Letters for the matrix-batch axes inside one sample (``(..., n, n)`` inputs)."""
+    return "".join("ABCDEFGH"[: len(ctx.in_shape(0)) - 2])
+
+
 def _inverse(ctx: OpContext) -> torch.Tensor:
-    if len(ctx.in_shape(0)) != 2:
-        raise Unsupported("batched matrices inside one sample")
-    X = ctx.args[0]
-    Y, info = torch.linalg.inv_ex(X)
+    Y, info = torch.linalg.inv_ex(ctx.args[0])
     if bool((info != 0).any()) or not bool(torch.isfinite(Y).all()):
         raise Unsupported("singular matrix")
     return Y
@@ -33,26 +35,27 @@ def _inverse(ctx: OpContext) -> torch.Tensor:
 @register_op(aten.linalg_inv_ex.default, output=0)
 def inverse(ctx: OpContext, i: int) -> list[Term]:
     """``X⁻¹``: ``-Y[i, k] Y[l, j]`` (NOTE [Inverse and determinant Jacobians])."""
-    if len(ctx.in_shape(0)) != 2:
-        raise Unsupported("batched matrices inside one sample")
     Y = ctx.out
     if not bool(torch.isfinite(Y).all()):
         raise Unsupported("singular matrix")
-    outer = -(Y[:, :, :, None, None] * Y[:, None, None, :, :])  # (B, i, k, l, j)
-    return [ctx.term(outer, "iklj", "ij", "kl", 0)]
+    h = _lead(ctx)
+    outer = -(Y[..., :, :, None, None] * Y[..., None, None, :, :])  # (B, .., i, k, l, j)
+    return [ctx.term(outer, h + "iklj", h + "ij", h + "kl", 0)]
 
 
 @register_op(aten._linalg_det.default, output=0)
 def det(ctx: OpContext, i: int) -> list[Term]:
     """``det(X)``: gradient ``det(X) X⁻ᵀ`` (Jacobi's formula)."""
     Yt = _inverse(ctx).transpose(-1, -2)
-    return [ctx.term(ctx.out[:, None, None] * Yt, "kl", "", "kl", 0)]
+    h = _lead(ctx)
+    return [ctx.term(ctx.out[..., None, None] * Yt, h + "kl", h, h + "kl", 0)]
 
 
 @register_op(aten._linalg_slogdet.default, output=1)
 def logabsdet(ctx: OpContext, i: int) -> list[Term]:
     """``log|det X|``: gradient ``X⁻ᵀ``."""
-    return [ctx.term(_inverse(ctx).transpose(-1, -2), "kl", "", "kl", 0)]
+    h = _lead(ctx)
+    return [ctx.term(_inverse(ctx).transpose(-1, -2), h + "kl", h, h + "kl", 0)]
 
 
 @register_op(aten._linalg_slogdet.default, output=0)
