@@ -104,6 +104,7 @@ class TracedGraph:
     batched: tuple[bool, ...]
     _analyses: dict[int, Analysis] = field(default_factory=dict)
     _evaluators: dict[tuple[str, ...], Callable[..., Any]] = field(default_factory=dict)
+    _batch_deps: set[torch.fx.Node] | None = None
 
     # -- analysis ------------------------------------------------------------------------------
 
@@ -215,12 +216,15 @@ class TracedGraph:
 
     def _depends_on_batch(self) -> set[torch.fx.Node]:
         assert self.gm is not None
+        if self._batch_deps is not None:
+            return self._batch_deps
         nodes = list(self.gm.graph.nodes)
         ph = [n for n in nodes if n.op == "placeholder"]
         dep = {p for p, b in zip(ph, self.batched, strict=True) if b}
         for n in nodes:
             if n.op == "call_function" and any(a in dep for a in n.all_input_nodes):
                 dep.add(n)
+        self._batch_deps = dep
         return dep
 
     def evaluate(
