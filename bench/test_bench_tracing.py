@@ -16,6 +16,7 @@ ratios the issue asks for). Groups:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -41,6 +42,18 @@ def _args(b: int, m: int, p: int, q: int) -> tuple[torch.Tensor, ...]:
         torch.randn(p, q, generator=g),
         torch.randn(q, generator=g),
     )
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> Any:
+    """``JACBATCH_BENCH_THREADS=n`` pins torch's intra-op threads (on a shared 2-core machine,
+    2 threads make every small op wait for a busy core; 1 thread gives stable ratios)."""
+    n = os.environ.get("JACBATCH_BENCH_THREADS")
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    yield
+    torch.set_num_threads(old)
 
 
 BIG = (64, 32, 32, 32)

@@ -281,7 +281,21 @@ def _check_dense(n: int) -> None:
 
 
 def _einsum(ops: Sequence[tuple[torch.Tensor, Sequence[int]]], keep: Sequence[int]) -> torch.Tensor:
-    """``einsum`` over integer letters with a leading batch axis (size B or 1) on every operand."""
+    """``einsum`` over integer letters with a leading batch axis (size B or 1) on every operand.
+
+    When nothing is summed and no operand takes a diagonal, this is a broadcast product (an
+    outer product along distinct letters), computed as such rather than through ``bmm``.
+    """
+    if all(len(set(ls)) == len(ls) and set(ls) <= set(keep) for _, ls in ops):
+        pos = {x: k for k, x in enumerate(keep)}
+        prod: torch.Tensor | None = None
+        for X, ls in ops:
+            Xp = X.permute(0, *sorted(range(1, X.ndim), key=lambda k: pos[ls[k - 1]]))
+            present = dict(zip(sorted(ls, key=pos.__getitem__), Xp.shape[1:], strict=True))
+            Xv = Xp.reshape(X.shape[0], *(present.get(x, 1) for x in keep))
+            prod = Xv if prod is None else prod * Xv
+        assert prod is not None
+        return prod
     batched = [X.shape[0] != 1 for X, _ in ops]
     ids: dict[int, int] = {}
 
