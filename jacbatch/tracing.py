@@ -25,6 +25,7 @@ as globals (rebinding a closed-over tensor re-traces; mutating it in place needs
 
 from __future__ import annotations
 
+import itertools
 import operator
 import types
 import weakref
@@ -345,27 +346,46 @@ _CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], TracedGraph]] = (
 )
 
 
+def _identity(v: Any) -> Any:
+    """``id(v)``, plus the ids of the tensors a module or plain object holds as attributes."""
+    if isinstance(v, torch.nn.Module):
+        held = [id(t) for t in itertools.chain(v.parameters(), v.buffers())]
+        return (id(v), v.training, tuple(held))
+    if isinstance(v, (torch.Tensor, int, float, str, bool, type(None), types.FunctionType)):
+        return id(v)
+    attrs = getattr(v, "__dict__", None)
+    if isinstance(attrs, dict):
+        return (id(v), tuple((k, id(t)) for k, t in attrs.items() if isinstance(t, torch.Tensor)))
+    return id(v)
+
+
 def _fingerprint(func: Any) -> tuple[Any, ...]:
-    """Identity of what ``func`` closes over or reads as globals (rebinding means re-tracing)."""
+    """Identity of what ``func`` closes over or reads as globals (rebinding means re-tracing).
+
+    Covers closure cells, globals the code names that hold tensors or modules, default
+    arguments, a bound method's ``self`` and a callable object's own tensors (a module's
+    parameters and buffers). Tensors mutated in place need no re-trace (the graph references
+    them); anything else that changes behaviour without rebinding one of these is not seen.
+    """
     items: list[Any] = []
     if isinstance(func, types.MethodType):
-        items.append(id(func.__self__))
+        items.append(_identity(func.__self__))
         func = func.__func__
     code = getattr(func, "__code__", None)
     if code is None:
-        return (id(func),)
+        return (_identity(func),)
     for cell in getattr(func, "__closure__", None) or ():
         try:
-            items.append(id(cell.cell_contents))
+            items.append(_identity(cell.cell_contents))
         except ValueError:  # an empty cell
             items.append(None)
     glob = getattr(func, "__globals__", {})
     for name in code.co_names:
         v = glob.get(name)
         if isinstance(v, (torch.Tensor, torch.nn.Module)):
-            items.append((name, id(v)))
+            items.append((name, _identity(v)))
     for d in getattr(func, "__defaults__", None) or ():
-        items.append(id(d))
+        items.append(_identity(d))
     return tuple(items)
 
 

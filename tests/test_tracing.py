@@ -323,6 +323,20 @@ def test_trace_is_cached_and_closures_are_tracked(monkeypatch: pytest.MonkeyPatc
     assert_matches(J3, reference(f, (X_,), (0,), 0))
 
 
+def test_modules_are_traced_and_parameter_swaps_retrace() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(p, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    model = model.double()
+    plan = jacbatch.explain(model, X_)
+    assert [s.method for s in plan.steps] == ["traced"], str(plan)
+    assert_matches(jacbatch.jacobian(model, X_), reference(model, (X_,), (0,), 0))
+    with torch.no_grad():
+        model[0].weight.mul_(3)  # in place: same graph, new values
+    assert_matches(jacbatch.jacobian(model, X_), reference(model, (X_,), (0,), 0))
+    model[2].weight = torch.nn.Parameter(rnd(2, 6, seed=40))  # swapped: re-traced
+    assert_matches(jacbatch.jacobian(model, X_), reference(model, (X_,), (0,), 0))
+
+
 def test_traced_route_calls_no_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*a: object, **k: object) -> None:
         raise AssertionError("autograd was called")
@@ -388,3 +402,38 @@ def test_reshape_without_common_refinement_is_dense_but_correct() -> None:
     X = rnd(2, 2, 3, seed=30)
     J = jacbatch.jacobian(f, X, method="closed_form")
     assert_matches(J, reference(f, (X,), (0,), 0))
+
+
+def _terms(func: Callable[..., torch.Tensor], args: Sequence[torch.Tensor], dims, argnum: int):
+    from jacbatch._validation import normalize_call
+    from jacbatch.methods import batched_args, traced
+
+    call = normalize_call("t", func, tuple(args), argnum, dims)
+    bargs, _, Bn = batched_args(call)
+    return tracing.jacobian_terms(traced.traced_graph(call), [argnum], bargs, Bn)[0]
+
+
+def test_structure_stays_factored_until_the_write() -> None:
+    """tanh(A @ W + b) w.r.t. W is one (B, m, q, p) factor and a delta, never (B, m, q, p, q)."""
+    (term,) = _terms(EXPRESSIONS[1][1], (X_, W1_, b1_), (0, None, None), 1)
+    assert tuple(term.T.shape) == (B, m, q, p)
+    assert len(set(term.out + term.inp)) == 3  # i, j, k: the output column j is the input column
+    s = 1 - torch.tanh(X_ @ W1_ + b1_) ** 2
+    want = s[:, :, :, None] * X_[:, :, None, :]  # s[b,i,j] A[b,i,k]
+    got = term.T.permute(
+        0, *sorted(range(1, 4), key=lambda k: (term.out + term.inp).index(term.t[k - 1]))
+    )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_equal_patterns_merge_into_one_term() -> None:
+    """x * x has two contributions with the same (diagonal) pattern: one term, factor 2x."""
+    (term,) = _terms(lambda x: x * x, (X_,), (0,), 0)
+    assert tuple(term.T.shape) == (B, m, p) and term.out == term.inp
+    torch.testing.assert_close(term.T, 2 * X_, rtol=0, atol=0)
+
+
+def test_shared_factors_keep_no_batch_axis() -> None:
+    """X @ W w.r.t. X with W shared: the factor is W itself, broadcast over the batch."""
+    (term,) = _terms(lambda X, W: X @ W, (X_, W1_), (0, None), 0)
+    assert term.T.shape[0] == 1
