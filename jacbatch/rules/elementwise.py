@@ -144,3 +144,74 @@ def where(ctx: OpContext, i: int) -> list[Term]:
     c = ctx.aligned(0)
     mask = c if i == 1 else ~c
     return _binary_factor(ctx, i, mask.to(ctx.out.dtype))
+
+
+def _arg(ctx: OpContext, k: int, name: str, default: object) -> object:
+    return ctx.args[k] if len(ctx.args) > k else ctx.kwargs.get(name, default)
+
+
+@register_op(aten.clamp.default)
+def clamp(ctx: OpContext, i: int) -> list[Term]:
+    """``clamp(x, lo, hi)``: 1 where ``lo <= x <= hi`` (bounds included, as autograd)."""
+    x = ctx.args[0]
+    lo, hi = _arg(ctx, 1, "min", None), _arg(ctx, 2, "max", None)
+    if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
+        raise Unsupported("clamp with tensor bounds")
+    mask = torch.ones_like(x, dtype=torch.bool)
+    if lo is not None:
+        mask &= x >= lo
+    if hi is not None:
+        mask &= x <= hi
+    return _diagonal(ctx, mask.to(x.dtype))
+
+
+@register_op(aten.leaky_relu.default)
+def leaky_relu(ctx: OpContext, i: int) -> list[Term]:
+    """``leaky_relu(x, s)``: 1 for ``x > 0``, else ``s``."""
+    x = ctx.args[0]
+    s = float(_arg(ctx, 1, "negative_slope", 0.01))  # type: ignore[arg-type]
+    return _diagonal(ctx, torch.where(x > 0, torch.ones_like(x), torch.full_like(x, s)))
+
+
+@register_op(aten.softplus.default)
+def softplus(ctx: OpContext, i: int) -> list[Term]:
+    """``softplus(x, β, t) = log(1 + e^(βx)) / β``: ``σ(βx)``, and 1 where ``βx > t`` (linear)."""
+    x = ctx.args[0]
+    beta = float(_arg(ctx, 1, "beta", 1.0))  # type: ignore[arg-type]
+    threshold = float(_arg(ctx, 2, "threshold", 20.0))  # type: ignore[arg-type]
+    bx = x * beta
+    return _diagonal(ctx, torch.where(bx > threshold, torch.ones_like(x), torch.sigmoid(bx)))
+
+
+@register_op(aten.gelu.default)
+def gelu(ctx: OpContext, i: int) -> list[Term]:
+    """GELU: ``Φ(x) + x φ(x)`` (exact), or the derivative of its tanh approximation."""
+    x = ctx.args[0]
+    approximate = _arg(ctx, 1, "approximate", "none")
+    if approximate == "none":
+        cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+        pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        return _diagonal(ctx, cdf + x * pdf)
+    k_beta, k_kappa = math.sqrt(2 / math.pi), 0.044715
+    t = torch.tanh(k_beta * (x + k_kappa * x * x * x))
+    d = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k_beta * (1 + 3 * k_kappa * x * x)
+    return _diagonal(ctx, d)
+
+
+def _select(ctx: OpContext, i: int, larger: bool) -> list[Term]:
+    a, b = ctx.aligned(i), ctx.aligned(1 - i)
+    wins = (a > b) if larger else (a < b)
+    factor = wins.to(ctx.out.dtype) + 0.5 * (a == b).to(ctx.out.dtype)
+    return _binary_factor(ctx, i, factor)
+
+
+@register_op(aten.maximum.default)
+def maximum(ctx: OpContext, i: int) -> list[Term]:
+    """``maximum(a, b)``: 1 where this operand is larger, 1/2 on ties (as autograd)."""
+    return _select(ctx, i, larger=True)
+
+
+@register_op(aten.minimum.default)
+def minimum(ctx: OpContext, i: int) -> list[Term]:
+    """``minimum(a, b)``: 1 where this operand is smaller, 1/2 on ties (as autograd)."""
+    return _select(ctx, i, larger=False)
