@@ -70,6 +70,7 @@ class _Step:
     rule: op_rules.Rule
     src: torch.fx.Node  # the node holding the op's arguments (differs from node for getitem)
     operands: tuple[tuple[int, torch.fx.Node], ...]  # (argument position, operand on the path)
+    listed: bool = False  # operand positions index the list in the first argument
 
 
 @dataclass
@@ -194,6 +195,15 @@ class TracedGraph:
                 for i, a in enumerate(src.args)
                 if isinstance(a, torch.fx.Node) and a in on_path
             )
+            listed = False
+            if src.args and isinstance(src.args[0], (list, tuple)) and not operands:
+                # ops on a list of tensors (cat, stack): operand i is element i of the list
+                operands = tuple(
+                    (i, a)
+                    for i, a in enumerate(src.args[0])
+                    if isinstance(a, torch.fx.Node) and a in on_path
+                )
+                listed = True
             if len(nested) != len(operands):
                 notes.append(NodeNote(n.name, name, None, "differentiated input inside a list"))
                 failure = failure or f"{n.name} ({name}) takes the argument inside a list"
@@ -203,7 +213,7 @@ class TracedGraph:
                 failure = failure or f"{n.name} ({name}) has no rule"
                 continue
             notes.append(NodeNote(n.name, name, rule.__name__, "matched"))
-            steps.append(_Step(n, op, rule, src, operands))
+            steps.append(_Step(n, op, rule, src, operands, listed))
         if failure is not None:
             return Analysis(False, failure, tuple(notes))
         reason = (
@@ -318,6 +328,7 @@ def compose(
                 else None
                 for a in s.src.args
             ),
+            list_shapes=_list_shapes(s.src.args[0]) if s.listed else (),
         )
         acc: list[Term] = []
         for i, u in s.operands:
@@ -327,6 +338,10 @@ def compose(
             acc.extend(terms.compose_sum(s.rule(ctx, i), Ju))
         J[s.node] = terms.merge(acc)
     return J.get(an.out, [])
+
+
+def _list_shapes(xs: Any) -> tuple[tuple[int, ...], ...]:
+    return tuple(_shape(a) for a in xs)
 
 
 def _value(a: Any, values: dict[torch.fx.Node, torch.Tensor]) -> Any:

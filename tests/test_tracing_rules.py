@@ -86,6 +86,8 @@ CASES = [
     Case("expand", lambda x: x.expand(3, *x.shape), lambda m, p, q: [(p,)]),
     Case("select", lambda X: X[1] if X.shape[0] > 1 else X[0], _mat),
     Case("slice", lambda X: X[:, ::2], _mat),
+    Case("cat", lambda X, Y: torch.cat([X, Y.T, X], -1), lambda m, p, q: [(m, p), (q, m)], (0, 1)),
+    Case("stack", lambda X, Y: torch.stack([Y, X, X], 1), lambda m, p, q: [(m, p)] * 2, (0, 1)),
     # elementwise unary
     *(
         Case(f"unary_{n}", fn, _mat, positive=pos)

@@ -17,7 +17,8 @@ NOTE [Permutations and reshapes]
     the input letters reordered (the commutation matrix for a transpose). ``view``/``reshape``
     are the identity on the flat row-major index, expressed over the common refinement of both
     shapes (:func:`terms.identity_reshape`). ``expand`` is a broadcast (free letters).
-    ``select`` and ``slice`` keep a delta on the other axes and a 0/1 selection factor on theirs.
+    ``select``, ``slice`` and ``cat`` keep a delta on the other axes and a 0/1 selection factor on
+    theirs (``cat``: a shifted identity); ``stack`` places the identity at one index of the new axis.
 """
 
 from __future__ import annotations
@@ -156,3 +157,36 @@ def slice_(ctx: OpContext, i: int) -> list[Term]:
     r, c = inp[n], inp[dim]
     out = inp[:dim] + r + inp[dim + 1 : n]
     return [ctx.term(S, r + c, out, inp[:n], 0)]
+
+
+@register_op(aten.cat.default)
+def cat(ctx: OpContext, i: int) -> list[Term]:
+    """``cat(xs, dim)`` w.r.t. ``xs[i]``: a delta on the other axes and a shifted identity on ``dim``."""
+    shapes = ctx.list_shapes
+    shape = shapes[i]
+    n = len(ctx.out_shape)
+    if len(shape) != n:
+        raise Unsupported("cat with a legacy empty tensor")
+    d = (ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("dim", 0)) % n
+    offset = sum(s[d] for s in shapes[:i] if len(s) == n)
+    S = torch.zeros(1, ctx.out_shape[d], shape[d], dtype=ctx.out.dtype, device=ctx.out.device)
+    k = torch.arange(shape[d], device=ctx.out.device)
+    S[0, offset + k, k] = 1
+    inp = letters(n + 1)
+    r, c = inp[n], inp[d]
+    out = inp[:d] + r + inp[d + 1 : n]
+    return [terms.make(S, r + c, out, inp[:n], ctx.out_shape, shape, ctx.out)]
+
+
+@register_op(aten.stack.default)
+def stack(ctx: OpContext, i: int) -> list[Term]:
+    """``stack(xs, dim)`` w.r.t. ``xs[i]``: the identity placed at index ``i`` of the new axis."""
+    shape = ctx.list_shapes[i]
+    n = len(ctx.out_shape)
+    d = (ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("dim", 0)) % n
+    onehot = torch.zeros(1, ctx.out_shape[d], dtype=ctx.out.dtype, device=ctx.out.device)
+    onehot[0, i] = 1
+    inp = letters(n)
+    r = letters(1, skip=inp)
+    out = inp[:d] + r + inp[d : n - 1]
+    return [terms.make(onehot, r, out, inp[: n - 1], ctx.out_shape, shape, ctx.out)]

@@ -38,6 +38,8 @@ class OpContext:
         out: the output value ``(B or 1, *out_shape)``.
         out_shape: per-sample output shape.
         shapes: per positional argument, its per-sample shape (``None`` for non-tensors).
+        list_shapes: for ops taking a list of tensors first (``cat``, ``stack``), the
+            per-sample shape of each element; the rule's ``i`` then indexes that list.
     """
 
     args: tuple[Any, ...]
@@ -45,6 +47,7 @@ class OpContext:
     out: torch.Tensor
     out_shape: tuple[int, ...]
     shapes: tuple[tuple[int, ...] | None, ...]
+    list_shapes: tuple[tuple[int, ...], ...] = ()
 
     def in_shape(self, i: int) -> tuple[int, ...]:
         s = self.shapes[i]
