@@ -257,7 +257,7 @@ def regroup(term: Term, side: str, R: Sequence[int]) -> Term:
     except Unsupported:
         pass
     d = densify(term)
-    no, ni = len(d.out), len(d.inp)
+    no = len(d.out)
     T = d.T
     if side == "out":
         T = T.reshape(T.shape[0], *R, *T.shape[1 + no :])
@@ -265,7 +265,6 @@ def regroup(term: Term, side: str, R: Sequence[int]) -> Term:
     else:
         T = T.reshape(*T.shape[: 1 + no], *R)
         out_l, in_l = d.out, tuple(fresh() for _ in R)
-    del ni
     sizes = dict(zip(out_l + in_l, tuple(T.shape[1:]), strict=True))
     return Term(T, out_l + in_l, out_l, in_l, sizes)
 
