@@ -152,7 +152,8 @@ def slice_(ctx: OpContext, i: int) -> list[Term]:
     if len(rows) != ctx.out_shape[dim]:
         raise Unsupported("slice bounds")
     S = torch.zeros(1, len(rows), shape[dim], dtype=ctx.out.dtype, device=ctx.out.device)
-    S[0, torch.arange(len(rows)), torch.tensor(list(rows), dtype=torch.long)] = 1
+    dev = ctx.out.device
+    S[0, torch.arange(len(rows), device=dev), torch.tensor(list(rows), device=dev)] = 1
     inp = letters(n + 1)
     r, c = inp[n], inp[dim]
     out = inp[:dim] + r + inp[dim + 1 : n]
