@@ -26,6 +26,7 @@ as globals (rebinding a closed-over tensor re-traces; mutating it in place needs
 from __future__ import annotations
 
 import itertools
+import logging
 import operator
 import types
 import weakref
@@ -446,6 +447,11 @@ def _trace(
     def flat(*xs: torch.Tensor) -> Any:  # fixed arity: make_fx names one placeholder per arg
         return func(*xs)
 
+    # A failing trace is an expected answer ("no closed form"): keep torch's fake-tensor logger
+    # from printing the failure as an error while we probe.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     try:
         with torch.no_grad():
             gm = make_fx(
@@ -455,6 +461,8 @@ def _trace(
             )(*examples)
     except Exception as err:  # any failure means "no traced closed form", never an error
         return TracedGraph(None, _first_line(err), tuple(batched))
+    finally:
+        fake_log.setLevel(level)
     ph = [nd for nd in gm.graph.nodes if nd.op == "placeholder"]
     if len(ph) != n:
         return TracedGraph(None, "the traced graph's arguments do not match", tuple(batched))

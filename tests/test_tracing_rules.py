@@ -116,6 +116,7 @@ CASES = [
             ("pow3", lambda x: x**3, False),
             ("pow_half", lambda x: x**0.5, True),
             ("pow0", lambda x: x**0 + x, False),
+            ("pow_base", lambda x: 2.5**x, False),
             ("clone", lambda x: x.clone(), False),
             ("detach_plus", lambda x: x.detach() * x, False),
             ("clamp", lambda x: x.clamp(-0.5, 0.5), False),
@@ -146,6 +147,7 @@ CASES = [
     Case("div", lambda X, Y: X / Y, lambda m, p, q: [(m, p), (p,)], (0, 1), positive=True),
     Case("scale", lambda X: 3.0 * X / 2 - 1 + (1 - X), _mat),
     Case("where", lambda X: torch.where(X > 0, X, 0.5 * X), _mat),
+    Case("pow_tensor", lambda X, Y: X**Y, lambda m, p, q: [(m, p), (p,)], (0, 1), positive=True),
     # reductions
     Case("sum", lambda X: X.sum(), _mat),
     Case("sum_dim", lambda X: X.sum(-1), lambda m, p, q: [(m, p, q)]),
@@ -156,6 +158,10 @@ CASES = [
     Case("frobenius_sq", lambda X: (X * X).sum(), _mat),
     Case("norm_sq", lambda X: torch.linalg.norm(X) ** 2, _mat),
     Case("vector_norm_dim", lambda X: torch.linalg.vector_norm(X, dim=1), _mat),
+    Case("var", lambda X: X.var(-1), lambda m, p, q: [(m, p + 1)]),
+    Case("var_all_biased", lambda X: torch.var(X, correction=0), _mat),
+    Case("logsumexp", lambda X: torch.logsumexp(X, -1), _mat),
+    Case("logsumexp_keep", lambda X: torch.logsumexp(X, (0, 1), keepdim=True), _mat),
     # softmax
     Case("softmax_last", lambda X: X.softmax(-1), _mat),
     Case("softmax_first", lambda X: torch.softmax(X, 0), lambda m, p, q: [(m, p, q)]),
@@ -165,6 +171,20 @@ CASES = [
     Case("det", torch.det, lambda m, p, q: [(p, p)], well_conditioned=True),
     Case("logdet", torch.logdet, lambda m, p, q: [(p, p)], well_conditioned=True),
     Case("slogdet", lambda X: torch.linalg.slogdet(X)[1], lambda m, p, q: [(p, p)]),
+    Case(
+        "solve",
+        lambda A, Bm: torch.linalg.solve(A, Bm),
+        lambda m, p, q: [(p, p), (p, q)],
+        (0, 1),
+        well_conditioned=True,
+    ),
+    Case(
+        "solve_vector",
+        lambda A, b: torch.linalg.solve(A, b),
+        lambda m, p, q: [(p, p), (p,)],
+        (0, 1),
+        well_conditioned=True,
+    ),
     Case("inverse_stack", torch.inverse, lambda m, p, q: [(2, p, p)], well_conditioned=True),
     Case("det_stack", torch.det, lambda m, p, q: [(m, 2, p, p)], well_conditioned=True),
     Case("logdet_stack", torch.logdet, lambda m, p, q: [(2, p, p)], well_conditioned=True),
@@ -188,7 +208,7 @@ def make_args(case: Case, m: int, p: int, q: int, B: int, seed: int) -> list[tor
         x = torch.randn(B, *s, generator=g, dtype=F64)
         if case.positive:
             x = 0.5 + torch.rand(B, *s, generator=g, dtype=F64)
-        if case.well_conditioned:
+        if case.well_conditioned and len(s) >= 2 and s[-1] == s[-2]:
             x = x + s[-1] * torch.eye(s[-1], dtype=F64)
         out.append(x)
     return out

@@ -57,10 +57,11 @@ UNARY: dict[object, _Deriv] = {
 }
 
 
-def _diagonal(ctx: OpContext, d: torch.Tensor) -> list[Term]:
+def _diagonal(ctx: OpContext, d: torch.Tensor, i: int = 0) -> list[Term]:
+    """A diagonal Jacobian w.r.t. argument ``i`` (of the output's shape) with entries ``d``."""
     o = letters(len(ctx.out_shape))
     d = d.reshape(d.shape[0], *((1,) * (len(o) - d.ndim + 1)), *d.shape[1:])
-    return [ctx.term(d, o, o, o, 0)]
+    return [ctx.term(d, o, o, o, i)]
 
 
 for _op, _f in UNARY.items():
@@ -215,3 +216,24 @@ def maximum(ctx: OpContext, i: int) -> list[Term]:
 def minimum(ctx: OpContext, i: int) -> list[Term]:
     """``minimum(a, b)``: 1 where this operand is smaller, 1/2 on ties (as autograd)."""
     return _select(ctx, i, larger=False)
+
+
+@register_op(aten.pow.Tensor_Tensor)
+def pow_tensor(ctx: OpContext, i: int) -> list[Term]:
+    """``x ** y``: ``y x^(y-1)`` for ``x``, ``x^y log x`` for ``y`` (0 where autograd has 0)."""
+    x, y = ctx.aligned(0), ctx.aligned(1)
+    zero = torch.zeros((), dtype=ctx.out.dtype, device=ctx.out.device)
+    if i == 0:
+        return _binary_factor(ctx, 0, torch.where(y == 0, zero, y * x.pow(y - 1)))
+    return _binary_factor(ctx, 1, torch.where((x == 0) & (y >= 0), zero, ctx.out * torch.log(x)))
+
+
+@register_op(aten.pow.Scalar)
+def pow_base(ctx: OpContext, i: int) -> list[Term]:
+    """``c ** x``: ``c^x log c`` on the diagonal (0 for ``c = 0``, as autograd)."""
+    c = ctx.args[0]
+    if isinstance(c, complex) or not isinstance(c, (int, float)):
+        raise Unsupported("non-real base")
+    y = ctx.out
+    d = torch.zeros_like(y) if c == 0 else y * math.log(c) if c > 0 else y * float("nan")
+    return _diagonal(ctx, d, 1)

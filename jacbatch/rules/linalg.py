@@ -62,3 +62,19 @@ def logabsdet(ctx: OpContext, i: int) -> list[Term]:
 def sign(ctx: OpContext, i: int) -> list[Term]:
     """The sign of ``slogdet`` is piecewise constant: zero derivative, as autograd."""
     return []
+
+
+@register_op(aten._linalg_solve_ex.default, output=0)
+def solve(ctx: OpContext, i: int) -> list[Term]:
+    """``X = A⁻¹ B``: ``A⁻¹`` for ``B``; ``-A⁻¹[i, k] X[l, j]`` for ``A`` (``dX = -A⁻¹ dA X``)."""
+    if not ctx.kwargs.get("left", True) or len(ctx.in_shape(0)) != 2:
+        raise Unsupported("solve from the right, or stacks of systems inside a sample")
+    Ainv = _inverse(ctx)
+    X = ctx.out
+    vector = len(ctx.in_shape(1)) == 1
+    if i == 1:
+        return [ctx.term(Ainv, "ik", "i" if vector else "ij", "k" if vector else "kj", 1)]
+    if vector:
+        return [ctx.term(-(Ainv[:, :, :, None] * X[:, None, None, :]), "ikl", "i", "kl", 0)]
+    outer = -(Ainv[:, :, :, None, None] * X[:, None, None, :, :])  # (B, i, k, l, j)
+    return [ctx.term(outer, "iklj", "ij", "kl", 0)]

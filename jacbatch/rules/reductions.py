@@ -86,9 +86,41 @@ def vector_norm(ctx: OpContext, i: int) -> list[Term]:
         raise Unsupported("norm with a dtype cast")
     out, inp, red = _reduced(ctx, dims, bool(keepdim))
     x = ctx.args[0]
-    nrm = ctx.out
-    if not keepdim:
-        for d in red:  # re-insert reduced axes to broadcast against x (batch axis first)
-            nrm = nrm.unsqueeze(1 + d)
+    nrm = _restore(ctx, ctx.out, red, bool(keepdim))
     g = torch.where(nrm == 0, torch.zeros_like(x), x / nrm)
     return [ctx.term(g, inp, out, inp, 0)]
+
+
+def _count(ctx: OpContext, red: list[int]) -> int:
+    return math.prod(ctx.in_shape(0)[d] for d in red)
+
+
+def _restore(ctx: OpContext, y: torch.Tensor, red: list[int], keepdim: bool) -> torch.Tensor:
+    """A reduced value broadcastable against the input again (reduced axes re-inserted)."""
+    if not keepdim:
+        for d in red:
+            y = y.unsqueeze(1 + d)
+    return y
+
+
+@register_op(aten.var.correction)
+def var(ctx: OpContext, i: int) -> list[Term]:
+    """``var(x)`` over ``dims``: ``2 (x - mean) / (N - correction)``."""
+    dims = ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("dim")
+    keepdim = bool(ctx.kwargs.get("keepdim", False))
+    c = ctx.kwargs.get("correction")
+    c = 1 if c is None else c
+    out, inp, red = _reduced(ctx, dims, keepdim)
+    x = ctx.args[0]
+    mean = x.mean(dim=[1 + d for d in red], keepdim=True)
+    return [ctx.term(2 * (x - mean) / (_count(ctx, red) - c), inp, out, inp, 0)]
+
+
+@register_op(aten.logsumexp.default)
+def logsumexp(ctx: OpContext, i: int) -> list[Term]:
+    """``logsumexp(x, dims)``: ``softmax`` over the reduced axes, ``exp(x - out)``."""
+    dims = ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("dim")
+    keepdim = bool(ctx.args[2] if len(ctx.args) > 2 else ctx.kwargs.get("keepdim", False))
+    out, inp, red = _reduced(ctx, dims, keepdim)
+    y = _restore(ctx, ctx.out, red, keepdim)
+    return [ctx.term(torch.exp(ctx.args[0] - y), inp, out, inp, 0)]
