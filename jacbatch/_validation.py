@@ -97,13 +97,14 @@ def check_vec(where: str, vec: object) -> str | None:
 
 
 def no_rule_error(
-    where: str, func: Callable[..., Any], argnum: int, available: list[str]
+    where: str, func: Callable[..., Any], argnum: int, available: list[str], detail: str = ""
 ) -> NoReturn:
     name = getattr(func, "__qualname__", repr(func))
     listing = ", ".join(available) if available else "(none registered)"
     raise NotImplementedError(
         f"{where}: expected a function with a registered closed-form rule for argnum {argnum}, "
-        f"got {name}. Closed forms exist for: {listing}. Use method='auto' to fall back to "
+        f"got {name}. Closed forms exist for: {listing}, and for plain torch code whose traced "
+        f"ops all have rules. {detail + ' ' if detail else ''}Use method='auto' to fall back to "
         f"autodiff, or register a rule (see CONTRIBUTING.md)."
     )
 

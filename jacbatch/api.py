@@ -8,7 +8,7 @@ import math
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -16,7 +16,8 @@ import torch
 
 from . import _validation as V
 from . import memory, rules
-from .methods import batched_args, closed_form, functorch, vjp
+from .methods import batched_args, closed_form, functorch, traced, vjp
+from .rules.terms import Unsupported
 from .structured import JacobianOperator
 
 ROUTES: tuple[str, ...] = ("closed_form", "jacrev", "jacfwd", "vjp")
@@ -85,22 +86,39 @@ def plan_auto(
     argnums: Sequence[int],
     in_numels: Sequence[int],
     out_numel: int,
+    traced: Mapping[int, str | None] | None = None,
 ) -> tuple[Step, ...]:
-    """``method="auto"`` as a pure function of the function and the per-sample sizes."""
+    """``method="auto"`` as a pure function of the function and the per-sample sizes.
+
+    ``traced`` maps an argnum to ``None`` when the traced graph of ``func`` has a rule for every
+    node on that argument's path, or to the reason it does not (see :mod:`jacbatch.tracing`).
+    """
+    traced = traced or {}
     with_rule = tuple(a for a in argnums if rules.lookup(func, a) is not None)
-    without = tuple(a for a in argnums if a not in with_rule)
+    with_trace = tuple(a for a in argnums if a not in with_rule and traced.get(a, "") is None)
+    without = tuple(a for a in argnums if a not in with_rule and a not in with_trace)
     steps = []
     if with_rule:
         steps.append(Step("closed_form", with_rule, "registered closed-form rule, no autodiff"))
+    if with_trace:
+        steps.append(
+            Step("traced", with_trace, "every traced op has a closed-form rule, no autodiff")
+        )
     if without:
+        why = "; ".join(dict.fromkeys(str(traced[a]) for a in without if traced.get(a) is not None))
+        prefix = f"no closed form ({why})" if why else "no closed form"
         if func in _VMAP_REJECTED:
             steps.append(
-                Step("vjp", without, "vmap rejected this function before; explicit VJP loop")
+                Step(
+                    "vjp",
+                    without,
+                    f"{prefix}; vmap rejected this function before; explicit VJP loop",
+                )
             )
         else:
             n_in = sum(n for a, n in zip(argnums, in_numels, strict=True) if a in without)
             method, reason = choose_autodiff(n_in, out_numel)
-            steps.append(Step(method, without, f"no closed form; {reason}"))
+            steps.append(Step(method, without, f"{prefix}; {reason}"))
     return tuple(steps)
 
 
@@ -134,20 +152,60 @@ def _probe_output(call: V.Call) -> tuple[int, ...]:
     return tuple(out.shape)
 
 
+def _traced_analyses(call: V.Call, argnums: Sequence[int]) -> dict[int, Any]:
+    """Per argnum without a registered rule, the traced analysis (cached with the trace)."""
+    todo = [a for a in argnums if rules.lookup(call.func, a) is None]
+    if not todo:
+        return {}
+    tg = traced.traced_graph(call)
+    return {a: tg.analysis(a) for a in todo}
+
+
+def _node_notes(analyses: Mapping[int, Any]) -> tuple[str, ...]:
+    notes: list[str] = []
+    for a, an in analyses.items():
+        if not an.notes and not an.ok:
+            notes.append(f"argnum {a}: {an.reason}")
+        for nn in an.notes:
+            notes.append(f"argnum {a}: {nn}")
+    return tuple(notes)
+
+
 def _plan(call: V.Call, method: str, out_shape: tuple[int, ...]) -> Plan:
     in_shapes = tuple(call.sample_shape(a) for a in call.argnums)
+    notes: tuple[str, ...] = ()
     if method == "auto":
+        analyses = _traced_analyses(call, call.argnums)
         steps = plan_auto(
-            call.func, call.argnums, [math.prod(s) for s in in_shapes], math.prod(out_shape)
+            call.func,
+            call.argnums,
+            [math.prod(s) for s in in_shapes],
+            math.prod(out_shape),
+            traced={a: None if an.ok else an.reason for a, an in analyses.items()},
         )
+        notes = _node_notes(analyses)
     elif method == "closed_form":
-        for a in call.argnums:
-            if rules.lookup(call.func, a) is None:
-                V.no_rule_error("jacobian", call.func, a, rules.available())
-        steps = (Step("closed_form", call.argnums, "requested"),)
+        analyses = _traced_analyses(call, call.argnums)
+        for a, an in analyses.items():
+            if not an.ok:
+                V.no_rule_error(
+                    "jacobian", call.func, a, rules.available(), f"Tracing it: {an.reason}."
+                )
+        registered = tuple(a for a in call.argnums if a not in analyses)
+        steps = tuple(
+            st
+            for st in (
+                Step("closed_form", registered, "requested") if registered else None,
+                Step("traced", tuple(analyses), "requested (closed form from the traced graph)")
+                if analyses
+                else None,
+            )
+            if st is not None
+        )
+        notes = _node_notes(analyses)
     else:
         steps = (Step(method, call.argnums, "requested"),)
-    return Plan(steps, call.batch_size, out_shape, in_shapes)
+    return Plan(steps, call.batch_size, out_shape, in_shapes, notes)
 
 
 def _run_step(
@@ -162,6 +220,8 @@ def _run_step(
 ) -> list[torch.Tensor]:
     if step.method == "closed_form":
         return closed_form.compute(call, step.argnums, out_shape, layout, outs)
+    if step.method == "traced":
+        return traced.compute(call, step.argnums, out_shape, layout, outs)
     if step.method in ("jacrev", "jacfwd"):
         mode = "rev" if step.method == "jacrev" else "fwd"
         return functorch.compute(call, step.argnums, mode, chunk_size, out_shape, layout, outs)
@@ -238,8 +298,10 @@ def jacobian(
         argnums: the argument(s) to differentiate; a tuple returns a tuple of Jacobians.
         in_dims: int (every argument), or a tuple with one int/``None`` per argument. ``None``
             marks an argument shared by the whole batch; all ``None`` means no batch.
-        method: ``"auto"`` (closed form where a rule exists, else the autodiff route expected to
-            be fastest for the shapes), ``"closed_form"``, ``"jacrev"``, ``"jacfwd"`` or ``"vjp"``.
+        method: ``"auto"`` (a registered closed form, else a closed form composed from op
+            rules when ``func`` traces into ops that all have one, else the autodiff route
+            expected to be fastest for the shapes), ``"closed_form"`` (registered or traced; raises
+            ``NotImplementedError`` otherwise), ``"jacrev"``, ``"jacfwd"`` or ``"vjp"``.
         vec: ``None`` keeps the layout ``(B, *out_shape, *in_shape)``; ``"row"`` / ``"col"``
             flatten to ``(B, out_numel, in_numel)`` in row-major (PyTorch) or column-major order.
         chunk_size: at most this many Jacobian rows (jacrev) or columns (jacfwd) per vectorized
@@ -360,6 +422,14 @@ def _execute(
         sub = Step(step.method, todo, step.reason)
         try:
             jacs = _run_step(call, sub, chunk_size, out_shape, layout, step_bufs)
+        except Unsupported as err:
+            # A rule does not cover these values (e.g. a singular matrix): autodiff instead.
+            if method != "auto":
+                raise NotImplementedError(
+                    f"jacobian: expected values the closed-form rules cover, got {err}. "
+                    f"Use method='auto' to fall back to autodiff."
+                ) from err
+            jacs = _run_autodiff(call, todo, chunk_size, out_shape, layout, step_bufs)
         except (RuntimeError, NotImplementedError) as err:
             if method != "auto" or step.method not in ("jacrev", "jacfwd"):
                 raise
@@ -542,6 +612,25 @@ def _progress(total: int, show: bool | None, desc: str) -> Iterator[_Bar]:
         yield _Bar(bar.update)
 
 
+def _run_autodiff(
+    call: V.Call,
+    argnums: tuple[int, ...],
+    chunk_size: int | None,
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    bufs: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor]:
+    """The fastest autodiff route for ``argnums`` (the vjp loop where vmap rejects ``func``)."""
+    n_in = sum(math.prod(call.sample_shape(a)) for a in argnums)
+    mode, reason = choose_autodiff(n_in, math.prod(out_shape))
+    if call.func not in _VMAP_REJECTED:
+        try:
+            return _run_step(call, Step(mode, argnums, reason), chunk_size, out_shape, layout, bufs)
+        except (RuntimeError, NotImplementedError):
+            _VMAP_REJECTED.add(call.func)
+    return _run_step(call, Step("vjp", argnums, "fallback"), None, out_shape, layout, bufs)
+
+
 def _with_batch(buf: torch.Tensor | None, lead: int) -> torch.Tensor | None:
     if buf is None:
         return None
@@ -621,6 +710,14 @@ def explain(
         >>> print(explain(jacbatch.affine, A, W, B, argnums=1, in_dims=None))
         jacobian plan (no batch, out (2, 2), in [(3, 2)]):
           argnums (1,): closed_form — registered closed-form rule, no autodiff
+
+        Plain torch code is traced; the notes say which op rule each node matched:
+
+        >>> print(explain(lambda x: torch.cumsum(x, 0).tanh(), torch.ones(4, 3)))
+        jacobian plan (B=4, out (3,), in [(3,)]):
+          argnums (0,): jacrev — no closed form (cumsum (aten.cumsum.default) has no rule); reverse mode: 3 output elements <= 3 input elements
+          note: argnum 0: cumsum = aten.cumsum.default: no closed-form rule for this op
+          note: argnum 0: tanh = aten.tanh.default -> rule elementwise_tanh
     """
     where = "explain"
     call = V.normalize_call(where, func, args, argnums, in_dims)
@@ -735,7 +832,13 @@ def check(
     where = "check"
     call = V.normalize_call(where, func, args, argnums, in_dims)
     _probe_output(call)
-    routes = [r for r in ROUTES if r != "closed_form" or closed_form.has_rules(call, call.argnums)]
+    routes = [
+        r
+        for r in ROUTES
+        if r != "closed_form"
+        or closed_form.has_rules(call, call.argnums)
+        or all(an.ok for an in _traced_analyses(call, call.argnums).values())
+    ]
     jacs: dict[str, list[torch.Tensor]] = {}
     errors: dict[str, str] = {}
     for r in routes:

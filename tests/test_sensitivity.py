@@ -326,7 +326,7 @@ def test_dgsm_float32_close_to_float64(device):
 
 def test_dgsm_route_is_autodiff_or_closed_form():
     X = sample_uniform(ISHIGAMI_BOUNDS, 10, seed=0)
-    assert dgsm(ishigami, X).route in api.ROUTES
+    assert dgsm(ishigami, X).route in (*api.ROUTES, "traced")  # plain torch code traces
     assert dgsm(ishigami, X, method="jacfwd").route == "jacfwd"
 
 

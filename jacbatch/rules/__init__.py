@@ -11,6 +11,9 @@ is ``None`` or a contiguous ``(B, out_numel, in_numel)`` buffer to write into.
 
 Adding a closed form: write the function in :mod:`jacbatch.functions`, add a file here with one
 rule per argument decorated with :func:`register`, and import it at the bottom of this module.
+
+Plain torch code uses a second registry keyed by aten op instead (:mod:`jacbatch.rules.ops`),
+whose rules return lettered terms (:mod:`jacbatch.rules.terms`) that the traced route composes.
 """
 
 from __future__ import annotations

@@ -1,0 +1,521 @@
+"""Tracing plain per-sample functions into aten graphs, matching their nodes to op rules.
+
+NOTE [Why make_fx in fake mode]
+    The traced route needs (1) a graph of a small, stable op set, (2) every node's per-sample
+    shape, (3) a clean failure on data-dependent control flow, and (4) closures over tensors
+    (weights captured by a lambda) to just work. ``torch.fx.symbolic_trace`` records Python-level
+    calls (``operator.matmul``, ``Tensor.softmax``, ``x.T`` ...) with no shapes and cannot run code
+    that reads ``x.shape``. ``torch.export`` needs a module, re-traces through Dynamo (slow for a
+    call inside a loop) and specializes on many things we would have to undo.
+    ``make_fx(tracing_mode="fake")`` runs the function once on fake tensors (no data, no compute)
+    below autograd, so the graph holds aten ops with composite ops already decomposed
+    (``matmul`` -> ``mm``/``bmm``/``view``, ``logdet`` -> ``_linalg_slogdet``), every node carries
+    its shape in ``meta["val"]``, branching on a value (``if x.sum() > 0``) raises a
+    data-dependent-guard error instead of silently specializing on one sample (what the "real"
+    mode would do, giving wrong Jacobians for the rest of the batch), and closed-over tensors
+    become graph constants that reference the caller's tensor (in-place updates stay visible).
+
+Tracing is per sample with the call's per-sample shapes, dtype and device; the graph is then
+evaluated for the whole batch under ``torch.func.vmap`` (:meth:`TracedGraph.evaluate`).
+
+Traced graphs are cached on the function (weakly), keyed by per-sample shapes, dtype, device,
+which arguments are batched, and the identity of the objects the function closes over or reads
+as globals (rebinding a closed-over tensor re-traces; mutating it in place needs no re-trace).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import operator
+import types
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from .rules import ops as op_rules
+from .rules import terms
+from .rules.terms import Term, Unsupported
+
+
+@dataclass(frozen=True)
+class NodeNote:
+    """How one graph node on the path from an argument to the output was handled.
+
+    Attributes:
+        node: the node's name in the traced graph (e.g. ``"mm"``).
+        op: the op, e.g. ``"aten.mm.default"``.
+        rule: the rule's name, or ``None`` when the node has no rule.
+        detail: a short explanation.
+    """
+
+    node: str
+    op: str
+    rule: str | None
+    detail: str
+
+    def __str__(self) -> str:
+        if self.rule is None:
+            return f"{self.node} = {self.op}: {self.detail}"
+        return f"{self.node} = {self.op} -> rule {self.rule}"
+
+
+@dataclass(frozen=True)
+class _Step:
+    node: torch.fx.Node
+    op: Any
+    rule: op_rules.Rule
+    src: torch.fx.Node  # the node holding the op's arguments (differs from node for getitem)
+    operands: tuple[tuple[int, torch.fx.Node], ...]  # (argument position, operand on the path)
+    listed: bool = False  # operand positions index the list in the first argument
+
+
+@dataclass
+class Analysis:
+    """Whether the Jacobian w.r.t. one argument traces fully into rules, with node notes."""
+
+    ok: bool
+    reason: str
+    notes: tuple[NodeNote, ...]
+    steps: tuple[_Step, ...] = ()
+    x: torch.fx.Node | None = None
+    out: torch.fx.Node | None = None
+
+
+def _is_float_tensor(v: object) -> bool:
+    return isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+
+
+def _first_line(err: BaseException) -> str:
+    name = type(err).__name__
+    if "DataDependent" in name or "data-dependent" in str(err):
+        return f"control flow or .item() on tensor values ({name})"
+    msg = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {msg[0] if msg else ''}"[:200]
+
+
+@dataclass
+class TracedGraph:
+    """A traced per-sample function, or why it could not be traced."""
+
+    gm: torch.fx.GraphModule | None
+    error: str | None
+    batched: tuple[bool, ...]
+    _analyses: dict[int, Analysis] = field(default_factory=dict)
+    _evaluators: dict[tuple[str, ...], Callable[..., Any]] = field(default_factory=dict)
+    _batch_deps: set[torch.fx.Node] | None = None
+
+    # -- analysis ------------------------------------------------------------------------------
+
+    def analysis(self, argnum: int) -> Analysis:
+        """The (cached) analysis of the path from ``args[argnum]`` to the output."""
+        an = self._analyses.get(argnum)
+        if an is None:
+            an = self._analyze(argnum)
+            self._analyses[argnum] = an
+        return an
+
+    def _analyze(self, argnum: int) -> Analysis:
+        if self.gm is None:
+            return Analysis(False, f"tracing failed ({self.error})", ())
+        graph = self.gm.graph
+        nodes = list(graph.nodes)
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        x = placeholders[argnum]
+        out_node = next(n for n in nodes if n.op == "output")
+        result = out_node.args[0]
+        if isinstance(result, (tuple, list)):
+            if len(result) != 1:
+                return Analysis(False, "the function returns several tensors", ())
+            result = result[0]
+        if not isinstance(result, torch.fx.Node):
+            return Analysis(False, "the output is not a traced tensor", ())
+        # nodes reachable from x through floating-point values (multi-output ops pass through)
+        fwd = {x}
+        for n in nodes:
+            if n in fwd or n.op != "call_function":
+                continue
+            val = n.meta.get("val")
+            if not (_is_float_tensor(val) or isinstance(val, (tuple, list))):
+                continue
+            if any(a in fwd for a in n.all_input_nodes):
+                fwd.add(n)
+        # nodes that reach the output
+        bwd = {result}
+        for n in reversed(nodes):
+            if n in bwd:
+                bwd.update(n.all_input_nodes)
+        path = [n for n in nodes if n in fwd and n in bwd and n is not x]
+        notes: list[NodeNote] = []
+        steps: list[_Step] = []
+        failure = None
+        for n in path:
+            val = n.meta.get("val")
+            if isinstance(val, (tuple, list)):
+                continue  # handled at its getitem users
+            if n.target is operator.getitem and isinstance(n.args[0], torch.fx.Node):
+                src, k = n.args[0], n.args[1]
+                op, idx = src.target, k
+            else:
+                src, op, idx = n, n.target, None
+            name = op_rules.op_name(op) + ("" if idx is None else f"[{idx}]")
+            if src.op != "call_function":
+                notes.append(NodeNote(n.name, name, None, f"a {src.op} node has no rule"))
+                failure = failure or f"{n.name} ({name}) is not an op call"
+                continue
+            rule = op_rules.lookup_op(op, idx)
+            on_path = set(path) | {x}
+            scalars = [
+                a.name
+                for a in _nested_nodes((src.args, src.kwargs))
+                if not isinstance(a.meta.get("val"), torch.Tensor)
+            ]
+            if scalars:
+                notes.append(
+                    NodeNote(
+                        n.name, name, None, f"reads a Python scalar from a tensor ({scalars[0]})"
+                    )
+                )
+                failure = failure or f"{n.name} ({name}) uses a value read with .item()"
+                continue
+            if isinstance(val, torch.Tensor) and val.dtype != x.meta["val"].dtype:
+                notes.append(NodeNote(n.name, name, None, f"changes the dtype to {val.dtype}"))
+                failure = failure or f"{n.name} ({name}) changes the dtype"
+                continue
+            nested = [
+                a
+                for a in _nested_nodes(list(src.args[0:]) + list(src.kwargs.values()))
+                if a in on_path
+            ]
+            operands = tuple(
+                (i, a)
+                for i, a in enumerate(src.args)
+                if isinstance(a, torch.fx.Node) and a in on_path
+            )
+            listed = False
+            if src.args and isinstance(src.args[0], (list, tuple)) and not operands:
+                # ops on a list of tensors (cat, stack): operand i is element i of the list
+                operands = tuple(
+                    (i, a)
+                    for i, a in enumerate(src.args[0])
+                    if isinstance(a, torch.fx.Node) and a in on_path
+                )
+                listed = True
+            if len(nested) != len(operands):
+                notes.append(NodeNote(n.name, name, None, "differentiated input inside a list"))
+                failure = failure or f"{n.name} ({name}) takes the argument inside a list"
+                continue
+            if rule is None:
+                notes.append(NodeNote(n.name, name, None, "no closed-form rule for this op"))
+                failure = failure or f"{n.name} ({name}) has no rule"
+                continue
+            notes.append(NodeNote(n.name, name, rule.__name__, "matched"))
+            steps.append(_Step(n, op, rule, src, operands, listed))
+        if failure is not None:
+            return Analysis(False, failure, tuple(notes))
+        reason = (
+            f"traced {len(steps)} node(s) into closed-form rules"
+            if steps
+            else "the output does not depend on the argument through any op"
+        )
+        return Analysis(True, reason, tuple(notes), tuple(steps), x, result)
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def _depends_on_batch(self) -> set[torch.fx.Node]:
+        assert self.gm is not None
+        if self._batch_deps is not None:
+            return self._batch_deps
+        nodes = list(self.gm.graph.nodes)
+        ph = [n for n in nodes if n.op == "placeholder"]
+        dep = {p for p, b in zip(ph, self.batched, strict=True) if b}
+        for n in nodes:
+            if n.op == "call_function" and any(a in dep for a in n.all_input_nodes):
+                dep.add(n)
+        self._batch_deps = dep
+        return dep
+
+    def evaluate(
+        self, needed: Sequence[torch.fx.Node], args: Sequence[torch.Tensor], B: int
+    ) -> dict[torch.fx.Node, torch.Tensor]:
+        """Values of ``needed`` nodes for the whole batch: ``(B, *shape)`` or shared ``(1, *shape)``.
+
+        ``args`` have their batch dimension first where batched (shared ones as they are).
+        """
+        assert self.gm is not None
+        key = tuple(n.name for n in needed)
+        fn = self._evaluators.get(key)
+        if fn is None:
+            fn = self._evaluator(needed)
+            self._evaluators[key] = fn
+        if not any(self.batched):
+            vals = fn(*args)
+            return {n: v.unsqueeze(0) for n, v in zip(needed, vals, strict=True)}
+        dims = tuple(0 if b else None for b in self.batched)
+        vals = torch.func.vmap(fn, in_dims=dims)(*args)
+        dep = self._depends_on_batch()
+        return {
+            n: (v if n in dep else v[:1]) for n, v in zip(needed, vals, strict=True)
+        }  # v[:1] of vmap's expanded shared value is the shared value itself
+
+    def _evaluator(self, needed: Sequence[torch.fx.Node]) -> Callable[..., Any]:
+        assert self.gm is not None
+        g = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        for n in self.gm.graph.nodes:
+            if n.op == "output":
+                continue
+            env[n] = g.node_copy(n, lambda a: env[a])
+        g.output(tuple(env[n] for n in needed))
+        return torch.fx.GraphModule(self.gm, g)
+
+
+def _nested_nodes(xs: Any) -> list[torch.fx.Node]:
+    found: list[torch.fx.Node] = []
+
+    def visit(a: torch.fx.Node) -> torch.fx.Node:
+        found.append(a)
+        return a
+
+    torch.fx.node.map_arg(xs, visit)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition (forward accumulation of lettered terms)
+# ---------------------------------------------------------------------------------------------
+
+
+def _shape(n: torch.fx.Node) -> tuple[int, ...]:
+    return tuple(int(d) for d in n.meta["val"].shape)
+
+
+def needed_nodes(an: Analysis) -> list[torch.fx.Node]:
+    """Nodes whose values the rules of ``an`` read: every tensor operand and every output."""
+    seen: dict[torch.fx.Node, None] = {}
+    for s in an.steps:
+        for a in _nested_nodes((s.src.args, s.src.kwargs)):
+            if isinstance(a.meta.get("val"), torch.Tensor):
+                seen[a] = None
+        seen[s.node] = None
+    return list(seen)
+
+
+def compose(
+    an: Analysis, values: dict[torch.fx.Node, torch.Tensor], like: torch.Tensor
+) -> list[Term]:
+    """The Jacobian of the output w.r.t. the analysed argument, as lettered terms.
+
+    Forward accumulation: starting from the identity on the argument, each node's Jacobian is
+    ``Σ_i L_i ∘ J_(operand i)``; factors stay structured (deltas are never expanded).
+    """
+    assert an.ok and an.x is not None and an.out is not None
+    xs = _shape(an.x)
+    idx = "".join(op_rules.letters(len(xs)))
+    J: dict[torch.fx.Node, list[Term]] = {an.x: [terms.make(1.0, "", idx, idx, xs, xs, like)]}
+    for s in an.steps:
+        ctx = op_rules.OpContext(
+            args=tuple(_value(a, values) for a in s.src.args),
+            kwargs={k: _value(v, values) for k, v in s.src.kwargs.items()},
+            out=values[s.node],
+            out_shape=_shape(s.node),
+            shapes=tuple(
+                _shape(a)
+                if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
+                else None
+                for a in s.src.args
+            ),
+            list_shapes=_list_shapes(s.src.args[0]) if s.listed else (),
+        )
+        acc: list[Term] = []
+        for i, u in s.operands:
+            Ju = J.get(u)
+            if not Ju:
+                continue
+            acc.extend(terms.compose_sum(s.rule(ctx, i), Ju))
+        J[s.node] = terms.merge(acc)
+    return J.get(an.out, [])
+
+
+def _list_shapes(xs: Any) -> tuple[tuple[int, ...], ...]:
+    return tuple(_shape(a) for a in xs)
+
+
+def _value(a: Any, values: dict[torch.fx.Node, torch.Tensor]) -> Any:
+    return torch.fx.node.map_arg(a, lambda n: values[n] if n in values else _const(n))
+
+
+def _const(n: torch.fx.Node) -> Any:
+    raise Unsupported(f"value of {n.name} is not available")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------
+
+_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], TracedGraph]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _identity(v: Any) -> Any:
+    """``id(v)``, plus the ids of the tensors a module or plain object holds as attributes."""
+    if isinstance(v, torch.nn.Module):
+        held = [id(t) for t in itertools.chain(v.parameters(), v.buffers())]
+        return (id(v), v.training, tuple(held))
+    if isinstance(v, (torch.Tensor, int, float, str, bool, type(None), types.FunctionType)):
+        return id(v)
+    attrs = getattr(v, "__dict__", None)
+    if isinstance(attrs, dict):
+        return (id(v), tuple((k, id(t)) for k, t in attrs.items() if isinstance(t, torch.Tensor)))
+    return id(v)
+
+
+def _fingerprint(func: Any) -> tuple[Any, ...]:
+    """Identity of what ``func`` closes over or reads as globals (rebinding means re-tracing).
+
+    Covers closure cells, globals the code names that hold tensors or modules, default
+    arguments, a bound method's ``self`` and a callable object's own tensors (a module's
+    parameters and buffers). Tensors mutated in place need no re-trace (the graph references
+    them); anything else that changes behaviour without rebinding one of these is not seen.
+    """
+    items: list[Any] = []
+    if isinstance(func, types.MethodType):
+        items.append(_identity(func.__self__))
+        func = func.__func__
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return (_identity(func),)
+    for cell in getattr(func, "__closure__", None) or ():
+        try:
+            items.append(_identity(cell.cell_contents))
+        except ValueError:  # an empty cell
+            items.append(None)
+    glob = getattr(func, "__globals__", {})
+    for name in code.co_names:
+        v = glob.get(name)
+        if isinstance(v, (torch.Tensor, torch.nn.Module)):
+            items.append((name, _identity(v)))
+    for d in getattr(func, "__defaults__", None) or ():
+        items.append(_identity(d))
+    return tuple(items)
+
+
+def _cache_owner(func: Any) -> Any:
+    return func.__func__ if isinstance(func, types.MethodType) else func
+
+
+def trace(
+    func: Callable[..., Any],
+    shapes: Sequence[tuple[int, ...]],
+    dtype: torch.dtype,
+    device: torch.device,
+    batched: Sequence[bool],
+) -> TracedGraph:
+    """The traced graph of ``func`` for per-sample ``shapes`` (cached on ``func``)."""
+    key = (tuple(shapes), dtype, device, tuple(batched), _fingerprint(func))
+    owner = _cache_owner(func)
+    try:
+        per_func = _CACHE.setdefault(owner, {})
+    except TypeError:  # not weak-referenceable: no cache
+        per_func = {}
+    tg = per_func.get(key)
+    if tg is None:
+        tg = _trace(func, shapes, dtype, device, batched)
+        if len(per_func) > 64:  # a function called with ever-new shapes: keep the cache small
+            per_func.clear()
+        per_func[key] = tg
+    return tg
+
+
+def _trace(
+    func: Callable[..., Any],
+    shapes: Sequence[tuple[int, ...]],
+    dtype: torch.dtype,
+    device: torch.device,
+    batched: Sequence[bool],
+) -> TracedGraph:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    examples = [torch.empty(s, dtype=dtype, device=device) for s in shapes]
+    n = len(examples)
+
+    def flat(*xs: torch.Tensor) -> Any:  # fixed arity: make_fx names one placeholder per arg
+        return func(*xs)
+
+    # A failing trace is an expected answer ("no closed form"): keep torch's fake-tensor logger
+    # from printing the failure as an error while we probe.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with torch.no_grad():
+            gm = make_fx(
+                torch.func.functionalize(flat, remove="mutations"),
+                tracing_mode="fake",
+                _allow_non_fake_inputs=True,
+            )(*examples)
+    except Exception as err:  # any failure means "no traced closed form", never an error
+        return TracedGraph(None, _first_line(err), tuple(batched))
+    finally:
+        fake_log.setLevel(level)
+    ph = [nd for nd in gm.graph.nodes if nd.op == "placeholder"]
+    if len(ph) != n:
+        return TracedGraph(None, "the traced graph's arguments do not match", tuple(batched))
+    # Decompositions leave in-place view ops on fresh temporaries (e.g. matmul's squeeze_);
+    # their out-of-place forms keep every captured intermediate value intact.
+    for nd in gm.graph.nodes:
+        if nd.op == "call_function" and nd.target in _FUNCTIONAL_VIEW:
+            nd.target = _FUNCTIONAL_VIEW[nd.target]
+        elif nd.op == "call_function" and getattr(
+            getattr(nd.target, "_schema", None), "is_mutable", False
+        ):
+            return TracedGraph(
+                None, f"in-place op {op_rules.op_name(nd.target)} in the graph", tuple(batched)
+            )
+    gm.recompile()
+    return TracedGraph(gm, None, tuple(batched))
+
+
+_aten = torch.ops.aten
+_FUNCTIONAL_VIEW = {
+    _aten.squeeze_.dim: _aten.squeeze.dim,
+    _aten.squeeze_.default: _aten.squeeze.default,
+    _aten.squeeze_.dims: _aten.squeeze.dims,
+    _aten.unsqueeze_.default: _aten.unsqueeze.default,
+    _aten.t_.default: _aten.t.default,
+    _aten.transpose_.default: _aten.transpose.int,
+}
+
+
+def jacobian_terms(
+    tg: TracedGraph,
+    argnums: Sequence[int],
+    args: Sequence[torch.Tensor],
+    B: int,
+) -> list[list[Term]]:
+    """Lettered terms of the Jacobian w.r.t. each ``args[a]`` for the batch (raises Unsupported).
+
+    The graph is evaluated once for every argnum together.
+    """
+    analyses = []
+    for a in argnums:
+        an = tg.analysis(a)
+        if not an.ok:
+            raise Unsupported(an.reason)
+        analyses.append(an)
+    needed = list(dict.fromkeys(n for an in analyses for n in needed_nodes(an)))
+    try:
+        values = tg.evaluate(needed, args, B) if needed else {}
+        return [compose(an, values, args[a]) for an, a in zip(analyses, argnums, strict=True)]
+    except Unsupported:
+        raise
+    except Exception as err:  # e.g. random ops under vmap: autodiff decides what to do
+        raise Unsupported(f"evaluating the traced graph failed ({_first_line(err)})") from err
+
+
+__all__ = ["NodeNote", "TracedGraph", "jacobian_terms", "trace"]
