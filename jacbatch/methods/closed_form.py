@@ -51,8 +51,9 @@ def compute(
             J = rule(args, flags, B, order, flat_buf)  # (B, o, i)
             if layout is None:
                 J = J.view(B, *out_shape, *in_shape)
-            if buf is not None and J.data_ptr() != buf.data_ptr():
-                buf.copy_(J.view(buf.shape))
+            if buf is not None:
+                if J.data_ptr() != buf.data_ptr():
+                    buf.copy_(J.view(buf.shape))
                 J = buf
             results.append(J)
     return results

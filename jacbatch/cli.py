@@ -1,0 +1,95 @@
+"""The ``jacbatch`` command line: a thin argparse dispatcher over subcommands.
+
+Each subcommand adds its parser in one ``_add_<name>`` function and runs through one
+``_run_<name>`` function that calls into the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from .benchmarks import CASE_NAMES, DTYPES, METHOD_NAMES
+
+    p = sub.add_parser(
+        "bench",
+        help="time every Jacobian route against baselines and the memory-write limit",
+        description="Time every jacbatch route side by side with torch.func / autograd / JAX "
+        "baselines and with filling a tensor of the Jacobian's size; one table per case.",
+    )
+    p.add_argument("--quick", action="store_true", help="scaled-down cases, few repetitions")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=None, help="default: all")
+    p.add_argument("--cases", nargs="+", choices=CASE_NAMES, default=None, help="default: all")
+    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=None, help="default: all")
+    p.add_argument("--json", metavar="PATH", help="write the report (with environment) as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a log-log PNG (needs matplotlib)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every case in this process instead of a fresh one each",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import benchmarks as bm
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error(
+                "--plot: expected matplotlib to be installed, got ImportError. "
+                "Install it with pip install 'jacbatch[plot]', or drop --plot."
+            )
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(
+                "--device: expected a CUDA device, got none (torch.cuda.is_available() is "
+                "False). Use --device cpu."
+            )
+    cases = bm.select_cases(args.cases, args.dtype, quick=args.quick)
+    report = bm.run(
+        cases,
+        args.device,
+        args.methods,
+        quick=args.quick,
+        isolate=not args.in_process,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+    if args.plot:
+        bm.plot(report["cases"], args.plot)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jacbatch", description="Full Jacobians of matrix functions for batches of inputs."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jacbatch`` console script and ``python -m jacbatch``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    return int(args.run(args, sub_parser))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
