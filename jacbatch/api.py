@@ -63,9 +63,17 @@ class Plan:
 def choose_autodiff(in_numel: int, out_numel: int) -> tuple[str, str]:
     """The autodiff route expected to be fastest for one sample's sizes, with the reason.
 
-    Reverse mode costs one pass per output element, forward mode one per input element; both
-    are vectorized by vmap, so the smaller count wins (ties go to jacrev, which chunks natively).
+    A scalar output needs one reverse pass: the vjp route does it for the whole batch with one
+    plain ``torch.autograd.grad`` call, without vmap's batching overhead. Otherwise reverse
+    mode costs one pass per output element and forward mode one per input element; both are
+    vectorized by vmap, so the smaller count wins (ties go to jacrev, which chunks natively).
+
+    Example:
+        >>> choose_autodiff(1024, 1)[0], choose_autodiff(4, 1024)[0], choose_autodiff(64, 64)[0]
+        ('vjp', 'jacfwd', 'jacrev')
     """
+    if out_numel == 1:
+        return "vjp", "scalar output: one backward pass for the whole batch"
     if in_numel < out_numel:
         return "jacfwd", f"forward mode: {in_numel} input elements < {out_numel} output elements"
     return "jacrev", f"reverse mode: {out_numel} output elements <= {in_numel} input elements"

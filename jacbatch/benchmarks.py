@@ -537,10 +537,10 @@ def _run_case(
         runners[m.name] = fn
         res = Result(m.name, m.group, "ok", times_s=[], peak_bytes=meter.peak)
         if first >= budget:
-            # Seconds-long calls: warm-up effects are negligible, so the first call counts,
-            # and per-sample loops get one more call only.
+            # Seconds-long calls: warm-up effects are negligible, so the first call counts;
+            # per-sample loops (tens of seconds at full size) get no other call.
             res.times_s = [first]
-            reps[m.name] = min(cap - 1, 1 if m.slow else 2)
+            reps[m.name] = 0 if m.slow else min(cap - 1, 2 if first < 2 * budget else 1)
         else:
             reps[m.name] = max(min(3, cap), min(cap, int(budget / max(first, 1e-6))))
         results[m.name] = res
@@ -551,12 +551,12 @@ def _run_case(
         for name, fn in runners.items():
             if r < reps[name]:
                 res = results[name]
-                meter = PeakMemory(dev) if r == 0 else None
-                t, result = _time_once(fn, dev, meter)
+                rep_meter = PeakMemory(dev) if r == 0 else None
+                t, result = _time_once(fn, dev, rep_meter)
                 del result
                 res.times_s.append(t)  # type: ignore[union-attr]
-                if meter is not None and meter.peak is not None:
-                    res.peak_bytes = meter.peak
+                if rep_meter is not None and rep_meter.peak is not None:
+                    res.peak_bytes = rep_meter.peak
 
     for name in runners:
         res = results[name]
@@ -568,9 +568,9 @@ def _run_case(
             res.peak_over_output = res.peak_bytes / out_bytes
 
     # Agreement with the closed form (or, without one, with jacrev).
-    ref_name = next((n for n in ("closed_form", "jacrev") if n in jacs), None)
+    ref_name: str | None = next((n for n in ("closed_form", "jacrev") if n in jacs), None)
     if ref_name is None and jacs:
-        ref_name = next(iter(jacs))
+        ref_name = next(iter(jacs.keys()))
     if ref_name is not None:
         ref = jacs[ref_name]
         rtol, atol = tolerance(case.torch_dtype)
@@ -687,10 +687,10 @@ def targets(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         for name in ("closed_form", "vjp"):
             if name in r and r[name]["peak_bytes"] is not None and out_bytes:
                 add(f"peak({name}) / output", cid, r[name]["peak_bytes"] / out_bytes, 1.1, False)
-        routes = [t(n) for n in ROUTES if t(n)]
+        routes = [x for x in (t(n) for n in ROUTES) if x]
         au = t("auto")
         if au and routes:
-            add("auto / fastest route", cid, au / min(routes), 1.1, False)  # type: ignore[type-var]
+            add("auto / fastest route", cid, au / min(routes), 1.1, False)
     return rows
 
 
@@ -853,7 +853,13 @@ def _run_isolated(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "case.json")
-        spec = {"case": asdict(case), "device": device, "methods": methods, "quick": quick}
+        spec = {
+            "case": asdict(case),
+            "device": device,
+            "methods": methods,
+            "quick": quick,
+            "threads": torch.get_num_threads(),
+        }
         cmd = [sys.executable, "-m", "jacbatch.benchmarks", json.dumps(spec), path]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -862,7 +868,12 @@ def _run_isolated(
                 f"(exit {proc.returncode}):\n{proc.stderr[-4000:]}"
             )
         with open(path) as fh:
-            return json.load(fh)  # type: ignore[no-any-return]
+            record: dict[str, Any] = json.load(fh)
+        return record
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
 
 
 def run(
@@ -873,7 +884,7 @@ def run(
     quick: bool = False,
     isolate: bool = True,
     progress: bool = True,
-    echo: Callable[[str], None] | None = print,
+    echo: Callable[[str], None] | None = _print,
 ) -> dict[str, Any]:
     """Run the benchmark; the JSON-ready report ``{"schema", "environment", "config", "cases", "targets"}``.
 
@@ -926,6 +937,8 @@ def run(
 
 def _worker(argv: Sequence[str]) -> None:
     spec, path = json.loads(argv[0]), argv[1]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     case = Case(**spec["case"])
     rec = run_case(case, spec["device"], spec["methods"], quick=spec["quick"])
     with open(path, "w") as fh:

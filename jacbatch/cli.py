@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from .benchmarks import CASE_NAMES, DTYPES, METHOD_NAMES
 
     p = sub.add_parser(
@@ -32,6 +32,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--in-process",
         action="store_true",
         help="run every case in this process instead of a fresh one each",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch intra-op threads (default: torch's own choice)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_bench)
@@ -56,6 +63,12 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 "--device: expected a CUDA device, got none (torch.cuda.is_available() is "
                 "False). Use --device cpu."
             )
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads: expected a positive int, got {args.threads}.")
+        import torch
+
+        torch.set_num_threads(args.threads)
     cases = bm.select_cases(args.cases, args.dtype, quick=args.quick)
     report = bm.run(
         cases,
@@ -73,22 +86,26 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="jacbatch", description="Full Jacobians of matrix functions for batches of inputs."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_bench(sub)
-    return parser
+    return parser, dict(sub.choices)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jacbatch`` argument parser (one subparser per command)."""
+    return _build()[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jacbatch`` console script and ``python -m jacbatch``."""
-    parser = build_parser()
+    parser, subparsers = _build()
     args = parser.parse_args(argv)
-    sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
-    return int(args.run(args, sub_parser))
+    return int(args.run(args, subparsers[args.command]))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def test_targets_are_evaluated(report):
     assert "closed_form / alloc+fill" in names
     assert "auto / fastest route" in names
     for r in rows:
-        assert isinstance(r["met"], bool) and r["value"] > 0
+        assert isinstance(r["met"], bool) and r["value"] >= 0
 
 
 def test_table_lists_every_method(report):
