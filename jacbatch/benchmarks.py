@@ -12,7 +12,8 @@ Methodology:
 * Each case runs in a fresh Python process (``isolate=True``): on CPU, fresh-page faults
   dominate the time of writing a large new tensor, and how many a call pays depends on the
   allocator's history. Inside a case the methods are timed round-robin (one repetition of
-  each in turn), so slow drifts in machine load hit all methods alike.
+  each in turn, the order rotating every round), so drifts in machine load hit all methods
+  alike.
 * Times are wall-clock medians; the spread is the interquartile range. On CUDA every
   repetition is bracketed by CUDA events after a synchronize.
 * Peak memory over the inputs: on CUDA ``torch.cuda.max_memory_allocated`` minus the memory
@@ -545,10 +546,14 @@ def _run_case(
             reps[m.name] = max(min(3, cap), min(cap, int(budget / max(first, 1e-6))))
         results[m.name] = res
 
-    # Round-robin repetitions: every method sees the same machine load and allocator history.
-    # The first timed repetition also measures peak memory (warm, unlike the first call).
+    # Round-robin repetitions: every method sees the same machine load and allocator history,
+    # and the order rotates each round so that no method always runs first (or after the same
+    # neighbour). The first timed repetition also measures peak memory (warm, unlike the first
+    # call).
+    order = list(runners.items())
     for r in range(max(reps.values(), default=0)):
-        for name, fn in runners.items():
+        shift = r % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             if r < reps[name]:
                 res = results[name]
                 rep_meter = PeakMemory(dev) if r == 0 else None
