@@ -497,8 +497,15 @@ def run_case(
         gc.unfreeze()
 
 
+_WARM: set[str] = set()
+
+
 def _warm_up(dev: torch.device) -> None:
-    """Pay one-time costs (lazy imports, dispatcher and torch.func initialization) up front."""
+    """Pay one-time costs (lazy imports, dispatcher and torch.func initialization) up front,
+    once per process and device type."""
+    if dev.type in _WARM:
+        return
+    _WARM.add(dev.type)
     tiny = Case("warm-up", "tanh", 2, 2, 2, 2)
     A, W, Bias = tiny.inputs(dev)
     for method in ("closed_form", "jacrev", "jacfwd", "vjp", "auto"):
