@@ -799,7 +799,8 @@ def format_targets(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(records: Sequence[dict[str, Any]], path: str) -> None:
-    """Log-log PNG of time against Jacobian size, one line per method, one panel per dtype."""
+    """Log-log PNG of time against Jacobian size over the affine cases (the size sweep), one
+    line per method, one panel per dtype."""
     try:
         import matplotlib
 
@@ -814,9 +815,12 @@ def plot(records: Sequence[dict[str, Any]], path: str) -> None:
     fig, axes = plt.subplots(1, len(dtypes), figsize=(7 * len(dtypes), 5), squeeze=False)
     for ax, dtype in zip(axes[0], dtypes, strict=True):
         recs = sorted(
-            (r for r in records if r["dtype"] == dtype), key=lambda r: r["jacobian_bytes"]
+            (r for r in records if r["dtype"] == dtype and r["kind"] == "affine"),
+            key=lambda r: r["jacobian_bytes"],
         )
-        for name in METHOD_NAMES:
+        cmap = plt.get_cmap("tab20")
+        colors = [cmap(i) for i in range(20)]
+        for k, name in enumerate(METHOD_NAMES):
             pts = [
                 (rec["jacobian_bytes"], _by_method(rec)[name]["median_s"])
                 for rec in recs
@@ -825,12 +829,12 @@ def plot(records: Sequence[dict[str, Any]], path: str) -> None:
             if pts:
                 xs, ys = zip(*pts, strict=True)
                 style = "--" if name in ("alloc+fill", "fill existing", "copy existing") else "-o"
-                ax.plot(xs, ys, style, label=name, markersize=4)
+                ax.plot(xs, ys, style, label=name, markersize=4, color=colors[k % len(colors)])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("Jacobian size (bytes)")
         ax.set_ylabel("median time (s)")
-        ax.set_title(f"jacbatch bench, {dtype}")
+        ax.set_title(f"A @ W + B w.r.t. W, {dtype}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
