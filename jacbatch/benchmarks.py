@@ -621,6 +621,17 @@ def _run_case(
         res.ratio_to_write_bound = res.median_s / wb if wb else None
         res.ratio_to_alloc_fill = res.median_s / af if af else None
 
+    # Bandwidths: the closed form writes the Jacobian once; a copy reads and writes it.
+    cp = med("copy existing")
+    bandwidth = {
+        "closed_form_write_GBps": out_bytes / cf / 1e9 if cf else None,
+        "copy_GBps": 2 * out_bytes / cp / 1e9 if cp else None,
+        "fill_GBps": out_bytes / wb / 1e9 if wb else None,
+    }
+    bandwidth["closed_form_fraction_of_copy"] = (
+        cp / (2 * cf) if cf and cp else None  # (bytes / t_cf) / (2 bytes / t_copy)
+    )
+
     return {
         **asdict(case),
         "id": case.id,
@@ -628,6 +639,7 @@ def _run_case(
         "jacobian_bytes": out_bytes,
         "input_bytes": sum(a.numel() * a.element_size() for a in args),
         "reference_method": ref_name,
+        "bandwidth": bandwidth,
         "results": [asdict(results[m.name]) for m in chosen if m.name in results],
     }
 
@@ -745,6 +757,13 @@ def format_case(record: dict[str, Any]) -> str:
         f"Jacobian {tuple(record['jacobian_shape'])} = {mib:.1f} MiB "
         f"(agreement vs {record['reference_method']})"
     )
+    bw = record.get("bandwidth") or {}
+    if bw.get("closed_form_fraction_of_copy") is not None:
+        head += (
+            f"\nclosed form writes {bw['closed_form_write_GBps']:.1f} GB/s = "
+            f"{bw['closed_form_fraction_of_copy']:.2f} of the copy bandwidth "
+            f"({bw['copy_GBps']:.1f} GB/s read + write)"
+        )
     cols = [
         "method",
         "median",

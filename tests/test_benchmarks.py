@@ -56,6 +56,21 @@ def test_report_schema(report):
                 assert r["ratio_to_write_bound"] is not None
 
 
+def test_bandwidth_fields(report):
+    rec = report["cases"][0]
+    by = {r["method"]: r for r in rec["results"]}
+    bw = rec["bandwidth"]
+    nbytes = rec["jacobian_bytes"]
+    assert bw["closed_form_write_GBps"] == nbytes / by["closed_form"]["median_s"] / 1e9
+    assert bw["copy_GBps"] == 2 * nbytes / by["copy existing"]["median_s"] / 1e9
+    assert math.isclose(
+        bw["closed_form_fraction_of_copy"],
+        bw["closed_form_write_GBps"] / bw["copy_GBps"],
+        rel_tol=1e-12,
+    )
+    assert report["cases"][1]["bandwidth"]["closed_form_write_GBps"] is None  # no closed form
+
+
 def test_every_method_agrees_with_the_closed_form(report):
     affine_rec = report["cases"][0]
     assert affine_rec["reference_method"] == "closed_form"
