@@ -1,5 +1,7 @@
-"""``python -m jacbatch ...``: the same as the ``jacbatch`` command."""
+"""``python -m jacbatch``: the same as the ``jacbatch`` command."""
+
+import sys
 
 from .cli import main
 
-raise SystemExit(main())
+sys.exit(main())

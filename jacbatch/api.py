@@ -70,14 +70,35 @@ class Plan:
         return "\n".join(lines)
 
 
+#: Per-sample Jacobians with at least this many entries go to the vjp route rather than jacrev.
+LARGE_JACOBIAN = 2**20
+
+
 def choose_autodiff(in_numel: int, out_numel: int) -> tuple[str, str]:
     """The autodiff route expected to be fastest for one sample's sizes, with the reason.
 
-    Reverse mode costs one pass per output element, forward mode one per input element; both
-    are vectorized by vmap, so the smaller count wins (ties go to jacrev, which chunks natively).
+    * A scalar output needs one reverse pass: the vjp route does it for the whole batch with
+      one plain ``torch.autograd.grad`` call, without vmap's batching overhead.
+    * Fewer inputs than outputs: forward mode (one pass per input element, vectorized).
+    * A large per-sample Jacobian (``out_numel * in_numel >= LARGE_JACOBIAN``): ``vmap(jacrev)``
+      materializes about three times the Jacobian in intermediates, and beyond the caches that
+      traffic dominates; the vjp route runs one backward pass per output element for the whole
+      batch and writes each row once (peak memory about the Jacobian itself).
+    * Otherwise reverse mode (one vectorized pass per output element; ties go to jacrev).
+
+    Example:
+        >>> [choose_autodiff(i, o)[0] for i, o in [(1024, 1), (4, 1024), (64, 64), (1024, 1024)]]
+        ['vjp', 'jacfwd', 'jacrev', 'vjp']
     """
+    if out_numel == 1:
+        return "vjp", "scalar output: one backward pass for the whole batch"
     if in_numel < out_numel:
         return "jacfwd", f"forward mode: {in_numel} input elements < {out_numel} output elements"
+    if out_numel * in_numel >= LARGE_JACOBIAN:
+        return "vjp", (
+            f"reverse mode, one backward pass per output row: the {out_numel}x{in_numel} "
+            f"per-sample Jacobian is too large for vmap(jacrev)'s intermediates"
+        )
     return "jacrev", f"reverse mode: {out_numel} output elements <= {in_numel} input elements"
 
 

@@ -74,32 +74,45 @@ def compute(
         Y = forward(call, args, flags, B)
     o = Y[0].numel() if B > 0 else _numel(out_shape)
     in_numels = [_numel(call.sample_shape(a)) for a in argnums]
-    rows = [torch.zeros(B, o, n, dtype=Y.dtype, device=Y.device) for n in in_numels]
+    # Rows go straight into the caller's buffer when its memory order is the rows' order
+    # (natural layout or row-major vec); every row is written once, so no zero fill.
+    direct = layout in (None, "row")
+    rows = [
+        buf.view(B, o, n)
+        if buf is not None and direct
+        else torch.empty(B, o, n, dtype=Y.dtype, device=Y.device)
+        for n, buf in zip(in_numels, outs, strict=True)
+    ]
 
     if Y.requires_grad and B > 0:
         onehot = torch.zeros(B, o, dtype=Y.dtype, device=Y.device)
         rows_run = o if max_rows is None else min(o, max_rows)
+        cotangent = onehot.view(Y.shape)
         for k in range(rows_run):
             onehot[:, k] = 1
             grads = torch.autograd.grad(
-                Y, leaves, onehot.view(Y.shape), retain_graph=k < rows_run - 1, allow_unused=True
+                Y, leaves, cotangent, retain_graph=k < rows_run - 1, allow_unused=True
             )
             for r, g in zip(rows, grads, strict=True):
-                if g is not None:
-                    r[:, k] = g.reshape(B, -1)
+                if g is None:  # the function does not use this argument
+                    r[:, k].zero_()
+                else:
+                    r[:, k].copy_(g.view(B, -1) if g.is_contiguous() else g.reshape(B, -1))
             # Only now: a pass-through backward (e.g. of ``+ b``) returns the cotangent itself.
             onehot[:, k] = 0
+    else:  # constant output (or empty batch): a zero Jacobian
+        for r in rows:
+            r.zero_()
 
-    return [
-        finish(
-            r.view(B, *out_shape, *call.sample_shape(a)),
-            len(out_shape),
-            len(call.sample_shape(a)),
-            layout,
-            buf,
-        )
-        for r, a, buf in zip(rows, argnums, outs, strict=True)
-    ]
+    results = []
+    for r, a, buf in zip(rows, argnums, outs, strict=True):
+        in_shape = call.sample_shape(a)
+        J = r.view(B, *out_shape, *in_shape)
+        if buf is not None and direct:
+            results.append(buf)
+        else:
+            results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
+    return results
 
 
 def _numel(shape: Sequence[int]) -> int:
