@@ -4,6 +4,7 @@ Every Jacobian three ways that agree: closed forms (no autodiff), torch.func (``
 ``jacfwd`` under ``vmap``) and explicit VJP loops. See :func:`jacobian`.
 """
 
+from . import distributed
 from .api import CheckReport, Plan, check, explain, jacobian
 from .compose import chain
 from .conventions import commutation_matrix, unvec, vec
@@ -18,6 +19,7 @@ __all__ = [
     "chain",
     "check",
     "commutation_matrix",
+    "distributed",
     "explain",
     "jacobian",
     "unvec",
