@@ -556,7 +556,10 @@ def reduce_moments(values: torch.Tensor, group: Group = None) -> Moments:
     except Exception as e:
         err = e
     _agree(where, group, err, sig)
-    comm = values.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        comm = torch.device("cuda", torch.cuda.current_device())
+    else:
+        comm = torch.device("cpu")
     x = values.detach().to(device=comm, dtype=torch.float64)
     packed = torch.cat(
         [x.new_full((1,), float(x.shape[0])), x.sum(0).reshape(-1), (x * x).sum(0).reshape(-1)]

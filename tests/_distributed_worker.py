@@ -23,6 +23,7 @@ import jacbatch
 from jacbatch import distributed as jd
 
 TIMEOUT = timedelta(seconds=30)
+DEVICE = torch.device("cpu")  # cuda:LOCAL_RANK with the nccl backend
 
 
 def tanh_affine(A: torch.Tensor, W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -35,16 +36,18 @@ def sample(batch: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> lis
     A = torch.randn(batch, 3, 4, generator=g, dtype=torch.float64)
     W = torch.randn(4, 2, generator=g, dtype=torch.float64)
     B = torch.randn(2, generator=g, dtype=torch.float64)
-    return [A.to(dtype), W.to(dtype), B.to(dtype)]
+    return [A.to(DEVICE, dtype), W.to(DEVICE, dtype), B.to(DEVICE, dtype)]
 
 
 def as_tuple(x: Any) -> tuple[torch.Tensor, ...]:
     return x if isinstance(x, tuple) else (x,)
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, backend: str = "gloo") -> None:
+    global DEVICE
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=TIMEOUT)
+    DEVICE = jd.init(backend=backend, timeout=TIMEOUT)
+    assert DEVICE.type == ("cuda" if backend == "nccl" else "cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
     results: dict[str, dict[str, Any]] = {}
 
@@ -63,7 +66,7 @@ def main(out_dir: str) -> None:
         """Sharded and single-process results of the same call (rank ``dst`` or every rank)."""
 
         def fn() -> dict[str, Any]:
-            opts = {k: v for k, v in kw.items() if k not in ("gather", "dst")}
+            opts = {k: v for k, v in kw.items() if k not in ("gather", "dst", "group")}
             single = as_tuple(jacbatch.jacobian(func, *args, **opts))
             got = jd.jacobian(func, *args, **kw)
             return {"got": None if got is None else as_tuple(got), "single": single}
@@ -210,9 +213,27 @@ def main(out_dir: str) -> None:
     # Still usable after all of the above.
     gathered("after_failures", tanh_affine, sample(4, seed=5), argnums=2, in_dims=(0, None, None))
 
+    # A subgroup of global ranks (1, 2): ranks are group ranks; one sample, so one empty shard.
+    if world >= 3:
+        sub = dist.new_group([1, 2])
+        if rank in (1, 2):
+            gathered(
+                "subgroup_all", tanh_affine, sample(1, seed=7), in_dims=(0, None, None), group=sub
+            )
+            gathered(
+                "subgroup_dst",
+                tanh_affine,
+                sample(3, seed=7),
+                in_dims=(0, None, None),
+                group=sub,
+                gather="dst",
+                dst=1,
+            )
+
     # Sums over ranks of per-sample values.
     def moments() -> dict[str, Any]:
         x = torch.randn(7, 2, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+        x = x.to(DEVICE)
         a, b = jd.shard_range(7, world, rank)
         m = jd.reduce_moments(x[a:b])
         return {
@@ -230,7 +251,7 @@ def main(out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def run_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+def run_rank(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") -> None:
     """Entry point of a test-started process: torchrun's environment on loopback, then main."""
     os.environ.update(
         RANK=str(rank),
@@ -239,7 +260,7 @@ def run_rank(rank: int, world: int, port: int, out_dir: str) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    main(out_dir)
+    main(out_dir, backend)
 
 
 if __name__ == "__main__":

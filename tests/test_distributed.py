@@ -1,8 +1,9 @@
-"""jacbatch.distributed over real gloo process groups of 2 and 3 ranks on loopback.
+"""jacbatch.distributed over real gloo process groups of 2 and 3 ranks on loopback (and NCCL
+with 2 ranks where 2 GPUs are available).
 
-Each world size is one launch of tests/_distributed_worker.py per rank, with torchrun's
-environment and a free port chosen here; the workers run every scenario in one process group and save
-their outcomes, which the tests below check. Every wait is bounded: the process group's timeout
+Each group is one launch of tests/_distributed_worker.py per rank, with torchrun's environment
+and a free port chosen here; the ranks run every scenario in one process group and save their
+outcomes, which the tests below check. Every wait is bounded: the process group's timeout
 (30 s) bounds each collective, and ranks still running after LAUNCH_TIMEOUT seconds are killed.
 """
 
@@ -26,9 +27,23 @@ from jacbatch import distributed as jd
 from tests._distributed_worker import run_rank, sample, tanh_affine
 from tests.conftest import assert_matches, reference_jacobian
 
-WORLDS = (2, 3)
 LAUNCH_TIMEOUT = 120.0
 ROUTES = ("closed_form", "jacrev", "jacfwd", "vjp", "auto")
+HAS_NCCL = (
+    torch.distributed.is_available()
+    and torch.distributed.is_nccl_available()
+    and torch.cuda.device_count() >= 2
+)
+# (backend, world size); NCCL needs one GPU per rank
+SETUPS = [
+    ("gloo", 2),
+    ("gloo", 3),
+    pytest.param(
+        ("nccl", 2),
+        marks=pytest.mark.skipif(not HAS_NCCL, reason="NCCL with 2 GPUs not available"),
+    ),
+]
+SETUP_IDS = ["gloo2", "gloo3", "nccl2"]
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -42,41 +57,39 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(world: int, out: Path) -> list[multiprocessing.process.BaseProcess]:
+def _launch(backend: str, world: int, out: Path) -> list[multiprocessing.process.BaseProcess]:
     """Start ``world`` ranks on a free loopback port.
 
-    Forked where possible: the children inherit this process's imported torch, which would
-    otherwise cost each of them seconds of start-up.
+    gloo ranks are forked where possible: they inherit this process's imported torch, which
+    would otherwise cost each of them seconds of start-up. CUDA cannot be forked, so NCCL ranks
+    are spawned.
     """
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    fork = backend == "gloo" and "fork" in multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if fork else "spawn")
     port = _free_port()
     procs = []
     for rank in range(world):
-        p = ctx.Process(target=run_rank, args=(rank, world, port, str(out)), daemon=True)
+        p = ctx.Process(target=run_rank, args=(rank, world, port, str(out), backend), daemon=True)
         p.start()
         procs.append(p)
     return procs
 
 
-@pytest.fixture(scope="module")
-def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
-    """``{world: [outcomes of rank 0, rank 1, ...]}``; both worlds run at the same time."""
-    # warm up torch.func here, once, so that forked ranks start with it loaded
-    jacbatch.jacobian(torch.tanh, torch.ones(1, 1), method="jacrev")
-    dirs = {w: tmp_path_factory.mktemp(f"world{w}") for w in WORLDS}
-    procs = {w: _launch(w, d) for w, d in dirs.items()}
+def _collect(
+    launched: dict[tuple[str, int], tuple[Path, list[multiprocessing.process.BaseProcess]]],
+) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Wait for every rank (bounded), kill stragglers, and load each rank's outcomes."""
     deadline = time.monotonic() + LAUNCH_TIMEOUT
-    for ps in procs.values():
+    for _, ps in launched.values():
         for p in ps:
             p.join(timeout=max(0.1, deadline - time.monotonic()))
-    stragglers = [p for ps in procs.values() for p in ps if p.is_alive()]
+    stragglers = [p for _, ps in launched.values() for p in ps if p.is_alive()]
     for p in stragglers:
         p.kill()
         p.join(timeout=10)
     problems = [
-        f"world {w} rank {r}: exit code {p.exitcode}"
-        for w, ps in procs.items()
+        f"{setup} rank {r}: exit code {p.exitcode}"
+        for setup, (_, ps) in launched.items()
         for r, p in enumerate(ps)
         if p.exitcode != 0
     ]
@@ -86,9 +99,36 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[st
             + "; ".join(problems)
         )
     return {
-        w: [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(w)]
-        for w, d in dirs.items()
+        setup: [
+            torch.load(d / f"rank{r}.pt", weights_only=False, map_location="cpu")
+            for r in range(len(ps))
+        ]
+        for setup, (d, ps) in launched.items()
     }
+
+
+@pytest.fixture(scope="module")
+def gloo_outcomes(tmp_path_factory: pytest.TempPathFactory):
+    """Outcomes of the gloo groups of 2 and 3 ranks, which run at the same time."""
+    # warm up torch.func here, once, so that forked ranks start with it loaded
+    jacbatch.jacobian(torch.tanh, torch.ones(1, 1), method="jacrev")
+    setups = [("gloo", 2), ("gloo", 3)]
+    dirs = {s: tmp_path_factory.mktemp(f"{s[0]}{s[1]}") for s in setups}
+    return _collect({s: (dirs[s], _launch(*s, dirs[s])) for s in setups})
+
+
+@pytest.fixture(scope="module")
+def nccl_outcomes(tmp_path_factory: pytest.TempPathFactory):
+    d = tmp_path_factory.mktemp("nccl2")
+    return _collect({("nccl", 2): (d, _launch("nccl", 2, d))})
+
+
+@pytest.fixture(params=SETUPS, ids=SETUP_IDS)
+def ranks(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    """One setup's outcomes, one dict per rank: ``{scenario: outcome}``."""
+    backend, world = request.param
+    fixture = "gloo_outcomes" if backend == "gloo" else "nccl_outcomes"
+    return request.getfixturevalue(fixture)[(backend, world)]
 
 
 def _ok(outcome: dict[str, Any]) -> Any:
@@ -108,24 +148,24 @@ def _assert_equal(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...])
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("method", ROUTES)
-def test_gathered_equals_single_process_for_every_route(outcomes, world, method):
+def test_gathered_equals_single_process_for_every_route(ranks, method):
+    world = len(ranks)
     for rank in range(world):  # B=5: shards of 3+2 or 2+2+1
-        v = _ok(outcomes[world][rank][f"route_{method}"])
+        v = _ok(ranks[rank][f"route_{method}"])
         _assert_equal(v["got"], v["single"])
     # and the single-process result is right, against an independent reference
-    args = sample(5)
+    args = [a.cpu() for a in sample(5)]
     func = jacbatch.affine if method == "closed_form" else tanh_affine
     for argnum, J in zip((0, 1), v["got"], strict=True):
         assert_matches(J, reference_jacobian(func, args, argnum, (0, None, None)), torch.float64)
 
 
-@pytest.mark.parametrize("world", WORLDS)
-def test_gather_to_one_rank_with_empty_shards(outcomes, world):
+def test_gather_to_one_rank_with_empty_shards(ranks):
+    world = len(ranks)
     # B=2, batch at dim 1 and dim 0, vec="col", chunk_size=3; world 3 leaves rank 2 empty
     for rank in range(world):
-        v = _ok(outcomes[world][rank]["jacrev_dst_col_empty_shards"])
+        v = _ok(ranks[rank]["jacrev_dst_col_empty_shards"])
         if rank == world - 1:
             _assert_equal(v["got"], v["single"])
             assert v["got"][0].shape == (2, 6, 12) and v["got"][1].shape == (2, 6, 8)
@@ -133,17 +173,17 @@ def test_gather_to_one_rank_with_empty_shards(outcomes, world):
             assert v["got"] is None
 
 
-@pytest.mark.parametrize("world", WORLDS)
-def test_float32_gathered_exactly(outcomes, world):
+def test_float32_gathered_exactly(ranks):
+    world = len(ranks)
     for rank in range(world):
-        v = _ok(outcomes[world][rank]["jacfwd_float32"])
+        v = _ok(ranks[rank]["jacfwd_float32"])
         _assert_equal(v["got"], v["single"])
         assert v["got"][0].dtype == torch.float32
 
 
-@pytest.mark.parametrize("world", WORLDS)
-def test_local_shards_tile_the_batch(outcomes, world):
-    vs = [_ok(outcomes[world][r]["local_shard"]) for r in range(world)]
+def test_local_shards_tile_the_batch(ranks):
+    world = len(ranks)
+    vs = [_ok(ranks[r]["local_shard"]) for r in range(world)]
     assert [(v["start"], v["stop"]) for v in vs] == [
         jd.shard_range(5, world, r) for r in range(world)
     ]
@@ -151,9 +191,9 @@ def test_local_shards_tile_the_batch(outcomes, world):
     assert torch.equal(torch.cat([v["shard"] for v in vs]), vs[0]["single"])
 
 
-@pytest.mark.parametrize("world", WORLDS)
-def test_npy_file_holds_the_whole_jacobian(outcomes, world):
-    vs = [_ok(outcomes[world][r]["npy"]) for r in range(world)]
+def test_npy_file_holds_the_whole_jacobian(ranks):
+    world = len(ranks)
+    vs = [_ok(ranks[r]["npy"]) for r in range(world)]
     assert [v["rows"] for v in vs] == [jd.shard_range(5, world, r) for r in range(world)]
     for path, want in zip(vs[0]["paths"], vs[0]["single"], strict=True):
         got = torch.from_numpy(np.load(path))
@@ -165,10 +205,10 @@ def test_npy_file_holds_the_whole_jacobian(outcomes, world):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("world", WORLDS)
-def test_compute_failure_on_one_rank_raises_on_every_rank(outcomes, world):
+def test_compute_failure_on_one_rank_raises_on_every_rank(ranks):
+    world = len(ranks)
     for rank in range(world):
-        o = outcomes[world][rank]["fail_compute"]
+        o = ranks[rank]["fail_compute"]
         assert not o["ok"]
         if rank == 1:
             assert o["type"] == "ArithmeticError" and "boom on rank 1" in o["msg"]
@@ -178,11 +218,11 @@ def test_compute_failure_on_one_rank_raises_on_every_rank(outcomes, world):
             assert "computing its shard" in o["msg"]
 
 
-@pytest.mark.parametrize("world", WORLDS)
-def test_validation_failure_on_one_rank_raises_on_every_rank(outcomes, world):
+def test_validation_failure_on_one_rank_raises_on_every_rank(ranks):
+    world = len(ranks)
     last = world - 1
     for rank in range(world):
-        o = outcomes[world][rank]["fail_validation"]
+        o = ranks[rank]["fail_validation"]
         assert not o["ok"]
         if rank == last:
             assert o["type"] == "ValueError" and "'bogus'" in o["msg"]
@@ -191,10 +231,10 @@ def test_validation_failure_on_one_rank_raises_on_every_rank(outcomes, world):
             assert f"rank {last}: ValueError" in o["msg"] and "'bogus'" in o["msg"]
 
 
-@pytest.mark.parametrize("world", WORLDS)
-def test_npy_creation_failure_raises_on_every_rank(outcomes, world):
+def test_npy_creation_failure_raises_on_every_rank(ranks):
+    world = len(ranks)
     for rank in range(world):
-        o = outcomes[world][rank]["fail_npy_create"]
+        o = ranks[rank]["fail_npy_create"]
         assert not o["ok"]
         assert o["type"] == ("FileNotFoundError" if rank == 0 else "RankFailedError")
         if rank:
@@ -211,31 +251,44 @@ MISMATCHES = {
 }
 
 
-@pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("scenario", sorted(MISMATCHES))
-def test_mismatched_calls_name_the_rank_on_every_rank(outcomes, world, scenario):
+def test_mismatched_calls_name_the_rank_on_every_rank(ranks, scenario):
+    world = len(ranks)
     bad, text = MISMATCHES[scenario]
     bad = bad % world
     msgs = set()
     for rank in range(world):
-        o = outcomes[world][rank][scenario]
+        o = ranks[rank][scenario]
         assert not o["ok"] and o["type"] == "ValueError", o
         assert f"got rank {bad} with {text}" in o["msg"]
         msgs.add(o["msg"])
     assert len(msgs) == 1  # the same message everywhere
 
 
-@pytest.mark.parametrize("world", WORLDS)
-def test_group_still_usable_after_failures(outcomes, world):
+def test_group_still_usable_after_failures(ranks):
+    world = len(ranks)
     for rank in range(world):
-        v = _ok(outcomes[world][rank]["after_failures"])
+        v = _ok(ranks[rank]["after_failures"])
         _assert_equal(v["got"], v["single"])
 
 
-@pytest.mark.parametrize("world", WORLDS)
-def test_reduce_moments_equal_whole_sample(outcomes, world):
+def test_subgroup_uses_group_ranks(gloo_outcomes):
+    ranks = gloo_outcomes[("gloo", 3)]
+    assert "subgroup_all" not in ranks[0]
+    for rank in (1, 2):
+        v = _ok(ranks[rank]["subgroup_all"])
+        _assert_equal(v["got"], v["single"])
+        v = _ok(ranks[rank]["subgroup_dst"])
+        if rank == 2:  # group rank 1
+            _assert_equal(v["got"], v["single"])
+        else:
+            assert v["got"] is None
+
+
+def test_reduce_moments_equal_whole_sample(ranks):
+    world = len(ranks)
     for rank in range(world):
-        v = _ok(outcomes[world][rank]["moments"])
+        v = _ok(ranks[rank]["moments"])
         x = v["x"]
         assert v["count"] == 7
         torch.testing.assert_close(v["sum"], x.sum(0), rtol=1e-13, atol=1e-13)
