@@ -113,6 +113,7 @@ def _worker(mode: str, batch: int, size: int, repeat: int, out: str) -> None:
             )
         )
     if distributed:
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
 
 
@@ -137,7 +138,7 @@ def run(mode: str, world: int, args: argparse.Namespace) -> dict[str, Any]:
             OMP_NUM_THREADS="1",
             PYTHONPATH=str(ROOT),
         )
-        cmd = [sys.executable, __file__, "--worker", mode]
+        cmd = [sys.executable, "-X", "faulthandler", __file__, "--worker", mode]
         cmd += ["--batch", str(args.batch), "--size", str(args.size), "--repeat", str(args.repeat)]
         procs.append(subprocess.Popen([*cmd, "--out", out], env=env, cwd=ROOT))
     for p in procs:

@@ -71,6 +71,7 @@ def main() -> None:
         print(".npy file == single process:", torch.equal(on_disk, dW))
         print(f"sum of squares of dZ/dW over ranks: {local_norm.item():.6f}")
         print(f"                    single process: {(dW**2).sum().item():.6f}")
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 

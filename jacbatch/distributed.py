@@ -373,9 +373,11 @@ def jacobian(
     full: list[torch.Tensor] = []
     local: tuple[torch.Tensor, ...] = ()
     try:
-        if holds_all:
+        if holds_all and s.world > 1:
             full = [torch.empty(sh, dtype=c.dtype, device=s.comm_device) for sh in s.shapes]
-        if holds_all and s.comm_device == c.device:
+        if holds_all and s.world == 1:  # the shard is the whole result: no copy
+            local = _compute(s, method, vec, chunk_size, None)
+        elif holds_all and s.comm_device == c.device:
             local = _compute(s, method, vec, chunk_size, [f[s.start : s.stop] for f in full])
         else:
             local = _compute(s, method, vec, chunk_size, None)
@@ -389,6 +391,8 @@ def jacobian(
     if mode == "none":
         jac = local if c.tuple_argnums else local[0]
         return Shard(jac, s.start, s.stop, c.batch_size or 0)
+    if s.world == 1:
+        return local if c.tuple_argnums else local[0]
     B = c.batch_size or 0
     ranges = [shard_range(B, s.world, r) for r in range(s.world)]
     if mode == "all":

@@ -138,77 +138,80 @@ def main(out_dir: str, backend: str = "gloo") -> None:
 
     run("npy", npy)
 
-    # A failure on one rank while computing: every rank must raise, none may hang.
-    def fails_on_rank_1(A: torch.Tensor, W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        if dist.get_rank() == 1 and A.device.type != "meta":
-            raise ArithmeticError("boom on rank 1")
-        return tanh_affine(A, W, B)
+    if world > 1:  # failures and mismatches need a second rank
+        # A failure on one rank while computing: every rank must raise, none may hang.
+        def fails_on_rank_1(A: torch.Tensor, W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+            if dist.get_rank() == 1 and A.device.type != "meta":
+                raise ArithmeticError("boom on rank 1")
+            return tanh_affine(A, W, B)
 
-    run(
-        "fail_compute",
-        lambda: jd.jacobian(fails_on_rank_1, *sample(5), in_dims=(0, None, None), method="vjp"),
-    )
-    # A failure on the last rank while validating (an unknown method there only).
-    run(
-        "fail_validation",
-        lambda: jd.jacobian(
-            tanh_affine,
-            *sample(5),
-            in_dims=(0, None, None),
-            method="bogus" if rank == world - 1 else "auto",
-        ),
-    )
-    # rank 0 cannot create the file: every rank raises.
-    run(
-        "fail_npy_create",
-        lambda: jd.save_jacobian(
-            os.path.join(out_dir, "missing_dir", "J.npy"),
-            tanh_affine,
-            *sample(5),
-            in_dims=(0, None, None),
-        ),
-    )
+        run(
+            "fail_compute",
+            lambda: jd.jacobian(fails_on_rank_1, *sample(5), in_dims=(0, None, None), method="vjp"),
+        )
+        # A failure on the last rank while validating (an unknown method there only).
+        run(
+            "fail_validation",
+            lambda: jd.jacobian(
+                tanh_affine,
+                *sample(5),
+                in_dims=(0, None, None),
+                method="bogus" if rank == world - 1 else "auto",
+            ),
+        )
+        # rank 0 cannot create the file: every rank raises.
+        run(
+            "fail_npy_create",
+            lambda: jd.save_jacobian(
+                os.path.join(out_dir, "missing_dir", "J.npy"),
+                tanh_affine,
+                *sample(5),
+                in_dims=(0, None, None),
+            ),
+        )
 
-    # Mismatched calls: every rank gets the same clear error naming the rank that disagrees.
-    run(
-        "mismatch_shape",
-        lambda: jd.jacobian(tanh_affine, *sample(5 if rank != 1 else 4), in_dims=(0, None, None)),
-    )
-    run(
-        "mismatch_values",
-        lambda: jd.jacobian(
-            tanh_affine, *sample(5, seed=0 if rank != world - 1 else 9), in_dims=(0, None, None)
-        ),
-    )
-    run(
-        "mismatch_dtype",
-        lambda: jd.jacobian(
-            tanh_affine,
-            *sample(5, dtype=torch.float32 if rank == 1 else torch.float64),
-            in_dims=(0, None, None),
-        ),
-    )
-    run(
-        "mismatch_in_dims",
-        lambda: jd.jacobian(
-            tanh_affine, *sample(5), in_dims=(0, None, None) if rank != 1 else (1, None, None)
-        ),
-    )
-    run(
-        "mismatch_argnums",
-        lambda: jd.jacobian(
-            tanh_affine, *sample(5), argnums=0 if rank != 1 else 1, in_dims=(0, None, None)
-        ),
-    )
-    run(
-        "mismatch_method",
-        lambda: jd.jacobian(
-            tanh_affine,
-            *sample(5),
-            in_dims=(0, None, None),
-            method="jacrev" if rank != 1 else "vjp",
-        ),
-    )
+        # Mismatched calls: every rank gets the same clear error naming the rank that disagrees.
+        run(
+            "mismatch_shape",
+            lambda: jd.jacobian(
+                tanh_affine, *sample(5 if rank != 1 else 4), in_dims=(0, None, None)
+            ),
+        )
+        run(
+            "mismatch_values",
+            lambda: jd.jacobian(
+                tanh_affine, *sample(5, seed=0 if rank != world - 1 else 9), in_dims=(0, None, None)
+            ),
+        )
+        run(
+            "mismatch_dtype",
+            lambda: jd.jacobian(
+                tanh_affine,
+                *sample(5, dtype=torch.float32 if rank == 1 else torch.float64),
+                in_dims=(0, None, None),
+            ),
+        )
+        run(
+            "mismatch_in_dims",
+            lambda: jd.jacobian(
+                tanh_affine, *sample(5), in_dims=(0, None, None) if rank != 1 else (1, None, None)
+            ),
+        )
+        run(
+            "mismatch_argnums",
+            lambda: jd.jacobian(
+                tanh_affine, *sample(5), argnums=0 if rank != 1 else 1, in_dims=(0, None, None)
+            ),
+        )
+        run(
+            "mismatch_method",
+            lambda: jd.jacobian(
+                tanh_affine,
+                *sample(5),
+                in_dims=(0, None, None),
+                method="jacrev" if rank != 1 else "vjp",
+            ),
+        )
 
     # Still usable after all of the above.
     gathered("after_failures", tanh_affine, sample(4, seed=5), argnums=2, in_dims=(0, None, None))
@@ -248,6 +251,7 @@ def main(out_dir: str, backend: str = "gloo") -> None:
     run("moments", moments)
 
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 

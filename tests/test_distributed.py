@@ -44,6 +44,9 @@ SETUPS = [
     ),
 ]
 SETUP_IDS = ["gloo2", "gloo3", "nccl2"]
+# a group of one rank takes the same paths except communication (no failures or mismatches)
+DATA_SETUPS = [("gloo", 1), *SETUPS]
+DATA_SETUP_IDS = ["gloo1", *SETUP_IDS]
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -109,10 +112,10 @@ def _collect(
 
 @pytest.fixture(scope="module")
 def gloo_outcomes(tmp_path_factory: pytest.TempPathFactory):
-    """Outcomes of the gloo groups of 2 and 3 ranks, which run at the same time."""
+    """Outcomes of the gloo groups of 1, 2 and 3 ranks, which run at the same time."""
     # warm up torch.func here, once, so that forked ranks start with it loaded
     jacbatch.jacobian(torch.tanh, torch.ones(1, 1), method="jacrev")
-    setups = [("gloo", 2), ("gloo", 3)]
+    setups = [("gloo", 1), ("gloo", 2), ("gloo", 3)]
     dirs = {s: tmp_path_factory.mktemp(f"{s[0]}{s[1]}") for s in setups}
     return _collect({s: (dirs[s], _launch(*s, dirs[s])) for s in setups})
 
@@ -123,12 +126,22 @@ def nccl_outcomes(tmp_path_factory: pytest.TempPathFactory):
     return _collect({("nccl", 2): (d, _launch("nccl", 2, d))})
 
 
-@pytest.fixture(params=SETUPS, ids=SETUP_IDS)
-def ranks(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
-    """One setup's outcomes, one dict per rank: ``{scenario: outcome}``."""
+def _ranks(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
     backend, world = request.param
     fixture = "gloo_outcomes" if backend == "gloo" else "nccl_outcomes"
     return request.getfixturevalue(fixture)[(backend, world)]
+
+
+@pytest.fixture(params=SETUPS, ids=SETUP_IDS)
+def ranks(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    """One setup's outcomes (2 or more ranks), one dict per rank: ``{scenario: outcome}``."""
+    return _ranks(request)
+
+
+@pytest.fixture(params=DATA_SETUPS, ids=DATA_SETUP_IDS)
+def data_ranks(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    """As ``ranks``, and a group of one rank too."""
+    return _ranks(request)
 
 
 def _ok(outcome: dict[str, Any]) -> Any:
@@ -149,10 +162,10 @@ def _assert_equal(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...])
 
 
 @pytest.mark.parametrize("method", ROUTES)
-def test_gathered_equals_single_process_for_every_route(ranks, method):
-    world = len(ranks)
+def test_gathered_equals_single_process_for_every_route(data_ranks, method):
+    world = len(data_ranks)
     for rank in range(world):  # B=5: shards of 3+2 or 2+2+1
-        v = _ok(ranks[rank][f"route_{method}"])
+        v = _ok(data_ranks[rank][f"route_{method}"])
         _assert_equal(v["got"], v["single"])
     # and the single-process result is right, against an independent reference
     args = [a.cpu() for a in sample(5)]
@@ -161,11 +174,11 @@ def test_gathered_equals_single_process_for_every_route(ranks, method):
         assert_matches(J, reference_jacobian(func, args, argnum, (0, None, None)), torch.float64)
 
 
-def test_gather_to_one_rank_with_empty_shards(ranks):
-    world = len(ranks)
+def test_gather_to_one_rank_with_empty_shards(data_ranks):
+    world = len(data_ranks)
     # B=2, batch at dim 1 and dim 0, vec="col", chunk_size=3; world 3 leaves rank 2 empty
     for rank in range(world):
-        v = _ok(ranks[rank]["jacrev_dst_col_empty_shards"])
+        v = _ok(data_ranks[rank]["jacrev_dst_col_empty_shards"])
         if rank == world - 1:
             _assert_equal(v["got"], v["single"])
             assert v["got"][0].shape == (2, 6, 12) and v["got"][1].shape == (2, 6, 8)
@@ -173,17 +186,17 @@ def test_gather_to_one_rank_with_empty_shards(ranks):
             assert v["got"] is None
 
 
-def test_float32_gathered_exactly(ranks):
-    world = len(ranks)
+def test_float32_gathered_exactly(data_ranks):
+    world = len(data_ranks)
     for rank in range(world):
-        v = _ok(ranks[rank]["jacfwd_float32"])
+        v = _ok(data_ranks[rank]["jacfwd_float32"])
         _assert_equal(v["got"], v["single"])
         assert v["got"][0].dtype == torch.float32
 
 
-def test_local_shards_tile_the_batch(ranks):
-    world = len(ranks)
-    vs = [_ok(ranks[r]["local_shard"]) for r in range(world)]
+def test_local_shards_tile_the_batch(data_ranks):
+    world = len(data_ranks)
+    vs = [_ok(data_ranks[r]["local_shard"]) for r in range(world)]
     assert [(v["start"], v["stop"]) for v in vs] == [
         jd.shard_range(5, world, r) for r in range(world)
     ]
@@ -191,9 +204,9 @@ def test_local_shards_tile_the_batch(ranks):
     assert torch.equal(torch.cat([v["shard"] for v in vs]), vs[0]["single"])
 
 
-def test_npy_file_holds_the_whole_jacobian(ranks):
-    world = len(ranks)
-    vs = [_ok(ranks[r]["npy"]) for r in range(world)]
+def test_npy_file_holds_the_whole_jacobian(data_ranks):
+    world = len(data_ranks)
+    vs = [_ok(data_ranks[r]["npy"]) for r in range(world)]
     assert [v["rows"] for v in vs] == [jd.shard_range(5, world, r) for r in range(world)]
     for path, want in zip(vs[0]["paths"], vs[0]["single"], strict=True):
         got = torch.from_numpy(np.load(path))
@@ -285,10 +298,10 @@ def test_subgroup_uses_group_ranks(gloo_outcomes):
             assert v["got"] is None
 
 
-def test_reduce_moments_equal_whole_sample(ranks):
-    world = len(ranks)
+def test_reduce_moments_equal_whole_sample(data_ranks):
+    world = len(data_ranks)
     for rank in range(world):
-        v = _ok(ranks[rank]["moments"])
+        v = _ok(data_ranks[rank]["moments"])
         x = v["x"]
         assert v["count"] == 7
         torch.testing.assert_close(v["sum"], x.sum(0), rtol=1e-13, atol=1e-13)
