@@ -1,9 +1,11 @@
 """1 vs 2 processes for a compute-bound batch of Jacobians, with jacbatch.distributed on gloo.
 
-    PYTHONPATH=. python bench/distributed_bench.py [--batch 64] [--size 32] [--repeat 3] [--rounds 3]
+    PYTHONPATH=. python bench/distributed_bench.py [--batch 64] [--size 32] [--layers 1]
+        [--repeat 3] [--rounds 3]
 
 Case: ``tanh(A @ W + B)`` per sample, A ``(m, p)`` batched, W ``(p, q)`` and B ``(q,)`` shared,
-the Jacobian w.r.t. A by jacrev in float32, ``(B, m, q, m, p)``. Each configuration runs in fresh
+the Jacobian w.r.t. A by jacrev in float32, ``(B, m, q, m, p)``; ``--layers L`` applies the layer
+L times (m = p = q), which multiplies the work per Jacobian row by L at the same result size. Each configuration runs in fresh
 processes with one torch thread each (started with torchrun's environment on loopback), timing
 ``--repeat`` calls after one warm-up call on rank 0 between two barriers (so they include waiting
 for the slowest rank); ``--rounds`` rounds of all configurations, in a rotated order, and the
@@ -39,7 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _worker(mode: str, batch: int, size: int, repeat: int, out: str) -> None:
+def _worker(mode: str, batch: int, size: int, layers: int, repeat: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -70,7 +72,9 @@ def _worker(mode: str, batch: int, size: int, repeat: int, out: str) -> None:
     B = torch.randn(q, generator=g)
 
     def f(A: torch.Tensor, W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(A @ W + B)
+        for _ in range(layers):
+            A = torch.tanh(A @ W + B)
+        return A
 
     gather = {"single": "all", "world1": "all", "shard": None, "dst": "dst", "all": "all"}[mode]
 
@@ -139,7 +143,8 @@ def run(mode: str, world: int, args: argparse.Namespace) -> dict[str, Any]:
             PYTHONPATH=str(ROOT),
         )
         cmd = [sys.executable, "-X", "faulthandler", __file__, "--worker", mode]
-        cmd += ["--batch", str(args.batch), "--size", str(args.size), "--repeat", str(args.repeat)]
+        cmd += ["--batch", str(args.batch), "--size", str(args.size), "--layers", str(args.layers)]
+        cmd += ["--repeat", str(args.repeat)]
         procs.append(subprocess.Popen([*cmd, "--out", out], env=env, cwd=ROOT))
     for p in procs:
         if p.wait(timeout=600) != 0:
@@ -153,13 +158,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--worker", choices=["single", "world1", "shard", "dst", "all"])
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.worker:
-        _worker(args.worker, args.batch, args.size, args.repeat, args.out)
+        _worker(args.worker, args.batch, args.size, args.layers, args.repeat, args.out)
         return
     rows = [("single", 1), ("world1", 1), ("shard", 2), ("dst", 2), ("all", 2)]
     # Rounds of every configuration, in a rotated order each round, so that load from other
@@ -179,7 +185,8 @@ def main() -> None:
     mb = 1024**2
     jac = int(results["single"]["jacobian_bytes"])
     print(
-        f"tanh(A @ W + B), jacrev w.r.t. A, float32, B={args.batch}, m=p=q={args.size}: "
+        f"tanh(A @ W + B) x {args.layers} layer(s), jacrev w.r.t. A, float32, B={args.batch}, "
+        f"m=p=q={args.size}: "
         f"Jacobian {jac / mb:.0f} MiB; {args.rounds} rounds x {args.repeat} calls per "
         f"configuration, 1 torch thread per process"
     )
