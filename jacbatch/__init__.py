@@ -4,7 +4,7 @@ Every Jacobian three ways that agree: closed forms (no autodiff), torch.func (``
 ``jacfwd`` under ``vmap``) and explicit VJP loops. See :func:`jacobian`.
 """
 
-from . import sensitivity
+from . import distributed, sensitivity
 from .api import (
     CheckReport,
     Plan,
@@ -30,6 +30,7 @@ __all__ = [
     "chain",
     "check",
     "commutation_matrix",
+    "distributed",
     "estimate_memory",
     "explain",
     "iter_jacobian",

@@ -1003,3 +1003,92 @@ def check_output_indices(where: str, indices: Sequence[int], n: int) -> None:
             f"{where}: expected output indices in range [-{n}, {n}), got {bad}. The result has "
             f"{n} output element(s)."
         )
+
+
+# jacbatch.distributed: the process group, the options, and agreement between ranks
+# ---------------------------------------------------------------------------------------------
+
+GATHER_MODES: tuple[str | None, ...] = ("all", "dst", None)
+
+
+class RankFailedError(RuntimeError):
+    """Raised on every rank that did not fail itself when another rank of the group failed.
+
+    The failing rank raises its own exception; the others raise this one, naming that rank and
+    its error, so no rank is left waiting in a collective.
+    """
+
+
+def check_process_group(where: str, initialized: bool) -> None:
+    if not initialized:
+        raise RuntimeError(
+            f"{where}: expected an initialized torch.distributed process group, got none. "
+            f"Launch with torchrun and call jacbatch.distributed.init() (or "
+            f"torch.distributed.init_process_group) first."
+        )
+
+
+def check_gather(where: str, gather: object, dst: object, world_size: int) -> str | None:
+    if gather not in GATHER_MODES:
+        raise ValueError(
+            f"{where}: expected gather to be one of {_fmt_options(GATHER_MODES)}, got {gather!r}. "
+            f"'all' returns the whole Jacobian on every rank, 'dst' on rank dst only, None "
+            f"returns each rank's own shard."
+        )
+    if isinstance(dst, bool) or not isinstance(dst, int) or not 0 <= dst < world_size:
+        raise ValueError(f"{where}: expected dst to be a rank in [0, {world_size}), got {dst!r}.")
+    return None if gather is None else str(gather)
+
+
+def check_distributed_call(where: str, call: Call, backend: str) -> None:
+    """What sharding needs beyond what :func:`normalize_call` checks."""
+    if not call.batched:
+        raise ValueError(
+            f"{where}: expected at least one batched argument to shard over ranks, got in_dims "
+            f"{call.in_dims}. Mark the batch dimension in in_dims, or call jacbatch.jacobian "
+            f"on one rank."
+        )
+    if backend == "nccl" and call.device.type != "cuda":
+        raise ValueError(
+            f"{where}: expected CUDA tensors with the nccl backend, got tensors on "
+            f"{call.device}. Move the arguments to jacbatch.distributed.local_device(), or "
+            f"use the gloo backend for CPU tensors."
+        )
+
+
+def check_npy_paths(where: str, paths: object, n: int, dtype: torch.dtype) -> tuple[str, ...]:
+    import os
+
+    raw = paths if isinstance(paths, (tuple, list)) else (paths,)
+    if len(raw) != n or not all(isinstance(p, (str, os.PathLike)) for p in raw):
+        raise TypeError(
+            f"{where}: expected "
+            + ("a path" if n == 1 else f"a tuple of {n} paths, one per argnum")
+            + f", got {paths!r}."
+        )
+    if dtype == torch.bfloat16:
+        raise TypeError(
+            f"{where}: expected a dtype that .npy files can hold, got {dtype}. Cast the "
+            f"arguments to float32 or float64."
+        )
+    return tuple(os.fspath(p) for p in raw)
+
+
+def rank_disagreement_error(
+    where: str, rank: int, field: str, mine: object, ref: object
+) -> NoReturn:
+    raise ValueError(
+        f"{where}: expected every rank to be called with the same arguments and options, got "
+        f"rank {rank} with {field} = {mine!r} where rank 0 has {ref!r}. Build the same inputs on "
+        f"every rank (same data, seed and shapes) and pass the same options."
+    )
+
+
+def rank_failed_error(
+    where: str, failures: Sequence[tuple[int, str]], world_size: int, stage: str
+) -> NoReturn:
+    listing = "; ".join(f"rank {r}: {msg}" for r, msg in failures)
+    raise RankFailedError(
+        f"{where}: expected every rank to succeed {stage}, got a failure on {len(failures)} of "
+        f"{world_size} rank(s); this rank stopped instead of waiting for it. {listing}"
+    )
