@@ -48,6 +48,7 @@ __all__ = [
     "Moments",
     "RankFailedError",
     "Shard",
+    "dgsm",
     "init",
     "jacobian",
     "local_device",
@@ -576,3 +577,102 @@ def reduce_moments(values: torch.Tensor, group: Group = None) -> Moments:
         sum=packed[1 : 1 + k].reshape(shape).to(values.device),
         sum_sq=packed[1 + k :].reshape(shape).to(values.device),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sensitivity analysis over ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def dgsm(
+    func: Callable[[torch.Tensor], torch.Tensor],
+    X: torch.Tensor,
+    *,
+    bounds: torch.Tensor | Sequence[Sequence[float]] | None = None,
+    std: torch.Tensor | Sequence[float] | None = None,
+    method: str = "auto",
+    batch_size: int | None = 65536,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    group: Group = None,
+    **jacobian_kwargs: Any,
+) -> Any:
+    """:func:`jacbatch.sensitivity.dgsm` with the sample sharded over the ranks of ``group``.
+
+    Every rank passes the same sample ``X (N, d)`` (e.g. :func:`~jacbatch.sensitivity.sample_uniform`
+    with one seed; a hash of it is compared across ranks), differentiates its own rows
+    (:func:`shard_range`), and the counts, sums and sums of squares of ``J²``, ``|J|`` and ``y``
+    are added over the ranks with one ``all_reduce`` (float64). Every rank returns the same
+    :class:`~jacbatch.sensitivity.DGSMResult`, equal to the single-process one up to float64
+    summation order.
+
+    Args:
+        func, X, bounds, std, method, batch_size, input_names, output_names, jacobian_kwargs:
+            as in :func:`jacbatch.sensitivity.dgsm`.
+        group: the process group; ``None`` for the default one.
+
+    Returns:
+        A :class:`~jacbatch.sensitivity.DGSMResult` over the whole sample, on every rank.
+    """
+    from . import sensitivity as S
+
+    where = "distributed.dgsm"
+    V.check_process_group(where, dist.is_available() and dist.is_initialized())
+    err: BaseException | None = None
+    sig: list[tuple[str, Any]] = []
+    setup = None
+    try:
+        setup = S._dgsm_setup(
+            where, X, bounds, std, method, batch_size, jacobian_kwargs, input_names
+        )
+        sig = [
+            ("func", getattr(func, "__qualname__", repr(func))),
+            ("X.shape", tuple(setup.X.shape)),
+            ("X.dtype", setup.X.dtype),
+            ("X values", _fingerprint(setup.X)),
+            ("method", setup.method),
+            ("distribution", None if setup.poincare is None else _fingerprint(setup.poincare)),
+        ]
+    except Exception as e:
+        err = e
+    _agree(where, group, err, sig)
+    assert setup is not None
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    start, stop = shard_range(setup.X.shape[0], world, rank)
+    moments = None
+    try:
+        moments = S._dgsm_accumulate(where, func, setup, slice(start, stop))
+    except Exception as e:
+        err = e
+    _settle(where, group, err, "computing its shard")
+    assert moments is not None
+    sq, ab, out, out_shape = moments
+    comm = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend(group) == "nccl"
+        else torch.device("cpu")
+    )
+    o, d = math.prod(out_shape), setup.X.shape[1]
+    parts = []
+    for m, shape in ((sq, (o, d)), (ab, (o, d)), (out, (o,))):
+        if m.n == 0 or m.mean is None or m.m2 is None:
+            parts += [torch.zeros(shape, dtype=torch.float64, device=comm)] * 2
+        else:  # sum and sum of squares, from this rank's mean and squared deviations
+            total = m.mean * m.n
+            parts += [total.to(comm), (m.m2 + total * m.mean).to(comm)]
+    n_local = torch.tensor([float(stop - start)], dtype=torch.float64, device=comm)
+    packed = torch.cat([n_local, *(p.reshape(-1) for p in parts)])
+    dist.all_reduce(packed, group=group)
+    n = round(packed[0].item())
+    sizes = [p.numel() for p in parts]
+    pieces = torch.split(packed[1:].to(setup.X.device), sizes)
+    merged = [
+        S._Moments.from_sums(
+            n,
+            pieces[2 * k].reshape(parts[2 * k].shape),
+            pieces[2 * k + 1].reshape(parts[2 * k].shape),
+        )
+        for k in range(3)
+    ]
+    m_sq, m_ab, m_out = merged
+    return S._dgsm_result(where, func, setup, m_sq, m_ab, m_out, out_shape, output_names)

@@ -217,6 +217,15 @@ class _Moments:
         self.m2 = self.m2 + m2_c + delta**2 * (self.n * c / n)
         self.n = n
 
+    @classmethod
+    def from_sums(cls, n: int, total: torch.Tensor, total_sq: torch.Tensor) -> _Moments:
+        """Moments of ``n`` values from their sum and sum of squares (float64, e.g. over ranks)."""
+        m = cls()
+        m.n = n
+        m.mean = total / n
+        m.m2 = (total_sq - total * m.mean).clamp_min(0)
+        return m
+
     def variance(self) -> torch.Tensor:
         assert self.m2 is not None
         return self.m2 / (self.n - 1)
@@ -594,12 +603,38 @@ def dgsm(
         (tensor([4., 1.], dtype=torch.float64), tensor([0., 0.], dtype=torch.float64))
     """
     where = "dgsm"
+    setup = _dgsm_setup(where, X, bounds, std, method, batch_size, jacobian_kwargs, input_names)
+    sq, ab, out, out_shape = _dgsm_accumulate(where, func, setup)
+    return _dgsm_result(where, func, setup, sq, ab, out, out_shape, output_names)
+
+
+@dataclass(frozen=True)
+class _DGSMSetup:
+    X: torch.Tensor
+    method: str
+    batch_size: int | None
+    jacobian_kwargs: dict[str, Any]
+    in_names: tuple[str, ...] | None
+    poincare: torch.Tensor | None
+
+
+def _dgsm_setup(
+    where: str,
+    X: object,
+    bounds: object,
+    std: object,
+    method: object,
+    batch_size: object,
+    jacobian_kwargs: dict[str, Any],
+    input_names: Sequence[str] | None,
+) -> _DGSMSetup:
+    """Validate a DGSM study before any work; the Poincaré constants of the inputs."""
     X = V.check_sample(where, X).detach()
     method = V.check_method(where, method)
     batch_size = V.check_samples_per_call(where, batch_size)
     jacobian_kwargs = V.check_jacobian_kwargs(where, jacobian_kwargs)
     V.check_input_distribution(where, bounds, std)
-    N, d = X.shape
+    _, d = X.shape
     in_names = V.check_names(where, "input_names", input_names, d)
     poincare = None
     if bounds is not None:
@@ -608,19 +643,46 @@ def dgsm(
         poincare = ((box[:, 1] - box[:, 0]) / math.pi) ** 2
     elif std is not None:
         poincare = V.as_positive_vector(where, "std", std, d, X.dtype, X.device) ** 2
+    return _DGSMSetup(X, method, batch_size, jacobian_kwargs, in_names, poincare)
 
+
+def _dgsm_accumulate(
+    where: str,
+    func: Callable[..., torch.Tensor],
+    setup: _DGSMSetup,
+    rows: slice = slice(None),
+) -> tuple[_Moments, _Moments, _Moments, tuple[int, ...]]:
+    """Moments of ``J²``, ``|J|`` (``(o, d)`` per sample) and ``y`` (``(o,)``) over ``X[rows]``."""
     sq, ab, out = _Moments(), _Moments(), _Moments()
-    out_shape: tuple[int, ...] = ()
-    out_names = None
-    for start, _, y, J in _batches(where, func, X, method, batch_size, jacobian_kwargs):
-        if start == 0:  # the output size is known now: check the names before more work
-            out_shape = tuple(y.shape[1:])
-            out_names = V.check_names(where, "output_names", output_names, J.shape[1])
+    X = setup.X[rows]
+    out_shape: tuple[int, ...] | None = None
+    kw = setup.jacobian_kwargs
+    for _, _, y, J in _batches(where, func, X, setup.method, setup.batch_size, kw):
+        out_shape = tuple(y.shape[1:])
         J64 = J.to(torch.float64)  # (c, o, d)
         sq.update(J64 * J64)
         ab.update(J64.abs())
         out.update(y.reshape(y.shape[0], -1))
+    if out_shape is None:  # an empty slice (a rank without samples): the shape from one sample
+        _, _, y, _ = next(_batches(where, func, setup.X[:1], setup.method, None, kw))
+        out_shape = tuple(y.shape[1:])
+    return sq, ab, out, out_shape
 
+
+def _dgsm_result(
+    where: str,
+    func: Callable[..., torch.Tensor],
+    setup: _DGSMSetup,
+    sq: _Moments,
+    ab: _Moments,
+    out: _Moments,
+    out_shape: tuple[int, ...],
+    output_names: Sequence[str] | None,
+) -> DGSMResult:
+    """The DGSM result from the moments over the whole sample."""
+    X, poincare = setup.X, setup.poincare
+    N, d = X.shape
+    out_names = V.check_names(where, "output_names", output_names, math.prod(out_shape))
     assert sq.mean is not None and ab.mean is not None and out.mean is not None
     V_out = out.variance()  # (o,)
     bound = None
@@ -641,7 +703,7 @@ def dgsm(
         variance=shaped(V_out, per_input=False),
         total_index_bound=None if bound is None else shaped(bound),
         n_samples=N,
-        input_names=in_names or _default_names("x", d),
+        input_names=setup.in_names or _default_names("x", d),
         output_names=out_names or _output_names(out_shape),
-        route=_route(func, X[:1], method),
+        route=_route(func, X[:1], setup.method),
     )

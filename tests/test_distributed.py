@@ -310,6 +310,14 @@ def test_reduce_moments_equal_whole_sample(data_ranks):
         torch.testing.assert_close(v["var"], x.var(0), rtol=1e-12, atol=1e-12)
 
 
+def test_dgsm_over_ranks_equals_single_process(data_ranks):
+    for rank in range(len(data_ranks)):
+        v = _ok(data_ranks[rank]["dgsm"])
+        assert v.pop("n") == (1001, 1001)
+        for field, (got, single) in v.items():
+            torch.testing.assert_close(got, single, rtol=1e-12, atol=1e-12, msg=field)
+
+
 # ---------------------------------------------------------------------------------------------
 # Without a process group
 # ---------------------------------------------------------------------------------------------
