@@ -31,7 +31,8 @@ def iter_jacobian(
 
     Each chunk has as many samples as fit in ``max_memory`` together with the route's working
     memory (or exactly ``batch_chunk`` samples). Arguments are validated, and the chunking
-    planned, when this is called, before the first chunk is computed.
+    planned, when this is called, before the first chunk is computed. The budget covers one
+    chunk: drop your reference to a chunk (``del J``) before the loop asks for the next one.
 
     Args:
         func, args, argnums, in_dims, method, vec, chunk_size, progress: as in
@@ -90,7 +91,10 @@ def _chunks(
                 sub, plan, method, chunk_size, out_shape, layout, [None] * len(call.argnums)
             )
             bar(n)
-            yield slice(start, start + n), (tuple(res) if call.tuple_argnums else res[0])
+            chunk = tuple(res) if call.tuple_argnums else res[0]
+            del res
+            yield slice(start, start + n), chunk
+            del chunk  # the caller has dropped it too: free it before computing the next
 
 
 def save_jacobian(
@@ -147,8 +151,9 @@ def save_jacobian(
     with open(path, "r+b") as f:
         for sl, J in it:
             f.seek(offset + sl.start * row_bytes)
-            f.write(J.detach().cpu().contiguous().numpy().tobytes())
+            f.write(J.detach().cpu().contiguous().numpy().data)  # no bytes copy of the chunk
             f.flush()
+            del J  # free this chunk before the next one is computed
     return shape
 
 
