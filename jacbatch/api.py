@@ -599,23 +599,15 @@ def _fit_uncached(
     )
 
 
-class _Bar:
-    def __init__(self, update: Callable[[int], object]) -> None:
-        self._update = update
-
-    def __call__(self, n: int) -> None:
-        self._update(n)
-
-
 @contextlib.contextmanager
-def _progress(total: int, show: bool | None, desc: str) -> Iterator[_Bar]:
+def _progress(total: int, show: bool | None, desc: str) -> Iterator[Callable[[int], object]]:
     """A progress bar over samples for chunked runs: tqdm when installed, else plain lines.
 
     ``show=None`` shows it only on an interactive stderr; it appears after 2 seconds either way.
     """
     enabled = sys.stderr.isatty() if show is None else show
     if not enabled:
-        yield _Bar(lambda n: None)
+        yield lambda n: None
         return
     try:
         from tqdm.auto import tqdm
@@ -627,10 +619,10 @@ def _progress(total: int, show: bool | None, desc: str) -> Iterator[_Bar]:
             if time.perf_counter() - t0 > 2:
                 print(f"{desc}: {done[0]}/{total} samples", file=sys.stderr, flush=True)
 
-        yield _Bar(plain)
+        yield plain
         return
     with tqdm(total=total, desc=desc, unit="sample", delay=2, leave=False) as bar:
-        yield _Bar(bar.update)
+        yield bar.update
 
 
 def _run_autodiff(

@@ -14,6 +14,7 @@ A flattened Jacobian has shape ``(B, out_numel, in_numel)`` with both axes in th
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -132,7 +133,7 @@ def flatten_jacobian(
         out_axes = [lead + k for k in reversed(range(out_ndim))]
         in_axes = [lead + out_ndim + k for k in reversed(range(in_ndim))]
         J = J.permute((*range(lead), *out_axes, *in_axes))
-    return J.reshape(*J.shape[:lead], _numel(out_shape), _numel(in_shape))
+    return J.reshape(*J.shape[:lead], math.prod(out_shape), math.prod(in_shape))
 
 
 def unflatten_jacobian(
@@ -151,10 +152,3 @@ def unflatten_jacobian(
     out_axes = [lead + k for k in reversed(range(no))]
     in_axes = [lead + no + k for k in reversed(range(ni))]
     return J.permute((*range(lead), *out_axes, *in_axes))
-
-
-def _numel(shape: tuple[int, ...] | torch.Size) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

@@ -50,7 +50,27 @@ def iter_jacobian(
         >>> [(s.start, s.stop, J.shape) for s, J in iter_jacobian(torch.sin, X, batch_chunk=4)]
         [(0, 4, torch.Size([4, 3, 3])), (4, 8, torch.Size([4, 3, 3])), (8, 10, torch.Size([2, 3, 3]))]
     """
-    where = "iter_jacobian"
+    it, _, _ = _prepare(
+        "iter_jacobian", func, args, argnums, in_dims, method, vec, chunk_size,
+        max_memory, batch_chunk, progress,
+    )  # fmt: skip
+    return it
+
+
+def _prepare(
+    where: str,
+    func: Callable[..., torch.Tensor],
+    args: tuple[torch.Tensor, ...],
+    argnums: int | tuple[int, ...],
+    in_dims: int | tuple[int | None, ...] | None,
+    method: str,
+    vec: str | None,
+    chunk_size: int | None,
+    max_memory: int | str | None,
+    batch_chunk: int | None,
+    progress: bool | None,
+) -> tuple[Iterator[tuple[slice, Any]], V.Call, tuple[int, ...]]:
+    """Validate and plan a chunked run once: the chunk iterator, the call and the output shape."""
     call = V.normalize_call(where, func, args, argnums, in_dims)
     method = V.check_method(where, method)
     layout = V.check_vec(where, vec)
@@ -69,7 +89,8 @@ def iter_jacobian(
         batch_chunk, chunk_size = _fit(call, plan, out_shape, layout, chunk_size, budget, True)
     else:
         batch_chunk = V.check_positive_int(where, "batch_chunk", batch_chunk)
-    return _chunks(call, plan, method, chunk_size, out_shape, layout, batch_chunk, show)
+    it = _chunks(call, plan, method, chunk_size, out_shape, layout, batch_chunk, show)
+    return it, call, out_shape
 
 
 def _chunks(
@@ -128,20 +149,10 @@ def save_jacobian(
     where = "save_jacobian"
     if isinstance(argnums, tuple):
         V.single_argnum(where, argnums)
-    it = iter_jacobian(
-        func,
-        *args,
-        argnums=argnums,
-        in_dims=in_dims,
-        method=method,
-        vec=vec,
-        chunk_size=chunk_size,
-        max_memory=max_memory,
-        batch_chunk=batch_chunk,
-        progress=progress,
-    )
-    call = V.normalize_call(where, func, args, argnums, in_dims)
-    out_shape = _probe_output(call)
+    it, call, out_shape = _prepare(
+        where, func, args, argnums, in_dims, method, vec, chunk_size,
+        max_memory, batch_chunk, progress,
+    )  # fmt: skip
     shape = _result_shape(call, call.argnums[0], out_shape, vec)
     dtype = torch.empty((), dtype=call.dtype).numpy().dtype
     header = np.lib.format.open_memmap(os.fspath(path), mode="w+", dtype=dtype, shape=shape)

@@ -6,6 +6,7 @@ the caller's tensors require grad.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -45,9 +46,8 @@ def compute(
     with torch.no_grad():
         for a, rule, buf in zip(argnums, found, outs, strict=True):
             in_shape = call.sample_shape(a)
-            flat_buf = None if buf is None else buf.view(B, -1, max(1, _numel(in_shape)))
-            if flat_buf is not None and _numel(in_shape) == 0:
-                flat_buf = None
+            n_in = math.prod(in_shape)
+            flat_buf = None if buf is None or n_in == 0 else buf.view(B, -1, n_in)
             J = rule(args, flags, B, order, flat_buf)  # (B, o, i)
             if layout is None:
                 J = J.view(B, *out_shape, *in_shape)
@@ -57,10 +57,3 @@ def compute(
                 J = buf
             results.append(J)
     return results
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

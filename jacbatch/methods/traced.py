@@ -11,6 +11,7 @@ requested layout. Anything the rules do not cover raises
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -67,8 +68,8 @@ def _result(
     buf: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The result tensor and a ``(B, *out_shape, *in_shape)`` view of it to write into."""
-    o = _numel(out_shape)
-    i = _numel(in_shape)
+    o = math.prod(out_shape)
+    i = math.prod(in_shape)
     shape = (B, *out_shape, *in_shape) if layout is None else (B, o, i)
     Y = buf if buf is not None else torch.empty(shape, dtype=call.dtype, device=call.device)
     if layout is None:
@@ -80,10 +81,3 @@ def _result(
     rev = Y.view(B, *reversed(out_shape), *reversed(in_shape))
     perm = (0, *(no - k for k in range(no)), *(no + ni - k for k in range(ni)))
     return Y, rev.permute(*perm)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

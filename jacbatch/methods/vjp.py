@@ -16,6 +16,7 @@ NOTE [One backward pass per output element, for the whole batch]
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -72,8 +73,8 @@ def compute(
 
     with torch.enable_grad():
         Y = forward(call, args, flags, B)
-    o = Y[0].numel() if B > 0 else _numel(out_shape)
-    in_numels = [_numel(call.sample_shape(a)) for a in argnums]
+    o = Y[0].numel() if B > 0 else math.prod(out_shape)
+    in_numels = [math.prod(call.sample_shape(a)) for a in argnums]
     # Rows go straight into the caller's buffer when its memory order is the rows' order
     # (natural layout or row-major vec); every row is written once, so no zero fill.
     direct = layout in (None, "row")
@@ -113,10 +114,3 @@ def compute(
         else:
             results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
     return results
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -65,11 +65,6 @@ def available() -> list[str]:
     return out
 
 
-def per_sample(x: torch.Tensor, batched: bool, batch_size: int) -> torch.Tensor:
-    """``x`` with a leading batch dimension: itself if batched, else a broadcast view."""
-    return x if batched else x.unsqueeze(0).expand(batch_size, *x.shape)
-
-
 def eye(n: int, like: torch.Tensor) -> torch.Tensor:
     """``I_n`` with ``like``'s dtype and device."""
     return torch.eye(n, dtype=like.dtype, device=like.device)
