@@ -99,8 +99,13 @@ def available_memory(device: torch.device) -> int:
 
 
 def default_budget(device: torch.device) -> int:
-    """The working-memory budget when none is given: a safe fraction of what is free."""
-    return int(DEFAULT_FRACTION * available_memory(device))
+    """The working-memory budget when none is given: a safe fraction of what is free.
+
+    Rounded down to a multiple of 64 MiB (at least 64 MiB), so that the chunking chosen for a
+    shape stays cached while free memory drifts by a few pages between calls.
+    """
+    step = 64 * 2**20
+    return max(step, int(DEFAULT_FRACTION * available_memory(device)) // step * step)
 
 
 class LiveBytes(TorchDispatchMode):
