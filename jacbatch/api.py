@@ -14,8 +14,8 @@ from typing import Any, overload
 
 import torch
 
+from . import _probe, memory, rules
 from . import _validation as V
-from . import memory, rules
 from .methods import batched_args, closed_form, functorch, traced, vjp
 from .rules.terms import Unsupported
 from .structured import JacobianOperator
@@ -143,34 +143,37 @@ def plan_auto(
     return tuple(steps)
 
 
-def _probe_output(call: V.Call) -> tuple[int, ...]:
-    """Per-sample output shape, found without heavy work.
+def probe_call(call: V.Call) -> _probe.ProbeResult:
+    """Run ``func`` once for one sample, on meta tensors where it can (see :mod:`jacbatch._probe`).
 
-    Tries meta tensors first (shapes only); functions that need data (``.item()``, closures over
-    real tensors) are evaluated once on the first sample instead.
+    Checks that the output is one floating-point tensor.
     """
     where = "jacobian"
-    sample_shapes = [call.sample_shape(i) for i in range(len(call.args))]
-    try:
-        with torch.no_grad():
-            out = call.func(
-                *(torch.empty(s, dtype=call.dtype, device="meta") for s in sample_shapes)
-            )
-    except Exception:
+
+    def first_sample() -> list[torch.Tensor]:
         if call.batch_size == 0:
-            sample = [torch.zeros(s, dtype=call.dtype, device=call.device) for s in sample_shapes]
-        else:
-            sample = [
-                a if d is None else a.select(d, 0)
-                for a, d in zip(call.args, call.in_dims, strict=True)
+            return [
+                torch.zeros(call.sample_shape(i), dtype=call.dtype, device=call.device)
+                for i in range(len(call.args))
             ]
-        with torch.no_grad():
-            out = call.func(*sample)
+        return [
+            a if d is None else a.select(d, 0) for a, d in zip(call.args, call.in_dims, strict=True)
+        ]
+
+    result = _probe.probe(
+        call.func, [call.sample_shape(i) for i in range(len(call.args))], call.dtype, first_sample
+    )
+    out = result.out
     if not isinstance(out, torch.Tensor):
         V.output_error(where, out)
     if not out.dtype.is_floating_point:
         V.output_dtype_error(where, out.dtype)
-    return tuple(out.shape)
+    return result
+
+
+def _probe_output(call: V.Call) -> tuple[int, ...]:
+    """Per-sample output shape, found without heavy work (see :func:`probe_call`)."""
+    return tuple(probe_call(call).out.shape)
 
 
 def _traced_analyses(call: V.Call, argnums: Sequence[int]) -> dict[int, Any]:

@@ -1,0 +1,119 @@
+"""One cheap run of the per-sample function that tells every route what it needs to know.
+
+NOTE [The probe: one run on shapes, observed op by op]
+    Before any route runs, :func:`probe` calls ``func`` once for one sample, on ``meta`` tensors
+    (shapes only, no data, no compute), under a :class:`~torch.utils._python_dispatch.
+    TorchDispatchMode` that sees every aten op below autograd. From that one run it learns:
+
+    * the per-sample output shape and dtype;
+    * the aten ops the function runs (``ops``), for the list of known torch bugs;
+    * whether any op ran with grad mode off (``grad_disabled``): ``torch.no_grad()``,
+      ``set_grad_enabled(False)`` or ``inference_mode()`` inside ``func``. The probe itself runs
+      with grad mode on, so an op that sees it off was switched off by ``func``. Reverse-mode
+      routes honour such a stop-gradient; forward-mode AD does not see grad mode at all;
+    * whether any op draws random numbers (``random``: ops tagged ``nondeterministic_seeded``,
+      e.g. ``dropout``, ``rand_like``, ``bernoulli``);
+    * which arguments ``func`` writes into (``mutated``: their version counters moved).
+
+    The inputs are fresh meta tensors that do not require grad (so nothing is recorded or
+    saved for backward; grad mode is on all the same, which is all the check needs). A function that cannot run on meta tensors (``.item()``,
+    data-dependent shapes, closures that mix devices) is run once on a *copy* of the first
+    sample instead, so even then nothing the caller owns is written to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one probe run of a per-sample function showed.
+
+    Attributes:
+        out: the per-sample output (a meta tensor, or a real one when ``on_meta`` is False),
+            or whatever non-tensor object ``func`` returned.
+        ops: names of the aten ops the function ran, e.g. ``"aten.mm.default"``.
+        grad_disabled: some op ran with grad mode off (``no_grad`` etc. inside ``func``).
+        random: some op draws random numbers.
+        mutated: indices of arguments ``func`` wrote into.
+        on_meta: the probe ran on meta tensors (else on a copy of the first sample).
+    """
+
+    out: Any
+    ops: frozenset[str]
+    grad_disabled: bool
+    random: bool
+    mutated: tuple[int, ...]
+    on_meta: bool
+
+
+class _Observe(TorchDispatchMode):
+    """Records op names, grad mode and randomness of every aten op it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+        self.grad_disabled = False
+        self.random = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.add(str(func))
+        if not torch.is_grad_enabled():
+            self.grad_disabled = True
+        if torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()):
+            self.random = True
+        return func(*args, **(kwargs or {}))
+
+
+def _run(func: Callable[..., Any], inputs: Sequence[torch.Tensor], on_meta: bool) -> ProbeResult:
+    xs = list(inputs)
+    versions = [x._version for x in xs]
+    mode = _Observe()
+    with mode:
+        out = func(*xs)
+    mutated = tuple(i for i, (x, v) in enumerate(zip(xs, versions, strict=True)) if x._version != v)
+    return ProbeResult(
+        out if not isinstance(out, torch.Tensor) else out.detach(),
+        frozenset(mode.ops),
+        mode.grad_disabled,
+        mode.random,
+        mutated,
+        on_meta,
+    )
+
+
+def probe(
+    func: Callable[..., Any],
+    shapes: Sequence[tuple[int, ...]],
+    dtype: torch.dtype,
+    sample: Callable[[], Sequence[torch.Tensor]],
+) -> ProbeResult:
+    """Run ``func`` once for one sample and observe it (see NOTE [The probe]).
+
+    Args:
+        func: the per-sample function.
+        shapes: per-sample shape of each argument.
+        dtype: the arguments' dtype.
+        sample: returns the first sample's arguments (only called when ``func`` cannot run on
+            meta tensors); they are copied before ``func`` sees them.
+
+    Returns:
+        A :class:`ProbeResult`.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            meta = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
+            return _run(func, meta, on_meta=True)
+        except Exception:
+            pass
+        real = [x.detach().clone() for x in sample()]
+        return _run(func, real, on_meta=False)
+
+
+__all__ = ["ProbeResult", "probe"]
