@@ -1,0 +1,201 @@
+"""A Jacobian call leaves the caller's world as it found it: state, arguments and randomness.
+
+NOTE [Writes into tensors that existed before the call]
+    ``func`` may write into tensors it did not create: a train-mode ``BatchNorm`` updates its
+    running statistics, a counter is incremented, a custom buffer is averaged in place. A
+    Jacobian call runs ``func`` several times (the probe, tracing, each route, fallbacks), so
+    left alone every call would advance that state several times. The rule is: **a Jacobian
+    call does not change any tensor the function closes over**, and each evaluation of ``func``
+    sees the state as the caller left it (so the Jacobian is that of one call of ``func`` made
+    now, per sample).
+
+    :class:`Guard` is a ``TorchDispatchMode`` that sees every aten op below autograd and
+    ``torch.func``. It knows which storages are *fresh* (made by an op it saw, or handed to it as
+    the call's own copies); any op that writes (schema alias ``a!``) into a storage that is not
+    fresh is a write into pre-existing state, and the written tensor is cloned before its first
+    write. :meth:`Guard.restore` copies the snapshots back, newest first, under ``no_grad``
+    through the written tensors themselves, so their version counters move and autograd refuses
+    (rather than silently uses) a graph that saved a value we restored.
+
+    Cost: the probe (:mod:`jacbatch._probe`) runs ``func`` once under this mode anyway and
+    reports whether it writes into pre-existing tensors (``writes_state``) or into its arguments
+    (``mutated``). Only then does :func:`protect` wrap ``func``; the common case pays nothing
+    beyond the probe's one run. The wrapper enters the guard for each evaluation of ``func``,
+    restores the state written by an earlier evaluation before the next one starts (outside
+    ``torch.func`` transforms, i.e. the per-sample loop of the vjp route and separate batch
+    chunks), and everything is restored when the route has finished, whether it returned or
+    raised.
+
+NOTE [Arguments func writes into]
+    A ``func`` that writes into its argument (``x.mul_(2)``) must never write into the caller's
+    tensor, and it cannot write into a leaf that requires grad either. The wrapper hands such a
+    ``func`` a differentiable ``clone()`` of each argument the probe saw it write into; the
+    Jacobian is then that of ``x -> func(x.clone())``, i.e. with respect to the argument's value
+    on entry, which is what per-sample autograd on a copy of the argument gives.
+
+NOTE [Randomness: one realization per sample]
+    ``randomness`` has ``torch.func.vmap``'s meaning: ``"error"`` refuses a function that draws
+    random numbers, ``"different"`` gives every sample its own draw, ``"same"`` gives every
+    sample the same draw. In both cases each sample's Jacobian is the Jacobian of ONE realization
+    of ``func``: every row and column of it sees the same draw.
+
+    * Each evaluation of ``func`` under ``"same"`` starts from the generator state at the start
+      of the call (:class:`RngReplay`), so separate evaluations (samples of the per-sample loop,
+      batch chunks, forward-mode column chunks) all draw the same numbers.
+    * Under ``"different"``, an evaluation of different samples draws afresh, while re-running the
+      same samples (the forward route's column chunks and argnums, each a new forward pass) replays
+      the generator state: see :func:`jacbatch.methods.functorch.compute`. Within one forward, the
+      forward route's tangent ``vmap`` uses ``randomness="same"`` so that every column of a
+      sample shares the sample's draw.
+    * The traced closed form cannot reproduce a draw: it is never used for random functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+RANDOMNESS: tuple[str, ...] = ("error", "different", "same")
+
+
+def _key(t: torch.Tensor) -> int:
+    return int(t.untyped_storage()._cdata)
+
+
+def _written(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors an aten op writes into (its ``a!`` arguments)."""
+    schema = func._schema
+    if not schema.is_mutable:
+        return []
+    found: list[torch.Tensor] = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        found.extend(v for v in tree_leaves(value) if isinstance(v, torch.Tensor))
+    return found
+
+
+class Guard(TorchDispatchMode):
+    """Snapshots every pre-existing tensor before its first write; :meth:`restore` undoes them.
+
+    Args:
+        own: tensors whose storages count as fresh (the call's own copies of the arguments).
+    """
+
+    def __init__(self, own: Sequence[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self.fresh: set[int] = {_key(t) for t in own}
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for t in _written(func, args, kwargs):
+            k = _key(t)
+            if k not in self.fresh and id(t) not in self._seen:
+                self._seen.add(id(t))
+                self.saved.append((t, t.detach().clone()))
+        out = func(*args, **kwargs)
+        returns = func._schema.returns
+        if all(r.alias_info is None for r in returns):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.fresh.add(_key(t))
+        return out
+
+    @property
+    def wrote(self) -> bool:
+        """Whether any pre-existing tensor was written (and is waiting to be restored)."""
+        return bool(self.saved)
+
+    def restore(self) -> None:
+        """Copy every snapshot back, newest first (the oldest value of a storage wins)."""
+        with torch.no_grad():
+            for t, snap in reversed(self.saved):
+                t.copy_(snap)
+        self.saved.clear()
+        self._seen.clear()
+
+
+def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The generator state(s) ``func`` draws from on ``device`` (CPU, and CUDA's for CUDA)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _in_transform() -> bool:
+    """Whether we are inside a ``torch.func`` transform (vmap, grad, jvp, ...)."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+@dataclasses.dataclass
+class Protection:
+    """What the probe found, and how the call's evaluations of ``func`` are to be protected.
+
+    Attributes:
+        writes_state: ``func`` writes into tensors that existed before the call.
+        mutated: indices of arguments ``func`` writes into.
+        random: ``func`` draws random numbers.
+        randomness: the caller's ``randomness`` option.
+    """
+
+    writes_state: bool = False
+    mutated: tuple[int, ...] = ()
+    random: bool = False
+    randomness: str = "error"
+
+    @property
+    def needed(self) -> bool:
+        return (
+            self.writes_state or bool(self.mutated) or (self.random and self.randomness == "same")
+        )
+
+
+@contextlib.contextmanager
+def protect(func: Callable[..., Any], p: Protection, device: torch.device) -> Iterator[Any]:
+    """Yield ``func`` itself, or a wrapper that keeps the caller's world untouched.
+
+    The wrapper clones the arguments ``func`` writes into, evaluates ``func`` under a
+    :class:`Guard` (restoring what an earlier evaluation wrote first, outside transforms), and
+    under ``randomness="same"`` starts every evaluation from the generator state at entry. On
+    exit every pre-existing tensor written is restored.
+    """
+    if not p.needed:
+        yield func
+        return
+    guard = Guard()
+    start = rng_state(device) if p.random and p.randomness == "same" else None
+    mutated = frozenset(p.mutated)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any) -> Any:
+        if start is not None:
+            set_rng_state(device, start)
+        if guard.wrote and not _in_transform():
+            guard.restore()
+        with guard if p.writes_state else contextlib.nullcontext():
+            if mutated:  # inside the guard: the copies are fresh, never restored
+                args = tuple(a.clone() if i in mutated else a for i, a in enumerate(args))
+            return func(*args)
+
+    try:
+        yield wrapper
+    finally:
+        guard.restore()
+
+
+__all__ = ["RANDOMNESS", "Guard", "Protection", "protect", "rng_state", "set_rng_state"]
