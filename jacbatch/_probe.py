@@ -13,6 +13,8 @@ NOTE [The probe: one run on shapes, observed op by op]
       routes honour such a stop-gradient; forward-mode AD does not see grad mode at all;
     * whether any op draws random numbers (``random``: ops tagged ``nondeterministic_seeded``,
       e.g. ``dropout``, ``rand_like``, ``bernoulli``);
+    * nothing else: the generator state is restored afterwards, so the probe never shifts the
+      caller's random stream;
     * which arguments ``func`` writes into (``mutated``: their version counters moved);
     * whether ``func`` writes into tensors that existed before the call (``writes_state``: a
       train-mode BatchNorm's running statistics, a counter it closes over). Those writes are
@@ -118,14 +120,25 @@ def probe(
     Returns:
         A :class:`ProbeResult`.
     """
-    with torch.inference_mode(False), torch.enable_grad():
-        try:
-            meta = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
-            return _run(func, meta, on_meta=True)
-        except Exception:
-            pass
-        real = [x.detach().clone() for x in sample()]
-        return _run(func, real, on_meta=False)
+    # The probe draws no random numbers the caller could notice: the generator is put back.
+    rng = torch.get_rng_state()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                meta = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
+                return _run(func, meta, on_meta=True)
+            except Exception:
+                pass
+            real = [x.detach().clone() for x in sample()]
+            cuda = real[0].device if real and real[0].device.type == "cuda" else None
+            cuda_rng = None if cuda is None else torch.cuda.get_rng_state(cuda)
+            try:
+                return _run(func, real, on_meta=False)
+            finally:
+                if cuda is not None and cuda_rng is not None:
+                    torch.cuda.set_rng_state(cuda_rng, cuda)
+    finally:
+        torch.set_rng_state(rng)
 
 
 __all__ = ["ProbeResult", "probe"]

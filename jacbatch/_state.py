@@ -69,18 +69,40 @@ def _key(t: torch.Tensor) -> int:
     return int(t.untyped_storage()._cdata)
 
 
-def _written(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    """The tensors an aten op writes into (its ``a!`` arguments)."""
+# Ops that write into arguments their schema does not mark ``a!``: the batch-norm kernels update
+# the running statistics in place. Packet name -> (written argument indices, index of the
+# ``training`` flag that must be true, or None for always).
+_UNANNOTATED_WRITES: dict[str, tuple[tuple[int, ...], int | None]] = {
+    "native_batch_norm": ((3, 4), 5),
+    "cudnn_batch_norm": ((3, 4), 5),
+    "miopen_batch_norm": ((3, 4), 5),
+    "batch_norm_update_stats": ((1, 2), None),
+    "batch_norm_gather_stats_with_counts": ((3, 4), None),
+}
+
+
+def _written(
+    func: Any, args: Sequence[Any], kwargs: dict[str, Any]
+) -> tuple[list[torch.Tensor], bool]:
+    """The tensors an aten op writes into (its ``a!`` arguments, and the running statistics
+    of the batch-norm kernels, whose schemas do not say so), and whether they are such
+    unannotated statistics (see :meth:`Guard.restore`)."""
     schema = func._schema
+    extra = _UNANNOTATED_WRITES.get(schema.name.split("::")[-1])
+    if extra is not None:
+        where, flag = extra
+        values = list(args) + [kwargs.get(a.name) for a in schema.arguments[len(args) :]]
+        if flag is None or values[flag]:
+            return [t for t in (values[i] for i in where) if isinstance(t, torch.Tensor)], True
     if not schema.is_mutable:
-        return []
+        return [], False
     found: list[torch.Tensor] = []
     for i, arg in enumerate(schema.arguments):
         if arg.alias_info is None or not arg.alias_info.is_write:
             continue
         value = args[i] if i < len(args) else kwargs.get(arg.name)
         found.extend(v for v in tree_leaves(value) if isinstance(v, torch.Tensor))
-    return found
+    return found, False
 
 
 class Guard(TorchDispatchMode):
@@ -93,16 +115,17 @@ class Guard(TorchDispatchMode):
     def __init__(self, own: Sequence[torch.Tensor] = ()) -> None:
         super().__init__()
         self.fresh: set[int] = {_key(t) for t in own}
-        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.saved: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
         self._seen: set[int] = set()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        for t in _written(func, args, kwargs):
+        written, statistics = _written(func, args, kwargs)
+        for t in written:
             k = _key(t)
             if k not in self.fresh and id(t) not in self._seen:
                 self._seen.add(id(t))
-                self.saved.append((t, t.detach().clone()))
+                self.saved.append((t, t.detach().clone(), statistics))
         out = func(*args, **kwargs)
         returns = func._schema.returns
         if all(r.alias_info is None for r in returns):
@@ -117,10 +140,19 @@ class Guard(TorchDispatchMode):
         return bool(self.saved)
 
     def restore(self) -> None:
-        """Copy every snapshot back, newest first (the oldest value of a storage wins)."""
+        """Copy every snapshot back, newest first (the oldest value of a storage wins).
+
+        The copy moves the tensor's version counter, so a graph that saved the written value
+        fails loudly in backward instead of using the restored one. The one exception: running
+        statistics written by a training-mode batch-norm kernel, which its backward saves but
+        never reads in training mode (it uses the batch statistics), keep their version.
+        """
         with torch.no_grad():
-            for t, snap in reversed(self.saved):
+            for t, snap, statistics in reversed(self.saved):
+                version = t._version
                 t.copy_(snap)
+                if statistics:
+                    torch._C._autograd._unsafe_set_version_counter((t,), (version,))
         self.saved.clear()
         self._seen.clear()
 

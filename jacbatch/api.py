@@ -563,6 +563,14 @@ def _execute_steps(
                 ) from err
             jacs = _run_autodiff(call, todo, chunk_size, out_shape, layout, step_bufs)
         except (RuntimeError, NotImplementedError) as err:
+            if method != "auto" and plan.protection.writes_state and "captured" in str(err):
+                raise NotImplementedError(
+                    f"jacobian: expected a func that {step.method} can differentiate, got one "
+                    f"that writes into tensors it closes over (e.g. a train-mode BatchNorm's "
+                    f"running statistics), which torch.func's transforms refuse. Use "
+                    f"method='vjp' or 'auto' (the state is restored after the call), or put "
+                    f"the module in eval mode."
+                ) from err
             if method != "auto" or step.method not in ("jacrev", "jacfwd"):
                 raise
             # vmap rejects some functions (.item(), control flow on values): fall back.
