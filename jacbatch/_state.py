@@ -183,12 +183,16 @@ class Protection:
         mutated: indices of arguments ``func`` writes into.
         random: ``func`` draws random numbers.
         randomness: the caller's ``randomness`` option.
+        start: under ``randomness="same"``, the generator state every evaluation of ``func``
+            starts from: the state when the call was planned, so that batch chunks and
+            streamed chunks all replay one draw.
     """
 
     writes_state: bool = False
     mutated: tuple[int, ...] = ()
     random: bool = False
     randomness: str = "error"
+    start: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def needed(self) -> bool:
@@ -210,7 +214,9 @@ def protect(func: Callable[..., Any], p: Protection, device: torch.device) -> It
         yield func
         return
     guard = Guard()
-    start = rng_state(device) if p.random and p.randomness == "same" else None
+    start = None
+    if p.random and p.randomness == "same":
+        start = p.start if p.start is not None else rng_state(device)
     mutated = frozenset(p.mutated)
 
     @functools.wraps(func)

@@ -233,7 +233,14 @@ def _protection(call: V.Call, probe: _probe.ProbeResult | None) -> _state.Protec
         return _state.Protection(randomness=call.randomness)
     if probe.random and call.randomness == "error":
         V.random_function_error("jacobian", [o for o in probe.ops if _is_random_op(o)])
-    return _state.Protection(probe.writes_state, probe.mutated, probe.random, call.randomness)
+    same = probe.random and call.randomness == "same"
+    return _state.Protection(
+        probe.writes_state,
+        probe.mutated,
+        probe.random,
+        call.randomness,
+        _state.rng_state(call.device) if same else None,
+    )
 
 
 def _is_random_op(name: str) -> bool:
