@@ -81,28 +81,46 @@ _UNANNOTATED_WRITES: dict[str, tuple[tuple[int, ...], int | None]] = {
 }
 
 
-def _written(
-    func: Any, args: Sequence[Any], kwargs: dict[str, Any]
-) -> tuple[list[torch.Tensor], bool]:
-    """The tensors an aten op writes into (its ``a!`` arguments, and the running statistics
-    of the batch-norm kernels, whose schemas do not say so), and whether they are such
-    unannotated statistics (see :meth:`Guard.restore`)."""
+@dataclasses.dataclass(frozen=True)
+class _OpWrites:
+    """What an aten overload writes: argument positions/names, and a flag that must be true."""
+
+    where: tuple[tuple[int, str], ...]
+    flag: tuple[int, str] | None
+    statistics: bool  # unannotated batch-norm running statistics (see Guard.restore)
+    fresh_outputs: bool  # its outputs are new storages (no output aliases an input)
+
+
+_OP_WRITES: dict[Any, _OpWrites] = {}
+
+
+def _op_writes(func: Any) -> _OpWrites:
+    """Per overload, computed once from its schema (the per-op cost is then a dict lookup)."""
+    found = _OP_WRITES.get(func)
+    if found is not None:
+        return found
     schema = func._schema
+    params = [(i, a.name) for i, a in enumerate(schema.arguments)]
+    fresh = all(r.alias_info is None for r in schema.returns)
     extra = _UNANNOTATED_WRITES.get(schema.name.split("::")[-1])
     if extra is not None:
-        where, flag = extra
-        values = list(args) + [kwargs.get(a.name) for a in schema.arguments[len(args) :]]
-        if flag is None or values[flag]:
-            return [t for t in (values[i] for i in where) if isinstance(t, torch.Tensor)], True
-    if not schema.is_mutable:
-        return [], False
-    found: list[torch.Tensor] = []
-    for i, arg in enumerate(schema.arguments):
-        if arg.alias_info is None or not arg.alias_info.is_write:
-            continue
-        value = args[i] if i < len(args) else kwargs.get(arg.name)
-        found.extend(v for v in tree_leaves(value) if isinstance(v, torch.Tensor))
-    return found, False
+        idx, flag = extra
+        found = _OpWrites(
+            tuple(params[i] for i in idx), None if flag is None else params[flag], True, fresh
+        )
+    else:
+        where = tuple(
+            p
+            for p, a in zip(params, schema.arguments, strict=True)
+            if a.alias_info is not None and a.alias_info.is_write
+        )
+        found = _OpWrites(where, None, False, fresh)
+    _OP_WRITES[func] = found
+    return found
+
+
+def _value(args: Sequence[Any], kwargs: dict[str, Any], where: tuple[int, str]) -> Any:
+    return args[where[0]] if where[0] < len(args) else kwargs.get(where[1])
 
 
 class Guard(TorchDispatchMode):
@@ -120,18 +138,23 @@ class Guard(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        written, statistics = _written(func, args, kwargs)
-        for t in written:
-            k = _key(t)
-            if k not in self.fresh and id(t) not in self._seen:
-                self._seen.add(id(t))
-                self.saved.append((t, t.detach().clone(), statistics))
+        op = _op_writes(func)
+        if op.where and (op.flag is None or _value(args, kwargs, op.flag)):
+            for w in op.where:
+                for t in tree_leaves(_value(args, kwargs, w)):
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    if _key(t) not in self.fresh and id(t) not in self._seen:
+                        self._seen.add(id(t))
+                        self.saved.append((t, t.detach().clone(), op.statistics))
         out = func(*args, **kwargs)
-        returns = func._schema.returns
-        if all(r.alias_info is None for r in returns):
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    self.fresh.add(_key(t))
+        if op.fresh_outputs:
+            if isinstance(out, torch.Tensor):
+                self.fresh.add(_key(out))
+            elif isinstance(out, (tuple, list)):
+                for t in out:
+                    if isinstance(t, torch.Tensor):
+                        self.fresh.add(_key(t))
         return out
 
     @property
