@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ._state import Guard
+from ._state import Bindings, Guard
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,14 @@ def _run(func: Callable[..., Any], inputs: Sequence[torch.Tensor], on_meta: bool
     xs = list(inputs)
     versions = [x._version for x in xs]
     mode = _Observe(xs)
+    bindings = Bindings(func)
     try:
         with mode:
             out = func(*xs)
     finally:
-        writes_state = mode.wrote
+        writes_state = mode.wrote or bindings.changed()
         mode.restore()
+        bindings.restore()
     mutated = tuple(i for i, (x, v) in enumerate(zip(xs, versions, strict=True)) if x._version != v)
     return ProbeResult(
         out if not isinstance(out, torch.Tensor) else out.detach(),

@@ -11,11 +11,22 @@ NOTE [Writes into tensors that existed before the call]
 
     :class:`Guard` is a ``TorchDispatchMode`` that sees every aten op below autograd and
     ``torch.func``. It knows which storages are *fresh* (made by an op it saw, or handed to it as
-    the call's own copies); any op that writes (schema alias ``a!``) into a storage that is not
-    fresh is a write into pre-existing state, and the written tensor is cloned before its first
-    write. :meth:`Guard.restore` copies the snapshots back, newest first, under ``no_grad``
-    through the written tensors themselves, so their version counters move and autograd refuses
-    (rather than silently uses) a graph that saved a value we restored.
+    the call's own copies); any op that writes (schema alias ``a!``, or the running statistics
+    of a training-mode batch-norm kernel, which its schema does not mark) into a storage that is
+    not fresh is a write into pre-existing state, and the written tensor is cloned before its
+    first write. :meth:`Guard.restore` copies the snapshots back, newest first, under
+    ``no_grad`` through the written tensors themselves, so their version counters move and
+    autograd refuses (rather than silently uses) a graph that saved a value we restored. Example:
+    ``c.add_(1); return x * c`` in the vjp route's per-sample loop (a function vmap rejects)
+    raises autograd's "modified by an inplace operation" instead of differentiating a counter
+    that drifts from sample to sample. Batch-norm running statistics keep their version: the
+    kernel's backward saves them but does not read them in training mode.
+
+    torch.func's ``jacrev``/``jacfwd`` refuse a write into a captured tensor; requested
+    explicitly they raise a ``NotImplementedError`` that says so, and ``auto`` falls back to the
+    vjp route. Writes that rebind a module's buffer (``self.avg = ...``) are not tensor writes
+    and are not seen by the mode; :class:`Bindings` catches those of the modules ``func`` is, is
+    bound to or closes over (buffers and parameters rebound are bound back).
 
     Cost: the probe (:mod:`jacbatch._probe`) runs ``func`` once under this mode anyway and
     reports whether it writes into pre-existing tensors (``writes_state``) or into its arguments
@@ -39,9 +50,10 @@ NOTE [Randomness: one realization per sample]
     sample the same draw. In both cases each sample's Jacobian is the Jacobian of ONE realization
     of ``func``: every row and column of it sees the same draw.
 
-    * Each evaluation of ``func`` under ``"same"`` starts from the generator state at the start
-      of the call (:class:`RngReplay`), so separate evaluations (samples of the per-sample loop,
-      batch chunks, forward-mode column chunks) all draw the same numbers.
+    * Each evaluation of ``func`` under ``"same"`` starts from the generator state when the call
+      was planned (:attr:`Protection.start`), so separate evaluations (samples of the per-sample
+      loop, batch chunks, streamed chunks, forward-mode column chunks) all draw the same numbers.
+      The probe puts the generator back, so that state is the caller's.
     * Under ``"different"``, an evaluation of different samples draws afresh, while re-running the
       same samples (the forward route's column chunks and argnums, each a new forward pass) replays
       the generator state: see :func:`jacbatch.methods.functorch.compute`. Within one forward, the
@@ -180,6 +192,51 @@ class Guard(TorchDispatchMode):
         self._seen.clear()
 
 
+def _modules(func: Callable[..., Any]) -> list[torch.nn.Module]:
+    """The modules ``func`` is, is a bound method of, or closes over, with their submodules."""
+    roots: list[Any] = [func, getattr(func, "__self__", None)]
+    for cell in getattr(func, "__closure__", None) or ():
+        try:
+            roots.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    found: dict[int, torch.nn.Module] = {}
+    for r in roots:
+        if isinstance(r, torch.nn.Module):
+            for m in r.modules():
+                found.setdefault(id(m), m)
+    return list(found.values())
+
+
+def _differs(now: dict[str, Any], then: dict[str, Any]) -> bool:
+    return now.keys() != then.keys() or any(now[k] is not v for k, v in then.items())
+
+
+class Bindings:
+    """Which tensors the modules of ``func`` hold as buffers and parameters.
+
+    A ``forward`` that rebinds a buffer (``self.avg = 0.9 * self.avg + ...``) changes module state
+    without writing into any tensor; :meth:`restore` binds the original tensors again.
+    """
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.entries = [(m, dict(m._buffers), dict(m._parameters)) for m in _modules(func)]
+
+    def changed(self) -> bool:
+        return any(
+            _differs(m._buffers, b) or _differs(m._parameters, p) for m, b, p in self.entries
+        )
+
+    def restore(self) -> None:
+        for m, b, p in self.entries:
+            if _differs(m._buffers, b):
+                m._buffers.clear()
+                m._buffers.update(b)
+            if _differs(m._parameters, p):
+                m._parameters.clear()
+                m._parameters.update(p)
+
+
 def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The generator state(s) ``func`` draws from on ``device`` (CPU, and CUDA's for CUDA)."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -237,6 +294,7 @@ def protect(func: Callable[..., Any], p: Protection, device: torch.device) -> It
         yield func
         return
     guard = Guard()
+    bindings = Bindings(func) if p.writes_state else None
     start = None
     if p.random and p.randomness == "same":
         start = p.start if p.start is not None else rng_state(device)
@@ -246,8 +304,11 @@ def protect(func: Callable[..., Any], p: Protection, device: torch.device) -> It
     def wrapper(*args: Any) -> Any:
         if start is not None:
             set_rng_state(device, start)
-        if guard.wrote and not _in_transform():
-            guard.restore()
+        if not _in_transform():
+            if guard.wrote:
+                guard.restore()
+            if bindings is not None and bindings.changed():
+                bindings.restore()
         with guard if p.writes_state else contextlib.nullcontext():
             if mutated:  # inside the guard: the copies are fresh, never restored
                 args = tuple(a.clone() if i in mutated else a for i, a in enumerate(args))
@@ -257,6 +318,8 @@ def protect(func: Callable[..., Any], p: Protection, device: torch.device) -> It
         yield wrapper
     finally:
         guard.restore()
+        if bindings is not None:
+            bindings.restore()
 
 
-__all__ = ["RANDOMNESS", "Guard", "Protection", "protect", "rng_state", "set_rng_state"]
+__all__ = ["RANDOMNESS", "Bindings", "Guard", "Protection", "protect", "rng_state", "set_rng_state"]

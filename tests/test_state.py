@@ -165,6 +165,34 @@ def test_module_with_custom_buffer_update(method: str) -> None:
     torch.testing.assert_close(J, expected, rtol=1e-12, atol=1e-12)
 
 
+class RebindingAverage(nn.Module):
+    """A module whose forward rebinds its buffer instead of writing into it."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("avg", torch.linspace(0.5, 1.5, n, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x) * (1 + self.avg)
+        self.avg = 0.9 * self.avg + 0.1 * x.detach()
+        return y
+
+
+@pytest.mark.parametrize("method", ROUTES)
+@pytest.mark.parametrize("closure", [False, True], ids=["module", "closure"])
+def test_module_that_rebinds_its_buffer(method: str, closure: bool) -> None:
+    m = RebindingAverage(3)
+    avg = m.avg
+    kept = avg.clone()
+    X = torch.randn(5, 3, dtype=torch.float64)
+    f = (lambda x: m(x)) if closure else m
+    J = jacbatch.jacobian(f, X, method=method)
+    assert m.avg is avg and type(m.avg) is torch.Tensor  # no leaked vmap wrapper either
+    assert torch.equal(m.avg, kept)
+    expected = _per_sample(lambda b: copy.deepcopy(RebindingAverage(3)), X)
+    torch.testing.assert_close(J, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_functions_without_writes_are_not_wrapped() -> None:
     """The common case pays nothing: no protection, the caller's function runs as is."""
     plan = jacbatch.explain(torch.sin, torch.randn(3, 2))
