@@ -84,7 +84,11 @@ def _key(t: torch.Tensor) -> int:
 # Ops that write into arguments their schema does not mark ``a!``: the batch-norm kernels update
 # the running statistics in place. Packet name -> (written argument indices, index of the
 # ``training`` flag that must be true, or None for always).
+# The composite ops reach the mode themselves under inference mode (no autograd decomposition).
 _UNANNOTATED_WRITES: dict[str, tuple[tuple[int, ...], int | None]] = {
+    "batch_norm": ((3, 4), 5),
+    "_batch_norm_impl_index": ((3, 4), 5),
+    "instance_norm": ((3, 4), 5),
     "native_batch_norm": ((3, 4), 5),
     "cudnn_batch_norm": ((3, 4), 5),
     "miopen_batch_norm": ((3, 4), 5),

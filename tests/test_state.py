@@ -85,6 +85,19 @@ def test_every_entry_point_leaves_batchnorm_state_alone(tmp_path) -> None:
     assert "vjp" in report.routes and "finite_difference" in report.routes
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode, torch.enable_grad])
+@pytest.mark.parametrize("method", ["auto", "vjp"])
+def test_state_is_restored_in_every_grad_context(context, method: str) -> None:
+    """Under inference mode the composite batch_norm / instance_norm reach the guard undecomposed."""
+    model = _batchnorm_model()
+    model.append(nn.InstanceNorm1d(5, track_running_stats=True).double())  # over (C=5, L=4)
+    X = torch.randn(4, 5, 3, dtype=torch.float64)
+    before = _state(model)
+    with context():
+        jacbatch.jacobian(model, X, method=method)
+    _assert_state(model, before)
+
+
 def test_float32_module_in_train_mode() -> None:
     model = _batchnorm_model().float()
     X = torch.randn(3, 5, 3)
