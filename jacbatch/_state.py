@@ -191,9 +191,17 @@ class Guard(TorchDispatchMode):
                 version = t._version
                 t.copy_(snap)
                 if statistics:
-                    torch._C._autograd._unsafe_set_version_counter((t,), (version,))
+                    _set_version(t, version)
         self.saved.clear()
         self._seen.clear()
+
+
+def _set_version(t: torch.Tensor, version: int) -> None:
+    set_version: Any = torch._C._autograd._unsafe_set_version_counter
+    try:
+        set_version((t,), (version,))
+    except TypeError:  # torch < 2.4 takes one tensor
+        set_version(t, version)
 
 
 def _modules(func: Callable[..., Any]) -> list[torch.nn.Module]:

@@ -243,6 +243,22 @@ def _protection(call: V.Call, probe: _probe.ProbeResult | None) -> _state.Protec
     )
 
 
+def _protection_notes(p: _state.Protection) -> tuple[str, ...]:
+    notes = []
+    if p.writes_state:
+        notes.append(
+            "func writes into tensors that exist before the call (state): each evaluation sees "
+            "them as they were, and they are restored afterwards"
+        )
+    if p.mutated:
+        notes.append(f"func writes into its arguments {list(p.mutated)}: it is given copies")
+    if p.random:
+        notes.append(
+            f"func draws random numbers: randomness={p.randomness!r}, one realization per sample"
+        )
+    return tuple(notes)
+
+
 def _is_random_op(name: str) -> bool:
     try:
         op: Any = torch.ops
@@ -275,7 +291,16 @@ def _plan(
             math.prod(out_shape),
             traced={a: f"func {untraceable}" for a in todo},
         )
-        return Plan(steps, call.batch_size, out_shape, in_shapes, (), protection)
+        if protection.writes_state:  # torch.func refuses writes into captured tensors
+            steps = tuple(
+                Step("vjp", s.argnums, f"{s.reason.split(';')[0]}; explicit VJP loop")
+                if s.method in ("jacrev", "jacfwd")
+                else s
+                for s in steps
+            )
+        return Plan(
+            steps, call.batch_size, out_shape, in_shapes, _protection_notes(protection), protection
+        )
     if method == "auto":
         analyses = _traced_analyses(call, call.argnums)
         steps = plan_auto(
@@ -307,6 +332,7 @@ def _plan(
         notes = _node_notes(analyses)
     else:
         steps = (Step(method, call.argnums, "requested"),)
+    notes += _protection_notes(protection)
     return Plan(steps, call.batch_size, out_shape, in_shapes, notes, protection)
 
 

@@ -212,6 +212,8 @@ def test_functions_without_writes_are_not_wrapped() -> None:
     assert not plan.protection.needed
     plan = jacbatch.explain(_batchnorm_model(), torch.randn(2, 5, 3, dtype=torch.float64))
     assert plan.protection.writes_state
+    assert [s.method for s in plan.steps] == ["vjp"]  # torch.func would refuse the writes
+    assert "restored" in str(plan)
 
 
 # ---------------------------------------------------------------------------------------------
