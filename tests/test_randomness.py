@@ -150,3 +150,28 @@ def test_check_compares_one_realization_across_routes() -> None:
     assert report.ok, str(report)
     with pytest.raises(ValueError, match="randomness="):
         jacbatch.check(dropped, X)
+
+
+@pytest.mark.parametrize("method", ["auto", "jacrev", "jacfwd", "vjp"])
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_every_argnum_sees_the_same_realization(method: str, randomness: str) -> None:
+    """jacfwd runs one forward per argnum: each must replay the draw the others saw."""
+
+    def f(x, w):
+        return F.dropout(torch.ones_like(x), 0.5, training=True) * x * w
+
+    X = torch.randn(6, 5, dtype=torch.float64)
+    W = torch.randn(5, dtype=torch.float64)
+    torch.manual_seed(0)
+    Jx, Jw = jacbatch.jacobian(
+        f, X, W, argnums=(0, 1), in_dims=(0, None), method=method, randomness=randomness
+    )
+    dx = torch.diagonal(Jx, dim1=1, dim2=2)
+    dw = torch.diagonal(Jw, dim1=1, dim2=2)
+    assert torch.equal(Jx, torch.diag_embed(dx)) and torch.equal(Jw, torch.diag_embed(dw))
+    mask = dx != 0
+    assert torch.equal(mask, dw != 0)  # the same draw for both argnums
+    torch.testing.assert_close(dx[mask], 2 * W.expand_as(X)[mask], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dw[mask], 2 * X[mask], rtol=1e-12, atol=1e-12)
+    rows = {tuple(m.tolist()) for m in mask}
+    assert len(rows) == 1 if randomness == "same" else len(rows) > 1
