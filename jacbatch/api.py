@@ -996,6 +996,8 @@ def check(
 
     Works on every call :func:`jacobian` accepts: closures and modules whose weights are in a
     different dtype than a float64 difference would need, shared arguments, tuple argnums.
+    Routes that do not apply are left out: the closed form without rules, and jacrev/jacfwd for
+    a ``func`` that writes into tensors it closes over (torch.func refuses that).
 
     Args:
         func, args, argnums, in_dims, randomness: as in :func:`jacobian`. For a random ``func``
@@ -1023,9 +1025,12 @@ def check(
     probe = probe_call(call)
     protection = _protection(call, probe)
     untraceable = _untraceable(probe)
+    # Not applicable: a closed form without rules; torch.func for a state-writing func (it
+    # refuses writes into captured tensors by design).
+    routes = [r for r in ROUTES if not (probe.writes_state and r in ("jacrev", "jacfwd"))]
     routes = [
         r
-        for r in ROUTES
+        for r in routes
         if r != "closed_form"
         or closed_form.has_rules(call, call.argnums)
         or (

@@ -82,7 +82,8 @@ def test_every_entry_point_leaves_batchnorm_state_alone(tmp_path) -> None:
     jacbatch.save_jacobian(tmp_path / "J.npy", model, X, batch_chunk=2)
     report = jacbatch.check(model, X)
     _assert_state(model, before)
-    assert "vjp" in report.routes and "finite_difference" in report.routes
+    assert report.ok, str(report)
+    assert report.routes == ("vjp", "finite_difference")  # torch.func refuses such writes
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode, torch.enable_grad])
