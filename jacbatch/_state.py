@@ -74,17 +74,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-RANDOMNESS: tuple[str, ...] = ("error", "different", "same")
-
 
 def _key(t: torch.Tensor) -> int:
     return int(t.untyped_storage()._cdata)
 
 
 # Ops that write into arguments their schema does not mark ``a!``: the batch-norm kernels update
-# the running statistics in place. Packet name -> (written argument indices, index of the
-# ``training`` flag that must be true, or None for always).
-# The composite ops reach the mode themselves under inference mode (no autograd decomposition).
+# the running statistics in place. Schema name -> (written argument indices, index of the
+# ``training`` flag that must be true, or None for always). The composite ops (batch_norm,
+# instance_norm) reach the mode themselves under inference mode, where autograd does not
+# decompose them.
 _UNANNOTATED_WRITES: dict[str, tuple[tuple[int, ...], int | None]] = {
     "batch_norm": ((3, 4), 5),
     "_batch_norm_impl_index": ((3, 4), 5),
@@ -334,4 +333,4 @@ def protect(func: Callable[..., Any], p: Protection, device: torch.device) -> It
             bindings.restore()
 
 
-__all__ = ["RANDOMNESS", "Bindings", "Guard", "Protection", "protect", "rng_state", "set_rng_state"]
+__all__ = ["Bindings", "Guard", "Protection", "protect", "rng_state", "set_rng_state"]
