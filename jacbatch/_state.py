@@ -107,6 +107,7 @@ class _OpWrites:
 
 
 _OP_WRITES: dict[Any, _OpWrites] = {}
+_LIFTS = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy", "aten::lift"})
 
 
 def _op_writes(func: Any) -> _OpWrites:
@@ -116,7 +117,8 @@ def _op_writes(func: Any) -> _OpWrites:
         return found
     schema = func._schema
     params = [(i, a.name) for i, a in enumerate(schema.arguments)]
-    fresh = all(r.alias_info is None for r in schema.returns)
+    # lift_fresh wraps a tensor made by a Python constructor (torch.tensor([...])) inside func
+    fresh = all(r.alias_info is None for r in schema.returns) or schema.name in _LIFTS
     extra = _UNANNOTATED_WRITES.get(schema.name.split("::")[-1])
     if extra is not None:
         idx, flag = extra

@@ -207,10 +207,25 @@ def test_module_that_rebinds_its_buffer(method: str, closure: bool) -> None:
     torch.testing.assert_close(J, expected, rtol=1e-12, atol=1e-12)
 
 
+def _writes_its_own_tensors(x: torch.Tensor) -> torch.Tensor:
+    c = torch.tensor([1.0, 2.0, 3.0], dtype=x.dtype)  # made inside func: not state
+    c.add_(1)
+    z = torch.zeros(3, dtype=x.dtype)
+    z += x
+    return torch.tanh(x * c + z)
+
+
 def test_functions_without_writes_are_not_wrapped() -> None:
     """The common case pays nothing: no protection, the caller's function runs as is."""
     plan = jacbatch.explain(torch.sin, torch.randn(3, 2))
     assert not plan.protection.needed
+    # writes into tensors func made itself are not state
+    X = torch.randn(4, 3, dtype=torch.float64)
+    plan = jacbatch.explain(_writes_its_own_tensors, X)
+    assert not plan.protection.needed, str(plan)
+    J = jacbatch.jacobian(_writes_its_own_tensors, X)
+    expected = _per_sample(lambda b: _writes_its_own_tensors, X)
+    torch.testing.assert_close(J, expected, rtol=1e-12, atol=1e-12)
     plan = jacbatch.explain(_batchnorm_model(), torch.randn(2, 5, 3, dtype=torch.float64))
     assert plan.protection.writes_state
     assert [s.method for s in plan.steps] == ["vjp"]  # torch.func would refuse the writes
