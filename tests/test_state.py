@@ -63,12 +63,17 @@ def test_train_mode_batchnorm_state_is_unchanged(method: str) -> None:
     J = jacbatch.jacobian(model, X, method=method)
     _assert_state(model, before)
 
-    def ref(b):
-        m = copy.deepcopy(model)  # train mode: per-sample batch statistics, as torch.func would
-        return m
-
-    expected = _per_sample(ref, X)
+    # each sample: a fresh copy in train mode (its own batch statistics), as torch.func would
+    expected = _per_sample(lambda b: copy.deepcopy(model), X)
     torch.testing.assert_close(J, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_state_writing_func_has_no_closed_form() -> None:
+    model = _batchnorm_model()
+    before = _state(model)
+    with pytest.raises(NotImplementedError, match="exist before the call"):
+        jacbatch.jacobian(model, torch.randn(2, 5, 3, dtype=torch.float64), method="closed_form")
+    _assert_state(model, before)
 
 
 def test_every_entry_point_leaves_batchnorm_state_alone(tmp_path) -> None:
