@@ -13,7 +13,13 @@ NOTE [The probe: one run on shapes, observed op by op]
       routes honour such a stop-gradient; forward-mode AD does not see grad mode at all;
     * whether any op draws random numbers (``random``: ops tagged ``nondeterministic_seeded``,
       e.g. ``dropout``, ``rand_like``, ``bernoulli``);
-    * which arguments ``func`` writes into (``mutated``: their version counters moved).
+    * nothing else: the generator state is restored afterwards, so the probe never shifts the
+      caller's random stream;
+    * which arguments ``func`` writes into (``mutated``: their version counters moved);
+    * whether ``func`` writes into tensors that existed before the call (``writes_state``: a
+      train-mode BatchNorm's running statistics, a counter it closes over). Those writes are
+      undone when the probe returns, even when ``func`` raised (NOTE [Writes into tensors that
+      existed before the call] in :mod:`jacbatch._state`).
 
     The inputs are fresh meta tensors that do not require grad (so nothing is recorded or
     saved for backward; grad mode is on all the same, which is all the check needs). A function that cannot run on meta tensors (``.item()``,
@@ -28,7 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from ._state import Bindings, Guard
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,7 @@ class ProbeResult:
         random: some op draws random numbers.
         mutated: indices of arguments ``func`` wrote into.
         on_meta: the probe ran on meta tensors (else on a copy of the first sample).
+        writes_state: ``func`` wrote into tensors that existed before the call (undone since).
     """
 
     out: Any
@@ -51,13 +59,14 @@ class ProbeResult:
     random: bool
     mutated: tuple[int, ...]
     on_meta: bool
+    writes_state: bool = False
 
 
-class _Observe(TorchDispatchMode):
-    """Records op names, grad mode and randomness of every aten op it sees."""
+class _Observe(Guard):
+    """Records op names, grad mode and randomness of every aten op it sees, and guards state."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, own: Sequence[torch.Tensor]) -> None:
+        super().__init__(own)
         self.ops: set[str] = set()
         self.grad_disabled = False
         self.random = False
@@ -68,15 +77,21 @@ class _Observe(TorchDispatchMode):
             self.grad_disabled = True
         if torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()):
             self.random = True
-        return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
 
 def _run(func: Callable[..., Any], inputs: Sequence[torch.Tensor], on_meta: bool) -> ProbeResult:
     xs = list(inputs)
     versions = [x._version for x in xs]
-    mode = _Observe()
-    with mode:
-        out = func(*xs)
+    mode = _Observe(xs)
+    bindings = Bindings(func)
+    try:
+        with mode:
+            out = func(*xs)
+    finally:
+        writes_state = mode.wrote or bindings.changed()
+        mode.restore()
+        bindings.restore()
     mutated = tuple(i for i, (x, v) in enumerate(zip(xs, versions, strict=True)) if x._version != v)
     return ProbeResult(
         out if not isinstance(out, torch.Tensor) else out.detach(),
@@ -85,6 +100,7 @@ def _run(func: Callable[..., Any], inputs: Sequence[torch.Tensor], on_meta: bool
         mode.random,
         mutated,
         on_meta,
+        writes_state,
     )
 
 
@@ -106,14 +122,25 @@ def probe(
     Returns:
         A :class:`ProbeResult`.
     """
-    with torch.inference_mode(False), torch.enable_grad():
-        try:
-            meta = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
-            return _run(func, meta, on_meta=True)
-        except Exception:
-            pass
-        real = [x.detach().clone() for x in sample()]
-        return _run(func, real, on_meta=False)
+    # The probe draws no random numbers the caller could notice: the generator is put back.
+    rng = torch.get_rng_state()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                meta = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
+                return _run(func, meta, on_meta=True)
+            except Exception:
+                pass
+            real = [x.detach().clone() for x in sample()]
+            cuda = real[0].device if real and real[0].device.type == "cuda" else None
+            cuda_rng = None if cuda is None else torch.cuda.get_rng_state(cuda)
+            try:
+                return _run(func, real, on_meta=False)
+            finally:
+                if cuda is not None and cuda_rng is not None:
+                    torch.cuda.set_rng_state(cuda_rng, cuda)
+    finally:
+        torch.set_rng_state(rng)
 
 
 __all__ = ["ProbeResult", "probe"]

@@ -86,6 +86,72 @@ def check_method(where: str, method: object) -> str:
     return str(method)
 
 
+RANDOMNESS_OPTIONS: tuple[str, ...] = ("error", "different", "same")
+
+
+def check_randomness(where: str, randomness: object) -> str:
+    if randomness not in RANDOMNESS_OPTIONS:
+        raise ValueError(
+            f"{where}: expected randomness to be one of {_fmt_options(RANDOMNESS_OPTIONS)}, got "
+            f"{randomness!r}."
+        )
+    return str(randomness)
+
+
+def random_function_error(where: str, ops: Sequence[str]) -> NoReturn:
+    raise ValueError(
+        f"{where}: expected a deterministic func under randomness='error', got one that draws "
+        f"random numbers ({', '.join(sorted(ops)) or 'a random op'}). Pass "
+        f"randomness='different' (each sample its own draw) or randomness='same' (one draw for "
+        f"every sample); each sample's Jacobian is then that of one realization. For dropout at "
+        f"evaluation, put the module in eval mode."
+    )
+
+
+def no_closed_form_for(where: str, why: str) -> NoReturn:
+    raise NotImplementedError(
+        f"jacobian: expected a function the closed-form route can reproduce, got one that "
+        f"{why}. Use method='auto' (it falls back to autodiff), 'jacrev', 'jacfwd' or 'vjp'."
+    )
+
+
+def _address_range(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[start, stop)`` a non-empty tensor's elements span in memory."""
+    size = t.element_size()
+    ends = [(n - 1) * s * size for n, s in zip(t.shape, t.stride(), strict=True)]
+    start = t.data_ptr() + sum(e for e in ends if e < 0)
+    return start, t.data_ptr() + sum(e for e in ends if e > 0) + size
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors may share memory (their address ranges intersect; conservative for
+    interleaved strides). Works across storages, e.g. two tensors over one numpy array."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0 or a.device.type == "meta":
+        return False
+    (a0, a1), (b0, b1) = _address_range(a), _address_range(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_out_aliasing(
+    where: str, outs: Sequence[torch.Tensor], args: Sequence[torch.Tensor]
+) -> None:
+    """Refuse ``out`` buffers that share memory with an argument (or with each other)."""
+    for k, o in enumerate(outs):
+        for i, a in enumerate(args):
+            if overlaps(o, a):
+                raise ValueError(
+                    f"{where}: expected out to be memory of its own, got an out buffer that "
+                    f"overlaps args[{i}]; writing the result would overwrite the input. Allocate "
+                    f"a separate buffer (torch.empty_like) or pass a clone of the argument."
+                )
+        for j in range(k):
+            if overlaps(o, outs[j]):
+                raise ValueError(
+                    f"{where}: expected each out buffer to be memory of its own, got out[{k}] "
+                    f"overlapping out[{j}]. Allocate one buffer per argnum."
+                )
+
+
 def check_vec(where: str, vec: object) -> str | None:
     if vec not in VEC_ORDERS:
         raise ValueError(
@@ -141,6 +207,7 @@ class Call:
         batch_size: ``B``, or ``None`` when no argument is batched.
         dtype: the common floating dtype.
         device: the common device.
+        randomness: ``"error"``, ``"different"`` or ``"same"``, as in ``torch.func.vmap``.
     """
 
     func: Callable[..., Any]
@@ -151,6 +218,7 @@ class Call:
     batch_size: int | None
     dtype: torch.dtype
     device: torch.device
+    randomness: str = "error"
 
     @property
     def batched(self) -> bool:

@@ -14,7 +14,7 @@ from typing import Any, overload
 
 import torch
 
-from . import _probe, memory, rules
+from . import _probe, _state, memory, rules
 from . import _validation as V
 from .methods import batched_args, closed_form, functorch, traced, vjp
 from .rules.terms import Unsupported
@@ -60,6 +60,10 @@ class Plan:
     out_shape: tuple[int, ...]
     in_shapes: tuple[tuple[int, ...], ...]
     notes: tuple[str, ...] = field(default=())
+    # How evaluations of func are protected (state, argument writes, randomness): _state.protect.
+    protection: _state.Protection = field(
+        default_factory=_state.Protection, repr=False, compare=False
+    )
 
     def __str__(self) -> str:
         batch = "no batch" if self.batch_size is None else f"B={self.batch_size}"
@@ -171,6 +175,22 @@ def probe_call(call: V.Call) -> _probe.ProbeResult:
     return result
 
 
+def _normalize(
+    where: str,
+    func: object,
+    args: tuple[object, ...],
+    argnums: object,
+    in_dims: object,
+    randomness: object = "error",
+) -> V.Call:
+    """:func:`~jacbatch._validation.normalize_call` plus the ``randomness`` option."""
+    call = V.normalize_call(where, func, args, argnums, in_dims)
+    randomness = V.check_randomness(where, randomness)
+    return (
+        call if randomness == call.randomness else dataclasses.replace(call, randomness=randomness)
+    )
+
+
 def _probe_output(call: V.Call) -> tuple[int, ...]:
     """Per-sample output shape, found without heavy work (see :func:`probe_call`)."""
     return tuple(probe_call(call).out.shape)
@@ -195,9 +215,92 @@ def _node_notes(analyses: Mapping[int, Any]) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def _plan(call: V.Call, method: str, out_shape: tuple[int, ...]) -> Plan:
+def _untraceable(probe: _probe.ProbeResult | None) -> str | None:
+    """Why the traced closed form must not be used for this function (None: it may)."""
+    if probe is None:
+        return None
+    if probe.random:
+        return "draws random numbers (a closed form cannot reproduce the draw)"
+    if probe.writes_state:
+        return "writes into tensors that exist before the call (state)"
+    if probe.mutated:
+        return f"writes into its arguments {list(probe.mutated)}"
+    return None
+
+
+def _protection(call: V.Call, probe: _probe.ProbeResult | None) -> _state.Protection:
+    if probe is None:
+        return _state.Protection(randomness=call.randomness)
+    if probe.random and call.randomness == "error":
+        V.random_function_error("jacobian", [o for o in probe.ops if _is_random_op(o)])
+    same = probe.random and call.randomness == "same"
+    return _state.Protection(
+        probe.writes_state,
+        probe.mutated,
+        probe.random,
+        call.randomness,
+        _state.rng_state(call.device) if same else None,
+    )
+
+
+def _protection_notes(p: _state.Protection) -> tuple[str, ...]:
+    notes = []
+    if p.writes_state:
+        notes.append(
+            "func writes into tensors that exist before the call (state): each evaluation sees "
+            "them as they were, and they are restored afterwards"
+        )
+    if p.mutated:
+        notes.append(f"func writes into its arguments {list(p.mutated)}: it is given copies")
+    if p.random:
+        notes.append(
+            f"func draws random numbers: randomness={p.randomness!r}, one realization per sample"
+        )
+    return tuple(notes)
+
+
+def _is_random_op(name: str) -> bool:
+    try:
+        op: Any = torch.ops
+        for part in name.split("."):
+            op = getattr(op, part)
+        return torch.Tag.nondeterministic_seeded in op.tags
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _plan(
+    call: V.Call,
+    method: str,
+    out_shape: tuple[int, ...],
+    probe: _probe.ProbeResult | None = None,
+) -> Plan:
     in_shapes = tuple(call.sample_shape(a) for a in call.argnums)
     notes: tuple[str, ...] = ()
+    protection = _protection(call, probe)
+    untraceable = _untraceable(probe)
+    if untraceable is not None and method in ("auto", "closed_form"):
+        if method == "closed_form" and not closed_form.has_rules(call, call.argnums):
+            V.no_closed_form_for("jacobian", untraceable)
+        # Registered rules never run func; nothing is traced.
+        todo = [a for a in call.argnums if rules.lookup(call.func, a) is None]
+        steps = plan_auto(
+            call.func,
+            call.argnums,
+            [math.prod(s) for s in in_shapes],
+            math.prod(out_shape),
+            traced={a: f"func {untraceable}" for a in todo},
+        )
+        if protection.writes_state:  # torch.func refuses writes into captured tensors
+            steps = tuple(
+                Step("vjp", s.argnums, f"{s.reason.split(';')[0]}; explicit VJP loop")
+                if s.method in ("jacrev", "jacfwd")
+                else s
+                for s in steps
+            )
+        return Plan(
+            steps, call.batch_size, out_shape, in_shapes, _protection_notes(protection), protection
+        )
     if method == "auto":
         analyses = _traced_analyses(call, call.argnums)
         steps = plan_auto(
@@ -229,7 +332,8 @@ def _plan(call: V.Call, method: str, out_shape: tuple[int, ...]) -> Plan:
         notes = _node_notes(analyses)
     else:
         steps = (Step(method, call.argnums, "requested"),)
-    return Plan(steps, call.batch_size, out_shape, in_shapes, notes)
+    notes += _protection_notes(protection)
+    return Plan(steps, call.batch_size, out_shape, in_shapes, notes, protection)
 
 
 def _run_step(
@@ -279,6 +383,7 @@ def jacobian(
     out: torch.Tensor | None = None,
     max_memory: int | str | None = None,
     progress: bool | None = None,
+    randomness: str = "error",
 ) -> torch.Tensor: ...
 
 
@@ -294,6 +399,7 @@ def jacobian(
     out: tuple[torch.Tensor, ...] | None = None,
     max_memory: int | str | None = None,
     progress: bool | None = None,
+    randomness: str = "error",
 ) -> tuple[torch.Tensor, ...]: ...
 
 
@@ -308,6 +414,7 @@ def jacobian(
     out: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     max_memory: int | str | None = None,
     progress: bool | None = None,
+    randomness: str = "error",
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Full Jacobian of ``func`` w.r.t. ``args[argnums]``, for one input or a batch of inputs.
 
@@ -339,6 +446,17 @@ def jacobian(
             cannot fit in free memory at all is refused before anything is allocated.
         progress: show a progress bar for chunked runs that take over 2 seconds; ``None`` shows
             it only when stderr is a terminal.
+        randomness: for a ``func`` that draws random numbers (dropout, ``rand_like``), as in
+            ``torch.func.vmap``: ``"error"`` (default) refuses it before any work,
+            ``"different"`` gives each sample its own draw, ``"same"`` one draw for every
+            sample. Either way each sample's Jacobian is that of ONE realization (every row
+            and column sees the same draw), by every route; the traced closed form is not used.
+
+    ``func`` may write into tensors it closes over (a train-mode BatchNorm's running
+    statistics): each evaluation sees them as the caller left them, and they are restored when
+    the call returns. A ``func`` that writes into its arguments gets copies of them (the
+    Jacobian is then with respect to the argument's value on entry). See NOTE [Writes into
+    tensors that existed before the call] in :mod:`jacbatch._state`.
 
     Returns:
         ``(B, *out_shape, *in_shape)`` (no ``B`` without a batch), or ``(B, out_numel,
@@ -355,14 +473,18 @@ def jacobian(
                 [0., 4., 0., 5., 0., 6.]])
     """
     where = "jacobian"
-    call = V.normalize_call(where, func, args, argnums, in_dims)
+    call = _normalize(where, func, args, argnums, in_dims, randomness)
     method = V.check_method(where, method)
     layout = V.check_vec(where, vec)
     chunk_size = V.check_chunk_size(where, chunk_size)
     budget = None if max_memory is None else memory.parse_bytes(where, max_memory)
     show = V.check_progress(where, progress)
-    out_shape = _probe_output(call)
-    plan = _plan(call, method, out_shape)
+    if out is not None:  # an out buffer over an argument is refused before any work
+        given = out if isinstance(out, tuple) else (out,)
+        V.check_out_aliasing(where, [o for o in given if isinstance(o, torch.Tensor)], call.args)
+    probe = probe_call(call)
+    out_shape = tuple(probe.out.shape)
+    plan = _plan(call, method, out_shape, probe)
     shapes = [_result_shape(call, a, out_shape, layout) for a in call.argnums]
     bufs = _check_outs(where, call, out, shapes)
 
@@ -428,7 +550,26 @@ def _execute(
     layout: str | None,
     bufs: Sequence[torch.Tensor | None],
 ) -> list[torch.Tensor]:
-    """Run the plan's steps for ``call``; results in the caller's layout (``bufs`` where given)."""
+    """Run the plan's steps for ``call``; results in the caller's layout (``bufs`` where given).
+
+    Every evaluation of ``func`` is protected as ``plan.protection`` says (state restored,
+    written arguments copied, randomness replayed: :func:`jacbatch._state.protect`).
+    """
+    with _state.protect(call.func, plan.protection, call.device) as f:
+        run = call if f is call.func else dataclasses.replace(call, func=f)
+        return _execute_steps(run, call.func, plan, method, chunk_size, out_shape, layout, bufs)
+
+
+def _execute_steps(
+    call: V.Call,
+    user_func: Callable[..., Any],
+    plan: Plan,
+    method: str,
+    chunk_size: int | None,
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    bufs: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor]:
     results: dict[int, torch.Tensor] = {}
     shapes = [_result_shape(call, a, out_shape, layout) for a in call.argnums]
     for a, s, b in zip(call.argnums, shapes, bufs, strict=True):
@@ -455,6 +596,14 @@ def _execute(
                 ) from err
             jacs = _run_autodiff(call, todo, chunk_size, out_shape, layout, step_bufs)
         except (RuntimeError, NotImplementedError) as err:
+            if method != "auto" and plan.protection.writes_state and "captured" in str(err):
+                raise NotImplementedError(
+                    f"jacobian: expected a func that {step.method} can differentiate, got one "
+                    f"that writes into tensors it closes over (e.g. a train-mode BatchNorm's "
+                    f"running statistics), which torch.func's transforms refuse. Use "
+                    f"method='vjp' or 'auto' (the state is restored after the call), or put "
+                    f"the module in eval mode."
+                ) from err
             if method != "auto" or step.method not in ("jacrev", "jacfwd"):
                 raise
             # vmap rejects some functions (.item(), control flow on values): fall back.
@@ -464,7 +613,7 @@ def _execute(
                 )
             except Exception as err2:
                 raise err2 from err
-            _VMAP_REJECTED.add(call.func)
+            _VMAP_REJECTED.add(user_func)
         for a, J in zip(todo, jacs, strict=True):
             results[a] = J if call.batched else J.squeeze(0)
     return [results[a] if b is None else b for a, b in zip(call.argnums, bufs, strict=True)]
@@ -514,9 +663,11 @@ def _estimate(
 
     def run() -> list[torch.Tensor]:
         res: list[torch.Tensor] = []
-        for step in plan.steps:
-            bufs: list[torch.Tensor | None] = [None] * len(step.argnums)
-            res += _run_step(mcall, step, chunk_size, out_shape, layout, bufs, max_rows=2)
+        with _state.protect(mcall.func, plan.protection, mcall.device) as f:
+            run_call = mcall if f is mcall.func else dataclasses.replace(mcall, func=f)
+            for step in plan.steps:
+                bufs: list[torch.Tensor | None] = [None] * len(step.argnums)
+                res += _run_step(run_call, step, chunk_size, out_shape, layout, bufs, max_rows=2)
         return res
 
     try:
@@ -712,11 +863,13 @@ def explain(
     argnums: int | tuple[int, ...] = 0,
     in_dims: int | tuple[int | None, ...] | None = 0,
     method: str = "auto",
+    randomness: str = "error",
 ) -> Plan:
     """Say which route :func:`jacobian` would run for this call, and why, without running it.
 
     Args:
-        func, args, argnums, in_dims, method: as in :func:`jacobian`.
+        func, args, argnums, in_dims, method, randomness: as in :func:`jacobian` (a random
+            ``func`` under ``randomness="error"`` raises as :func:`jacobian` would).
 
     Returns:
         A :class:`Plan`; ``str(plan)`` is a readable summary.
@@ -736,9 +889,10 @@ def explain(
           note: argnum 0: tanh = aten.tanh.default -> rule elementwise_tanh
     """
     where = "explain"
-    call = V.normalize_call(where, func, args, argnums, in_dims)
+    call = _normalize(where, func, args, argnums, in_dims, randomness)
     method = V.check_method(where, method)
-    return _plan(call, method, _probe_output(call))
+    probe = probe_call(call)
+    return _plan(call, method, tuple(probe.out.shape), probe)
 
 
 def estimate_memory(
@@ -749,6 +903,7 @@ def estimate_memory(
     method: str = "auto",
     vec: str | None = None,
     chunk_size: int | None = None,
+    randomness: str = "error",
 ) -> memory.MemoryEstimate:
     """Preflight: the result's bytes and the route's peak working bytes, from shapes alone.
 
@@ -757,7 +912,8 @@ def estimate_memory(
     evaluated once on the first sample, to learn its output shape.
 
     Args:
-        func, args, argnums, in_dims, method, vec, chunk_size: as in :func:`jacobian`.
+        func, args, argnums, in_dims, method, vec, chunk_size, randomness: as in
+            :func:`jacobian`.
 
     Returns:
         A :class:`~jacbatch.memory.MemoryEstimate` (``output_bytes``, ``peak_bytes``,
@@ -770,12 +926,13 @@ def estimate_memory(
         (512, True)
     """
     where = "estimate_memory"
-    call = V.normalize_call(where, func, args, argnums, in_dims)
+    call = _normalize(where, func, args, argnums, in_dims, randomness)
     method = V.check_method(where, method)
     layout = V.check_vec(where, vec)
     chunk_size = V.check_chunk_size(where, chunk_size)
-    out_shape = _probe_output(call)
-    return _estimate(call, _plan(call, method, out_shape), out_shape, layout, chunk_size)
+    probe = probe_call(call)
+    out_shape = tuple(probe.out.shape)
+    return _estimate(call, _plan(call, method, out_shape, probe), out_shape, layout, chunk_size)
 
 
 @dataclass(frozen=True)
@@ -790,6 +947,7 @@ class CheckReport:
         failures: the pairs that disagree.
         dtype: the dtype of the call.
         errors: ``{route: message}`` for routes that raised (they count as not agreeing).
+        finite_difference_dtype: the dtype the finite difference ran in (``None``: none ran).
     """
 
     ok: bool
@@ -798,12 +956,18 @@ class CheckReport:
     failures: tuple[tuple[str, str], ...]
     dtype: torch.dtype
     errors: dict[str, str] = field(default_factory=dict)
+    finite_difference_dtype: torch.dtype | None = None
 
     def __str__(self) -> str:
         names = self.routes
         width = max(12, *(len(n) for n in names)) + 2
         head = " " * width + "".join(f"{n:>{width}}" for n in names)
-        lines = [f"jacbatch.check ({self.dtype}): " + ("OK" if self.ok else "MISMATCH"), head]
+        fd = self.finite_difference_dtype
+        where = "" if fd is None else f", finite difference in {fd}"
+        lines = [
+            f"jacbatch.check ({self.dtype}{where}): " + ("OK" if self.ok else "MISMATCH"),
+            head,
+        ]
         for a in names:
             cells = []
             for b in names:
@@ -826,13 +990,23 @@ def check(
     argnums: int | tuple[int, ...] = 0,
     in_dims: int | tuple[int | None, ...] | None = 0,
     finite_difference: bool = True,
+    randomness: str = "error",
 ) -> CheckReport:
     """Run every applicable route (and a central finite difference) and compare them pairwise.
 
+    Works on every call :func:`jacobian` accepts: closures and modules whose weights are in a
+    different dtype than a float64 difference would need, shared arguments, tuple argnums.
+    Routes that do not apply are left out: the closed form without rules, and jacrev/jacfwd for
+    a ``func`` that writes into tensors it closes over (torch.func refuses that).
+
     Args:
-        func, args, argnums, in_dims: as in :func:`jacobian`.
-        finite_difference: also compare with a float64 central finite difference (costs two
-            batched forward passes per input element).
+        func, args, argnums, in_dims, randomness: as in :func:`jacobian`. For a random ``func``
+            every route (and the difference) starts from the same generator state, so they
+            differentiate the same realization.
+        finite_difference: also compare with a central finite difference (costs two batched
+            forward passes per input element), in float64 when ``func`` runs in float64 on
+            float64 arguments, else in the call's dtype (see NOTE [Finite differences in the
+            call's dtype] in :mod:`jacbatch.testing`).
 
     Returns:
         A :class:`CheckReport`; ``report.ok`` says whether all routes agree, ``str(report)`` is a
@@ -843,44 +1017,66 @@ def check(
         >>> check(jacbatch.affine, A, W, B, argnums=1, in_dims=(0, None, None)).ok
         True
     """
-    from .testing import FINITE_DIFFERENCE_TOLERANCE, finite_difference_jacobian, tolerance
+    from . import testing
+    from .methods import batched_args
 
     where = "check"
-    call = V.normalize_call(where, func, args, argnums, in_dims)
-    _probe_output(call)
+    call = _normalize(where, func, args, argnums, in_dims, randomness)
+    probe = probe_call(call)
+    protection = _protection(call, probe)
+    untraceable = _untraceable(probe)
+    # Not applicable: a closed form without rules; torch.func for a state-writing func (it
+    # refuses writes into captured tensors by design).
+    routes = [r for r in ROUTES if not (probe.writes_state and r in ("jacrev", "jacfwd"))]
     routes = [
         r
-        for r in ROUTES
+        for r in routes
         if r != "closed_form"
         or closed_form.has_rules(call, call.argnums)
-        or all(an.ok for an in _traced_analyses(call, call.argnums).values())
+        or (
+            untraceable is None
+            and all(an.ok for an in _traced_analyses(call, call.argnums).values())
+        )
     ]
+    # Random functions: every route and the difference start from one generator state.
+    rng = _state.rng_state(call.device) if probe.random else None
     jacs: dict[str, list[torch.Tensor]] = {}
     errors: dict[str, str] = {}
     for r in routes:
+        if rng is not None:
+            _state.set_rng_state(call.device, rng)
         try:
             res = jacobian(
-                func, *args, argnums=call.argnums, in_dims=call.in_dims, method=r, vec="row"
+                func,
+                *args,
+                argnums=call.argnums,
+                in_dims=call.in_dims,
+                method=r,
+                vec="row",
+                randomness=call.randomness,
             )
         except (RuntimeError, NotImplementedError) as err:  # e.g. no forward-mode formula
             errors[r] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
             continue
         jacs[r] = [J.to(torch.float64).reshape(-1, *J.shape[-2:]) for J in res]
+    fd_dtype: torch.dtype | None = None
     if finite_difference:
-        from .methods import batched_args
-
         bargs, flags, B = batched_args(call)
-        fds = []
-        for a in call.argnums:
-            xs = list(bargs)
-            fl = list(flags)
-            if not fl[a]:
-                xs[a], fl[a] = xs[a].unsqueeze(0).expand(B, *xs[a].shape), True
-            fds.append(finite_difference_jacobian(func, xs, fl, a))
+        with _state.protect(call.func, protection, call.device) as f:
+            fds, fd_dtype = [], call.dtype
+            for a in call.argnums:
+                xs = list(bargs)
+                fl = list(flags)
+                if not fl[a]:
+                    xs[a], fl[a] = xs[a].unsqueeze(0).expand(B, *xs[a].shape), True
+                J, fd_dtype = testing.finite_difference(
+                    f, xs, fl, a, randomness=call.randomness, rng=rng
+                )
+                fds.append(J.to(torch.float64))
         jacs["finite_difference"] = fds
     names = tuple(jacs)
-    rtol, atol = tolerance(call.dtype)
-    frtol, fatol = FINITE_DIFFERENCE_TOLERANCE
+    rtol, atol = testing.tolerance(call.dtype)
+    frtol, fatol = testing.finite_difference_tolerance(fd_dtype or torch.float64)
     max_diff: dict[tuple[str, str], float] = {}
     failures = []
     for i, ra in enumerate(names):
@@ -901,7 +1097,13 @@ def check(
             if bad:
                 failures.append((ra, rb))
     return CheckReport(
-        not failures and not errors, names, max_diff, tuple(failures), call.dtype, errors
+        not failures and not errors,
+        names,
+        max_diff,
+        tuple(failures),
+        call.dtype,
+        errors,
+        fd_dtype,
     )
 
 

@@ -27,6 +27,7 @@ tensors, one GPU per rank, chosen from ``LOCAL_RANK`` by :func:`init`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -273,6 +274,11 @@ def _validate(
     return setup
 
 
+def _with_randomness(where: str, s: _Setup, randomness: object) -> _Setup:
+    call = dataclasses.replace(s.call, randomness=V.check_randomness(where, randomness))
+    return dataclasses.replace(s, call=call)
+
+
 def _compute(
     s: _Setup,
     method: str,
@@ -290,6 +296,7 @@ def _compute(
         vec=vec,
         chunk_size=chunk_size,
         out=None if outs is None else tuple(outs),
+        randomness=c.randomness,
     )
     return res if isinstance(res, tuple) else (res,)
 
@@ -311,6 +318,7 @@ def jacobian(
     dst: int = 0,
     group: Group = None,
     check_values: bool = True,
+    randomness: str = "error",
 ) -> torch.Tensor | tuple[torch.Tensor, ...] | Shard | None:
     """:func:`jacbatch.jacobian` with the batch sharded over the ranks of a process group.
 
@@ -322,9 +330,10 @@ def jacobian(
     raised on every rank instead of leaving the others waiting.
 
     Args:
-        func, args, argnums, in_dims, method, vec, chunk_size: as in :func:`jacbatch.jacobian`;
-            a batched argument holds the whole batch of ``B`` samples at ``in_dims[i]``. At least
-            one argument must be batched.
+        func, args, argnums, in_dims, method, vec, chunk_size, randomness: as in
+            :func:`jacbatch.jacobian`; a batched argument holds the whole batch of ``B`` samples
+            at ``in_dims[i]``. At least one argument must be batched. With
+            ``randomness="different"`` each rank draws for its own samples.
         gather: ``"all"`` returns the whole Jacobian on every rank; ``"dst"`` on rank ``dst``
             only (``None`` elsewhere), so only that rank holds all of it; ``None`` returns this
             rank's :class:`Shard` and communicates no Jacobian at all.
@@ -363,9 +372,10 @@ def jacobian(
         chunk_size,
         group,
         check_values,
-        [("gather", gather), ("dst", dst)],
+        [("gather", gather), ("dst", dst), ("randomness", randomness)],
         checks,
     )
+    s = _with_randomness(where, s, randomness)
     c = s.call
     holds_all = mode == "all" or (mode == "dst" and s.rank == dst)
 
@@ -428,6 +438,7 @@ def save_jacobian(
     chunk_size: int | None = None,
     group: Group = None,
     check_values: bool = True,
+    randomness: str = "error",
 ) -> slice:
     """Write the sharded Jacobian into one ``.npy`` file, each rank writing its own rows.
 
@@ -438,8 +449,8 @@ def save_jacobian(
 
     Args:
         path: the ``.npy`` file (a tuple of paths, one per argnum, for tuple ``argnums``).
-        func, args, argnums, in_dims, method, vec, chunk_size, group, check_values: as in
-            :func:`jacobian`.
+        func, args, argnums, in_dims, method, vec, chunk_size, group, check_values,
+            randomness: as in :func:`jacobian`.
 
     Returns:
         ``slice(start, stop)``: the rows of the ``(B, ...)`` array this rank wrote.
@@ -466,9 +477,13 @@ def save_jacobian(
         chunk_size,
         group,
         check_values,
-        [("path", tuple(os.fspath(p) if isinstance(p, (str, os.PathLike)) else p for p in raw))],
+        [
+            ("path", tuple(os.fspath(p) if isinstance(p, (str, os.PathLike)) else p for p in raw)),
+            ("randomness", randomness),
+        ],
         checks,
     )
+    s = _with_randomness(where, s, randomness)
     c = s.call
     np_dtype = np.dtype(torch.empty(0, dtype=c.dtype).numpy().dtype)
 

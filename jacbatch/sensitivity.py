@@ -32,6 +32,7 @@ Example (a study in a few lines):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import _state
 from . import _validation as V
 from .api import explain, jacobian
 from .methods import vjp as _vjp
@@ -178,11 +180,18 @@ def _batches(
     """
     N = X.shape[0]
     step = N if batch_size is None else batch_size
+    # randomness="same": one draw for the whole sample, so every batch replays the generator.
+    same = _state.rng_state(X.device) if jacobian_kwargs.get("randomness") == "same" else None
     for start in range(0, N, step):
         xc = X[start : start + step]
+        if same is not None:
+            _state.set_rng_state(X.device, same)
         J = jacobian(func, xc, method=method, vec="row", **jacobian_kwargs)
         assert isinstance(J, torch.Tensor)
         call = V.normalize_call(where, func, (xc,), 0, 0)
+        call = dataclasses.replace(call, randomness=jacobian_kwargs.get("randomness", "error"))
+        if same is not None:  # the outputs of the same draw
+            _state.set_rng_state(X.device, same)
         with torch.no_grad():
             y = _vjp.forward(call, [xc], [True], xc.shape[0])
         V.check_finite_outputs(where, y, start)
@@ -190,9 +199,11 @@ def _batches(
         yield start, xc, y.detach(), J
 
 
-def _route(func: Callable[..., torch.Tensor], x: torch.Tensor, method: str) -> str:
+def _route(
+    func: Callable[..., torch.Tensor], x: torch.Tensor, method: str, randomness: str = "error"
+) -> str:
     """The route(s) jacobian took for ``func`` (after any fallback), e.g. ``"jacrev"``."""
-    return "+".join(s.method for s in explain(func, x, method=method).steps)
+    return "+".join(s.method for s in explain(func, x, method=method, randomness=randomness).steps)
 
 
 class _Moments:
@@ -398,7 +409,7 @@ def local_sensitivity(
         elasticity=E.reshape(B, *out_shape, *in_shape),
         input_names=in_names or _default_names("x", i),
         output_names=out_names or _output_names(out_shape),
-        route=_route(func, x[:1], method),
+        route=_route(func, x[:1], method, jacobian_kwargs.get("randomness", "error")),
     )
 
 
@@ -705,5 +716,5 @@ def _dgsm_result(
         n_samples=N,
         input_names=setup.in_names or _default_names("x", d),
         output_names=out_names or _output_names(out_shape),
-        route=_route(func, X[:1], setup.method),
+        route=_route(func, X[:1], setup.method, setup.jacobian_kwargs.get("randomness", "error")),
     )

@@ -12,7 +12,17 @@ import torch
 
 from . import _validation as V
 from . import memory
-from .api import Plan, _execute, _fit, _plan, _probe_output, _progress, _result_shape, _slice_call
+from .api import (
+    Plan,
+    _execute,
+    _fit,
+    _normalize,
+    _plan,
+    _progress,
+    _result_shape,
+    _slice_call,
+    probe_call,
+)
 
 
 def iter_jacobian(
@@ -26,6 +36,7 @@ def iter_jacobian(
     max_memory: int | str | None = None,
     batch_chunk: int | None = None,
     progress: bool | None = None,
+    randomness: str = "error",
 ) -> Iterator[tuple[slice, Any]]:
     """Yield the batched Jacobian chunk by chunk, never holding all of it.
 
@@ -35,7 +46,7 @@ def iter_jacobian(
     chunk: drop your reference to a chunk (``del J``) before the loop asks for the next one.
 
     Args:
-        func, args, argnums, in_dims, method, vec, chunk_size, progress: as in
+        func, args, argnums, in_dims, method, vec, chunk_size, progress, randomness: as in
             :func:`jacbatch.jacobian`. At least one argument must be batched.
         max_memory: budget for one chunk's result plus its working memory (bytes or a string
             like ``"512MiB"``). Default: half of the memory free now.
@@ -52,7 +63,7 @@ def iter_jacobian(
     """
     it, _, _ = _prepare(
         "iter_jacobian", func, args, argnums, in_dims, method, vec, chunk_size,
-        max_memory, batch_chunk, progress,
+        max_memory, batch_chunk, progress, randomness,
     )  # fmt: skip
     return it
 
@@ -69,9 +80,10 @@ def _prepare(
     max_memory: int | str | None,
     batch_chunk: int | None,
     progress: bool | None,
+    randomness: str = "error",
 ) -> tuple[Iterator[tuple[slice, Any]], V.Call, tuple[int, ...]]:
     """Validate and plan a chunked run once: the chunk iterator, the call and the output shape."""
-    call = V.normalize_call(where, func, args, argnums, in_dims)
+    call = _normalize(where, func, args, argnums, in_dims, randomness)
     method = V.check_method(where, method)
     layout = V.check_vec(where, vec)
     chunk_size = V.check_chunk_size(where, chunk_size)
@@ -83,8 +95,9 @@ def _prepare(
         if max_memory is None
         else memory.parse_bytes(where, max_memory)
     )
-    out_shape = _probe_output(call)
-    plan = _plan(call, method, out_shape)
+    probe = probe_call(call)
+    out_shape = tuple(probe.out.shape)
+    plan = _plan(call, method, out_shape, probe)
     if batch_chunk is None:
         batch_chunk, chunk_size = _fit(call, plan, out_shape, layout, chunk_size, budget, True)
     else:
@@ -130,6 +143,7 @@ def save_jacobian(
     max_memory: int | str | None = None,
     batch_chunk: int | None = None,
     progress: bool | None = None,
+    randomness: str = "error",
 ) -> tuple[int, ...]:
     """Stream a batched Jacobian into a ``.npy`` file, chunk by chunk, within ``max_memory``.
 
@@ -141,7 +155,7 @@ def save_jacobian(
     Args:
         path: the ``.npy`` file to create (overwritten).
         func, args, argnums, in_dims, method, vec, chunk_size, max_memory, batch_chunk,
-            progress: as in :func:`iter_jacobian` (a single ``int`` argnums).
+            progress, randomness: as in :func:`iter_jacobian` (a single ``int`` argnums).
 
     Returns:
         The shape written: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)``.
@@ -151,7 +165,7 @@ def save_jacobian(
         V.single_argnum(where, argnums)
     it, call, out_shape = _prepare(
         where, func, args, argnums, in_dims, method, vec, chunk_size,
-        max_memory, batch_chunk, progress,
+        max_memory, batch_chunk, progress, randomness,
     )  # fmt: skip
     shape = _result_shape(call, call.argnums[0], out_shape, vec)
     dtype = torch.empty((), dtype=call.dtype).numpy().dtype

@@ -371,7 +371,9 @@ def test_identity_and_independent_outputs() -> None:
 def test_random_ops_fall_back() -> None:
     f = lambda X: X * torch.rand_like(X).round()  # noqa: E731  (vmap rejects randomness)
     torch.manual_seed(0)
-    J = jacbatch.jacobian(f, X_).reshape(B, m * p, m * p)
+    with pytest.raises(ValueError, match="randomness="):  # default: refused, not guessed
+        jacbatch.jacobian(f, X_)
+    J = jacbatch.jacobian(f, X_, randomness="different").reshape(B, m * p, m * p)
     diag = torch.diagonal(J, dim1=1, dim2=2)
     assert torch.equal(J, torch.diag_embed(diag))  # a 0/1 mask on the diagonal, nothing else
     assert bool(((diag == 0) | (diag == 1)).all())

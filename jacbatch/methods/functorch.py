@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.func import jacrev, jvp, vmap
 
+from .. import _state
 from .._validation import Call
 from . import batched_args, finish
 
@@ -36,13 +37,19 @@ def _forward_columns(
     argnum: int,
     chunk_size: int | None,
     out_shape: tuple[int, ...],
+    randomness: str = "error",
+    rng: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Forward-mode Jacobian w.r.t. ``args[argnum]`` for the whole batch: ``(B, *out, *in)``.
 
     ``vmap`` over one-hot tangents (``chunk_size`` at a time) of ``jvp`` of the batch-vmapped
-    function; see NOTE [Forward mode: vmap over tangents outside the batch].
+    function; see NOTE [Forward mode: vmap over tangents outside the batch]. With ``rng``
+    every chunk starts from that generator state, and the tangent vmap draws once for all
+    columns, so every column sees the same realization (NOTE [Randomness: one realization per
+    sample] in :mod:`jacbatch._state`).
     """
-    g = vmap(func, in_dims=dims) if batched else func
+    g = vmap(func, in_dims=dims, randomness=randomness) if batched else func
+    tangent_randomness = "error" if randomness == "error" else "same"
     x = args[argnum]
     in_shape = x.shape[1:] if dims[argnum] is not None else x.shape
     n = math.prod(in_shape)
@@ -64,7 +71,9 @@ def _forward_columns(
         stop = min(n, start + step)
         basis = torch.zeros(stop - start, n, dtype=x.dtype, device=x.device)
         basis[torch.arange(stop - start), torch.arange(start, stop)] = 1
-        cols.append(vmap(push)(basis.view(stop - start, *in_shape)))  # (c, [B,] *out)
+        if rng is not None:
+            _state.set_rng_state(x.device, rng)
+        cols.append(vmap(push, randomness=tangent_randomness)(basis.view(stop - start, *in_shape)))
     lead = x.shape[:1] if B is not None else ()
     if not batched:
         lead = ()
@@ -95,14 +104,29 @@ def compute(
     jacs: list[torch.Tensor] = []
     if mode == "rev":
         fn = jacrev(call.func, argnums=nums, chunk_size=chunk_size)
-        res = vmap(fn, in_dims=dims)(*args) if call.batched else fn(*args)
+        res = (
+            vmap(fn, in_dims=dims, randomness=call.randomness)(*args) if call.batched else fn(*args)
+        )
         jacs.extend(r if call.batched else r.unsqueeze(0) for r in res)
     else:
+        # Each argnum and column chunk is a new forward pass over the same samples: replay the
+        # generator so that all of them see one realization.
+        rng = None if call.randomness == "error" else _state.rng_state(call.device)
         for a in nums:
             # A shared differentiated argument gets a per-sample tangent through the batched
             # function's jvp, so the result is per sample without expanding it.
             jacs.append(
-                _forward_columns(call.func, args, dims, call.batched, a, chunk_size, out_shape)
+                _forward_columns(
+                    call.func,
+                    args,
+                    dims,
+                    call.batched,
+                    a,
+                    chunk_size,
+                    out_shape,
+                    call.randomness,
+                    rng,
+                )
             )
 
     return [

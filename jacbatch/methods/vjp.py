@@ -32,7 +32,7 @@ def forward(
     """Batched output ``(B, *out_shape)`` with an autograd graph: vmap, else a per-sample loop."""
     dims = tuple(0 if f else None for f in batched)
     try:
-        return vmap(call.func, in_dims=dims)(*args)
+        return vmap(call.func, in_dims=dims, randomness=call.randomness)(*args)
     except (RuntimeError, NotImplementedError, ValueError, TypeError):
         pass
     outs = [
