@@ -48,6 +48,7 @@ import functools
 import logging
 import threading
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -119,15 +120,68 @@ def _trampoline(fn: Callable[..., Any], *xs: torch.Tensor) -> Any:
 
 _RUNNER: Callable[..., Any] | None = None
 
+# NOTE [Dynamo settings that trade soundness for speed]
+#     A few Dynamo settings skip guards "for speed" and are documented as unsafe: with
+#     ``skip_nnmodule_hook_guards`` a forward hook added after the capture is not noticed (the
+#     catalogue in tests/test_capture.py caught exactly that), and
+#     ``assume_dunder_attributes_remain_unchanged`` ignores a rebound ``__defaults__`` or
+#     ``__code__``. jacbatch turns them off while Dynamo compiles one of its captures (the
+#     settings are read when guards are built, not when they are checked), from Dynamo's
+#     compile-start callback, gated on this thread capturing; other compiles are untouched.
+#     Without the callback API every capture call patches them (about 45 µs more per call).
+_SOUND_SETTINGS = {
+    "skip_nnmodule_hook_guards": False,
+    "skip_no_tensor_aliasing_guards_on_parameters": False,
+    "skip_tensor_guards_with_matching_dict_tags": False,
+    "assume_dunder_attributes_remain_unchanged": False,
+}
+_PATCH_EVERY_CALL = False
+
+
+def _sound_settings_on(args: object = None) -> None:
+    if not getattr(_LOCAL, "capturing", False) or getattr(_LOCAL, "saved", None) is not None:
+        return
+    from torch._dynamo import config
+
+    saved = {k: getattr(config, k) for k in _SOUND_SETTINGS if hasattr(config, k)}
+    for k in saved:
+        setattr(config, k, _SOUND_SETTINGS[k])
+    _LOCAL.saved = saved
+
+
+def _sound_settings_off(args: object = None) -> None:
+    saved = getattr(_LOCAL, "saved", None)
+    if saved is None:
+        return
+    from torch._dynamo import config
+
+    for k, v in saved.items():
+        setattr(config, k, v)
+    _LOCAL.saved = None
+
 
 def _runner() -> Callable[..., Any]:
     """``torch.compile`` of a trampoline whose own frame Dynamo skips: the compiled frame, and
-    the cache, is that of ``func`` itself (its code object), not one shared by every function."""
-    global _RUNNER
-    if _RUNNER is None:
-        from torch import _dynamo
+    the cache, is that of ``func`` itself (its code object), not one shared by every function.
 
-        _dynamo.eval_frame.skip_code(_trampoline.__code__)
+    Re-installs the trampoline's skip and the compile callbacks after ``torch._dynamo.reset()``.
+    """
+    global _RUNNER, _PATCH_EVERY_CALL
+    from torch import _dynamo
+
+    handler = getattr(_dynamo, "callback_handler", None)
+    if _RUNNER is not None and (
+        _PATCH_EVERY_CALL or _sound_settings_on in handler.start_callbacks  # type: ignore[union-attr]
+    ):
+        return _RUNNER
+    _dynamo.eval_frame.skip_code(_trampoline.__code__)
+    try:
+        assert handler is not None
+        handler.register_start_callback(_sound_settings_on)
+        handler.register_end_callback(_sound_settings_off)
+    except (AssertionError, AttributeError):
+        _PATCH_EVERY_CALL = True
+    if _RUNNER is None:
         _RUNNER = torch.compile(_trampoline, backend=_backend, fullgraph=True, dynamic=False)
     return _RUNNER
 
@@ -191,10 +245,15 @@ def _install_quiet() -> None:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
+    """No log record from torch and no warning while this thread captures (Dynamo warns, e.g.,
+    about builtins it cannot trace: that is a fallback to autodiff, not the user's concern).
+    ``warnings.catch_warnings`` is process-wide: it is held only under the capture lock."""
     prev = getattr(_LOCAL, "quiet", False)
     _LOCAL.quiet = True
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         _LOCAL.quiet = prev
 
@@ -286,14 +345,18 @@ def _capture(
     device: torch.device,
     batched: tuple[bool, ...],
 ) -> Captured:
-    examples = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
     target = _target(func)
     with _LOCK, _quiet(), torch.inference_mode(False), torch.enable_grad():
+        # our own tensors, never the caller's (nor inference tensors from the caller's mode)
+        examples = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
         runner = _runner()
         _install_quiet()
         _LOCAL.record = None
+        _LOCAL.capturing = True
         before = _CAPTURES
         try:
+            if _PATCH_EVERY_CALL:
+                _sound_settings_on()
             try:
                 ret = runner(target, *examples)
             except Exception as err:
@@ -309,6 +372,8 @@ def _capture(
             return _failed(f"Dynamo could not capture it ({tracing._first_line(err)})", batched)
         finally:
             record, _LOCAL.record = _LOCAL.record, None
+            _LOCAL.capturing = False
+            _sound_settings_off()
         if before != _CAPTURES:
             _install_quiet()  # loggers of modules imported while compiling
         if record is None:
