@@ -60,8 +60,10 @@ import torch.fx
 from . import tracing
 
 #: The most graphs Dynamo keeps per code object for jacbatch's calls (its default is 8; raised
-#: only around our own calls, and only after the default was reached).
-RECOMPILE_LIMIT = 64
+#: only around our own calls, and only after the default was reached). A function re-captured
+#: for every new value (a float closure changing in a loop) wastes at most this many captures
+#: (tens of ms each) before autodiff takes over for good.
+RECOMPILE_LIMIT = 16
 
 _LOCK = threading.RLock()
 _LOCAL = threading.local()

@@ -12,8 +12,9 @@ NOTE [Why make_fx in fake mode]
     (``matmul`` -> ``mm``/``bmm``/``view``, ``logdet`` -> ``_linalg_slogdet``), every node carries
     its shape in ``meta["val"]``, branching on a value (``if x.sum() > 0``) raises a
     data-dependent-guard error instead of silently specializing on one sample (what the "real"
-    mode would do, giving wrong Jacobians for the rest of the batch), and closed-over tensors
-    become graph constants that reference the caller's tensor (in-place updates stay visible).
+    mode would do, giving wrong Jacobians for the rest of the batch). Dynamo (see
+    :mod:`jacbatch.capture`) captures the function first, so closed-over tensors, globals and
+    parameters arrive here as graph inputs whose current values every call passes in.
 
 Tracing is per sample with the call's per-sample shapes, dtype and device; the graph is then
 evaluated for the whole batch under ``torch.func.vmap`` (:meth:`TracedGraph.evaluate`).

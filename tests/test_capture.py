@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -676,3 +677,39 @@ def test_in_place_write_under_no_grad_is_not_traced() -> None:
         return y * x
 
     assert_matches(jacbatch.jacobian(f, X), reference(f, X))
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads, memory estimates
+# ---------------------------------------------------------------------------------------------
+
+
+def test_threads_capture_safely() -> None:
+    """One code object, four closures, four threads: each thread gets its own function's graph."""
+    funcs = [(lambda k: lambda x: torch.tanh(x * k) @ W1)(float(k)) for k in range(1, 5)]
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(3):
+                results[i] = jacbatch.jacobian(funcs[i], X, method="closed_form")
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for i, f in enumerate(funcs):
+        assert_matches(results[i], reference(f, X))
+
+
+def test_memory_estimate_reuses_the_call_capture() -> None:
+    f = lambda x: torch.tanh(x @ W1)  # noqa: E731
+    n0 = capture.capture_count()
+    est = jacbatch.estimate_memory(f, X, method="closed_form")
+    assert est.exact and est.output_bytes == B * N * N * 8
+    assert capture.capture_count() <= n0 + 1  # the meta run captures nothing of its own
