@@ -686,7 +686,11 @@ def test_in_place_write_under_no_grad_is_not_traced() -> None:
 
 def test_threads_capture_safely() -> None:
     """One code object, four closures, four threads: each thread gets its own function's graph."""
-    funcs = [(lambda k: lambda x: torch.tanh(x * k) @ W1)(float(k)) for k in range(1, 5)]
+
+    def make(k: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: torch.tanh(x * k) @ W1
+
+    funcs = [make(float(k)) for k in range(1, 5)]
     results: dict[int, torch.Tensor] = {}
     errors: list[BaseException] = []
 
