@@ -143,6 +143,7 @@ _PATCH_EVERY_CALL = False
 def _sound_settings_on(args: object = None) -> None:
     if not getattr(_LOCAL, "capturing", False) or getattr(_LOCAL, "saved", None) is not None:
         return
+    _silence_warnings()
     from torch._dynamo import config
 
     saved = {k: getattr(config, k) for k in _SOUND_SETTINGS if hasattr(config, k)}
@@ -152,6 +153,7 @@ def _sound_settings_on(args: object = None) -> None:
 
 
 def _sound_settings_off(args: object = None) -> None:
+    _restore_warnings()
     saved = getattr(_LOCAL, "saved", None)
     if saved is None:
         return
@@ -236,9 +238,17 @@ _QUIET = _Quiet()
 _QUIETED: set[str] = set()
 
 
+_QUIET_SEEN = [0]
+
+
 def _install_quiet() -> None:
-    """Drop records of torch's loggers while this thread captures (installed once per logger)."""
-    for name, lg in list(logging.root.manager.loggerDict.items()):
+    """Drop records of torch's loggers while this thread captures (installed once per logger,
+    looked for again only when new loggers exist)."""
+    loggers = logging.root.manager.loggerDict
+    if len(loggers) == _QUIET_SEEN[0]:
+        return
+    _QUIET_SEEN[0] = len(loggers)
+    for name, lg in list(loggers.items()):
         if name in _QUIETED or not name.startswith("torch") or not isinstance(lg, logging.Logger):
             continue
         lg.addFilter(_QUIET)
@@ -247,17 +257,31 @@ def _install_quiet() -> None:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """No log record from torch and no warning while this thread captures (Dynamo warns, e.g.,
-    about builtins it cannot trace: that is a fallback to autodiff, not the user's concern).
-    ``warnings.catch_warnings`` is process-wide: it is held only under the capture lock."""
+    """No log record from torch while this thread captures (a logger filter reads this flag)."""
     prev = getattr(_LOCAL, "quiet", False)
     _LOCAL.quiet = True
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
+        yield
     finally:
         _LOCAL.quiet = prev
+
+
+def _silence_warnings() -> None:
+    """Ignore warnings while Dynamo compiles one of our captures (it warns, e.g., about builtins
+    it cannot trace: a fallback to autodiff, not the user's concern). ``catch_warnings`` is
+    process-wide: it is held only while compiling, under the capture lock."""
+    if getattr(_LOCAL, "warnings", None) is None:
+        ctx = warnings.catch_warnings()
+        ctx.__enter__()
+        warnings.simplefilter("ignore")
+        _LOCAL.warnings = ctx
+
+
+def _restore_warnings() -> None:
+    ctx = getattr(_LOCAL, "warnings", None)
+    if ctx is not None:
+        _LOCAL.warnings = None
+        ctx.__exit__(None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
