@@ -199,9 +199,6 @@ def _runner() -> Callable[..., Any]:
     return _RUNNER
 
 
-_WRAPPERS: weakref.WeakKeyDictionary[Any, Callable[..., Any]] = weakref.WeakKeyDictionary()
-
-
 def _call_through(fn: Callable[..., Any]) -> Callable[..., Any]:
     def call(*xs: torch.Tensor) -> Any:
         return fn(*xs)
@@ -209,28 +206,41 @@ def _call_through(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def _target(func: Callable[..., Any]) -> Callable[..., Any]:
-    """What Dynamo compiles: ``func`` when it has Python code of its own, else a wrapper frame.
+# A code object of its own per module or other callable without Python code (it holds no
+# reference to the callable, so the callable can be freed).
+_CODES: weakref.WeakKeyDictionary[Any, types.CodeType] = weakref.WeakKeyDictionary()
 
-    Modules, builtins and callable objects get a wrapper with a code object of its own (per
-    object where it can be weakly referenced), so they do not share one recompile budget.
+
+def _own_code(f: Any) -> bool:
+    return isinstance(f, types.FunctionType) and not f.__module__.startswith("torch")
+
+
+def _target(func: Callable[..., Any]) -> Callable[..., Any]:
+    """What Dynamo compiles: ``func`` when its first frame is Python code of the caller's (a
+    function, method, ``functools.partial`` of one, an object with a Python ``__call__``), else
+    a wrapper frame.
+
+    Modules and other callables get a wrapper with a code object of its own per object, so they
+    do not share one recompile budget; builtins (not weakly referenceable) share one wrapper
+    code, guarded on the builtin's identity.
     """
     inner = func.func if isinstance(func, functools.partial) else func
     inner = inner.__func__ if isinstance(inner, types.MethodType) else inner
-    if isinstance(inner, types.FunctionType) and not inner.__module__.startswith("torch"):
+    if _own_code(inner) or (
+        not isinstance(inner, torch.nn.Module)
+        and not isinstance(inner, types.FunctionType)
+        and _own_code(vars(type(inner)).get("__call__"))
+    ):
         return func
+    base = _call_through(func)
     try:
-        w = _WRAPPERS.get(func)
-    except TypeError:
-        w = None
-    if w is None:
-        base = _call_through(func)
-        w = types.FunctionType(
-            base.__code__.replace(), base.__globals__, "call", None, base.__closure__
-        )
-        with contextlib.suppress(TypeError):  # not weak-referenceable: a fresh wrapper each time
-            _WRAPPERS[func] = w
-    return w
+        code = _CODES.get(func)
+        if code is None:
+            code = base.__code__.replace()
+            _CODES[func] = code
+    except TypeError:  # not weak-referenceable (a builtin): the shared wrapper code
+        return base
+    return types.FunctionType(code, base.__globals__, "call", None, base.__closure__)
 
 
 # ---------------------------------------------------------------------------------------------

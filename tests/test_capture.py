@@ -717,3 +717,40 @@ def test_memory_estimate_reuses_the_call_capture() -> None:
     est = jacbatch.estimate_memory(f, X, method="closed_form")
     assert est.exact and est.output_bytes == B * N * N * 8
     assert capture.capture_count() <= n0 + 1  # the meta run captures nothing of its own
+
+
+class _Scale:
+    def __init__(self, k: float) -> None:
+        self.k = k
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * self.k
+
+
+def test_builtins_modules_and_callable_objects_are_captured_once() -> None:
+    n0 = capture.capture_count()
+    for _ in range(3):
+        assert_matches(jacbatch.jacobian(torch.tanh, X), reference(torch.tanh, X))
+    assert capture.capture_count() == n0 + 1
+    m = torch.nn.Sequential(linear(6), torch.nn.Tanh())
+    for _ in range(3):
+        assert_matches(jacbatch.jacobian(m, X), reference(m, X))
+    assert capture.capture_count() == n0 + 2
+    for _ in range(3):  # new objects, same values: the code of __call__ is guarded, reused
+        c = _Scale(2.0)
+        assert_matches(jacbatch.jacobian(c, X), reference(c, X))
+    assert capture.capture_count() == n0 + 3
+    c = _Scale(5.0)
+    assert_matches(jacbatch.jacobian(c, X), reference(c, X))
+
+
+def test_captured_modules_can_be_freed() -> None:
+    import gc
+    import weakref
+
+    m = torch.nn.Sequential(linear(7), torch.nn.Tanh())
+    jacbatch.jacobian(m, X)
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
