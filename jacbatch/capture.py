@@ -440,6 +440,8 @@ def _graph_for(
     batched: tuple[bool, ...],
 ) -> Captured:
     """The traced graph of ``cap`` for this call's batching, and this call's lifted values."""
+    # Which runtime inputs are the arguments: by identity with the tensors we created (sources
+    # cannot tell: a module's parameters come first, a partial's keywords are frame locals too).
     args: list[int | None] = []
     for x in inputs:
         args.append(next((i for i, e in enumerate(examples) if x is e), None))
