@@ -196,12 +196,12 @@ def _probe_output(call: V.Call) -> tuple[int, ...]:
     return tuple(probe_call(call).out.shape)
 
 
-def _traced_analyses(call: V.Call, argnums: Sequence[int]) -> dict[int, Any]:
+def _traced_analyses(call: V.Call, argnums: Sequence[int], retry: bool = False) -> dict[int, Any]:
     """Per argnum without a registered rule, the traced analysis (cached with the trace)."""
     todo = [a for a in argnums if rules.lookup(call.func, a) is None]
     if not todo:
         return {}
-    tg = traced.traced_graph(call)
+    tg = traced.traced_graph(call, retry)
     return {a: tg.analysis(a) for a in todo}
 
 
@@ -312,7 +312,7 @@ def _plan(
         )
         notes = _node_notes(analyses)
     elif method == "closed_form":
-        analyses = _traced_analyses(call, call.argnums)
+        analyses = _traced_analyses(call, call.argnums, retry=True)
         for a, an in analyses.items():
             if not an.ok:
                 V.no_rule_error(

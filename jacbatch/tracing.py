@@ -12,24 +12,23 @@ NOTE [Why make_fx in fake mode]
     (``matmul`` -> ``mm``/``bmm``/``view``, ``logdet`` -> ``_linalg_slogdet``), every node carries
     its shape in ``meta["val"]``, branching on a value (``if x.sum() > 0``) raises a
     data-dependent-guard error instead of silently specializing on one sample (what the "real"
-    mode would do, giving wrong Jacobians for the rest of the batch), and closed-over tensors
-    become graph constants that reference the caller's tensor (in-place updates stay visible).
+    mode would do, giving wrong Jacobians for the rest of the batch). Dynamo (see
+    :mod:`jacbatch.capture`) captures the function first, so closed-over tensors, globals and
+    parameters arrive here as graph inputs whose current values every call passes in.
 
 Tracing is per sample with the call's per-sample shapes, dtype and device; the graph is then
 evaluated for the whole batch under ``torch.func.vmap`` (:meth:`TracedGraph.evaluate`).
 
-Traced graphs are cached on the function (weakly), keyed by per-sample shapes, dtype, device,
-which arguments are batched, and the identity of the objects the function closes over or reads
-as globals (rebinding a closed-over tensor re-traces; mutating it in place needs no re-trace).
+Which graph a call uses, and when to re-trace, is decided by Dynamo's guards
+(:mod:`jacbatch.capture`): :func:`to_aten` converts its captured graph, whose extra inputs are the
+tensors the function reads besides its arguments (globals, closed-over tensors, parameters), so
+their current values are used on every call. :func:`trace` traces a function directly, uncached.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import operator
-import types
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,8 +85,10 @@ class Analysis:
     out: torch.fx.Node | None = None
 
 
-def _is_float_tensor(v: object) -> bool:
-    return isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+def _is_differentiable_tensor(v: object) -> bool:
+    """Floating-point or complex: values autograd differentiates through (integer and bool
+    results, e.g. ``argmax`` or ``x.long()``, have no derivative there either)."""
+    return isinstance(v, torch.Tensor) and (v.dtype.is_floating_point or v.dtype.is_complex)
 
 
 def _first_line(err: BaseException) -> str:
@@ -100,11 +101,23 @@ def _first_line(err: BaseException) -> str:
 
 @dataclass
 class TracedGraph:
-    """A traced per-sample function, or why it could not be traced."""
+    """A traced per-sample function, or why it could not be traced.
+
+    Attributes:
+        gm: the aten graph, or ``None``.
+        error: why there is no graph.
+        batched: per placeholder, whether its value carries the batch dimension.
+        inputs: per placeholder, the index of its value in the list :meth:`evaluate` and
+            :func:`jacobian_terms` receive: the call's arguments, then the values of the
+            graph's lifted inputs (see :class:`jacbatch.capture.Captured`). ``None``: the
+            placeholders are the arguments, in order. An argument the function does not read
+            has no placeholder.
+    """
 
     gm: torch.fx.GraphModule | None
     error: str | None
     batched: tuple[bool, ...]
+    inputs: tuple[int, ...] | None = None
     _analyses: dict[int, Analysis] = field(default_factory=dict)
     _evaluators: dict[tuple[str, ...], Callable[..., Any]] = field(default_factory=dict)
     _batch_deps: set[torch.fx.Node] | None = None
@@ -125,7 +138,8 @@ class TracedGraph:
         graph = self.gm.graph
         nodes = list(graph.nodes)
         placeholders = [n for n in nodes if n.op == "placeholder"]
-        x = placeholders[argnum]
+        where = list(range(len(placeholders))) if self.inputs is None else list(self.inputs)
+        x = placeholders[where.index(argnum)] if argnum in where else None
         out_node = next(n for n in nodes if n.op == "output")
         result = out_node.args[0]
         if isinstance(result, (tuple, list)):
@@ -134,13 +148,17 @@ class TracedGraph:
             result = result[0]
         if not isinstance(result, torch.fx.Node):
             return Analysis(False, "the output is not a traced tensor", ())
+        if x is None:  # the function never reads this argument
+            return Analysis(
+                True, "the output does not depend on the argument", (), (), None, result
+            )
         # nodes reachable from x through floating-point values (multi-output ops pass through)
         fwd = {x}
         for n in nodes:
             if n in fwd or n.op != "call_function":
                 continue
             val = n.meta.get("val")
-            if not (_is_float_tensor(val) or isinstance(val, (tuple, list))):
+            if not (_is_differentiable_tensor(val) or isinstance(val, (tuple, list))):
                 continue
             if any(a in fwd for a in n.all_input_nodes):
                 fwd.add(n)
@@ -183,8 +201,9 @@ class TracedGraph:
                 failure = failure or f"{n.name} ({name}) uses a value read with .item()"
                 continue
             if isinstance(val, torch.Tensor) and val.dtype != x.meta["val"].dtype:
+                # e.g. a complex intermediate (fft, .to(complex)): no rule follows it
                 notes.append(NodeNote(n.name, name, None, f"changes the dtype to {val.dtype}"))
-                failure = failure or f"{n.name} ({name}) changes the dtype"
+                failure = failure or f"{n.name} ({name}) changes the dtype to {val.dtype}"
                 continue
             nested = [
                 a
@@ -244,9 +263,12 @@ class TracedGraph:
     ) -> dict[torch.fx.Node, torch.Tensor]:
         """Values of ``needed`` nodes for the whole batch: ``(B, *shape)`` or shared ``(1, *shape)``.
 
-        ``args`` have their batch dimension first where batched (shared ones as they are).
+        ``args`` have their batch dimension first where batched (shared ones as they are): the
+        call's arguments, then the lifted inputs' values (see ``inputs``).
         """
         assert self.gm is not None
+        if self.inputs is not None:
+            args = [args[i] for i in self.inputs]
         key = tuple(n.name for n in needed)
         fn = self._evaluators.get(key)
         if fn is None:
@@ -313,7 +335,9 @@ def compose(
     Forward accumulation: starting from the identity on the argument, each node's Jacobian is
     ``Σ_i L_i ∘ J_(operand i)``; factors stay structured (deltas are never expanded).
     """
-    assert an.ok and an.x is not None and an.out is not None
+    assert an.ok and an.out is not None
+    if an.x is None:  # the argument is not read: zero
+        return []
     xs = _shape(an.x)
     idx = "".join(op_rules.letters(len(xs)))
     J: dict[torch.fx.Node, list[Term]] = {an.x: [terms.make(1.0, "", idx, idx, xs, xs, like)]}
@@ -354,59 +378,8 @@ def _const(n: torch.fx.Node) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Cache
+# Tracing into aten
 # ---------------------------------------------------------------------------------------------
-
-_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], TracedGraph]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _identity(v: Any) -> Any:
-    """``id(v)``, plus the ids of the tensors a module or plain object holds as attributes."""
-    if isinstance(v, torch.nn.Module):
-        held = [id(t) for t in itertools.chain(v.parameters(), v.buffers())]
-        return (id(v), v.training, tuple(held))
-    if isinstance(v, (torch.Tensor, int, float, str, bool, type(None), types.FunctionType)):
-        return id(v)
-    attrs = getattr(v, "__dict__", None)
-    if isinstance(attrs, dict):
-        return (id(v), tuple((k, id(t)) for k, t in attrs.items() if isinstance(t, torch.Tensor)))
-    return id(v)
-
-
-def _fingerprint(func: Any) -> tuple[Any, ...]:
-    """Identity of what ``func`` closes over or reads as globals (rebinding means re-tracing).
-
-    Covers closure cells, globals the code names that hold tensors or modules, default
-    arguments, a bound method's ``self`` and a callable object's own tensors (a module's
-    parameters and buffers). Tensors mutated in place need no re-trace (the graph references
-    them); anything else that changes behaviour without rebinding one of these is not seen.
-    """
-    items: list[Any] = []
-    if isinstance(func, types.MethodType):
-        items.append(_identity(func.__self__))
-        func = func.__func__
-    code = getattr(func, "__code__", None)
-    if code is None:
-        return (_identity(func),)
-    for cell in getattr(func, "__closure__", None) or ():
-        try:
-            items.append(_identity(cell.cell_contents))
-        except ValueError:  # an empty cell
-            items.append(None)
-    glob = getattr(func, "__globals__", {})
-    for name in code.co_names:
-        v = glob.get(name)
-        if isinstance(v, (torch.Tensor, torch.nn.Module)):
-            items.append((name, _identity(v)))
-    for d in getattr(func, "__defaults__", None) or ():
-        items.append(_identity(d))
-    return tuple(items)
-
-
-def _cache_owner(func: Any) -> Any:
-    return func.__func__ if isinstance(func, types.MethodType) else func
 
 
 def trace(
@@ -416,36 +389,26 @@ def trace(
     device: torch.device,
     batched: Sequence[bool],
 ) -> TracedGraph:
-    """The traced graph of ``func`` for per-sample ``shapes`` (cached on ``func``)."""
-    key = (tuple(shapes), dtype, device, tuple(batched), _fingerprint(func))
-    owner = _cache_owner(func)
-    try:
-        per_func = _CACHE.setdefault(owner, {})
-    except TypeError:  # not weak-referenceable: no cache
-        per_func = {}
-    tg = per_func.get(key)
-    if tg is None:
-        tg = _trace(func, shapes, dtype, device, batched)
-        if len(per_func) > 64:  # a function called with ever-new shapes: keep the cache small
-            per_func.clear()
-        per_func[key] = tg
-    return tg
-
-
-def _trace(
-    func: Callable[..., Any],
-    shapes: Sequence[tuple[int, ...]],
-    dtype: torch.dtype,
-    device: torch.device,
-    batched: Sequence[bool],
-) -> TracedGraph:
-    from torch.fx.experimental.proxy_tensor import make_fx
-
+    """The graph of ``func`` traced now for per-sample ``shapes`` (not cached: what ``func``
+    closes over is read as it is at this moment; :mod:`jacbatch.capture` decides reuse)."""
     examples = [torch.empty(s, dtype=dtype, device=device) for s in shapes]
     n = len(examples)
 
     def flat(*xs: torch.Tensor) -> Any:  # fixed arity: make_fx names one placeholder per arg
         return func(*xs)
+
+    gm, error = to_aten(flat, examples)
+    if gm is not None and sum(nd.op == "placeholder" for nd in gm.graph.nodes) != n:
+        gm, error = None, "the traced graph's arguments do not match"
+    return TracedGraph(gm, error, tuple(batched))
+
+
+def to_aten(
+    fn: Callable[..., Any], examples: Sequence[torch.Tensor]
+) -> tuple[torch.fx.GraphModule | None, str | None]:
+    """``make_fx(functionalize(fn), tracing_mode="fake")`` on ``examples``: the aten graph with
+    functional views and no in-place op, or ``None`` and why not."""
+    from torch.fx.experimental.proxy_tensor import make_fx
 
     # A failing trace is an expected answer ("no closed form"): keep torch's fake-tensor logger
     # from printing the failure as an error while we probe.
@@ -455,17 +418,14 @@ def _trace(
     try:
         with torch.no_grad():
             gm = make_fx(
-                torch.func.functionalize(flat, remove="mutations"),
+                torch.func.functionalize(fn, remove="mutations"),
                 tracing_mode="fake",
                 _allow_non_fake_inputs=True,
             )(*examples)
     except Exception as err:  # any failure means "no traced closed form", never an error
-        return TracedGraph(None, _first_line(err), tuple(batched))
+        return None, _first_line(err)
     finally:
         fake_log.setLevel(level)
-    ph = [nd for nd in gm.graph.nodes if nd.op == "placeholder"]
-    if len(ph) != n:
-        return TracedGraph(None, "the traced graph's arguments do not match", tuple(batched))
     # Decompositions leave in-place view ops on fresh temporaries (e.g. matmul's squeeze_);
     # their out-of-place forms keep every captured intermediate value intact.
     for nd in gm.graph.nodes:
@@ -474,11 +434,9 @@ def _trace(
         elif nd.op == "call_function" and getattr(
             getattr(nd.target, "_schema", None), "is_mutable", False
         ):
-            return TracedGraph(
-                None, f"in-place op {op_rules.op_name(nd.target)} in the graph", tuple(batched)
-            )
+            return None, f"in-place op {op_rules.op_name(nd.target)} in the graph"
     gm.recompile()
-    return TracedGraph(gm, None, tuple(batched))
+    return gm, None
 
 
 _aten = torch.ops.aten
@@ -500,7 +458,9 @@ def jacobian_terms(
 ) -> list[list[Term]]:
     """Lettered terms of the Jacobian w.r.t. each ``args[a]`` for the batch (raises Unsupported).
 
-    The graph is evaluated once for every argnum together.
+    ``args``: the call's arguments (batch dimension first where batched), followed by the values
+    of the graph's lifted inputs (:attr:`jacbatch.capture.Captured.lifted`). The graph is
+    evaluated once for every argnum together.
     """
     analyses = []
     for a in argnums:
@@ -518,4 +478,4 @@ def jacobian_terms(
         raise Unsupported(f"evaluating the traced graph failed ({_first_line(err)})") from err
 
 
-__all__ = ["NodeNote", "TracedGraph", "jacobian_terms", "trace"]
+__all__ = ["NodeNote", "TracedGraph", "jacobian_terms", "to_aten", "trace"]

@@ -1,8 +1,8 @@
 """The traced route: closed forms for plain torch code, composed from op rules.
 
-The function is traced once per (shapes, dtype, device, batched arguments) into an aten graph
-(:mod:`jacbatch.tracing`); every node on the path from the differentiated argument to the output
-has a closed-form rule (:mod:`jacbatch.rules.ops`). The graph is evaluated for the whole batch
+The function is captured by Dynamo into an aten graph, re-traced only when its guards say the
+computation changed (:mod:`jacbatch.capture`, :mod:`jacbatch.tracing`); every node on the path
+from the differentiated argument to the output has a closed-form rule (:mod:`jacbatch.rules.ops`). The graph is evaluated for the whole batch
 under ``vmap`` (forward values only, no autograd graph), the rules' lettered terms are composed
 by the chain rule (:mod:`jacbatch.rules.terms`) and the result is written once, directly in the
 requested layout. Anything the rules do not cover raises
@@ -12,22 +12,64 @@ requested layout. Anything the rules do not cover raises
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from collections.abc import Sequence
 
 import torch
 
-from .. import tracing
+from .. import capture, tracing
 from .._validation import Call
 from ..rules import terms
 from . import batched_args
 
+_LOCAL = threading.local()
 
-def traced_graph(call: Call) -> tracing.TracedGraph:
-    """The (cached) traced graph for this call's per-sample shapes, dtype, device and batching."""
+
+def _captured(call: Call, retry: bool = False) -> capture.Captured:
+    """The capture for ``call``, made once per call (planning and computing share it).
+
+    A call on ``meta`` tensors (memory estimates) reuses the capture of the real call it was
+    made from, with meta stand-ins for the lifted tensors; it never captures by itself.
+    """
+    memo = getattr(_LOCAL, "memo", None)
+    owner = memo[0]() if memo is not None else None
+    if owner is call:
+        return memo[1]  # type: ignore[index]
     shapes = [call.sample_shape(i) for i in range(len(call.args))]
-    return tracing.trace(
-        call.func, shapes, call.dtype, call.device, [d is not None for d in call.in_dims]
-    )
+    batched = [d is not None for d in call.in_dims]
+    if call.device.type == "meta":
+        same = (
+            owner is not None
+            and owner.func is call.func
+            and owner.dtype == call.dtype
+            and [owner.sample_shape(i) for i in range(len(owner.args))] == shapes
+            and [d is not None for d in owner.in_dims] == batched
+        )
+        if not same:
+            return capture.Captured(tracing.TracedGraph(None, "not captured", tuple(batched)))
+        real: capture.Captured = memo[1]  # type: ignore[index]
+        return capture.Captured(
+            real.graph, tuple(torch.empty_like(t, device="meta") for t in real.lifted)
+        )
+    got = capture.capture(call.func, shapes, call.dtype, call.device, batched, retry=retry)
+    _LOCAL.memo = (weakref.ref(call), got)
+    return got
+
+
+def traced_graph(call: Call, retry: bool = False) -> tracing.TracedGraph:
+    """The traced graph for this call (Dynamo's guards decide whether it is re-traced).
+
+    ``retry``: capture again even if capturing this function failed recently.
+    """
+    return _captured(call, retry).graph
+
+
+def lifted_inputs(call: Call) -> tuple[torch.Tensor, ...]:
+    """This call's values of the tensors the graph reads besides the arguments (globals,
+    closed-over tensors, parameters), in the order :func:`tracing.jacobian_terms` expects them
+    after the arguments."""
+    return _captured(call).lifted
 
 
 def compute(
@@ -47,6 +89,7 @@ def compute(
     """
     tg = traced_graph(call)
     args, _, B = batched_args(call)
+    args = [*args, *lifted_inputs(call)]
     with torch.no_grad():
         args = [x.detach() for x in args]
         all_terms = tracing.jacobian_terms(tg, argnums, args, B)
