@@ -186,7 +186,25 @@ def _traced_analyses(call: V.Call, argnums: Sequence[int]) -> dict[int, Any]:
     if not todo:
         return {}
     tg = traced.traced_graph(call)
-    return {a: tg.analysis(a) for a in todo}
+    found = {a: tg.analysis(a) for a in todo}
+    complex_node = _complex_node(tg)
+    if complex_node is not None:  # the rules follow real values only: never zeros for complex
+        why = f"{complex_node} holds complex values, which the op rules do not follow"
+        found = {
+            a: an if not an.ok else dataclasses.replace(an, ok=False, reason=why)
+            for a, an in found.items()
+        }
+    return found
+
+
+def _complex_node(tg: Any) -> str | None:
+    """The name of a traced node with a complex value, or ``None``."""
+    for n in tg.gm.graph.nodes if tg.gm is not None else ():
+        vals = n.meta.get("val")
+        for v in vals if isinstance(vals, (tuple, list)) else (vals,):
+            if isinstance(v, torch.Tensor) and v.dtype.is_complex:
+                return str(n.name)
+    return None
 
 
 def _node_notes(analyses: Mapping[int, Any]) -> tuple[str, ...]:

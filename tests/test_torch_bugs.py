@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from torch.func import vmap
+from torch.func import jacfwd, vmap
 
 import jacbatch
 from conftest import reference_jacobian
@@ -33,12 +33,12 @@ def _vmap_vjp(func, X):
     return torch.stack(rows, 1).view(*Y.shape, *X.shape[1:])
 
 
-def _check_routes(func, X, bug: str):
+def _check_routes(func, X, bug: str, route: str = "vjp", routes=ROUTES):
     ref = reference_jacobian(func, (X,), 0, (0,))
-    for route in ROUTES:
-        J = jacbatch.jacobian(func, X, method=route)
-        torch.testing.assert_close(J, ref, rtol=1e-12, atol=1e-12, msg=route)
-    notes = "\n".join(jacbatch.explain(func, X, method="vjp").notes)
+    for r in routes:
+        J = jacbatch.jacobian(func, X, method=r)
+        torch.testing.assert_close(J, ref, rtol=1e-12, atol=1e-12, msg=r)
+    notes = "\n".join(jacbatch.explain(func, X, method=route).notes)
     assert _torch_bugs.NOTE_PREFIX in notes and bug in notes
 
 
@@ -98,6 +98,53 @@ def test_full_reduction_ties(reduce):
     assert (ref[0] == torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)).all()  # split evenly
     assert not torch.allclose(_vmap_vjp(f, X), ref)  # the bug
     _check_routes(f, X, "max_min_ties")
+
+
+def _forward_columns(func, x):
+    """``torch.func.jacfwd`` of one sample: what forward mode gives without the workaround."""
+    return jacfwd(func)(x)
+
+
+@pytest.mark.parametrize(
+    ("bug", "func", "X"),
+    [
+        pytest.param(
+            "logcumsumexp_forward_mode",
+            lambda x: torch.logcumsumexp(x, 0),
+            torch.tensor([[-30.0, 5.0, 8.7, -3.7, 9.0], [0.1, 0.2, 0.3, 0.4, 0.5]]),
+            id="logcumsumexp",
+        ),
+        pytest.param(
+            "symmetric_input_forward_mode",
+            torch.linalg.cholesky,
+            torch.tensor([[[4.0, 1.0], [1.0, 3.0]], [[2.0, 0.5], [0.5, 1.0]]]),
+            id="cholesky",
+        ),
+        pytest.param(
+            "symmetric_input_forward_mode",
+            lambda a: torch.linalg.eigh(a).eigenvectors.abs(),
+            torch.tensor([[[4.0, 1.0], [1.0, 3.0]], [[2.0, 0.5], [0.5, 1.0]]]),
+            id="eigh",
+        ),
+        pytest.param(
+            "scatter_reduce_forward_mode",
+            lambda x: torch.zeros(3, dtype=x.dtype).scatter_reduce(
+                0, torch.tensor([0, 0, 1, 1]), x, "prod", include_self=False
+            ),
+            torch.tensor([[0.0, 2.0, 3.0, 0.0], [1.0, 0.0, 2.0, 5.0]]),
+            id="scatter_reduce_prod",
+        ),
+    ],
+)
+def test_forward_mode_bugs(bug, func, X):
+    """Forward-mode formulas that disagree with reverse mode: ``jacrev`` instead."""
+    X = X.to(torch.float64)
+    ref = reference_jacobian(func, (X,), 0, (0,))
+    fwd = torch.stack([_forward_columns(func, x) for x in X])
+    assert not torch.allclose(fwd, ref, rtol=1e-9, atol=1e-9)  # the bug
+    # scatter_reduce reads .item() under vmap: an explicit jacrev refuses it (torch's error)
+    routes = [r for r in ROUTES if not (bug.startswith("scatter") and r == "jacrev")]
+    _check_routes(func, X, bug, route="jacfwd", routes=routes)
 
 
 def test_lu_ops_forward_mode_nesting():
