@@ -26,8 +26,8 @@ NOTE [Non-finite values: one policy]
       non-finite intermediate are recomputed likewise. Functions that draw random numbers are
       not re-run (that would move the generator).
 
-    Where every value is finite, nothing is recomputed and the check costs one reduction over
-    the result (plus the one forward pass after ``jacfwd``).
+    Where every value is finite, nothing is recomputed and the check costs one sum over each
+    argument and over the result (plus the one forward pass after ``jacfwd``).
 """
 
 from __future__ import annotations
@@ -92,29 +92,38 @@ def _intermediates(
     return bad
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite, by one sum (a finite overflow only costs a recompute)."""
+    if t.numel() == 0 or not (t.dtype.is_floating_point or t.dtype.is_complex):
+        return True
+    return bool(torch.isfinite(t.detach().sum()))
+
+
 def affected(
     call: Call,
     jacs: Sequence[torch.Tensor],
     method: str,
     random: bool,
 ) -> torch.Tensor:
-    """``(B,)`` bool: the samples the policy recomputes (NOTE [Non-finite values: one policy])."""
+    """``(B,)`` bool: the samples the policy recomputes (NOTE [Non-finite values: one policy]).
+
+    The common case (everything finite) costs one sum per argument and per Jacobian; only
+    then are per-sample flags computed.
+    """
     from .methods import batched_args
 
     args, batched, B = batched_args(call)
     bad = torch.zeros(B, dtype=torch.bool, device=call.device)
     for x, f in zip(args, batched, strict=True):
-        if not (x.dtype.is_floating_point or x.dtype.is_complex):
+        if _finite(x):
             continue
-        if f:
-            bad |= ~torch.isfinite(x.detach().reshape(B, -1)).all(1)
-        elif _not_finite(x.detach()):
+        if not f:  # a shared argument: every sample sees it
             bad[:] = True
             return bad
+        bad |= ~torch.isfinite(x.detach().reshape(B, -1)).all(1)
     for J in jacs:
-        if J.numel():
-            # a sum is finite only if every entry is (a finite overflow just recomputes)
-            bad |= ~torch.isfinite(J.detach().reshape(B, -1).sum(1))
+        if not _finite(J):
+            bad |= ~torch.isfinite(J.detach().reshape(B, -1)).all(1)
     if method == "jacfwd" and not random and not bool(bad.all()):
         bad |= _intermediates(call, [a.detach() for a in args], batched, B).to(bad.device)
     return bad
