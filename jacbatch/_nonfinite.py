@@ -125,7 +125,8 @@ def affected(
         if not _finite(J):
             bad |= ~torch.isfinite(J.detach().reshape(B, -1)).all(1)
     if method == "jacfwd" and not random and not bool(bad.all()):
-        bad |= _intermediates(call, [a.detach() for a in args], batched, B).to(bad.device)
+        copies = [a.detach().clone() for a in args]  # func may write into its arguments
+        bad |= _intermediates(call, copies, batched, B).to(bad.device)
     return bad
 
 
