@@ -61,6 +61,29 @@ def test_chunked_linear_cross_entropy_none_gradient():
         _check_routes(f, X, "none_grad_chunked_lce")
 
 
+def test_vjp_route_rechecks_a_none_gradient_without_the_list():
+    """Even unlisted, a None through the vmapped forward is not written as zeros."""
+    from jacbatch import _validation
+    from jacbatch.methods import vjp
+
+    torch.manual_seed(1)
+    W = torch.randn(5, 3, dtype=torch.float64)
+    T = torch.tensor([4, 0])
+    opts = torch.nn.LinearCrossEntropyOptions()
+
+    def f(x):
+        return F.linear_cross_entropy(x, W, T, reduction="mean", options=opts)
+
+    X = torch.randn(2, 2, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = reference_jacobian(f, (X,), 0, (0,))
+        call = _validation.normalize_call("jacobian", f, (X,), 0, 0)
+        (J,) = vjp.compute(call, (0,), (), None, [None])
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(J, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_none_gradient_is_rechecked_per_sample():
     """A ``None`` from the vmapped forward means zeros only once per-sample autograd agrees."""
     X = torch.randn(3, 4, dtype=torch.float64)
