@@ -90,6 +90,18 @@ CASES = [
         True,
     ),
     (
+        "affine_inf_A_wrt_W",  # registered closed form A ⊗ I vs reverse mode's inf · 0 = NaN
+        jacbatch.affine,
+        (
+            torch.tensor([[[inf, 1.0], [0.5, 2.0]], [[1.0, 2.0], [3.0, 4.0]]], dtype=torch.float64),
+            W,
+            torch.zeros(3, dtype=torch.float64),
+        ),
+        1,
+        (0, None, None),
+        True,
+    ),
+    (
         "shared_nan_weight",
         lambda x, w: torch.tanh(x @ w),
         (_x([[1.0, 2.0], [0.3, -0.2]]), _x([[nan, 1.0, 0.0], [1.0, 2.0, 3.0]])),
