@@ -14,7 +14,7 @@ from typing import Any, overload
 
 import torch
 
-from . import _probe, _state, memory, rules
+from . import _nonfinite, _probe, _state, _torch_bugs, memory, rules
 from . import _validation as V
 from .methods import batched_args, closed_form, functorch, traced, vjp
 from .rules.terms import Unsupported
@@ -53,6 +53,8 @@ class Plan:
         batch_size: ``B`` or ``None`` without a batch.
         out_shape: per-sample output shape.
         in_shapes: per-sample shape of each differentiated argument.
+        ops: the aten ops the function runs (from the probe), for the known torch bugs.
+        random: the function draws random numbers (from the probe).
     """
 
     steps: tuple[Step, ...]
@@ -64,6 +66,8 @@ class Plan:
     protection: _state.Protection = field(
         default_factory=_state.Protection, repr=False, compare=False
     )
+    ops: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+    random: bool = field(default=False, repr=False, compare=False)
 
     def __str__(self) -> str:
         batch = "no batch" if self.batch_size is None else f"B={self.batch_size}"
@@ -276,6 +280,7 @@ def _plan(
     probe: _probe.ProbeResult | None = None,
 ) -> Plan:
     in_shapes = tuple(call.sample_shape(a) for a in call.argnums)
+    probe = probe if probe is not None else probe_call(call)
     notes: tuple[str, ...] = ()
     protection = _protection(call, probe)
     untraceable = _untraceable(probe)
@@ -298,8 +303,8 @@ def _plan(
                 else s
                 for s in steps
             )
-        return Plan(
-            steps, call.batch_size, out_shape, in_shapes, _protection_notes(protection), protection
+        return _finish_plan(
+            steps, call, out_shape, in_shapes, _protection_notes(protection), protection, probe
         )
     if method == "auto":
         analyses = _traced_analyses(call, call.argnums)
@@ -333,7 +338,46 @@ def _plan(
     else:
         steps = (Step(method, call.argnums, "requested"),)
     notes += _protection_notes(protection)
-    return Plan(steps, call.batch_size, out_shape, in_shapes, notes, protection)
+    return _finish_plan(steps, call, out_shape, in_shapes, notes, protection, probe)
+
+
+def _finish_plan(
+    steps: tuple[Step, ...],
+    call: V.Call,
+    out_shape: tuple[int, ...],
+    in_shapes: tuple[tuple[int, ...], ...],
+    notes: tuple[str, ...],
+    protection: _state.Protection,
+    probe: _probe.ProbeResult,
+) -> Plan:
+    """The plan, with steps a known torch bug makes wrong replaced (see :mod:`jacbatch._torch_bugs`)."""
+    steps, bug_notes = _avoid_torch_bugs(steps, probe.ops)
+    return Plan(
+        steps,
+        call.batch_size,
+        out_shape,
+        in_shapes,
+        notes + bug_notes,
+        protection,
+        probe.ops,
+        probe.random,
+    )
+
+
+def _avoid_torch_bugs(
+    steps: tuple[Step, ...], ops: frozenset[str]
+) -> tuple[tuple[Step, ...], tuple[str, ...]]:
+    """Steps whose route a known torch bug makes wrong run its replacement instead
+    (NOTE [Known torch bugs: one list, consulted by the planner])."""
+    out, notes = [], []
+    for st in steps:
+        route, bugs = _torch_bugs.replacement(ops, st.method)
+        if bugs:
+            note = _torch_bugs.note(bugs, st.method, route)
+            notes.append(note)
+            st = Step(route, st.argnums, f"{st.reason}; {note}")
+        out.append(st)
+    return tuple(out), tuple(notes)
 
 
 def _run_step(
@@ -353,7 +397,10 @@ def _run_step(
     if step.method in ("jacrev", "jacfwd"):
         mode = "rev" if step.method == "jacrev" else "fwd"
         return functorch.compute(call, step.argnums, mode, chunk_size, out_shape, layout, outs)
-    return vjp.compute(call, step.argnums, out_shape, layout, outs, max_rows=max_rows)
+    per_sample = step.method == "per_sample"  # NOTE [Known torch bugs: one list, ...]
+    return vjp.compute(
+        call, step.argnums, out_shape, layout, outs, max_rows=max_rows, per_sample=per_sample
+    )
 
 
 def _result_shape(
@@ -585,6 +632,7 @@ def _execute_steps(
             continue
         step_bufs = [_with_batch(bufs[call.argnums.index(a)], lead) for a in todo]
         sub = Step(step.method, todo, step.reason)
+        ran = step.method
         try:
             jacs = _run_step(call, sub, chunk_size, out_shape, layout, step_bufs)
         except Unsupported as err:
@@ -594,7 +642,8 @@ def _execute_steps(
                     f"jacobian: expected values the closed-form rules cover, got {err}. "
                     f"Use method='auto' to fall back to autodiff."
                 ) from err
-            jacs = _run_autodiff(call, todo, chunk_size, out_shape, layout, step_bufs)
+            jacs = _run_autodiff(call, todo, chunk_size, out_shape, layout, step_bufs, plan.ops)
+            ran = "jacfwd"  # whichever autodiff route ran, the strictest check applies
         except (RuntimeError, NotImplementedError) as err:
             if method != "auto" and plan.protection.writes_state and "captured" in str(err):
                 raise NotImplementedError(
@@ -604,16 +653,22 @@ def _execute_steps(
                     f"method='vjp' or 'auto' (the state is restored after the call), or put "
                     f"the module in eval mode."
                 ) from err
-            if method != "auto" or step.method not in ("jacrev", "jacfwd"):
+            replaced = _torch_bugs.NOTE_PREFIX in step.reason
+            if (method != "auto" and not replaced) or step.method not in ("jacrev", "jacfwd"):
                 raise
             # vmap rejects some functions (.item(), control flow on values): fall back.
             try:
+                fallback, _ = _torch_bugs.replacement(plan.ops, "vjp")
+                fallback = "per_sample" if fallback == "jacrev" else fallback
+                ran = fallback
                 jacs = _run_step(
-                    call, Step("vjp", todo, "fallback"), None, out_shape, layout, step_bufs
+                    call, Step(fallback, todo, "fallback"), None, out_shape, layout, step_bufs
                 )
             except Exception as err2:
                 raise err2 from err
             _VMAP_REJECTED.add(user_func)
+        # NaN and Inf: per-sample reverse mode decides (NOTE [Non-finite values: one policy])
+        _nonfinite.enforce(call, todo, jacs, ran, out_shape, layout, plan.random)
         for a, J in zip(todo, jacs, strict=True):
             results[a] = J if call.batched else J.squeeze(0)
     return [results[a] if b is None else b for a, b in zip(call.argnums, bufs, strict=True)]
@@ -786,16 +841,21 @@ def _run_autodiff(
     out_shape: tuple[int, ...],
     layout: str | None,
     bufs: Sequence[torch.Tensor | None],
+    ops: frozenset[str] = frozenset(),
 ) -> list[torch.Tensor]:
-    """The fastest autodiff route for ``argnums`` (the vjp loop where vmap rejects ``func``)."""
+    """The fastest autodiff route for ``argnums`` (the vjp loop where vmap rejects ``func``),
+    avoiding the known torch bugs of ``ops``."""
     n_in = sum(math.prod(call.sample_shape(a)) for a in argnums)
     mode, reason = choose_autodiff(n_in, math.prod(out_shape))
-    if call.func not in _VMAP_REJECTED:
+    mode, _ = _torch_bugs.replacement(ops, mode)
+    if call.func not in _VMAP_REJECTED and mode != "per_sample":
         try:
             return _run_step(call, Step(mode, argnums, reason), chunk_size, out_shape, layout, bufs)
         except (RuntimeError, NotImplementedError):
             _VMAP_REJECTED.add(call.func)
-    return _run_step(call, Step("vjp", argnums, "fallback"), None, out_shape, layout, bufs)
+    fallback, _ = _torch_bugs.replacement(ops, "vjp")
+    fallback = "per_sample" if fallback == "jacrev" else fallback
+    return _run_step(call, Step(fallback, argnums, "fallback"), None, out_shape, layout, bufs)
 
 
 def _with_batch(buf: torch.Tensor | None, lead: int) -> torch.Tensor | None:

@@ -12,7 +12,8 @@ NOTE [Forward mode: vmap over tangents outside the batch]
     vmap *outside*: ``vmap(lambda e: jvp(vmap(f), (X,), (e,)))`` over one-hot tangents, one
     ``jvp`` of the batched function per input element, which is the same work as ``jacfwd`` and
     needs no copies of the inputs. ``torch.func.jacfwd`` has no chunking; the chunks here are
-    slices of the one-hot basis.
+    slices of the one-hot basis. (Listed with the other known torch bugs in
+    :mod:`jacbatch._torch_bugs` as ``lu_forward_nested_vmap``.)
 """
 
 from __future__ import annotations

@@ -12,6 +12,14 @@ NOTE [One backward pass per output element, for the whole batch]
     rejects (``.item()``, Python control flow on values) it runs sample by sample and stacks the
     outputs, so the backward passes still cover the whole batch. Any function autograd can
     differentiate works.
+
+NOTE [A None gradient is not a zero]
+    ``autograd.grad(..., allow_unused=True)`` returns ``None`` for an argument with no graph path
+    to the output. Through ``vmap(f)`` that can be a torch bug rather than independence (the
+    chunked ``linear_cross_entropy`` precomputes its gradient and leaves no path under vmap;
+    :mod:`jacbatch._torch_bugs`), so a ``None`` seen with the vmapped forward makes the route
+    start over with the forward run sample by sample; only a ``None`` from per-sample autograd
+    (exactly what ``torch.autograd.functional.jacobian`` sees) is written as zeros.
 """
 
 from __future__ import annotations
@@ -27,14 +35,22 @@ from . import batched_args, finish
 
 
 def forward(
-    call: Call, args: Sequence[torch.Tensor], batched: Sequence[bool], B: int
+    call: Call,
+    args: Sequence[torch.Tensor],
+    batched: Sequence[bool],
+    B: int,
+    per_sample: bool = False,
 ) -> torch.Tensor:
-    """Batched output ``(B, *out_shape)`` with an autograd graph: vmap, else a per-sample loop."""
+    """Batched output ``(B, *out_shape)`` with an autograd graph: vmap, else a per-sample loop.
+
+    ``per_sample`` skips vmap (the route for known torch bugs, :mod:`jacbatch._torch_bugs`).
+    """
     dims = tuple(0 if f else None for f in batched)
-    try:
-        return vmap(call.func, in_dims=dims, randomness=call.randomness)(*args)
-    except (RuntimeError, NotImplementedError, ValueError, TypeError):
-        pass
+    if not per_sample:
+        try:
+            return vmap(call.func, in_dims=dims, randomness=call.randomness)(*args)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError):
+            pass
     outs = [
         call.func(*(x[b] if f else x for x, f in zip(args, batched, strict=True))) for b in range(B)
     ]
@@ -54,10 +70,13 @@ def compute(
     outs: Sequence[torch.Tensor | None],
     *,
     max_rows: int | None = None,
+    per_sample: bool = False,
 ) -> list[torch.Tensor]:
     """Jacobians w.r.t. ``args[a]`` for ``a in argnums`` by ``out_numel`` backward passes.
 
     ``max_rows`` stops after that many rows (memory estimation on meta tensors only).
+    ``per_sample`` runs the forward sample by sample, never under vmap: per-sample reverse-mode
+    autograd exactly (NOTE [Known torch bugs: one list, consulted by the planner]).
 
     Returns:
         Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``layout``).
@@ -72,7 +91,7 @@ def compute(
         leaves.append(leaf)
 
     with torch.enable_grad():
-        Y = forward(call, args, flags, B)
+        Y = forward(call, args, flags, B, per_sample)
     o = Y[0].numel() if B > 0 else math.prod(out_shape)
     in_numels = [math.prod(call.sample_shape(a)) for a in argnums]
     # Rows go straight into the caller's buffer when its memory order is the rows' order
@@ -94,8 +113,15 @@ def compute(
             grads = torch.autograd.grad(
                 Y, leaves, cotangent, retain_graph=k < rows_run - 1, allow_unused=True
             )
+            if k == 0 and not per_sample and any(g is None for g in grads):
+                # No graph path from the vmapped output to an argument: per-sample autograd
+                # decides whether it is truly unused (NOTE [A None gradient is not a zero]).
+                del Y, grads
+                return compute(
+                    call, argnums, out_shape, layout, outs, max_rows=max_rows, per_sample=True
+                )
             for r, g in zip(rows, grads, strict=True):
-                if g is None:  # the function does not use this argument
+                if g is None:  # per-sample autograd: the function does not use this argument
                     r[:, k].zero_()
                 else:
                     r[:, k].copy_(g.view(B, -1) if g.is_contiguous() else g.reshape(B, -1))

@@ -5,7 +5,8 @@ NOTE [Elementwise Jacobians are diagonal]
     factor is ``f'(x)`` (shape of ``x``) and whose output and input axes share letters. The
     derivatives below are written with the output ``y`` where that is cheaper (``tanh' = 1 - y²``,
     ``σ' = y (1 - y)``, ``exp' = y``), and match autograd's conventions at kinks
-    (``relu'(0) = 0``, ``|x|'(0) = 0``).
+    (``relu'(0) = 0``, ``|x|'(0) = 0``) and at NaN (``relu'(NaN) = 1``: autograd zeroes the
+    gradient where ``y <= 0``, which NaN is not).
 
 NOTE [Broadcasting binary ops]
     For ``z = x ∘ y`` with ``x``, ``y`` broadcast to ``z``'s shape, ``∂z[a] / ∂x[c]`` is
@@ -33,7 +34,7 @@ _Deriv = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 UNARY: dict[object, _Deriv] = {
     aten.tanh.default: lambda x, y: 1 - y * y,
     aten.sigmoid.default: lambda x, y: y * (1 - y),
-    aten.relu.default: lambda x, y: (y > 0).to(y.dtype),
+    aten.relu.default: lambda x, y: (~(y <= 0)).to(y.dtype),  # 1 at NaN, as autograd
     aten.exp.default: lambda x, y: y,
     aten.expm1.default: lambda x, y: y + 1,
     aten.log.default: lambda x, y: 1 / x,
@@ -200,9 +201,12 @@ def gelu(ctx: OpContext, i: int) -> list[Term]:
 
 
 def _select(ctx: OpContext, i: int, larger: bool) -> list[Term]:
+    # autograd: the gradient, halved on ties, zeroed where this operand loses; at NaN no
+    # comparison holds, so both operands get 1 (NOTE [Non-finite values: one policy])
     a, b = ctx.aligned(i), ctx.aligned(1 - i)
-    wins = (a > b) if larger else (a < b)
-    factor = wins.to(ctx.out.dtype) + 0.5 * (a == b).to(ctx.out.dtype)
+    loses = (a < b) if larger else (a > b)
+    dt = ctx.out.dtype
+    factor = 1 - loses.to(dt) - 0.5 * (a == b).to(dt)
     return _binary_factor(ctx, i, factor)
 
 

@@ -1,0 +1,76 @@
+"""torch's OpInfo database through every route, against per-sample autograd (tests/_opinfo.py).
+
+The default run sweeps every float64 autograd OpInfo with its first small sample, shared
+second arguments, through every route (about a minute on two cores); the ``slow`` run takes
+three samples each and batched second arguments too (``python -m pytest -m slow
+tests/test_opinfo.py``; ``bench/opinfo_sweep.py`` prints its table of counts).
+
+Per route, no result may be wrong; ``method="auto"`` must moreover give an answer (agree, or
+agree through a known torch bug's workaround) wherever autograd can differentiate the op, and
+the closed form may only refuse with its own ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import _opinfo
+import pytest
+import torch
+
+OPS = _opinfo.swept_ops()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The samples are tiny: intra-op threads only add overhead (and contention in CI)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _check(op, samples: int, variants: tuple[str, ...]) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    problems = []
+    for case in _opinfo.cases(op, samples, variants):
+        try:
+            ref = _opinfo.reference(case)
+        except Exception:  # torch cannot differentiate this sample itself: nothing to compare
+            continue
+        for route in _opinfo.ROUTES:
+            outcome, detail = _opinfo.run_route(case, route, ref)
+            seen[outcome] += 1
+            bad = outcome == "wrong"
+            if route == "auto":
+                bad |= outcome in ("refused", "error")
+            if route == "closed_form" and outcome == "refused":
+                bad |= not detail.startswith("NotImplementedError: jacobian:")
+            if route == "jacfwd" and not case.supports_forward_ad:
+                bad |= outcome == "error"
+            if bad:
+                problems.append(f"{case.name} {route}: {outcome} {detail}")
+    assert not problems, "\n".join(problems)
+    return seen
+
+
+@pytest.mark.parametrize("op", OPS, ids=lambda op: f"{op.name}.{op.variant_test_name}".rstrip("."))
+def test_op_first_sample(op):
+    _check(op, 1, ("shared",))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS, ids=lambda op: f"{op.name}.{op.variant_test_name}".rstrip("."))
+def test_op_full(op):
+    _check(op, 3, ("shared", "batched"))
+
+
+def test_sweep_covers_the_known_bugs_and_counts_them():
+    """The sweep reaches every known torch bug it can (their OpInfos), and classifies them."""
+    names = {"max.reduction_no_dim", "select_scatter", "linalg.eigh"}
+    ops = [op for op in OPS if f"{op.name}.{op.variant_test_name}".rstrip(".") in names]
+    assert len(ops) == len(names)
+    counts, notable = _opinfo.sweep(1, ("shared", "batched"), ops=ops)
+    assert sum(c["workaround"] for c in counts.values()) >= 3
+    assert not any(c["wrong"] for c in counts.values()), notable
+    assert "| auto |" in _opinfo.table(counts)
