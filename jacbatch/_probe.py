@@ -11,24 +11,45 @@ NOTE [The probe: one run on shapes, observed op by op]
       ``set_grad_enabled(False)`` or ``inference_mode()`` inside ``func``. The probe itself runs
       with grad mode on, so an op that sees it off was switched off by ``func``. Reverse-mode
       routes honour such a stop-gradient; forward-mode AD does not see grad mode at all;
+    * whether such an op ran with forward-mode AD still on (``forward_blind``): the stop-gradient
+      forward mode would differentiate through. A custom ``autograd.Function``'s forward runs
+      with both off (its ``jvp`` and ``backward`` define the derivative), and so does
+      ``inference_mode``, which forward AD does honour: neither counts;
     * whether any op draws random numbers (``random``: ops tagged ``nondeterministic_seeded``,
       e.g. ``dropout``, ``rand_like``, ``bernoulli``);
-    * which arguments ``func`` writes into (``mutated``: their version counters moved).
+    * which arguments ``func`` writes into (``mutated``: their version counters moved);
+    * whether an op reads a tensor that requires grad (``reads_grad``): the probe's own inputs
+      do not, so such a tensor is one ``func`` closes over (a module's parameters), and a
+      Jacobian must then stay differentiable w.r.t. it under grad mode.
 
     The inputs are fresh meta tensors that do not require grad (so nothing is recorded or
     saved for backward; grad mode is on all the same, which is all the check needs). A function that cannot run on meta tensors (``.item()``,
     data-dependent shapes, closures that mix devices) is run once on a *copy* of the first
     sample instead, so even then nothing the caller owns is written to.
+
+    While a probe runs, :func:`probing` is true: a :func:`jacbatch.jacobian` called inside
+    ``func`` (a Hessian as the Jacobian of a Jacobian) then takes its differentiable path, as it
+    will when ``func`` is differentiated for real, so the probe sees what that path does (its
+    backward passes keep grad mode on) rather than the detached fast path.
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._guards import detect_fake_mode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+_PROBING: contextvars.ContextVar[bool] = contextvars.ContextVar("jacbatch_probing", default=False)
+
+
+def probing() -> bool:
+    """Whether a probe run is in progress (see NOTE [The probe])."""
+    return _PROBING.get()
 
 
 @dataclass(frozen=True)
@@ -43,6 +64,9 @@ class ProbeResult:
         random: some op draws random numbers.
         mutated: indices of arguments ``func`` wrote into.
         on_meta: the probe ran on meta tensors (else on a copy of the first sample).
+        reads_grad: some op read a tensor that requires grad (one ``func`` closes over).
+        forward_blind: some op ran with grad mode off but forward-mode AD on (``no_grad``
+            inside ``func``): forward mode would not see that stop-gradient.
     """
 
     out: Any
@@ -51,6 +75,8 @@ class ProbeResult:
     random: bool
     mutated: tuple[int, ...]
     on_meta: bool
+    reads_grad: bool = False
+    forward_blind: bool = False
 
 
 class _Observe(TorchDispatchMode):
@@ -61,14 +87,28 @@ class _Observe(TorchDispatchMode):
         self.ops: set[str] = set()
         self.grad_disabled = False
         self.random = False
+        self.reads_grad = False
+        self.forward_blind = False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.ops.add(str(func))
         if not torch.is_grad_enabled():
             self.grad_disabled = True
+            if torch._C._is_fwd_grad_enabled():
+                self.forward_blind = True
         if torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()):
             self.random = True
+        if not self.reads_grad:
+            self.reads_grad = any(_requires_grad(a) for a in args)
         return func(*args, **(kwargs or {}))
+
+
+def _requires_grad(a: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.requires_grad
+    if isinstance(a, (list, tuple)):
+        return any(isinstance(t, torch.Tensor) and t.requires_grad for t in a)
+    return False
 
 
 def _run(func: Callable[..., Any], inputs: Sequence[torch.Tensor], on_meta: bool) -> ProbeResult:
@@ -85,6 +125,8 @@ def _run(func: Callable[..., Any], inputs: Sequence[torch.Tensor], on_meta: bool
         mode.random,
         mutated,
         on_meta,
+        mode.reads_grad,
+        mode.forward_blind,
     )
 
 
@@ -106,14 +148,21 @@ def probe(
     Returns:
         A :class:`ProbeResult`.
     """
-    with torch.inference_mode(False), torch.enable_grad():
-        try:
-            meta = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
-            return _run(func, meta, on_meta=True)
-        except Exception:
-            pass
-        real = [x.detach().clone() for x in sample()]
-        return _run(func, real, on_meta=False)
+    token = _PROBING.set(True)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            # Inside a trace (fake tensors), meta tensors would become constants of the
+            # enclosing graph: probe on the (fake) first sample instead.
+            if detect_fake_mode() is None:
+                try:
+                    meta = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
+                    return _run(func, meta, on_meta=True)
+                except Exception:
+                    pass
+            real = [x.detach().clone() for x in sample()]
+            return _run(func, real, on_meta=False)
+    finally:
+        _PROBING.reset(token)
 
 
-__all__ = ["ProbeResult", "probe"]
+__all__ = ["ProbeResult", "probe", "probing"]

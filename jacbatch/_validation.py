@@ -141,6 +141,10 @@ class Call:
         batch_size: ``B``, or ``None`` when no argument is batched.
         dtype: the common floating dtype.
         device: the common device.
+        create_graph: the result must stay differentiable (autograd graph, torch.func levels);
+            set by :func:`jacbatch.jacobian` from ``jacbatch.methods.needs_graph``.
+        probe: what one probe run of ``func`` showed (:class:`jacbatch._probe.ProbeResult`),
+            ``None`` until probed.
     """
 
     func: Callable[..., Any]
@@ -151,6 +155,8 @@ class Call:
     batch_size: int | None
     dtype: torch.dtype
     device: torch.device
+    create_graph: bool = False
+    probe: Any = None
 
     @property
     def batched(self) -> bool:
@@ -372,6 +378,14 @@ def bad_memory_value(where: str, value: object) -> NoReturn:
         f"{where}: expected max_memory as a positive number of bytes or a string such as "
         f"'512MiB' or '2GB', got {value!r}."
     )
+
+
+def check_bool(where: str, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"{where}: expected {name} to be True or False, got {type(value).__name__}."
+        )
+    return value
 
 
 def check_progress(where: str, progress: object) -> bool | None:

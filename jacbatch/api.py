@@ -16,7 +16,7 @@ import torch
 
 from . import _probe, memory, rules
 from . import _validation as V
-from .methods import batched_args, closed_form, functorch, traced, vjp
+from .methods import batched_args, closed_form, functorch, in_transform, needs_graph, traced, vjp
 from .rules.terms import Unsupported
 from .structured import JacobianOperator
 
@@ -74,7 +74,7 @@ class Plan:
 LARGE_JACOBIAN = 2**20
 
 
-def choose_autodiff(in_numel: int, out_numel: int) -> tuple[str, str]:
+def choose_autodiff(in_numel: int, out_numel: int, forward_ok: bool = True) -> tuple[str, str]:
     """The autodiff route expected to be fastest for one sample's sizes, with the reason.
 
     * A scalar output needs one reverse pass: the vjp route does it for the whole batch with
@@ -85,6 +85,8 @@ def choose_autodiff(in_numel: int, out_numel: int) -> tuple[str, str]:
       traffic dominates; the vjp route runs one backward pass per output element for the whole
       batch and writes each row once (peak memory about the Jacobian itself).
     * Otherwise reverse mode (one vectorized pass per output element; ties go to jacrev).
+    * ``forward_ok=False`` (``func`` switches grad mode off inside, which forward-mode AD does
+      not see): reverse mode wherever forward mode would have been chosen.
 
     Example:
         >>> [choose_autodiff(i, o)[0] for i, o in [(1024, 1), (4, 1024), (64, 64), (1024, 1024)]]
@@ -92,6 +94,11 @@ def choose_autodiff(in_numel: int, out_numel: int) -> tuple[str, str]:
     """
     if out_numel == 1:
         return "vjp", "scalar output: one backward pass for the whole batch"
+    if in_numel < out_numel and not forward_ok:
+        return "jacrev", (
+            "reverse mode: func switches grad mode off inside (e.g. torch.no_grad), a "
+            "stop-gradient forward mode does not see"
+        )
     if in_numel < out_numel:
         return "jacfwd", f"forward mode: {in_numel} input elements < {out_numel} output elements"
     if out_numel * in_numel >= LARGE_JACOBIAN:
@@ -108,11 +115,13 @@ def plan_auto(
     in_numels: Sequence[int],
     out_numel: int,
     traced: Mapping[int, str | None] | None = None,
+    forward_ok: bool = True,
 ) -> tuple[Step, ...]:
     """``method="auto"`` as a pure function of the function and the per-sample sizes.
 
     ``traced`` maps an argnum to ``None`` when the traced graph of ``func`` has a rule for every
     node on that argument's path, or to the reason it does not (see :mod:`jacbatch.tracing`).
+    ``forward_ok=False`` keeps autodiff off forward mode (see :func:`choose_autodiff`).
     """
     traced = traced or {}
     with_rule = tuple(a for a in argnums if rules.lookup(func, a) is not None)
@@ -138,7 +147,7 @@ def plan_auto(
             )
         else:
             n_in = sum(n for a, n in zip(argnums, in_numels, strict=True) if a in without)
-            method, reason = choose_autodiff(n_in, out_numel)
+            method, reason = choose_autodiff(n_in, out_numel, forward_ok)
             steps.append(Step(method, without, f"{prefix}; {reason}"))
     return tuple(steps)
 
@@ -176,11 +185,48 @@ def _probe_output(call: V.Call) -> tuple[int, ...]:
     return tuple(probe_call(call).out.shape)
 
 
+def _probed(call: V.Call, create_graph: bool) -> tuple[V.Call, tuple[int, ...]]:
+    """Probe ``func`` once: the call with its probe and whether the result keeps a graph (NOTE
+    [Differentiable results: when a Jacobian keeps its graph] in :mod:`jacbatch.methods`), and
+    the per-sample output shape."""
+    probe = probe_call(call)
+    graph = needs_graph(call.args, create_graph, probe.reads_grad)
+    return dataclasses.replace(call, create_graph=graph, probe=probe), tuple(probe.out.shape)
+
+
+def _forward_ok(call: V.Call) -> bool:
+    """Forward mode is right for ``func``: it does not switch grad mode off inside (seen by the
+    probe; forward-mode AD ignores ``torch.no_grad``)."""
+    return call.probe is None or not call.probe.forward_blind
+
+
+@dataclass(frozen=True)
+class _Untraced:
+    """The analysis of a function that is not traced (it reads like a failed one)."""
+
+    reason: str
+    ok: bool = False
+    notes: tuple[str, ...] = ()
+
+
+#: Why plain code is not traced inside a torch.func transform.
+IN_TRANSFORM = (
+    "not traced inside a torch.func transform (grad, vjp, jacrev, jacfwd, vmap): "
+    "autodiff composes with it"
+)
+
+
 def _traced_analyses(call: V.Call, argnums: Sequence[int]) -> dict[int, Any]:
-    """Per argnum without a registered rule, the traced analysis (cached with the trace)."""
+    """Per argnum without a registered rule, the traced analysis (cached with the trace).
+
+    Inside a torch.func transform nothing is traced: tracing would see the transform's wrapped
+    values, not the function (and cache that graph for later calls).
+    """
     todo = [a for a in argnums if rules.lookup(call.func, a) is None]
     if not todo:
         return {}
+    if in_transform(call.args):
+        return {a: _Untraced(IN_TRANSFORM) for a in todo}
     tg = traced.traced_graph(call)
     return {a: tg.analysis(a) for a in todo}
 
@@ -206,6 +252,7 @@ def _plan(call: V.Call, method: str, out_shape: tuple[int, ...]) -> Plan:
             [math.prod(s) for s in in_shapes],
             math.prod(out_shape),
             traced={a: None if an.ok else an.reason for a, an in analyses.items()},
+            forward_ok=_forward_ok(call),
         )
         notes = _node_notes(analyses)
     elif method == "closed_form":
@@ -279,6 +326,7 @@ def jacobian(
     out: torch.Tensor | None = None,
     max_memory: int | str | None = None,
     progress: bool | None = None,
+    create_graph: bool = False,
 ) -> torch.Tensor: ...
 
 
@@ -294,6 +342,7 @@ def jacobian(
     out: tuple[torch.Tensor, ...] | None = None,
     max_memory: int | str | None = None,
     progress: bool | None = None,
+    create_graph: bool = False,
 ) -> tuple[torch.Tensor, ...]: ...
 
 
@@ -308,6 +357,7 @@ def jacobian(
     out: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     max_memory: int | str | None = None,
     progress: bool | None = None,
+    create_graph: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Full Jacobian of ``func`` w.r.t. ``args[argnums]``, for one input or a batch of inputs.
 
@@ -339,11 +389,22 @@ def jacobian(
             cannot fit in free memory at all is refused before anything is allocated.
         progress: show a progress bar for chunked runs that take over 2 seconds; ``None`` shows
             it only when stderr is a terminal.
+        create_graph: make the result differentiable (as in
+            ``torch.autograd.functional.jacobian``), even under ``torch.no_grad()`` or when no
+            argument requires grad. Not needed when autograd or torch.func already asks: the
+            result is differentiable whenever grad mode is on and an argument (or a tensor
+            ``func`` closes over, such as a module's parameters) requires grad, and whenever
+            ``jacobian`` runs inside a torch.func transform (``grad``, ``vjp``, ``jacrev``,
+            ``jacfwd``, ``vmap``), so ``jacobian(lambda x: jacobian(f, x), X)`` is the Hessian.
+            Under ``torch.inference_mode()`` nothing is differentiable.
 
     Returns:
         ``(B, *out_shape, *in_shape)`` (no ``B`` without a batch), or ``(B, out_numel,
         in_numel)`` with ``vec``; a scalar output gives gradients ``(B, *in_shape)``. A tuple of
-        those for tuple ``argnums``. The result carries no autograd graph.
+        those for tuple ``argnums``. The result carries an autograd graph only when it must be
+        differentiable (see ``create_graph``); otherwise none is built. An ``out=`` buffer is
+        filled with ``copy_``, so it carries the graph in that case; inside a torch.func
+        transform ``out=`` is refused (a plain buffer cannot hold a transformed value).
 
     Example:
         >>> A = torch.tensor([[1., 2., 3.], [4., 5., 6.]])
@@ -361,10 +422,17 @@ def jacobian(
     chunk_size = V.check_chunk_size(where, chunk_size)
     budget = None if max_memory is None else memory.parse_bytes(where, max_memory)
     show = V.check_progress(where, progress)
-    out_shape = _probe_output(call)
+    call, out_shape = _probed(call, V.check_bool(where, "create_graph", create_graph))
     plan = _plan(call, method, out_shape)
     shapes = [_result_shape(call, a, out_shape, layout) for a in call.argnums]
     bufs = _check_outs(where, call, out, shapes)
+    transformed = call.create_graph and in_transform(call.args)
+    if transformed and out is not None:
+        raise ValueError(
+            f"{where}: expected out=None inside a torch.func transform (grad, vjp, jacrev, "
+            f"jacfwd, vmap), got an out buffer. A plain tensor cannot hold a transformed "
+            f"(batched or gradient-tracking) value: drop out= and use the returned tensor."
+        )
 
     # Refuse a result that cannot fit before allocating anything.
     itemsize = torch.empty((), dtype=call.dtype).element_size()
@@ -379,6 +447,19 @@ def jacobian(
     B = call.batch_size
     if B is None or batch_chunk >= B:
         final = _execute(call, plan, method, chunk_size, out_shape, layout, bufs)
+    elif transformed:  # no plain buffer can hold the chunks: concatenate them
+        parts: list[list[torch.Tensor]] = [[] for _ in call.argnums]
+        with _progress(B, show, "jacobian") as bar:
+            for start in range(0, B, batch_chunk):
+                n = min(batch_chunk, B - start)
+                res = _execute(
+                    _slice_call(call, start, n), plan, method, chunk_size, out_shape, layout,
+                    [None] * len(call.argnums),
+                )  # fmt: skip
+                for p, J in zip(parts, res, strict=True):
+                    p.append(J)
+                bar(n)
+        final = [torch.cat(p) for p in parts]
     else:
         final = [
             b if b is not None else torch.empty(s, dtype=call.dtype, device=call.device)
@@ -638,7 +719,7 @@ def _run_autodiff(
 ) -> list[torch.Tensor]:
     """The fastest autodiff route for ``argnums`` (the vjp loop where vmap rejects ``func``)."""
     n_in = sum(math.prod(call.sample_shape(a)) for a in argnums)
-    mode, reason = choose_autodiff(n_in, math.prod(out_shape))
+    mode, reason = choose_autodiff(n_in, math.prod(out_shape), _forward_ok(call))
     if call.func not in _VMAP_REJECTED:
         try:
             return _run_step(call, Step(mode, argnums, reason), chunk_size, out_shape, layout, bufs)
@@ -738,7 +819,8 @@ def explain(
     where = "explain"
     call = V.normalize_call(where, func, args, argnums, in_dims)
     method = V.check_method(where, method)
-    return _plan(call, method, _probe_output(call))
+    call, out_shape = _probed(call, False)
+    return _plan(call, method, out_shape)
 
 
 def estimate_memory(
@@ -774,7 +856,7 @@ def estimate_memory(
     method = V.check_method(where, method)
     layout = V.check_vec(where, vec)
     chunk_size = V.check_chunk_size(where, chunk_size)
-    out_shape = _probe_output(call)
+    call, out_shape = _probed(call, False)
     return _estimate(call, _plan(call, method, out_shape), out_shape, layout, chunk_size)
 
 
