@@ -459,13 +459,15 @@ def jacobian(
                 for p, J in zip(parts, res, strict=True):
                     p.append(J)
                 bar(n)
-        final = [torch.cat(p) for p in parts]
+        with _grad_for(call):
+            final = [torch.cat(p) for p in parts]
     else:
         final = [
             b if b is not None else torch.empty(s, dtype=call.dtype, device=call.device)
             for s, b in zip(shapes, bufs, strict=True)
         ]
-        with _progress(B, show, "jacobian") as bar:
+        # with a graph, the chunks' slices are views written with autograd on (CopySlices)
+        with _progress(B, show, "jacobian") as bar, _grad_for(call):
             for start in range(0, B, batch_chunk):
                 n = min(batch_chunk, B - start)
                 sub = _slice_call(call, start, n)
@@ -509,7 +511,29 @@ def _execute(
     layout: str | None,
     bufs: Sequence[torch.Tensor | None],
 ) -> list[torch.Tensor]:
-    """Run the plan's steps for ``call``; results in the caller's layout (``bufs`` where given)."""
+    """Run the plan's steps for ``call``; results in the caller's layout (``bufs`` where given).
+
+    A differentiable result is computed with grad mode on from start to end (as
+    ``torch.autograd.functional.jacobian`` with ``create_graph``), even under ``no_grad``.
+    """
+    with _grad_for(call):
+        return _execute_steps(call, plan, method, chunk_size, out_shape, layout, bufs)
+
+
+def _grad_for(call: V.Call) -> contextlib.AbstractContextManager[Any]:
+    """Grad mode on for a differentiable result (whatever the caller's mode), else unchanged."""
+    return torch.enable_grad() if call.create_graph else contextlib.nullcontext()
+
+
+def _execute_steps(
+    call: V.Call,
+    plan: Plan,
+    method: str,
+    chunk_size: int | None,
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    bufs: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor]:
     results: dict[int, torch.Tensor] = {}
     shapes = [_result_shape(call, a, out_shape, layout) for a in call.argnums]
     for a, s, b in zip(call.argnums, shapes, bufs, strict=True):

@@ -12,7 +12,7 @@ import torch
 
 from . import _validation as V
 from . import memory
-from .api import Plan, _execute, _fit, _plan, _probe_output, _progress, _result_shape, _slice_call
+from .api import Plan, _execute, _fit, _plan, _probed, _progress, _result_shape, _slice_call
 
 
 def iter_jacobian(
@@ -26,6 +26,7 @@ def iter_jacobian(
     max_memory: int | str | None = None,
     batch_chunk: int | None = None,
     progress: bool | None = None,
+    create_graph: bool = False,
 ) -> Iterator[tuple[slice, Any]]:
     """Yield the batched Jacobian chunk by chunk, never holding all of it.
 
@@ -40,6 +41,9 @@ def iter_jacobian(
         max_memory: budget for one chunk's result plus its working memory (bytes or a string
             like ``"512MiB"``). Default: half of the memory free now.
         batch_chunk: samples per chunk, overriding the budget.
+        create_graph: as in :func:`jacbatch.jacobian`: every chunk is differentiable when asked
+            for, or when grad mode is on and an argument (or a tensor ``func`` closes over)
+            requires grad, or inside a torch.func transform. Decided when this is called.
 
     Yields:
         ``(batch_slice, J_chunk)``: the samples ``batch_slice`` covers and their Jacobian,
@@ -52,7 +56,7 @@ def iter_jacobian(
     """
     it, _, _ = _prepare(
         "iter_jacobian", func, args, argnums, in_dims, method, vec, chunk_size,
-        max_memory, batch_chunk, progress,
+        max_memory, batch_chunk, progress, create_graph,
     )  # fmt: skip
     return it
 
@@ -69,6 +73,7 @@ def _prepare(
     max_memory: int | str | None,
     batch_chunk: int | None,
     progress: bool | None,
+    create_graph: bool,
 ) -> tuple[Iterator[tuple[slice, Any]], V.Call, tuple[int, ...]]:
     """Validate and plan a chunked run once: the chunk iterator, the call and the output shape."""
     call = V.normalize_call(where, func, args, argnums, in_dims)
@@ -83,7 +88,7 @@ def _prepare(
         if max_memory is None
         else memory.parse_bytes(where, max_memory)
     )
-    out_shape = _probe_output(call)
+    call, out_shape = _probed(call, V.check_bool(where, "create_graph", create_graph))
     plan = _plan(call, method, out_shape)
     if batch_chunk is None:
         batch_chunk, chunk_size = _fit(call, plan, out_shape, layout, chunk_size, budget, True)
@@ -149,17 +154,18 @@ def save_jacobian(
     where = "save_jacobian"
     if isinstance(argnums, tuple):
         V.single_argnum(where, argnums)
-    it, call, out_shape = _prepare(
-        where, func, args, argnums, in_dims, method, vec, chunk_size,
-        max_memory, batch_chunk, progress,
-    )  # fmt: skip
+    with torch.no_grad():  # a file holds values only: no chunk needs a graph
+        it, call, out_shape = _prepare(
+            where, func, args, argnums, in_dims, method, vec, chunk_size,
+            max_memory, batch_chunk, progress, False,
+        )  # fmt: skip
     shape = _result_shape(call, call.argnums[0], out_shape, vec)
     dtype = torch.empty((), dtype=call.dtype).numpy().dtype
     header = np.lib.format.open_memmap(os.fspath(path), mode="w+", dtype=dtype, shape=shape)
     offset = header.offset
     del header
     row_bytes = math.prod(shape[1:]) * dtype.itemsize
-    with open(path, "r+b") as f:
+    with open(path, "r+b") as f, torch.no_grad():
         for sl, J in it:
             f.seek(offset + sl.start * row_bytes)
             f.write(J.detach().cpu().contiguous().numpy().data)  # no bytes copy of the chunk

@@ -34,8 +34,11 @@ NOTE [Inference mode]
     Under ``torch.inference_mode()`` autograd records nothing, and inference tensors cannot be
     saved for backward. The vjp route therefore runs its forward and backward passes under
     ``torch.inference_mode(False)`` on clones of the arguments that are inference tensors (only
-    those); the torch.func routes do not need it, and the closed forms use no autograd. Results
-    computed under inference mode carry no graph.
+    those); the torch.func routes do not need it, and the closed forms use no autograd. A tensor
+    created under inference mode that ``func`` closes over cannot be cloned by jacbatch, and
+    autograd refuses to save it; ``torch.func.vjp`` accepts it, so the vjp route pulls back
+    through that instead when autograd refuses. Results computed under inference mode carry no
+    graph.
 """
 
 from __future__ import annotations

@@ -125,9 +125,9 @@ def compute(
                 jacs.append(
                     _forward_columns(call.func, args, dims, call.batched, a, chunk_size, out_shape)
                 )
-    if not call.create_graph:
-        jacs = [J.detach() for J in jacs]
-    return [
-        finish(J, len(out_shape), len(call.sample_shape(a)), layout, buf)
-        for J, a, buf in zip(jacs, nums, outs, strict=True)
-    ]
+        if not call.create_graph:
+            jacs = [J.detach() for J in jacs]
+        return [
+            finish(J, len(out_shape), len(call.sample_shape(a)), layout, buf)
+            for J, a, buf in zip(jacs, nums, outs, strict=True)
+        ]

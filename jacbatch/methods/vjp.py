@@ -16,6 +16,7 @@ NOTE [One backward pass per output element, for the whole batch]
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -64,6 +65,26 @@ def compute(
     """
     if call.create_graph:
         return _compute_with_graph(call, argnums, out_shape, layout, outs, max_rows)
+    try:
+        return _compute_detached(call, argnums, out_shape, layout, outs, max_rows)
+    except RuntimeError as err:
+        if "Inference tensors cannot be saved for backward" not in str(err):
+            raise
+    # func closes over a tensor created under inference_mode: autograd cannot save it for
+    # backward, torch.func's vjp can (on arguments that carry no graph, so neither does J).
+    detached = dataclasses.replace(call, args=tuple(a.detach() for a in call.args))
+    return _compute_with_graph(detached, argnums, out_shape, layout, outs, max_rows)
+
+
+def _compute_detached(
+    call: Call,
+    argnums: Sequence[int],
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    outs: Sequence[torch.Tensor | None],
+    max_rows: int | None,
+) -> list[torch.Tensor]:
+    """The vjp route without a graph: ``torch.autograd.grad`` on fresh leaves."""
     # Autograd records nothing under inference mode: run outside it, on normal tensors (NOTE
     # [Inference mode] in jacbatch.methods). Rows go straight into the caller's buffer when its
     # memory order is the rows' order (natural layout or row-major vec) and it can be written
