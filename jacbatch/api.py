@@ -661,6 +661,7 @@ def _fit(
         chunk_size,
         budget,
         count_output,
+        call.create_graph,
     )
     try:
         cache = _FIT_CACHE.setdefault(call.func, {})

@@ -352,3 +352,69 @@ def test_memory_chunks_keep_the_graph(method, monkeypatch):
     assert len(calls) > 1  # vmap calls the function once; jacobian chunked its 10 samples
     ref = torch.stack([torch.autograd.functional.jacobian(cube_sum, xi) for xi in Xl])
     assert_matches(J.reshape(40, N), ref, F64)
+
+
+def _col_major(J: torch.Tensor, n_out: int) -> torch.Tensor:
+    """``(*out, *in) -> (out_numel, in_numel)`` with both sides in column-major order."""
+    n_in = J.ndim - n_out
+    perm = [*reversed(range(n_out)), *(n_out + k for k in reversed(range(n_in)))]
+    return J.permute(*perm).reshape(math.prod(J.shape[:n_out]), -1)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("vec", [None, "col"])
+@pytest.mark.parametrize("method", ROUTES)
+def test_layouts_and_tuple_argnums_stay_differentiable(method, vec, batched):
+    A = torch.randn(B, 2, N, dtype=F64, generator=_gen(9))
+    bias = torch.randn(2, dtype=F64, generator=_gen(10))
+
+    def f(a, w, c):
+        return torch.tanh(a @ w + c)
+
+    weights = [torch.linspace(-1, 1, k, dtype=F64) for k in (B * 2 * 2 * 2 * N, B * 2 * 2 * N * 2)]
+
+    def loss(Js):
+        return sum(
+            (J.reshape(-1) * wt[: J.numel()]).sum() for J, wt in zip(Js, weights, strict=True)
+        )
+
+    w = W[:, :2].clone().requires_grad_()
+    a_in = A if batched else A[0]
+    in_dims = (0, None, None) if batched else None
+    Js = jacbatch.jacobian(
+        f, a_in, w, bias, argnums=(0, 1), in_dims=in_dims, vec=vec, method=method
+    )
+    (got,) = torch.autograd.grad(loss(Js), w)
+
+    w2 = W[:, :2].clone().requires_grad_()
+    refs = []
+    for argnum in (0, 1):
+        per = []
+        for a in A if batched else A[:1]:
+            Jk = torch.autograd.functional.jacobian(f, (a, w2, bias), create_graph=True)[argnum]
+            per.append(_col_major(Jk, 2) if vec == "col" else Jk)
+        refs.append(torch.stack(per) if batched else per[0])
+    (ref,) = torch.autograd.grad(loss(refs), w2)
+    for J, R in zip(Js, refs, strict=True):
+        assert_matches(J, R.detach(), F64)
+    assert_matches(got, ref, F64)
+
+
+@pytest.mark.parametrize(
+    "f, args, in_dims",
+    [
+        (
+            jacbatch.affine,
+            (torch.randn(B, 2, N, dtype=F64), W, torch.randn(N, dtype=F64)),
+            (0, None, None),
+        ),
+        (tanh_w, (X,), 0),
+    ],
+    ids=["registered", "traced"],
+)
+def test_closed_forms_save_nothing_when_no_graph_is_asked_for(f, args, in_dims):
+    """Grad mode on, nothing requires grad: the closed forms record nothing for backward."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        J = jacbatch.jacobian(f, *args, in_dims=in_dims, method="closed_form")
+    assert saved == [] and J.grad_fn is None
