@@ -141,7 +141,8 @@ def save_jacobian(
     Each chunk is written with plain file writes, so resident memory stays near the budget
     even when the file is many times larger than memory. Read it back with
     ``numpy.load(path, mmap_mode="r")``. If the run is interrupted, the chunks written so far are
-    complete on disk.
+    complete on disk. A file holds values only: no autograd graph is built, whatever the
+    arguments require (there is no ``create_graph``).
 
     Args:
         path: the ``.npy`` file to create (overwritten).
