@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch._guards import detect_fake_mode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _PROBING: contextvars.ContextVar[bool] = contextvars.ContextVar("jacbatch_probing", default=False)
@@ -153,7 +152,7 @@ def probe(
         with torch.inference_mode(False), torch.enable_grad():
             # Inside a trace (fake tensors), meta tensors would become constants of the
             # enclosing graph: probe on the (fake) first sample instead.
-            if detect_fake_mode() is None:
+            if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None:
                 try:
                     meta = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
                     return _run(func, meta, on_meta=True)

@@ -46,6 +46,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import _probe, conventions
 from .._validation import Call
@@ -87,9 +88,7 @@ def in_transform(tensors: Iterable[torch.Tensor]) -> bool:
 
 def being_traced(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether the call is being traced (fake tensors, ``torch.compile``) rather than run."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return torch.compiler.is_compiling() or any(is_fake(t) for t in tensors)
+    return torch.compiler.is_compiling() or any(isinstance(t, FakeTensor) for t in tensors)
 
 
 def needs_graph(args: Sequence[torch.Tensor], create_graph: bool, reads_grad: bool) -> bool:
