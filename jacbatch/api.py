@@ -16,7 +16,16 @@ import torch
 
 from . import _probe, memory, rules
 from . import _validation as V
-from .methods import batched_args, closed_form, functorch, in_transform, needs_graph, traced, vjp
+from .methods import (
+    batched_args,
+    closed_form,
+    functorch,
+    has_tangents,
+    in_transform,
+    needs_graph,
+    traced,
+    vjp,
+)
 from .rules.terms import Unsupported
 from .structured import JacobianOperator
 
@@ -196,8 +205,10 @@ def _probed(call: V.Call, create_graph: bool) -> tuple[V.Call, tuple[int, ...]]:
 
 def _forward_ok(call: V.Call) -> bool:
     """Forward mode is right for ``func``: it does not switch grad mode off inside (seen by the
-    probe; forward-mode AD ignores ``torch.no_grad``)."""
-    return call.probe is None or not call.probe.forward_blind
+    probe; forward-mode AD ignores ``torch.no_grad``), and the arguments are not forward-mode
+    dual tensors (torch does not nest forward AD)."""
+    blind = call.probe is not None and call.probe.forward_blind
+    return not blind and not has_tangents(call.args)
 
 
 @dataclass(frozen=True)

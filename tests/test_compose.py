@@ -418,3 +418,47 @@ def test_closed_forms_save_nothing_when_no_graph_is_asked_for(f, args, in_dims):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         J = jacbatch.jacobian(f, *args, in_dims=in_dims, method="closed_form")
     assert saved == [] and J.grad_fn is None
+
+
+@pytest.mark.parametrize("where", ["argument", "closure"])
+@pytest.mark.parametrize("method", ROUTES)
+def test_forward_ad_dual_tensors_carry_tangents(method, where):
+    """torch.autograd.forward_ad: the tangent of J(x) along t is the Hessian times t."""
+    import torch.autograd.forward_ad as fwAD
+
+    T = torch.randn(B, N, dtype=F64, generator=_gen(11))
+    TW = torch.randn(N, N, dtype=F64, generator=_gen(12))
+
+    def ref_tangent(x, t, w, tw):
+        def jac(y, v):
+            return torch.autograd.functional.jacobian(
+                lambda u: torch.tanh(v @ u), y, create_graph=True
+            )
+
+        return torch.autograd.functional.jvp(jac, (x, w), (t, tw))[1]
+
+    if where == "argument":
+        ref = torch.stack(
+            [ref_tangent(x, t, W, torch.zeros_like(W)) for x, t in zip(X, T, strict=True)]
+        )
+    else:
+        ref = torch.stack([ref_tangent(x, torch.zeros_like(x), W, TW) for x in X])
+    with fwAD.dual_level():
+        x = fwAD.make_dual(X, T) if where == "argument" else X
+        w = fwAD.make_dual(W, TW) if where == "closure" else W
+
+        def run():
+            return jacbatch.jacobian(lambda v: torch.tanh(w @ v), x, method=method)
+
+        if method == "jacfwd" and where == "argument":
+            with pytest.raises(NotImplementedError, match="method='jacrev'"):
+                run()
+            return
+        try:
+            J = run()
+        except RuntimeError as err:  # torch cannot nest forward AD (closure case): never zeros
+            assert method == "jacfwd" and "forward mode AD" in str(err), str(err)
+            return
+        tangent = fwAD.unpack_dual(J).tangent
+    assert tangent is not None
+    assert_matches(tangent, ref, F64)

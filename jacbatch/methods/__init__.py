@@ -16,7 +16,9 @@ NOTE [Differentiable results: when a Jacobian keeps its graph]
 
     * ``create_graph=True`` was passed (as ``torch.autograd.functional.jacobian``'s);
     * a torch.func transform is running (``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``vmap``:
-      a functorch level is active or an argument is a functorch-wrapped tensor), or the call is
+      a functorch level is active or an argument is a functorch-wrapped tensor), a forward-mode
+      AD level is active (``torch.autograd.forward_ad``: tangents ride on the arguments or on
+      tensors ``func`` closes over, and ``detach`` or ``out=`` would drop them), or the call is
       being traced (fake tensors, ``torch.compile``), where a ``detach`` would be recorded as a
       stop-gradient, or probed (NOTE [The probe] in :mod:`jacbatch._probe`);
     * grad mode is on (and inference mode off) and an argument, or a tensor ``func`` reads (a
@@ -91,6 +93,22 @@ def being_traced(tensors: Iterable[torch.Tensor]) -> bool:
     return torch.compiler.is_compiling() or any(isinstance(t, FakeTensor) for t in tensors)
 
 
+def _dual_level() -> bool:
+    """Whether a forward-mode AD level is active (``torch.autograd.forward_ad.dual_level``)."""
+    from torch.autograd import forward_ad
+
+    return forward_ad._current_level >= 0
+
+
+def has_tangents(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether one of ``tensors`` is a forward-mode dual tensor (``torch.autograd.forward_ad``)."""
+    from torch.autograd import forward_ad
+
+    if not _dual_level():
+        return False
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def needs_graph(args: Sequence[torch.Tensor], create_graph: bool, reads_grad: bool) -> bool:
     """Whether the Jacobian must stay differentiable; see NOTE [Differentiable results].
 
@@ -99,7 +117,7 @@ def needs_graph(args: Sequence[torch.Tensor], create_graph: bool, reads_grad: bo
         create_graph: the caller asked for a differentiable result.
         reads_grad: ``func`` reads a tensor that requires grad (the probe saw one).
     """
-    if in_transform(args) or being_traced(args) or _probe.probing():
+    if in_transform(args) or being_traced(args) or _probe.probing() or _dual_level():
         return True
     if torch.is_inference_mode_enabled():
         return False

@@ -35,7 +35,7 @@ import torch
 from torch.func import jacrev, jvp, vmap
 
 from .._validation import Call
-from . import batched_args, finish
+from . import batched_args, finish, has_tangents
 
 
 def _forward_columns(
@@ -106,6 +106,12 @@ def compute(
             "inference_mode). Forward-mode AD does not see that stop-gradient and would "
             "differentiate through it; use method='jacrev', 'vjp' or 'auto' (reverse mode), "
             "or .detach() the value instead."
+        )
+    if mode == "fwd" and has_tangents(call.args):
+        raise NotImplementedError(
+            "jacobian: expected arguments without forward-mode tangents for method='jacfwd', "
+            "got dual tensors (torch.autograd.forward_ad): torch does not nest forward-mode "
+            "AD in forward-mode AD. Use method='jacrev', 'vjp' or 'auto'."
         )
     args, flags, _ = batched_args(call)
     dims = tuple(0 if f else None for f in flags)

@@ -55,14 +55,23 @@ def keeps_graph(*ts: torch.Tensor) -> bool:
     """Whether writing ``ts`` in place into a fresh buffer would lose or break a graph.
 
     True when one of them carries an autograd graph (grad mode on), is wrapped by a torch.func
-    transform (which refuses writes of a wrapped value into a plain tensor), or is a fake
-    tensor being traced. Writers then compute out of place.
+    transform (which refuses writes of a wrapped value into a plain tensor), is a forward-mode
+    dual tensor (``out=`` ops have no forward derivative) or is a fake tensor being traced.
+    Writers then compute out of place.
     """
-    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.autograd import forward_ad
 
     grad = torch.is_grad_enabled()
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any((grad and t.requires_grad) or wrapped(t) or is_fake(t) for t in ts)
+    dual = forward_ad._current_level >= 0
+    return any(
+        (grad and t.requires_grad)
+        or wrapped(t)
+        or isinstance(t, FakeTensor)
+        or (dual and forward_ad.unpack_dual(t).tangent is not None)
+        for t in ts
+    )
 
 
 def fresh() -> int:
