@@ -100,11 +100,15 @@ def _dual_level() -> bool:
     return forward_ad._current_level >= 0
 
 
-def has_tangents(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether one of ``tensors`` is a forward-mode dual tensor (``torch.autograd.forward_ad``)."""
+def has_tangents(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether one of ``tensors`` is a forward-mode dual tensor (``torch.autograd.forward_ad``).
+
+    Inside a torch.func transform (whose ``jvp`` uses dual levels itself) this is False: the
+    transforms nest forward mode natively.
+    """
     from torch.autograd import forward_ad
 
-    if not _dual_level():
+    if not _dual_level() or in_transform(tensors):
         return False
     return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 

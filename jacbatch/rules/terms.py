@@ -62,6 +62,12 @@ def keeps_graph(*ts: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
     from torch.autograd import forward_ad
 
+    def has_tangent(t: torch.Tensor) -> bool:
+        try:
+            return forward_ad.unpack_dual(t).tangent is not None
+        except RuntimeError:  # a value unpack_dual cannot look into: assume it has one
+            return True
+
     grad = torch.is_grad_enabled()
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     dual = forward_ad._current_level >= 0
@@ -69,7 +75,7 @@ def keeps_graph(*ts: torch.Tensor) -> bool:
         (grad and t.requires_grad)
         or wrapped(t)
         or isinstance(t, FakeTensor)
-        or (dual and forward_ad.unpack_dual(t).tangent is not None)
+        or (dual and has_tangent(t))
         for t in ts
     )
 
