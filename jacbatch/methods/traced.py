@@ -6,8 +6,9 @@ has a closed-form rule (:mod:`jacbatch.rules.ops`). The graph is evaluated for t
 under ``vmap`` (forward values only, no autograd graph), the rules' lettered terms are composed
 by the chain rule (:mod:`jacbatch.rules.terms`) and the result is written once, directly in the
 requested layout. A result that must be differentiable is evaluated on the caller's tensors and
-written out of place instead (:func:`jacbatch.rules.terms.dense`). Anything the rules do not cover raises
-:class:`~jacbatch.rules.terms.Unsupported`, and :func:`jacbatch.jacobian` falls back to autodiff.
+written out of place instead (:func:`jacbatch.rules.terms.dense`). Anything the rules do not
+cover raises :class:`~jacbatch.rules.terms.Unsupported`, and :func:`jacbatch.jacobian` falls
+back to autodiff.
 """
 
 from __future__ import annotations
