@@ -49,6 +49,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.autograd import forward_ad
 
 from .. import _probe, conventions
 from .._validation import Call
@@ -95,8 +96,6 @@ def being_traced(tensors: Iterable[torch.Tensor]) -> bool:
 
 def _dual_level() -> bool:
     """Whether a forward-mode AD level is active (``torch.autograd.forward_ad.dual_level``)."""
-    from torch.autograd import forward_ad
-
     return forward_ad._current_level >= 0
 
 
@@ -106,8 +105,6 @@ def has_tangents(tensors: Sequence[torch.Tensor]) -> bool:
     Inside a torch.func transform (whose ``jvp`` uses dual levels itself) this is False: the
     transforms nest forward mode natively.
     """
-    from torch.autograd import forward_ad
-
     if not _dual_level() or in_transform(tensors):
         return False
     return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)

@@ -1,6 +1,7 @@
 """The closed-form route: registered rules, no autodiff.
 
-Runs every rule on detached arguments, so no graph is built, unless the result must be
+Runs every rule under ``torch.no_grad()`` on detached arguments, so no graph is built (and no
+op pays for autograd's bookkeeping), unless the result must be
 differentiable (``call.create_graph``, NOTE [Differentiable results] in :mod:`jacbatch.methods`):
 the rules are torch ops on the arguments, so they then run on the caller's tensors themselves,
 out of place, and autograd (or an outer torch.func transform) differentiates them.
@@ -8,7 +9,6 @@ out of place, and autograd (or an outer torch.func transform) differentiates the
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -48,7 +48,7 @@ def compute(
         args = [x.detach() for x in args]
     order = "col" if layout == "col" else "row"
     results = []
-    with torch.enable_grad() if graph else contextlib.nullcontext():
+    with torch.enable_grad() if graph else torch.no_grad():
         for a, rule, buf in zip(argnums, found, outs, strict=True):
             in_shape = call.sample_shape(a)
             n_in = math.prod(in_shape)

@@ -64,13 +64,14 @@ def compute(
                 J = terms.dense(ts, out_shape, in_shape, B, args[a])
                 results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
         return results
-    args = [x.detach() for x in args]
-    all_terms = tracing.jacobian_terms(tg, argnums, args, B)
-    for a, ts, buf in zip(argnums, all_terms, outs, strict=True):
-        in_shape = call.sample_shape(a)
-        Y, natural = _result(call, B, out_shape, in_shape, layout, buf)
-        terms.materialize(ts, out_shape, in_shape, natural)
-        results.append(Y)
+    with torch.no_grad():
+        args = [x.detach() for x in args]
+        all_terms = tracing.jacobian_terms(tg, argnums, args, B)
+        for a, ts, buf in zip(argnums, all_terms, outs, strict=True):
+            in_shape = call.sample_shape(a)
+            Y, natural = _result(call, B, out_shape, in_shape, layout, buf)
+            terms.materialize(ts, out_shape, in_shape, natural)
+            results.append(Y)
     return results
 
 

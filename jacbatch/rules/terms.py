@@ -40,6 +40,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.autograd import forward_ad
 
 _LETTERS = itertools.count(1)
 
@@ -59,8 +61,6 @@ def keeps_graph(*ts: torch.Tensor) -> bool:
     dual tensor (``out=`` ops have no forward derivative) or is a fake tensor being traced.
     Writers then compute out of place.
     """
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch.autograd import forward_ad
 
     def has_tangent(t: torch.Tensor) -> bool:
         try:
