@@ -44,12 +44,19 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from . import _probe
 from ._validation import Call
 
 
 def _not_finite(t: torch.Tensor) -> bool:
     if not (t.dtype.is_floating_point or t.dtype.is_complex) or t.numel() == 0:
         return False
+    if (
+        t.layout != torch.strided
+        or t._is_zerotensor()
+        or torch._C._functorch.is_functorch_wrapped_tensor(t)
+    ):
+        return False  # zeros by construction, or a transform's wrapper: nothing to look at here
     return not bool(torch.isfinite(t).all())
 
 
@@ -143,10 +150,17 @@ def enforce(
     layout: str | None,
     random: bool = False,
 ) -> None:
-    """Overwrite, in ``jacs`` (``(B, ...)`` each), the samples the policy recomputes."""
-    from .methods import vjp
+    """Overwrite, in ``jacs`` (``(B, ...)`` each), the samples the policy recomputes.
+
+    Inside a torch.func transform (a ``jacobian`` call nested in ``vmap``, ``grad``, another
+    ``jacobian``) values cannot be inspected, and in an enclosing call's probe run there is
+    nothing to fix; the check is left to the call outside it.
+    """
+    from .methods import being_traced, in_transform, vjp
 
     if method == "per_sample" or call.device.type == "meta":
+        return
+    if in_transform(call.args) or being_traced(call.args) or _probe.probing():
         return
     bad = affected(call, jacs, method, random)
     if not bool(bad.any()):

@@ -11,6 +11,10 @@ NOTE [The probe: one run on shapes, observed op by op]
       ``set_grad_enabled(False)`` or ``inference_mode()`` inside ``func``. The probe itself runs
       with grad mode on, so an op that sees it off was switched off by ``func``. Reverse-mode
       routes honour such a stop-gradient; forward-mode AD does not see grad mode at all;
+    * whether such an op ran with forward-mode AD still on (``forward_blind``): the stop-gradient
+      forward mode would differentiate through. A custom ``autograd.Function``'s forward runs
+      with both off (its ``jvp`` and ``backward`` define the derivative), and so does
+      ``inference_mode``, which forward AD does honour: neither counts;
     * whether any op draws random numbers (``random``: ops tagged ``nondeterministic_seeded``,
       e.g. ``dropout``, ``rand_like``, ``bernoulli``);
     * nothing else: the generator state is restored afterwards, so the probe never shifts the
@@ -19,16 +23,25 @@ NOTE [The probe: one run on shapes, observed op by op]
     * whether ``func`` writes into tensors that existed before the call (``writes_state``: a
       train-mode BatchNorm's running statistics, a counter it closes over). Those writes are
       undone when the probe returns, even when ``func`` raised (NOTE [Writes into tensors that
-      existed before the call] in :mod:`jacbatch._state`).
+      existed before the call] in :mod:`jacbatch._state`);
+    * whether an op reads a tensor that requires grad (``reads_grad``): the probe's own inputs
+      do not, so such a tensor is one ``func`` closes over (a module's parameters), and a
+      Jacobian must then stay differentiable w.r.t. it under grad mode.
 
     The inputs are fresh meta tensors that do not require grad (so nothing is recorded or
     saved for backward; grad mode is on all the same, which is all the check needs). A function that cannot run on meta tensors (``.item()``,
     data-dependent shapes, closures that mix devices) is run once on a *copy* of the first
     sample instead, so even then nothing the caller owns is written to.
+
+    While a probe runs, :func:`probing` is true: a :func:`jacbatch.jacobian` called inside
+    ``func`` (a Hessian as the Jacobian of a Jacobian) then takes its differentiable path, as it
+    will when ``func`` is differentiated for real, so the probe sees what that path does (its
+    backward passes keep grad mode on) rather than the detached fast path.
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +49,13 @@ from typing import Any
 import torch
 
 from ._state import Bindings, Guard
+
+_PROBING: contextvars.ContextVar[bool] = contextvars.ContextVar("jacbatch_probing", default=False)
+
+
+def probing() -> bool:
+    """Whether a probe run is in progress (see NOTE [The probe])."""
+    return _PROBING.get()
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,9 @@ class ProbeResult:
         mutated: indices of arguments ``func`` wrote into.
         on_meta: the probe ran on meta tensors (else on a copy of the first sample).
         writes_state: ``func`` wrote into tensors that existed before the call (undone since).
+        reads_grad: some op read a tensor that requires grad (one ``func`` closes over).
+        forward_blind: some op ran with grad mode off but forward-mode AD on (``no_grad``
+            inside ``func``): forward mode would not see that stop-gradient.
     """
 
     out: Any
@@ -60,6 +83,8 @@ class ProbeResult:
     mutated: tuple[int, ...]
     on_meta: bool
     writes_state: bool = False
+    reads_grad: bool = False
+    forward_blind: bool = False
 
 
 class _Observe(Guard):
@@ -70,14 +95,28 @@ class _Observe(Guard):
         self.ops: set[str] = set()
         self.grad_disabled = False
         self.random = False
+        self.reads_grad = False
+        self.forward_blind = False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.ops.add(str(func))
         if not torch.is_grad_enabled():
             self.grad_disabled = True
+            if torch._C._is_fwd_grad_enabled():
+                self.forward_blind = True
         if torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()):
             self.random = True
+        if not self.reads_grad:
+            self.reads_grad = any(_requires_grad(a) for a in args)
         return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def _requires_grad(a: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.requires_grad
+    if isinstance(a, (list, tuple)):
+        return any(isinstance(t, torch.Tensor) and t.requires_grad for t in a)
+    return False
 
 
 def _run(func: Callable[..., Any], inputs: Sequence[torch.Tensor], on_meta: bool) -> ProbeResult:
@@ -101,6 +140,8 @@ def _run(func: Callable[..., Any], inputs: Sequence[torch.Tensor], on_meta: bool
         mutated,
         on_meta,
         writes_state,
+        mode.reads_grad,
+        mode.forward_blind,
     )
 
 
@@ -124,13 +165,17 @@ def probe(
     """
     # The probe draws no random numbers the caller could notice: the generator is put back.
     rng = torch.get_rng_state()
+    token = _PROBING.set(True)
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            try:
-                meta = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
-                return _run(func, meta, on_meta=True)
-            except Exception:
-                pass
+            # Inside a trace (fake tensors), meta tensors would become constants of the
+            # enclosing graph: probe on the (fake) first sample instead.
+            if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None:
+                try:
+                    meta = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
+                    return _run(func, meta, on_meta=True)
+                except Exception:
+                    pass
             real = [x.detach().clone() for x in sample()]
             cuda = real[0].device if real and real[0].device.type == "cuda" else None
             cuda_rng = None if cuda is None else torch.cuda.get_rng_state(cuda)
@@ -140,7 +185,8 @@ def probe(
                 if cuda is not None and cuda_rng is not None:
                     torch.cuda.set_rng_state(cuda_rng, cuda)
     finally:
+        _PROBING.reset(token)
         torch.set_rng_state(rng)
 
 
-__all__ = ["ProbeResult", "probe"]
+__all__ = ["ProbeResult", "probe", "probing"]

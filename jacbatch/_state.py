@@ -76,7 +76,15 @@ from torch.utils._pytree import tree_leaves
 
 
 def _key(t: torch.Tensor) -> int:
-    return int(t.untyped_storage()._cdata)
+    """The identity of ``t``'s storage; a torch.func wrapper is keyed by the tensor it wraps
+    (dispatch modes see the unwrapped tensor), a tensor without storage by its own identity."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    try:
+        return int(t.untyped_storage()._cdata)
+    except (NotImplementedError, RuntimeError):
+        return id(t)
 
 
 # Ops that write into arguments their schema does not mark ``a!``: the batch-norm kernels update

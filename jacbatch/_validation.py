@@ -126,10 +126,22 @@ def _address_range(t: torch.Tensor) -> tuple[int, int]:
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors may share memory (their address ranges intersect; conservative for
     interleaved strides). Works across storages, e.g. two tensors over one numpy array."""
+    a, b = _unwrapped(a), _unwrapped(b)
     if a.device != b.device or a.numel() == 0 or b.numel() == 0 or a.device.type == "meta":
         return False
-    (a0, a1), (b0, b1) = _address_range(a), _address_range(b)
+    try:
+        (a0, a1), (b0, b1) = _address_range(a), _address_range(b)
+    except RuntimeError:  # no storage (a fake or otherwise storage-less tensor): no memory to share
+        return False
     return a0 < b1 and b0 < a1
+
+
+def _unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a torch.func wrapper (batched or gradient-tracking) holds, else ``t``."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
 
 
 def check_out_aliasing(
@@ -208,6 +220,10 @@ class Call:
         dtype: the common floating dtype.
         device: the common device.
         randomness: ``"error"``, ``"different"`` or ``"same"``, as in ``torch.func.vmap``.
+        create_graph: the result must stay differentiable (autograd graph, torch.func levels);
+            set by :func:`jacbatch.jacobian` from ``jacbatch.methods.needs_graph``.
+        probe: what one probe run of ``func`` showed (:class:`jacbatch._probe.ProbeResult`),
+            ``None`` until probed.
     """
 
     func: Callable[..., Any]
@@ -219,6 +235,8 @@ class Call:
     dtype: torch.dtype
     device: torch.device
     randomness: str = "error"
+    create_graph: bool = False
+    probe: Any = None
 
     @property
     def batched(self) -> bool:
@@ -440,6 +458,14 @@ def bad_memory_value(where: str, value: object) -> NoReturn:
         f"{where}: expected max_memory as a positive number of bytes or a string such as "
         f"'512MiB' or '2GB', got {value!r}."
     )
+
+
+def check_bool(where: str, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"{where}: expected {name} to be True or False, got {type(value).__name__}."
+        )
+    return value
 
 
 def check_progress(where: str, progress: object) -> bool | None:

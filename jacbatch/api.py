@@ -16,7 +16,16 @@ import torch
 
 from . import _nonfinite, _probe, _state, _torch_bugs, memory, rules
 from . import _validation as V
-from .methods import batched_args, closed_form, functorch, traced, vjp
+from .methods import (
+    batched_args,
+    closed_form,
+    functorch,
+    has_tangents,
+    in_transform,
+    needs_graph,
+    traced,
+    vjp,
+)
 from .rules.terms import Unsupported
 from .structured import JacobianOperator
 
@@ -82,7 +91,7 @@ class Plan:
 LARGE_JACOBIAN = 2**20
 
 
-def choose_autodiff(in_numel: int, out_numel: int) -> tuple[str, str]:
+def choose_autodiff(in_numel: int, out_numel: int, forward_ok: bool = True) -> tuple[str, str]:
     """The autodiff route expected to be fastest for one sample's sizes, with the reason.
 
     * A scalar output needs one reverse pass: the vjp route does it for the whole batch with
@@ -93,6 +102,8 @@ def choose_autodiff(in_numel: int, out_numel: int) -> tuple[str, str]:
       traffic dominates; the vjp route runs one backward pass per output element for the whole
       batch and writes each row once (peak memory about the Jacobian itself).
     * Otherwise reverse mode (one vectorized pass per output element; ties go to jacrev).
+    * ``forward_ok=False`` (``func`` switches grad mode off inside, which forward-mode AD does
+      not see): reverse mode wherever forward mode would have been chosen.
 
     Example:
         >>> [choose_autodiff(i, o)[0] for i, o in [(1024, 1), (4, 1024), (64, 64), (1024, 1024)]]
@@ -100,6 +111,11 @@ def choose_autodiff(in_numel: int, out_numel: int) -> tuple[str, str]:
     """
     if out_numel == 1:
         return "vjp", "scalar output: one backward pass for the whole batch"
+    if in_numel < out_numel and not forward_ok:
+        return "jacrev", (
+            "reverse mode: func switches grad mode off inside (e.g. torch.no_grad), a "
+            "stop-gradient forward mode does not see"
+        )
     if in_numel < out_numel:
         return "jacfwd", f"forward mode: {in_numel} input elements < {out_numel} output elements"
     if out_numel * in_numel >= LARGE_JACOBIAN:
@@ -116,11 +132,13 @@ def plan_auto(
     in_numels: Sequence[int],
     out_numel: int,
     traced: Mapping[int, str | None] | None = None,
+    forward_ok: bool = True,
 ) -> tuple[Step, ...]:
     """``method="auto"`` as a pure function of the function and the per-sample sizes.
 
     ``traced`` maps an argnum to ``None`` when the traced graph of ``func`` has a rule for every
     node on that argument's path, or to the reason it does not (see :mod:`jacbatch.tracing`).
+    ``forward_ok=False`` keeps autodiff off forward mode (see :func:`choose_autodiff`).
     """
     traced = traced or {}
     with_rule = tuple(a for a in argnums if rules.lookup(func, a) is not None)
@@ -146,7 +164,7 @@ def plan_auto(
             )
         else:
             n_in = sum(n for a, n in zip(argnums, in_numels, strict=True) if a in without)
-            method, reason = choose_autodiff(n_in, out_numel)
+            method, reason = choose_autodiff(n_in, out_numel, forward_ok)
             steps.append(Step(method, without, f"{prefix}; {reason}"))
     return tuple(steps)
 
@@ -200,11 +218,50 @@ def _probe_output(call: V.Call) -> tuple[int, ...]:
     return tuple(probe_call(call).out.shape)
 
 
+def _probed(call: V.Call, create_graph: bool) -> tuple[V.Call, tuple[int, ...]]:
+    """Probe ``func`` once: the call with its probe and whether the result keeps a graph (NOTE
+    [Differentiable results: when a Jacobian keeps its graph] in :mod:`jacbatch.methods`), and
+    the per-sample output shape."""
+    probe = probe_call(call)
+    graph = needs_graph(call.args, create_graph, probe.reads_grad)
+    return dataclasses.replace(call, create_graph=graph, probe=probe), tuple(probe.out.shape)
+
+
+def _forward_ok(call: V.Call) -> bool:
+    """Forward mode is right for ``func``: it does not switch grad mode off inside (seen by the
+    probe; forward-mode AD ignores ``torch.no_grad``), and the arguments are not forward-mode
+    dual tensors (torch does not nest forward AD)."""
+    blind = call.probe is not None and call.probe.forward_blind
+    return not blind and not has_tangents(call.args)
+
+
+@dataclass(frozen=True)
+class _Untraced:
+    """The analysis of a function that is not traced (it reads like a failed one)."""
+
+    reason: str
+    ok: bool = False
+    notes: tuple[str, ...] = ()
+
+
+#: Why plain code is not traced inside a torch.func transform.
+IN_TRANSFORM = (
+    "not traced inside a torch.func transform (grad, vjp, jacrev, jacfwd, vmap): "
+    "autodiff composes with it"
+)
+
+
 def _traced_analyses(call: V.Call, argnums: Sequence[int], retry: bool = False) -> dict[int, Any]:
-    """Per argnum without a registered rule, the traced analysis (cached with the trace)."""
+    """Per argnum without a registered rule, the traced analysis (cached with the trace).
+
+    Inside a torch.func transform nothing is traced: tracing would see the transform's wrapped
+    values, not the function (and cache that graph for later calls).
+    """
     todo = [a for a in argnums if rules.lookup(call.func, a) is None]
     if not todo:
         return {}
+    if in_transform(call.args):
+        return {a: _Untraced(IN_TRANSFORM) for a in todo}
     tg = traced.traced_graph(call, retry)
     return {a: tg.analysis(a) for a in todo}
 
@@ -280,7 +337,11 @@ def _plan(
     probe: _probe.ProbeResult | None = None,
 ) -> Plan:
     in_shapes = tuple(call.sample_shape(a) for a in call.argnums)
-    probe = probe if probe is not None else probe_call(call)
+    probe = probe if probe is not None else (call.probe or probe_call(call))
+    if method == "closed_form" and _probe.probing():
+        # A nested call run by an enclosing call's probe (shapes only, under a dispatch mode
+        # where nothing is captured): any route gives the same shapes.
+        method = "auto"
     notes: tuple[str, ...] = ()
     protection = _protection(call, probe)
     untraceable = _untraceable(probe)
@@ -314,6 +375,7 @@ def _plan(
             [math.prod(s) for s in in_shapes],
             math.prod(out_shape),
             traced={a: None if an.ok else an.reason for a, an in analyses.items()},
+            forward_ok=_forward_ok(call),
         )
         notes = _node_notes(analyses)
     elif method == "closed_form":
@@ -431,6 +493,7 @@ def jacobian(
     max_memory: int | str | None = None,
     progress: bool | None = None,
     randomness: str = "error",
+    create_graph: bool = False,
 ) -> torch.Tensor: ...
 
 
@@ -447,6 +510,7 @@ def jacobian(
     max_memory: int | str | None = None,
     progress: bool | None = None,
     randomness: str = "error",
+    create_graph: bool = False,
 ) -> tuple[torch.Tensor, ...]: ...
 
 
@@ -462,6 +526,7 @@ def jacobian(
     max_memory: int | str | None = None,
     progress: bool | None = None,
     randomness: str = "error",
+    create_graph: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Full Jacobian of ``func`` w.r.t. ``args[argnums]``, for one input or a batch of inputs.
 
@@ -504,11 +569,22 @@ def jacobian(
     the call returns. A ``func`` that writes into its arguments gets copies of them (the
     Jacobian is then with respect to the argument's value on entry). See NOTE [Writes into
     tensors that existed before the call] in :mod:`jacbatch._state`.
+        create_graph: make the result differentiable (as in
+            ``torch.autograd.functional.jacobian``), even under ``torch.no_grad()`` or when no
+            argument requires grad. Not needed when autograd or torch.func already asks: the
+            result is differentiable whenever grad mode is on and an argument (or a tensor
+            ``func`` closes over, such as a module's parameters) requires grad, and whenever
+            ``jacobian`` runs inside a torch.func transform (``grad``, ``vjp``, ``jacrev``,
+            ``jacfwd``, ``vmap``), so ``jacobian(lambda x: jacobian(f, x), X)`` is the Hessian.
+            Under ``torch.inference_mode()`` nothing is differentiable.
 
     Returns:
         ``(B, *out_shape, *in_shape)`` (no ``B`` without a batch), or ``(B, out_numel,
         in_numel)`` with ``vec``; a scalar output gives gradients ``(B, *in_shape)``. A tuple of
-        those for tuple ``argnums``. The result carries no autograd graph.
+        those for tuple ``argnums``. The result carries an autograd graph only when it must be
+        differentiable (see ``create_graph``); otherwise none is built. An ``out=`` buffer is
+        filled with ``copy_``, so it carries the graph in that case; inside a torch.func
+        transform ``out=`` is refused (a plain buffer cannot hold a transformed value).
 
     Example:
         >>> A = torch.tensor([[1., 2., 3.], [4., 5., 6.]])
@@ -529,11 +605,17 @@ def jacobian(
     if out is not None:  # an out buffer over an argument is refused before any work
         given = out if isinstance(out, tuple) else (out,)
         V.check_out_aliasing(where, [o for o in given if isinstance(o, torch.Tensor)], call.args)
-    probe = probe_call(call)
-    out_shape = tuple(probe.out.shape)
-    plan = _plan(call, method, out_shape, probe)
+    call, out_shape = _probed(call, V.check_bool(where, "create_graph", create_graph))
+    plan = _plan(call, method, out_shape, call.probe)
     shapes = [_result_shape(call, a, out_shape, layout) for a in call.argnums]
     bufs = _check_outs(where, call, out, shapes)
+    transformed = call.create_graph and in_transform(call.args)
+    if transformed and out is not None:
+        raise ValueError(
+            f"{where}: expected out=None inside a torch.func transform (grad, vjp, jacrev, "
+            f"jacfwd, vmap), got an out buffer. A plain tensor cannot hold a transformed "
+            f"(batched or gradient-tracking) value: drop out= and use the returned tensor."
+        )
 
     # Refuse a result that cannot fit before allocating anything.
     itemsize = torch.empty((), dtype=call.dtype).element_size()
@@ -548,12 +630,27 @@ def jacobian(
     B = call.batch_size
     if B is None or batch_chunk >= B:
         final = _execute(call, plan, method, chunk_size, out_shape, layout, bufs)
+    elif transformed:  # no plain buffer can hold the chunks: concatenate them
+        parts: list[list[torch.Tensor]] = [[] for _ in call.argnums]
+        with _progress(B, show, "jacobian") as bar:
+            for start in range(0, B, batch_chunk):
+                n = min(batch_chunk, B - start)
+                res = _execute(
+                    _slice_call(call, start, n), plan, method, chunk_size, out_shape, layout,
+                    [None] * len(call.argnums),
+                )  # fmt: skip
+                for p, J in zip(parts, res, strict=True):
+                    p.append(J)
+                bar(n)
+        with _grad_for(call):
+            final = [torch.cat(p) for p in parts]
     else:
         final = [
             b if b is not None else torch.empty(s, dtype=call.dtype, device=call.device)
             for s, b in zip(shapes, bufs, strict=True)
         ]
-        with _progress(B, show, "jacobian") as bar:
+        # with a graph, the chunks' slices are views written with autograd on (CopySlices)
+        with _progress(B, show, "jacobian") as bar, _grad_for(call):
             for start in range(0, B, batch_chunk):
                 n = min(batch_chunk, B - start)
                 sub = _slice_call(call, start, n)
@@ -600,11 +697,18 @@ def _execute(
     """Run the plan's steps for ``call``; results in the caller's layout (``bufs`` where given).
 
     Every evaluation of ``func`` is protected as ``plan.protection`` says (state restored,
-    written arguments copied, randomness replayed: :func:`jacbatch._state.protect`).
+    written arguments copied, randomness replayed: :func:`jacbatch._state.protect`). A
+    differentiable result is computed with grad mode on from start to end (as
+    ``torch.autograd.functional.jacobian`` with ``create_graph``), even under ``no_grad``.
     """
-    with _state.protect(call.func, plan.protection, call.device) as f:
+    with _grad_for(call), _state.protect(call.func, plan.protection, call.device) as f:
         run = call if f is call.func else dataclasses.replace(call, func=f)
         return _execute_steps(run, call.func, plan, method, chunk_size, out_shape, layout, bufs)
+
+
+def _grad_for(call: V.Call) -> contextlib.AbstractContextManager[Any]:
+    """Grad mode on for a differentiable result (whatever the caller's mode), else unchanged."""
+    return torch.enable_grad() if call.create_graph else contextlib.nullcontext()
 
 
 def _execute_steps(
@@ -645,33 +749,74 @@ def _execute_steps(
             jacs = _run_autodiff(call, todo, chunk_size, out_shape, layout, step_bufs, plan.ops)
             ran = "jacfwd"  # whichever autodiff route ran, the strictest check applies
         except (RuntimeError, NotImplementedError) as err:
-            if method != "auto" and plan.protection.writes_state and "captured" in str(err):
-                raise NotImplementedError(
-                    f"jacobian: expected a func that {step.method} can differentiate, got one "
-                    f"that writes into tensors it closes over (e.g. a train-mode BatchNorm's "
-                    f"running statistics), which torch.func's transforms refuse. Use "
-                    f"method='vjp' or 'auto' (the state is restored after the call), or put "
-                    f"the module in eval mode."
-                ) from err
-            replaced = _torch_bugs.NOTE_PREFIX in step.reason
-            if (method != "auto" and not replaced) or step.method not in ("jacrev", "jacfwd"):
-                raise
-            # vmap rejects some functions (.item(), control flow on values): fall back.
-            try:
-                fallback, _ = _torch_bugs.replacement(plan.ops, "vjp")
-                fallback = "per_sample" if fallback == "jacrev" else fallback
-                ran = fallback
-                jacs = _run_step(
-                    call, Step(fallback, todo, "fallback"), None, out_shape, layout, step_bufs
-                )
-            except Exception as err2:
-                raise err2 from err
-            _VMAP_REJECTED.add(user_func)
+            if plan.protection.writes_state and _INPLACE_ERROR in str(err) and call.batched:
+                # func writes into state autograd saved for a later sample's backward pass:
+                # each sample's Jacobian is finished before the next sample's forward pass.
+                jacs = _sample_by_sample(call, sub, out_shape, layout, step_bufs)
+            else:
+                if method != "auto" and plan.protection.writes_state and "captured" in str(err):
+                    raise NotImplementedError(
+                        f"jacobian: expected a func that {step.method} can differentiate, got "
+                        f"one that writes into tensors it closes over (e.g. a train-mode "
+                        f"BatchNorm's running statistics), which torch.func's transforms "
+                        f"refuse. Use method='vjp' or 'auto' (the state is restored after the "
+                        f"call), or put the module in eval mode."
+                    ) from err
+                replaced = _torch_bugs.NOTE_PREFIX in step.reason
+                if (method != "auto" and not replaced) or step.method not in ("jacrev", "jacfwd"):
+                    raise
+                # vmap rejects some functions (.item(), control flow on values): fall back.
+                try:
+                    fallback, _ = _torch_bugs.replacement(plan.ops, "vjp")
+                    fallback = "per_sample" if fallback == "jacrev" else fallback
+                    ran = fallback
+                    jacs = _run_step(
+                        call, Step(fallback, todo, "fallback"), None, out_shape, layout, step_bufs
+                    )
+                except Exception as err2:
+                    if plan.protection.writes_state and _INPLACE_ERROR in str(err2):
+                        jacs = _sample_by_sample(
+                            call, Step(fallback, todo, "fallback"), out_shape, layout, step_bufs
+                        )
+                    else:
+                        raise err2 from err
+                _VMAP_REJECTED.add(user_func)
         # NaN and Inf: per-sample reverse mode decides (NOTE [Non-finite values: one policy])
         _nonfinite.enforce(call, todo, jacs, ran, out_shape, layout, plan.random)
         for a, J in zip(todo, jacs, strict=True):
             results[a] = J if call.batched else J.squeeze(0)
     return [results[a] if b is None else b for a, b in zip(call.argnums, bufs, strict=True)]
+
+
+#: autograd's error when a value saved for backward was written afterwards.
+_INPLACE_ERROR = "modified by an inplace operation"
+
+
+def _sample_by_sample(
+    call: V.Call,
+    step: Step,
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    bufs: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor]:
+    """``step``'s route one sample at a time (each Jacobian ``(1, ...)``, concatenated).
+
+    For a ``func`` that writes into tensors it closes over (a train-mode BatchNorm's running
+    statistics): every evaluation starts from the caller's state (:mod:`jacbatch._state`), so a
+    batched or looped forward pass would leave earlier samples' saved values overwritten.
+    """
+    B = call.batch_size or 0
+    parts: list[list[torch.Tensor]] = [[] for _ in step.argnums]
+    for b in range(B):
+        sub = _slice_call(call, b, 1)
+        sub_bufs = [None if buf is None else buf[b : b + 1] for buf in bufs]
+        for p, J in zip(
+            parts, _run_step(sub, step, None, out_shape, layout, sub_bufs), strict=True
+        ):
+            p.append(J)
+    # every sample was written into its slice of a caller's buffer, else concatenated (B >= 1)
+    results = [buf if buf is not None else torch.cat(p) for p, buf in zip(parts, bufs, strict=True)]
+    return results
 
 
 def _slice_call(call: V.Call, start: int, n: int) -> V.Call:
@@ -762,6 +907,7 @@ def _fit(
         chunk_size,
         budget,
         count_output,
+        call.create_graph,
     )
     try:
         cache = _FIT_CACHE.setdefault(call.func, {})
@@ -846,7 +992,7 @@ def _run_autodiff(
     """The fastest autodiff route for ``argnums`` (the vjp loop where vmap rejects ``func``),
     avoiding the known torch bugs of ``ops``."""
     n_in = sum(math.prod(call.sample_shape(a)) for a in argnums)
-    mode, reason = choose_autodiff(n_in, math.prod(out_shape))
+    mode, reason = choose_autodiff(n_in, math.prod(out_shape), _forward_ok(call))
     mode, _ = _torch_bugs.replacement(ops, mode)
     if call.func not in _VMAP_REJECTED and mode != "per_sample":
         try:
@@ -951,8 +1097,8 @@ def explain(
     where = "explain"
     call = _normalize(where, func, args, argnums, in_dims, randomness)
     method = V.check_method(where, method)
-    probe = probe_call(call)
-    return _plan(call, method, tuple(probe.out.shape), probe)
+    call, out_shape = _probed(call, False)
+    return _plan(call, method, out_shape, call.probe)
 
 
 def estimate_memory(
@@ -990,9 +1136,10 @@ def estimate_memory(
     method = V.check_method(where, method)
     layout = V.check_vec(where, vec)
     chunk_size = V.check_chunk_size(where, chunk_size)
-    probe = probe_call(call)
-    out_shape = tuple(probe.out.shape)
-    return _estimate(call, _plan(call, method, out_shape, probe), out_shape, layout, chunk_size)
+    call, out_shape = _probed(call, False)
+    return _estimate(
+        call, _plan(call, method, out_shape, call.probe), out_shape, layout, chunk_size
+    )
 
 
 @dataclass(frozen=True)
@@ -1118,7 +1265,7 @@ def check(
         except (RuntimeError, NotImplementedError) as err:  # e.g. no forward-mode formula
             errors[r] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
             continue
-        jacs[r] = [J.to(torch.float64).reshape(-1, *J.shape[-2:]) for J in res]
+        jacs[r] = [J.detach().to(torch.float64).reshape(-1, *J.shape[-2:]) for J in res]
     fd_dtype: torch.dtype | None = None
     if finite_difference:
         bargs, flags, B = batched_args(call)
@@ -1132,7 +1279,7 @@ def check(
                 J, fd_dtype = testing.finite_difference(
                     f, xs, fl, a, randomness=call.randomness, rng=rng
                 )
-                fds.append(J.to(torch.float64))
+                fds.append(J.detach().to(torch.float64))
         jacs["finite_difference"] = fds
     names = tuple(jacs)
     rtol, atol = testing.tolerance(call.dtype)

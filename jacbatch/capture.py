@@ -360,6 +360,9 @@ def capture(
         A :class:`Captured`; never raises (a failure is ``graph.gm is None``).
     """
     batched = tuple(batched)
+    busy = _busy()
+    if busy is not None:  # not now, and nothing remembered: the next plain call captures
+        return _failed(busy, batched)
     key = (tuple(shapes), dtype, device)
     owner = _failure_owner(func)
     try:
@@ -377,6 +380,24 @@ def capture(
     elif seen is not None:
         del failures[key]
     return result
+
+
+def _busy() -> str | None:
+    """Why Dynamo must not be asked to capture right now, or ``None``.
+
+    NOTE [No capture under a dispatch mode, a transform or another compile]
+        Under an active ``TorchDispatchMode`` (a probe run of an enclosing ``jacobian`` call, a
+        fake-tensor trace) or inside a torch.func transform, Dynamo
+        does not compile the frame and marks its code object to be skipped from then on: every
+        later capture of that function would fail ("found no compiled frames"). A nested
+        ``jacobian`` call therefore never captures in these contexts; it uses autodiff, which
+        composes with all of them.
+    """
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return "not captured while a torch dispatch mode is active"
+    if torch._C._functorch.maybe_current_level() is not None:
+        return "not captured inside a torch.func transform"
+    return None
 
 
 def _is_limit(err: BaseException) -> bool:

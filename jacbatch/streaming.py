@@ -18,10 +18,10 @@ from .api import (
     _fit,
     _normalize,
     _plan,
+    _probed,
     _progress,
     _result_shape,
     _slice_call,
-    probe_call,
 )
 
 
@@ -37,6 +37,7 @@ def iter_jacobian(
     batch_chunk: int | None = None,
     progress: bool | None = None,
     randomness: str = "error",
+    create_graph: bool = False,
 ) -> Iterator[tuple[slice, Any]]:
     """Yield the batched Jacobian chunk by chunk, never holding all of it.
 
@@ -51,6 +52,9 @@ def iter_jacobian(
         max_memory: budget for one chunk's result plus its working memory (bytes or a string
             like ``"512MiB"``). Default: half of the memory free now.
         batch_chunk: samples per chunk, overriding the budget.
+        create_graph: as in :func:`jacbatch.jacobian`: every chunk is differentiable when asked
+            for, or when grad mode is on and an argument (or a tensor ``func`` closes over)
+            requires grad, or inside a torch.func transform. Decided when this is called.
 
     Yields:
         ``(batch_slice, J_chunk)``: the samples ``batch_slice`` covers and their Jacobian,
@@ -63,7 +67,7 @@ def iter_jacobian(
     """
     it, _, _ = _prepare(
         "iter_jacobian", func, args, argnums, in_dims, method, vec, chunk_size,
-        max_memory, batch_chunk, progress, randomness,
+        max_memory, batch_chunk, progress, randomness, create_graph,
     )  # fmt: skip
     return it
 
@@ -81,6 +85,7 @@ def _prepare(
     batch_chunk: int | None,
     progress: bool | None,
     randomness: str = "error",
+    create_graph: bool = False,
 ) -> tuple[Iterator[tuple[slice, Any]], V.Call, tuple[int, ...]]:
     """Validate and plan a chunked run once: the chunk iterator, the call and the output shape."""
     call = _normalize(where, func, args, argnums, in_dims, randomness)
@@ -95,9 +100,8 @@ def _prepare(
         if max_memory is None
         else memory.parse_bytes(where, max_memory)
     )
-    probe = probe_call(call)
-    out_shape = tuple(probe.out.shape)
-    plan = _plan(call, method, out_shape, probe)
+    call, out_shape = _probed(call, V.check_bool(where, "create_graph", create_graph))
+    plan = _plan(call, method, out_shape, call.probe)
     if batch_chunk is None:
         batch_chunk, chunk_size = _fit(call, plan, out_shape, layout, chunk_size, budget, True)
     else:
@@ -150,7 +154,8 @@ def save_jacobian(
     Each chunk is written with plain file writes, so resident memory stays near the budget
     even when the file is many times larger than memory. Read it back with
     ``numpy.load(path, mmap_mode="r")``. If the run is interrupted, the chunks written so far are
-    complete on disk.
+    complete on disk. A file holds values only: no autograd graph is built, whatever the
+    arguments require (there is no ``create_graph``).
 
     Args:
         path: the ``.npy`` file to create (overwritten).
@@ -163,17 +168,18 @@ def save_jacobian(
     where = "save_jacobian"
     if isinstance(argnums, tuple):
         V.single_argnum(where, argnums)
-    it, call, out_shape = _prepare(
-        where, func, args, argnums, in_dims, method, vec, chunk_size,
-        max_memory, batch_chunk, progress, randomness,
-    )  # fmt: skip
+    with torch.no_grad():  # a file holds values only: no chunk needs a graph
+        it, call, out_shape = _prepare(
+            where, func, args, argnums, in_dims, method, vec, chunk_size,
+            max_memory, batch_chunk, progress, randomness, False,
+        )  # fmt: skip
     shape = _result_shape(call, call.argnums[0], out_shape, vec)
     dtype = torch.empty((), dtype=call.dtype).numpy().dtype
     header = np.lib.format.open_memmap(os.fspath(path), mode="w+", dtype=dtype, shape=shape)
     offset = header.offset
     del header
     row_bytes = math.prod(shape[1:]) * dtype.itemsize
-    with open(path, "r+b") as f:
+    with open(path, "r+b") as f, torch.no_grad():
         for sl, J in it:
             f.seek(offset + sl.start * row_bytes)
             f.write(J.detach().cpu().contiguous().numpy().data)  # no bytes copy of the chunk

@@ -178,7 +178,10 @@ def test_inputs_untouched_and_result_has_no_graph(method):
     args = [a.requires_grad_() for a in args]
     before = [a.detach().clone() for a in args]
     func = jacbatch.affine if method == "closed_form" else (lambda a, w, b: torch.sin(a @ w + b))
-    J = jacbatch.jacobian(func, *args, argnums=(0, 1, 2), in_dims=(0, None, None), method=method)
+    with torch.no_grad():  # with grad mode on the result is differentiable (tests/test_compose.py)
+        J = jacbatch.jacobian(
+            func, *args, argnums=(0, 1, 2), in_dims=(0, None, None), method=method
+        )
     for a, b in zip(args, before, strict=True):
         assert torch.equal(a.detach(), b)
         assert a.grad is None

@@ -7,15 +7,51 @@ unbatched call; :mod:`jacbatch.api` removes it), in the requested layout:
 
 ``outs`` holds, per argnum, ``None`` or a caller's contiguous buffer of exactly that shape, which
 the route fills and returns.
+
+NOTE [Differentiable results: when a Jacobian keeps its graph]
+    A Jacobian is itself a function of the inputs (and of the tensors ``func`` closes over), so
+    autograd and torch.func may differentiate it again: a Hessian as the Jacobian of a Jacobian,
+    a Jacobian penalty in a loss, a contractive autoencoder. :func:`needs_graph` decides, once
+    per call, whether the result must stay connected (``call.create_graph``):
+
+    * ``create_graph=True`` was passed (as ``torch.autograd.functional.jacobian``'s);
+    * a torch.func transform is running (``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``vmap``:
+      a functorch level is active or an argument is a functorch-wrapped tensor), a forward-mode
+      AD level is active (``torch.autograd.forward_ad``: tangents ride on the arguments or on
+      tensors ``func`` closes over, and ``detach`` or ``out=`` would drop them), or the call is
+      being traced (fake tensors, ``torch.compile``), where a ``detach`` would be recorded as a
+      stop-gradient, or probed (NOTE [The probe] in :mod:`jacbatch._probe`);
+    * grad mode is on (and inference mode off) and an argument, or a tensor ``func`` reads (a
+      closed-over parameter, seen by the probe), requires grad, as any torch op would record.
+
+    Otherwise the routes keep the fast path: detached arguments, in-place writes, no graph.
+    With a graph, every route computes out of place from the caller's tensors themselves: the
+    torch.func routes do not detach, the vjp route pulls back through ``torch.func.vjp`` (which
+    composes with outer transforms and with autograd), the closed forms are torch ops on the
+    inputs, evaluated and materialized out of place. Results are written into an ``out=``
+    buffer with ``copy_`` (autograd records it); inside a torch.func transform there is no
+    buffer, since a plain tensor cannot hold a transformed value.
+
+NOTE [Inference mode]
+    Under ``torch.inference_mode()`` autograd records nothing, and inference tensors cannot be
+    saved for backward. The vjp route therefore runs its forward and backward passes under
+    ``torch.inference_mode(False)`` on clones of the arguments that are inference tensors (only
+    those); the torch.func routes do not need it, and the closed forms use no autograd. A tensor
+    created under inference mode that ``func`` closes over cannot be cloned by jacbatch, and
+    autograd refuses to save it; ``torch.func.vjp`` accepts it, so the vjp route pulls back
+    through that instead when autograd refuses. Results computed under inference mode carry no
+    graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.autograd import forward_ad
 
-from .. import conventions
+from .. import _probe, conventions
 from .._validation import Call
 
 
@@ -43,6 +79,60 @@ def finish(
         out.copy_(J)
         return out
     return J.contiguous()
+
+
+def in_transform(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether a torch.func transform is running, or one of ``tensors`` is functorch-wrapped."""
+    fc = torch._C._functorch
+    if fc.maybe_current_level() is not None:
+        return True
+    return any(fc.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def being_traced(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether the call is being traced (fake tensors, ``torch.compile``) rather than run."""
+    return torch.compiler.is_compiling() or any(isinstance(t, FakeTensor) for t in tensors)
+
+
+def _dual_level() -> bool:
+    """Whether a forward-mode AD level is active (``torch.autograd.forward_ad.dual_level``)."""
+    return forward_ad._current_level >= 0
+
+
+def has_tangents(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether one of ``tensors`` is a forward-mode dual tensor (``torch.autograd.forward_ad``).
+
+    Inside a torch.func transform (whose ``jvp`` uses dual levels itself) this is False: the
+    transforms nest forward mode natively.
+    """
+    if not _dual_level() or in_transform(tensors):
+        return False
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def needs_graph(args: Sequence[torch.Tensor], create_graph: bool, reads_grad: bool) -> bool:
+    """Whether the Jacobian must stay differentiable; see NOTE [Differentiable results].
+
+    Args:
+        args: the caller's arguments.
+        create_graph: the caller asked for a differentiable result.
+        reads_grad: ``func`` reads a tensor that requires grad (the probe saw one).
+    """
+    if in_transform(args) or being_traced(args) or _probe.probing() or _dual_level():
+        return True
+    if torch.is_inference_mode_enabled():
+        return False
+    if create_graph:
+        return True
+    return torch.is_grad_enabled() and (reads_grad or any(a.requires_grad for a in args))
+
+
+def usable(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or a normal clone of it when it is an inference tensor (see NOTE [Inference mode]).
+
+    Call under ``torch.inference_mode(False)``.
+    """
+    return x.clone() if x.is_inference() else x
 
 
 def sample_shapes(call: Call, argnums: Sequence[int]) -> list[tuple[int, ...]]:

@@ -1,7 +1,10 @@
 """The closed-form route: registered rules, no autodiff.
 
-Runs every rule under ``torch.no_grad()`` on detached arguments, so no graph is built even when
-the caller's tensors require grad.
+Runs every rule under ``torch.no_grad()`` on detached arguments, so no graph is built (and no
+op pays for autograd's bookkeeping), unless the result must be
+differentiable (``call.create_graph``, NOTE [Differentiable results] in :mod:`jacbatch.methods`):
+the rules are torch ops on the arguments, so they then run on the caller's tensors themselves,
+out of place, and autograd (or an outer torch.func transform) differentiates them.
 """
 
 from __future__ import annotations
@@ -40,19 +43,22 @@ def compute(
             V.no_rule_error("jacobian", call.func, a, rules.available())
         found.append(rule)
     args, flags, B = batched_args(call)
-    args = [x.detach() for x in args]
+    graph = call.create_graph
+    if not graph:
+        args = [x.detach() for x in args]
     order = "col" if layout == "col" else "row"
     results = []
-    with torch.no_grad():
+    with torch.enable_grad() if graph else torch.no_grad():
         for a, rule, buf in zip(argnums, found, outs, strict=True):
             in_shape = call.sample_shape(a)
             n_in = math.prod(in_shape)
-            flat_buf = None if buf is None or n_in == 0 else buf.view(B, -1, n_in)
+            # with a graph the rule writes out of place; the result is then copied into buf
+            flat_buf = None if buf is None or n_in == 0 or graph else buf.view(B, -1, n_in)
             J = rule(args, flags, B, order, flat_buf)  # (B, o, i)
             if layout is None:
                 J = J.view(B, *out_shape, *in_shape)
             if buf is not None:
-                if J.data_ptr() != buf.data_ptr():
+                if graph or J.data_ptr() != buf.data_ptr():
                     buf.copy_(J.view(buf.shape))
                 J = buf
             results.append(J)

@@ -14,10 +14,21 @@ NOTE [Forward mode: vmap over tangents outside the batch]
     needs no copies of the inputs. ``torch.func.jacfwd`` has no chunking; the chunks here are
     slices of the one-hot basis. (Listed with the other known torch bugs in
     :mod:`jacbatch._torch_bugs` as ``lu_forward_nested_vmap``.)
+
+NOTE [Forward mode does not see torch.no_grad]
+    ``torch.no_grad()`` (or ``.detach()``) inside ``func`` makes a value a constant for
+    autograd, and reverse mode (``jacrev``, the vjp route) honours it. Forward-mode AD ignores
+    grad mode: in torch 2.13 ``jacfwd(lambda x: x * no_grad(x.sum()))`` differentiates through
+    the ``no_grad`` block (``.detach()`` it does honour). The forward route therefore refuses a
+    function the probe saw switch grad mode off while forward AD stayed on (``forward_blind``;
+    a custom ``autograd.Function`` or ``inference_mode`` switches both off, which forward AD
+    honours), and ``auto`` takes reverse mode for it.
+
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,7 +38,7 @@ from torch.func import jacrev, jvp, vmap
 
 from .. import _state
 from .._validation import Call
-from . import batched_args, finish
+from . import batched_args, finish, has_tangents
 
 
 def _forward_columns(
@@ -99,38 +110,58 @@ def compute(
     Returns:
         Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``layout``).
     """
+    if mode == "fwd" and call.probe is not None and call.probe.forward_blind:
+        raise NotImplementedError(
+            "jacobian: expected a func that keeps grad mode on for method='jacfwd', got one "
+            "that switches it off inside (torch.no_grad, set_grad_enabled(False) or "
+            "inference_mode). Forward-mode AD does not see that stop-gradient and would "
+            "differentiate through it; use method='jacrev', 'vjp' or 'auto' (reverse mode), "
+            "or .detach() the value instead."
+        )
+    if mode == "fwd" and has_tangents(call.args):
+        raise NotImplementedError(
+            "jacobian: expected arguments without forward-mode tangents for method='jacfwd', "
+            "got dual tensors (torch.autograd.forward_ad): torch does not nest forward-mode "
+            "AD in forward-mode AD. Use method='jacrev', 'vjp' or 'auto'."
+        )
     args, flags, _ = batched_args(call)
     dims = tuple(0 if f else None for f in flags)
     nums = tuple(argnums)
     jacs: list[torch.Tensor] = []
-    if mode == "rev":
-        fn = jacrev(call.func, argnums=nums, chunk_size=chunk_size)
-        res = (
-            vmap(fn, in_dims=dims, randomness=call.randomness)(*args) if call.batched else fn(*args)
-        )
-        jacs.extend(r if call.batched else r.unsqueeze(0) for r in res)
-    else:
-        # Each argnum and column chunk is a new forward pass over the same samples: replay the
-        # generator so that all of them see one realization.
-        rng = None if call.randomness == "error" else _state.rng_state(call.device)
-        for a in nums:
-            # A shared differentiated argument gets a per-sample tangent through the batched
-            # function's jvp, so the result is per sample without expanding it.
-            jacs.append(
-                _forward_columns(
-                    call.func,
-                    args,
-                    dims,
-                    call.batched,
-                    a,
-                    chunk_size,
-                    out_shape,
-                    call.randomness,
-                    rng,
-                )
+    with contextlib.ExitStack() as stack:
+        if call.create_graph:  # see NOTE [Differentiable results] in jacbatch.methods
+            stack.enter_context(torch.enable_grad())
+        if mode == "rev":
+            fn = jacrev(call.func, argnums=nums, chunk_size=chunk_size)
+            res = (
+                vmap(fn, in_dims=dims, randomness=call.randomness)(*args)
+                if call.batched
+                else fn(*args)
             )
-
-    return [
-        finish(J.detach(), len(out_shape), len(call.sample_shape(a)), layout, buf)
-        for J, a, buf in zip(jacs, nums, outs, strict=True)
-    ]
+            jacs.extend(r if call.batched else r.unsqueeze(0) for r in res)
+        else:
+            # Each argnum and column chunk is a new forward pass over the same samples: replay
+            # the generator so that all of them see one realization.
+            rng = None if call.randomness == "error" else _state.rng_state(call.device)
+            for a in nums:
+                # A shared differentiated argument gets a per-sample tangent through the batched
+                # function's jvp, so the result is per sample without expanding it.
+                jacs.append(
+                    _forward_columns(
+                        call.func,
+                        args,
+                        dims,
+                        call.batched,
+                        a,
+                        chunk_size,
+                        out_shape,
+                        call.randomness,
+                        rng,
+                    )
+                )
+        if not call.create_graph:
+            jacs = [J.detach() for J in jacs]
+        return [
+            finish(J, len(out_shape), len(call.sample_shape(a)), layout, buf)
+            for J, a, buf in zip(jacs, nums, outs, strict=True)
+        ]

@@ -5,8 +5,10 @@ computation changed (:mod:`jacbatch.capture`, :mod:`jacbatch.tracing`); every no
 from the differentiated argument to the output has a closed-form rule (:mod:`jacbatch.rules.ops`). The graph is evaluated for the whole batch
 under ``vmap`` (forward values only, no autograd graph), the rules' lettered terms are composed
 by the chain rule (:mod:`jacbatch.rules.terms`) and the result is written once, directly in the
-requested layout. Anything the rules do not cover raises
-:class:`~jacbatch.rules.terms.Unsupported`, and :func:`jacbatch.jacobian` falls back to autodiff.
+requested layout. A result that must be differentiable is evaluated on the caller's tensors and
+written out of place instead (:func:`jacbatch.rules.terms.dense`). Anything the rules do not
+cover raises :class:`~jacbatch.rules.terms.Unsupported`, and :func:`jacbatch.jacobian` falls
+back to autodiff.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from .. import capture, tracing
 from .._validation import Call
 from ..rules import terms
-from . import batched_args
+from . import batched_args, finish, in_transform
 
 _LOCAL = threading.local()
 
@@ -85,15 +87,29 @@ def compute(
         Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``layout``).
 
     Raises:
-        terms.Unsupported: some node has no rule (or a rule does not cover its values).
+        terms.Unsupported: some node has no rule (or a rule does not cover its values), or a
+            torch.func transform is running (tracing would see its wrapped values).
     """
+    if in_transform(call.args):
+        raise terms.Unsupported("no traced closed form inside a torch.func transform")
     tg = traced_graph(call)
     args, _, B = batched_args(call)
     args = [*args, *lifted_inputs(call)]
+    results = []
+    if call.create_graph:
+        # A differentiable result (NOTE [Differentiable results] in jacbatch.methods): the graph
+        # is evaluated on the caller's tensors and the terms composed and written out of place,
+        # so autograd (or an outer torch.func transform) differentiates the closed form itself.
+        with torch.enable_grad():
+            all_terms = tracing.jacobian_terms(tg, argnums, args, B)
+            for a, ts, buf in zip(argnums, all_terms, outs, strict=True):
+                in_shape = call.sample_shape(a)
+                J = terms.dense(ts, out_shape, in_shape, B, args[a])
+                results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
+        return results
     with torch.no_grad():
         args = [x.detach() for x in args]
         all_terms = tracing.jacobian_terms(tg, argnums, args, B)
-        results = []
         for a, ts, buf in zip(argnums, all_terms, outs, strict=True):
             in_shape = call.sample_shape(a)
             Y, natural = _result(call, B, out_shape, in_shape, layout, buf)

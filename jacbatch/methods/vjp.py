@@ -24,6 +24,7 @@ NOTE [A None gradient is not a zero]
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -31,7 +32,7 @@ import torch
 from torch.func import vmap
 
 from .._validation import Call
-from . import batched_args, finish
+from . import batched_args, finish, in_transform, usable
 
 
 def forward(
@@ -81,62 +82,206 @@ def compute(
     Returns:
         Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``layout``).
     """
-    args, flags, B = batched_args(call)
-    args = [x.detach() for x in args]
-    leaves = []
-    for a in argnums:
-        x = args[a] if flags[a] else args[a].unsqueeze(0).expand(B, *args[a].shape)
-        leaf = x.detach().requires_grad_(True)
-        args[a], flags[a] = leaf, True
-        leaves.append(leaf)
-
-    with torch.enable_grad():
-        Y = forward(call, args, flags, B, per_sample)
-    o = Y[0].numel() if B > 0 else math.prod(out_shape)
-    in_numels = [math.prod(call.sample_shape(a)) for a in argnums]
-    # Rows go straight into the caller's buffer when its memory order is the rows' order
-    # (natural layout or row-major vec); every row is written once, so no zero fill.
-    direct = layout in (None, "row")
-    rows = [
-        buf.view(B, o, n)
-        if buf is not None and direct
-        else torch.empty(B, o, n, dtype=Y.dtype, device=Y.device)
-        for n, buf in zip(in_numels, outs, strict=True)
-    ]
-
-    if Y.requires_grad and B > 0:
-        onehot = torch.zeros(B, o, dtype=Y.dtype, device=Y.device)
-        rows_run = o if max_rows is None else min(o, max_rows)
-        cotangent = onehot.view(Y.shape)
-        for k in range(rows_run):
-            onehot[:, k] = 1
-            grads = torch.autograd.grad(
-                Y, leaves, cotangent, retain_graph=k < rows_run - 1, allow_unused=True
+    if call.create_graph:
+        writes_state = call.probe is not None and getattr(call.probe, "writes_state", False)
+        if writes_state and not in_transform(call.args):
+            # torch.func refuses writes into captured tensors; plain autograd records them
+            return _compute_graph_autograd(
+                call, argnums, out_shape, layout, outs, max_rows, per_sample
             )
-            if k == 0 and not per_sample and any(g is None for g in grads):
-                # No graph path from the vmapped output to an argument: per-sample autograd
-                # decides whether it is truly unused (NOTE [A None gradient is not a zero]).
-                del Y, grads
-                return compute(
-                    call, argnums, out_shape, layout, outs, max_rows=max_rows, per_sample=True
+        return _compute_with_graph(call, argnums, out_shape, layout, outs, max_rows, per_sample)
+    try:
+        return _compute_detached(call, argnums, out_shape, layout, outs, max_rows, per_sample)
+    except RuntimeError as err:
+        if "Inference tensors cannot be saved for backward" not in str(err):
+            raise
+    # func closes over a tensor created under inference_mode: autograd cannot save it for
+    # backward, torch.func's vjp can (on arguments that carry no graph, so neither does J).
+    detached = dataclasses.replace(call, args=tuple(a.detach() for a in call.args))
+    return _compute_with_graph(detached, argnums, out_shape, layout, outs, max_rows, per_sample)
+
+
+def _compute_detached(
+    call: Call,
+    argnums: Sequence[int],
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    outs: Sequence[torch.Tensor | None],
+    max_rows: int | None,
+    per_sample: bool = False,
+) -> list[torch.Tensor]:
+    """The vjp route without a graph: ``torch.autograd.grad`` on fresh leaves."""
+    # Autograd records nothing under inference mode: run outside it, on normal tensors (NOTE
+    # [Inference mode] in jacbatch.methods). Rows go straight into the caller's buffer when its
+    # memory order is the rows' order (natural layout or row-major vec) and it can be written
+    # outside inference mode; every row is written once, so no zero fill.
+    direct = [
+        buf is not None and layout in (None, "row") and not buf.is_inference() for buf in outs
+    ]
+    with torch.inference_mode(False):
+        args, flags, B = batched_args(call)
+        args = [usable(x.detach()) for x in args]
+        leaves = []
+        for a in argnums:
+            x = args[a] if flags[a] else args[a].unsqueeze(0).expand(B, *args[a].shape)
+            leaf = x.detach().requires_grad_(True)
+            args[a], flags[a] = leaf, True
+            leaves.append(leaf)
+
+        with torch.enable_grad():
+            Y = forward(call, args, flags, B, per_sample)
+        o = Y[0].numel() if B > 0 else math.prod(out_shape)
+        in_numels = [math.prod(call.sample_shape(a)) for a in argnums]
+        rows = [
+            buf.view(B, o, n)
+            if buf is not None and d
+            else torch.empty(B, o, n, dtype=Y.dtype, device=Y.device)
+            for n, buf, d in zip(in_numels, outs, direct, strict=True)
+        ]
+
+        if Y.requires_grad and B > 0:
+            onehot = torch.zeros(B, o, dtype=Y.dtype, device=Y.device)
+            rows_run = o if max_rows is None else min(o, max_rows)
+            cotangent = onehot.view(Y.shape)
+            for k in range(rows_run):
+                onehot[:, k] = 1
+                grads = torch.autograd.grad(
+                    Y, leaves, cotangent, retain_graph=k < rows_run - 1, allow_unused=True
                 )
-            for r, g in zip(rows, grads, strict=True):
-                if g is None:  # per-sample autograd: the function does not use this argument
-                    r[:, k].zero_()
-                else:
-                    r[:, k].copy_(g.view(B, -1) if g.is_contiguous() else g.reshape(B, -1))
-            # Only now: a pass-through backward (e.g. of ``+ b``) returns the cotangent itself.
-            onehot[:, k] = 0
-    else:  # constant output (or empty batch): a zero Jacobian
-        for r in rows:
-            r.zero_()
+                if k == 0 and not per_sample and any(g is None for g in grads):
+                    # No graph path from the vmapped output to an argument: per-sample autograd
+                    # decides whether it is truly unused (NOTE [A None gradient is not a zero]).
+                    del Y, grads
+                    return _compute_detached(
+                        call, argnums, out_shape, layout, outs, max_rows, per_sample=True
+                    )
+                for r, g in zip(rows, grads, strict=True):
+                    if g is None:  # per-sample autograd: the function does not use this argument
+                        r[:, k].zero_()
+                    else:
+                        r[:, k].copy_(g.view(B, -1) if g.is_contiguous() else g.reshape(B, -1))
+                # Only now: a pass-through backward (e.g. of ``+ b``) returns the cotangent itself.
+                onehot[:, k] = 0
+        else:  # constant output (or empty batch): a zero Jacobian
+            for r in rows:
+                r.zero_()
 
     results = []
-    for r, a, buf in zip(rows, argnums, outs, strict=True):
+    for r, a, buf, d in zip(rows, argnums, outs, direct, strict=True):
         in_shape = call.sample_shape(a)
         J = r.view(B, *out_shape, *in_shape)
-        if buf is not None and direct:
+        if buf is not None and d:
             results.append(buf)
         else:
+            results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
+    return results
+
+
+def _compute_with_graph(
+    call: Call,
+    argnums: Sequence[int],
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    outs: Sequence[torch.Tensor | None],
+    max_rows: int | None,
+    per_sample: bool = False,
+) -> list[torch.Tensor]:
+    """The vjp route with a differentiable result (NOTE [Differentiable results] in
+    :mod:`jacbatch.methods`).
+
+    The same one pull-back per output element for the whole batch, through ``torch.func.vjp``
+    of the batched function at the caller's tensors themselves (a shared argument expanded to a
+    per-sample one): it composes with autograd (``create_graph``) and with outer torch.func
+    transforms, where fresh ``requires_grad`` leaves are not allowed. Every cotangent is a fresh
+    tensor and the rows are stacked, so no in-place write touches a value autograd saved.
+    """
+    args, flags, B = batched_args(call)
+    args = [usable(x) for x in args]
+    primals = []
+    for a in argnums:
+        primals.append(args[a] if flags[a] else args[a].unsqueeze(0).expand(B, *args[a].shape))
+        flags[a] = True
+
+    def batched(*xs: torch.Tensor) -> torch.Tensor:
+        full = list(args)
+        for a, x in zip(argnums, xs, strict=True):
+            full[a] = x
+        return forward(call, full, flags, B, per_sample)
+
+    in_numels = [math.prod(call.sample_shape(a)) for a in argnums]
+    with torch.enable_grad():
+        res = torch.func.vjp(batched, *primals)
+        Y, pull = res[0], res[1]
+        o = Y[0].numel() if B > 0 else math.prod(out_shape)
+        rows_run = o if max_rows is None else min(o, max_rows)
+        rows: list[list[torch.Tensor]] = [[] for _ in argnums]
+        for k in range(rows_run if B > 0 else 0):
+            onehot = torch.zeros(B, o, dtype=Y.dtype, device=Y.device)
+            onehot[:, k] = 1
+            for r, g in zip(rows, pull(onehot.view(Y.shape)), strict=True):
+                r.append(g.reshape(B, -1))
+        results = []
+        for r, n, a, buf in zip(rows, in_numels, argnums, outs, strict=True):
+            if r and len(r) == o:
+                J = torch.stack(r, dim=1)  # (B, o, n)
+            else:  # an empty batch or output, or rows cut short by max_rows
+                zeros = torch.zeros(B, o - len(r), n, dtype=Y.dtype, device=Y.device)
+                J = torch.cat([torch.stack(r, dim=1), zeros], dim=1) if r else zeros
+            in_shape = call.sample_shape(a)
+            J = J.view(B, *out_shape, *in_shape)
+            results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
+    return results
+
+
+def _compute_graph_autograd(
+    call: Call,
+    argnums: Sequence[int],
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    outs: Sequence[torch.Tensor | None],
+    max_rows: int | None,
+    per_sample: bool = False,
+) -> list[torch.Tensor]:
+    """The vjp route with a differentiable result, by ``torch.autograd.grad(create_graph=True)``
+    at the caller's tensors: for a ``func`` that writes into tensors it closes over (a
+    train-mode BatchNorm), which ``torch.func.vjp`` refuses. Outside torch.func transforms only.
+    """
+    args, flags, B = batched_args(call)
+    args = [usable(x) for x in args]
+    primals = []
+    for a in argnums:
+        x = args[a] if flags[a] else args[a].unsqueeze(0).expand(B, *args[a].shape)
+        if not x.requires_grad:  # nothing outside needs the graph to reach it
+            x = x.detach().requires_grad_(True)
+        args[a], flags[a] = x, True
+        primals.append(x)
+    in_numels = [math.prod(call.sample_shape(a)) for a in argnums]
+    with torch.enable_grad():
+        Y = forward(call, args, flags, B, per_sample)
+        o = Y[0].numel() if B > 0 else math.prod(out_shape)
+        rows_run = o if max_rows is None else min(o, max_rows)
+        rows: list[list[torch.Tensor]] = [[] for _ in argnums]
+        for k in range(rows_run if B > 0 and Y.requires_grad else 0):
+            onehot = torch.zeros(B, o, dtype=Y.dtype, device=Y.device)
+            onehot[:, k] = 1
+            grads = torch.autograd.grad(
+                Y, primals, onehot.view(Y.shape), retain_graph=True, create_graph=True,
+                allow_unused=True,
+            )  # fmt: skip
+            for r, g, n in zip(rows, grads, in_numels, strict=True):
+                r.append(
+                    torch.zeros(B, n, dtype=Y.dtype, device=Y.device)
+                    if g is None
+                    else g.reshape(B, -1)
+                )
+        results = []
+        for r, n, a, buf in zip(rows, in_numels, argnums, outs, strict=True):
+            if r and len(r) == o:
+                J = torch.stack(r, dim=1)  # (B, o, n)
+            else:  # an empty batch or output, a constant output, or rows cut by max_rows
+                zeros = torch.zeros(B, o - len(r), n, dtype=Y.dtype, device=Y.device)
+                J = torch.cat([torch.stack(r, dim=1), zeros], dim=1) if r else zeros
+            in_shape = call.sample_shape(a)
+            J = J.view(B, *out_shape, *in_shape)
             results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
     return results

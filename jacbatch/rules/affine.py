@@ -45,6 +45,7 @@ import torch
 
 from ..functions import affine
 from . import eye, register
+from .terms import keeps_graph
 
 #: Below this many columns of the inner factor, the broadcast multiply's innermost loop is too
 #: short; see NOTE [Writing a batched Kronecker product at the memory-write limit].
@@ -77,7 +78,8 @@ def _kron(
         X: ``(B, r1, c1)``, or ``(1, r1, c1)`` when shared by the batch.
         Y: ``(B, r2, c2)``, or ``(1, r2, c2)`` when shared by the batch.
         batch_size: ``B``.
-        out: ``None`` or a contiguous buffer of ``B * r1 * r2 * c1 * c2`` elements.
+        out: ``None`` or a contiguous buffer of ``B * r1 * r2 * c1 * c2`` elements. Without
+            one, a differentiable ``X`` or ``Y`` gives an out-of-place (differentiable) product.
 
     Returns:
         ``(B, r1 * r2, c1 * c2)``; a view of ``out`` when given.
@@ -85,6 +87,9 @@ def _kron(
     b = batch_size
     _, r1, c1 = X.shape
     _, r2, c2 = Y.shape
+    if out is None and keeps_graph(X, Y):  # a differentiable result: one out-of-place product
+        J = X[:, :, None, :, None] * Y[:, None, :, None, :]
+        return J.expand(b, r1, r2, c1, c2).reshape(b, r1 * r2, c1 * c2)
     J = _result(out, (b, r1, r2, c1, c2), X)
     x_batched, y_batched = X.shape[0] == b != 1, Y.shape[0] == b != 1
     X, Y = X.expand(b, r1, c1), Y.expand(b, r2, c2)  # shared: stride-0 views

@@ -40,6 +40,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.autograd import forward_ad
 
 _LETTERS = itertools.count(1)
 
@@ -49,6 +51,33 @@ DENSE_LIMIT = 1 << 26
 
 class Unsupported(Exception):
     """A rule or composition step cannot produce a closed form for this graph (fall back)."""
+
+
+def keeps_graph(*ts: torch.Tensor) -> bool:
+    """Whether writing ``ts`` in place into a fresh buffer would lose or break a graph.
+
+    True when one of them carries an autograd graph (grad mode on), is wrapped by a torch.func
+    transform (which refuses writes of a wrapped value into a plain tensor), is a forward-mode
+    dual tensor (``out=`` ops have no forward derivative) or is a fake tensor being traced.
+    Writers then compute out of place.
+    """
+
+    def has_tangent(t: torch.Tensor) -> bool:
+        try:
+            return forward_ad.unpack_dual(t).tangent is not None
+        except RuntimeError:  # a value unpack_dual cannot look into: assume it has one
+            return True
+
+    grad = torch.is_grad_enabled()
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    dual = forward_ad._current_level >= 0
+    return any(
+        (grad and t.requires_grad)
+        or wrapped(t)
+        or isinstance(t, FakeTensor)
+        or (dual and has_tangent(t))
+        for t in ts
+    )
 
 
 def fresh() -> int:
@@ -240,10 +269,17 @@ def densify(term: Term) -> Term:
     """The same Jacobian with one letter per axis and a dense factor."""
     n = math.prod(term.out_sizes) * math.prod(term.in_sizes) * term.T.shape[0]
     _check_dense(n)
-    Y = torch.zeros(
-        term.T.shape[0], *term.out_sizes, *term.in_sizes, dtype=term.T.dtype, device=term.T.device
-    )
-    write([term], Y)
+    if keeps_graph(term.T):
+        Y = _dense_term(term)
+    else:
+        Y = torch.zeros(
+            term.T.shape[0],
+            *term.out_sizes,
+            *term.in_sizes,
+            dtype=term.T.dtype,
+            device=term.T.device,
+        )
+        write([term], Y)
     out_l = tuple(fresh() for _ in term.out)
     in_l = tuple(fresh() for _ in term.inp)
     sizes = dict(zip(out_l + in_l, term.out_sizes + term.in_sizes, strict=True))
@@ -486,16 +522,10 @@ def _scatter(terms: Sequence[Term], Y: torch.Tensor, axes: Sequence[Sequence[int
     return Y
 
 
-def materialize(
-    terms: Sequence[Term],
-    out_shape: Sequence[int],
-    in_shape: Sequence[int],
-    Y: torch.Tensor,
-) -> torch.Tensor:
-    """Write the Jacobian ``Σ terms`` into ``Y``, a ``(B, *out_shape, *in_shape)`` view (any strides).
-
-    Terms' axes may refine ``out_shape``/``in_shape``; they are brought to one refinement first.
-    """
+def _refined(
+    terms: Sequence[Term], out_shape: Sequence[int], in_shape: Sequence[int]
+) -> list[Term]:
+    """``terms`` brought to one refinement of ``out_shape``/``in_shape`` (the same axis sizes)."""
     P = [int(n) for n in out_shape if n != 1]
     Q = [int(n) for n in in_shape if n != 1]
     terms = list(terms)
@@ -505,6 +535,73 @@ def materialize(
             if R is not None:
                 R = common_refinement(R, term.out_sizes if side == "out" else term.in_sizes)
         terms = [regroup(term, side, R if R is not None else base) for term in terms]
+    return terms
+
+
+def _dense_term(term: Term) -> torch.Tensor:
+    """``term`` as a dense ``(B or 1, *out_sizes, *in_sizes)`` tensor, out of place.
+
+    One broadcast product of the factor with an identity per repeated letter (a delta): torch
+    ops only, so autograd and torch.func differentiate it (the result may be an expanded view).
+    """
+    ops: list[tuple[torch.Tensor, Sequence[int]]] = [(term.T, term.t)]
+    keep: list[int] = []
+    for x in term.out + term.inp:
+        if x in keep:  # a second axis with this letter: δ(x, y) with a fresh letter y
+            y = fresh()
+            n = term.sizes[x]
+            ops.append((torch.eye(n, dtype=term.T.dtype, device=term.T.device)[None], (x, y)))
+            keep.append(y)
+        else:
+            keep.append(x)
+    D = _einsum(ops, keep)
+    return D.expand(D.shape[0], *term.out_sizes, *term.in_sizes)
+
+
+def dense(
+    terms: Sequence[Term],
+    out_shape: Sequence[int],
+    in_shape: Sequence[int],
+    batch_size: int,
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """The Jacobian ``Σ terms`` as a new ``(B, *out_shape, *in_shape)`` tensor, out of place.
+
+    What :func:`materialize` writes, computed with out-of-place torch ops on the factors, so the
+    result stays differentiable w.r.t. whatever the factors depend on (autograd, or an outer
+    torch.func transform whose wrapped values cannot be written into a plain buffer).
+    ``like`` gives the dtype and device of an all-zero result.
+    """
+    shape = (batch_size, *out_shape, *in_shape)
+    terms = _refined(terms, out_shape, in_shape)
+    if not terms:
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    for term in terms:
+        if term.T.shape[0] not in (1, batch_size):
+            raise ValueError("rule bug: factor batch size differs from the call's")
+    parts = [_dense_term(term) for term in terms]
+    Y = parts[0]
+    for part in parts[1:]:
+        Y = Y + part
+    Y = Y.expand(batch_size, *Y.shape[1:]).reshape(shape)
+    # a single term may still be a view of a factor (e.g. of an argument): never return one
+    return Y.clone() if len(parts) == 1 else Y
+
+
+def materialize(
+    terms: Sequence[Term],
+    out_shape: Sequence[int],
+    in_shape: Sequence[int],
+    Y: torch.Tensor,
+) -> torch.Tensor:
+    """Write the Jacobian ``Σ terms`` into ``Y``, a ``(B, *out_shape, *in_shape)`` view (any strides).
+
+    Terms' axes may refine ``out_shape``/``in_shape``; they are brought to one refinement first.
+    For a result that must stay differentiable, use :func:`dense` (out of place) instead.
+    """
+    P = [int(n) for n in out_shape if n != 1]
+    Q = [int(n) for n in in_shape if n != 1]
+    terms = _refined(terms, out_shape, in_shape)
     Ro = terms[0].out_sizes if terms else tuple(P)
     Ri = terms[0].in_sizes if terms else tuple(Q)
     Yv = Y.view(Y.shape[0], *Ro, *Ri)  # drops size-1 axes and splits others: always a view
