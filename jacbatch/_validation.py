@@ -367,10 +367,10 @@ def _fmt_bytes(n: float) -> str:
     return format_bytes(n)
 
 
-def bad_memory_value(where: str, value: object) -> NoReturn:
+def bad_memory_value(where: str, value: object, why: str = "") -> NoReturn:
     raise ValueError(
-        f"{where}: expected max_memory as a positive number of bytes or a string such as "
-        f"'512MiB' or '2GB', got {value!r}."
+        f"{where}: expected max_memory as a positive number of bytes (a whole number, at least "
+        f"1) or a string such as '512MiB' or '2GB', got {value!r}{f' ({why})' if why else ''}."
     )
 
 

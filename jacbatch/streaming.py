@@ -116,6 +116,7 @@ def _chunks(
             del res
             yield slice(start, start + n), chunk
             del chunk  # the caller has dropped it too: free it before computing the next
+            memory.release_freed()  # see NOTE [A chunk costs what it holds]
 
 
 def save_jacobian(
