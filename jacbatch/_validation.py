@@ -386,17 +386,27 @@ def result_too_large(
     where: str, nbytes: int, free: int, budget: int | None, batch_size: int | None
 ) -> NoReturn:
     budget_txt = "" if budget is None else f" (working budget {_fmt_bytes(budget)})"
-    smaller = (
-        f"; a smaller batch (about {max(1, int(batch_size * free / nbytes))} samples would fit)"
-        if batch_size
-        else ""
-    )
+    per_sample = nbytes / batch_size if batch_size else nbytes
+    fit = int(free // per_sample) if per_sample > 0 else 0
+    if batch_size and fit >= 1:
+        rest = (
+            f"out= a tensor over a numpy memmap, or jacbatch.save_jacobian(path, ...), to "
+            f"stream it to disk; "
+            f"jacbatch.iter_jacobian(...) to reduce it chunk by chunk; or a smaller batch (up to "
+            f"{fit} samples of {_fmt_bytes(per_sample)} each fit in the free memory)."
+        )
+    else:
+        one = "one sample's Jacobian alone" if batch_size else "the Jacobian"
+        rest = (
+            f"{one} is {_fmt_bytes(per_sample)}, more than is free, so no batch size fits "
+            f"and jacbatch.save_jacobian / iter_jacobian, which hold one sample at least, cannot "
+            f"help; out= a tensor over a numpy memmap with method='vjp' (or a closed form) "
+            f"writes it row by row straight into the file."
+        )
     raise JacobianMemoryError(
         f"{where}: expected a result that fits in memory, got a Jacobian of {_fmt_bytes(nbytes)} "
         f"with {_fmt_bytes(free)} free{budget_txt}. Ways out: jacbatch.structured_jacobian for "
-        f"a lazy operator (where a closed form exists); out= a tensor over a numpy memmap, or "
-        f"jacbatch.save_jacobian(path, ...), to stream it to disk; jacbatch.iter_jacobian(...) to "
-        f"reduce it chunk by chunk{smaller}."
+        f"a lazy operator (where a closed form exists); {rest}"
     )
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import jacbatch
 from jacbatch import api, memory
@@ -152,22 +154,53 @@ def test_row_chunking_when_one_sample_exceeds_the_budget(monkeypatch):
     assert any(c is not None and c < 576 for c in seen)
 
 
-def test_impossible_result_is_refused_before_allocating():
-    A = torch.randn(16, 300, 300)  # dW of A @ W + B: 16 * 300**4 floats = 518 GB
+@pytest.mark.parametrize(("free_gib", "fits"), [(100, 3), (8, 0)])
+def test_impossible_result_is_refused_before_allocating(monkeypatch, free_gib, fits):
+    monkeypatch.setattr(memory, "available_memory", lambda device: free_gib * 2**30)
+    A = torch.randn(16, 300, 300)  # dW of A @ W + B: 16 * 300**4 floats = 483 GiB, 30.2 per sample
     W, B = torch.randn(300, 300), torch.randn(300)
     with memory.LiveBytes(include_meta=False) as tracker, pytest.raises(JacobianMemoryError) as err:
         jacbatch.jacobian(jacbatch.affine, A, W, B, argnums=1, in_dims=(0, None, None))
     assert tracker.peak < 2**20  # nothing of the result's size was allocated
     text = str(err.value)
-    for part in (
-        "483 GiB",
-        "free",
-        "structured_jacobian",
-        "memmap",
-        "iter_jacobian",
-        "smaller batch",
-    ):
+    for part in ("483 GiB", f"{free_gib} GiB free", "structured_jacobian", "memmap"):
         assert part in text
+    if fits:
+        assert "up to 3 samples of 30.2 GiB each fit" in text
+        assert "save_jacobian(path, ...), to stream it" in text
+    else:  # no sample fits: neither a smaller batch nor sample-wise streaming helps
+        assert "samples" not in text.replace("one sample", "")
+        assert "one sample's Jacobian alone is 30.2 GiB, more than is free" in text
+        assert "method='vjp'" in text
+
+
+def test_a_memmap_out_with_the_vjp_route_writes_rows_without_holding_a_sample(tmp_path):
+    """The way out named when one sample does not fit: rows straight into the file."""
+    args = _args(B=2, n=12)  # 162 KiB per sample
+    mm = np.lib.format.open_memmap(
+        tmp_path / "J.npy", mode="w+", dtype=np.float64, shape=(2, 12, 12, 12, 12)
+    )
+    kw = {"argnums": 1, "in_dims": (0, None, None), "method": "vjp"}
+    out = torch.from_numpy(mm)
+    sizes = []
+
+    class Largest(TorchDispatchMode):  # the largest storage allocated, other than the file's
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            res = func(*args, **(kwargs or {}))
+            for t in tree_flatten(res)[0]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != out.data_ptr():
+                    sizes.append(t.untyped_storage().nbytes())
+            return res
+
+    with Largest():
+        got = jacbatch.jacobian(tanh_affine, *args, out=out, **kw)
+    assert got is out
+    assert max(sizes) < mm.nbytes / 2 / 4  # a quarter of one sample's Jacobian
+    assert_matches(
+        torch.from_numpy(np.asarray(mm)),
+        reference_jacobian(tanh_affine, args, 1, (0, None, None)),
+        torch.float64,
+    )
 
 
 def test_estimate_is_from_shapes_only():
