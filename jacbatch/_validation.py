@@ -1084,6 +1084,18 @@ def check_npy_paths(where: str, paths: object, n: int, dtype: torch.dtype) -> tu
     return tuple(os.fspath(p) for p in raw)
 
 
+def disk_too_small(where: str, path: str, nbytes: int, free: int) -> NoReturn:
+    import errno
+
+    raise OSError(
+        errno.ENOSPC,
+        f"{where}: expected room for the Jacobian file on disk, got {_fmt_bytes(nbytes)} to "
+        f"write to {path!r} with {_fmt_bytes(free)} free on its file system. Free some space, "
+        f"write to another file system, or use jacbatch.iter_jacobian to reduce the Jacobian "
+        f"chunk by chunk",
+    )
+
+
 def rank_disagreement_error(
     where: str, rank: int, field: str, mine: object, ref: object
 ) -> NoReturn:

@@ -431,9 +431,11 @@ def save_jacobian(
 ) -> slice:
     """Write the sharded Jacobian into one ``.npy`` file, each rank writing its own rows.
 
-    Rank 0 creates the file with the full shape; then every rank opens it and writes its rows in
-    place (CPU shards are computed straight into the file's pages, so no rank ever holds more
-    than its shard). Read it back with ``numpy.load(path, mmap_mode="r")``. With several
+    Rank 0 creates a temporary file beside ``path`` with the full shape (checking free disk space
+    and reserving it); every rank opens it and writes its rows in place (CPU shards are computed
+    straight into the file's pages, so no rank ever holds more than its shard); once every rank
+    has finished, rank 0 replaces ``path`` with it. On any rank's error the temporary file is
+    removed and an existing ``path`` is left untouched. Read it back with ``numpy.load(path, mmap_mode="r")``. With several
     machines, ``path`` must be on a file system all of them see.
 
     Args:
@@ -444,8 +446,9 @@ def save_jacobian(
     Returns:
         ``slice(start, stop)``: the rows of the ``(B, ...)`` array this rank wrote.
     """
-    import numpy as np
     from numpy.lib.format import open_memmap
+
+    from .streaming import commit_npy, create_npy, discard, npy_dtype
 
     where = "distributed.save_jacobian"
     paths: tuple[str, ...] = ()
@@ -470,34 +473,49 @@ def save_jacobian(
         checks,
     )
     c = s.call
-    np_dtype = np.dtype(torch.empty(0, dtype=c.dtype).numpy().dtype)
+    np_dtype = npy_dtype(where, c.dtype)
 
+    # See NOTE [Jacobian files are never half-written]: rank 0 creates temporary files beside
+    # the targets, every rank writes its rows there, and rank 0 renames them once all finished.
     err: BaseException | None = None
+    temps: list[str] = []
     if s.rank == 0:
         try:
             for p, sh in zip(paths, s.shapes, strict=True):
-                mm = open_memmap(p, mode="w+", dtype=np_dtype, shape=sh)
-                mm.flush()
-                del mm
+                temps.append(create_npy(where, p, np_dtype, sh)[0])
         except Exception as e:
             err = e
-    _settle(where, group, err, "creating the .npy file(s)")
-
     try:
-        if s.stop > s.start:
-            maps = [open_memmap(p, mode="r+") for p in paths]
-            rows = [torch.from_numpy(m[s.start : s.stop]) for m in maps]
-            if c.device.type == "cpu":
-                _compute(s, method, vec, chunk_size, rows)
-            else:
-                for r, j in zip(rows, _compute(s, method, vec, chunk_size, None), strict=True):
-                    r.copy_(j)
-            for m in maps:
-                m.flush()
-            del rows, maps
-    except Exception as e:
-        err = e
-    _settle(where, group, err, "writing its rows")
+        _settle(where, group, err, "creating the .npy file(s)")
+        temps = _exchange(group, temps)[0]
+
+        try:
+            if s.stop > s.start:
+                maps = [open_memmap(t, mode="r+") for t in temps]
+                rows = [torch.from_numpy(m[s.start : s.stop]) for m in maps]
+                if c.device.type == "cpu":
+                    _compute(s, method, vec, chunk_size, rows)
+                else:
+                    for r, j in zip(rows, _compute(s, method, vec, chunk_size, None), strict=True):
+                        r.copy_(j)
+                for m in maps:
+                    m.flush()
+                del rows, maps
+        except Exception as e:
+            err = e
+        _settle(where, group, err, "writing its rows")
+        if s.rank == 0:
+            try:
+                for t, p in zip(temps, paths, strict=True):
+                    commit_npy(t, p)
+            except Exception as e:
+                err = e
+        _settle(where, group, err, "replacing the .npy file(s)")
+    except BaseException:
+        if s.rank == 0:
+            for t in temps:
+                discard(t)
+        raise
     return slice(s.start, s.stop)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -171,6 +172,25 @@ def main(out_dir: str, backend: str = "gloo") -> None:
                 in_dims=(0, None, None),
             ),
         )
+
+        # A failure on rank 1 while writing rows: the old file stays, no temporary file remains.
+        old_path = os.path.join(out_dir, "old.npy")
+        if rank == 0:
+            np.save(old_path, np.arange(6.0))
+        dist.barrier()
+
+        def fail_npy_write_outcome() -> dict[str, Any]:
+            kind, msg = None, ""
+            try:
+                jd.save_jacobian(old_path, fails_on_rank_1, *sample(5), in_dims=(0, None, None))
+            except Exception as e:
+                kind, msg = type(e).__name__, str(e)
+            dist.barrier()  # every rank has cleaned up before the directory is looked at
+            listing = sorted(os.listdir(out_dir))
+            return {"type": kind, "msg": msg, "listing": listing,
+                    "content": np.load(old_path).tolist()}  # fmt: skip
+
+        run("fail_npy_write", fail_npy_write_outcome)
 
         # Mismatched calls: every rank gets the same clear error naming the rank that disagrees.
         run(

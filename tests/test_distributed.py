@@ -254,6 +254,15 @@ def test_npy_creation_failure_raises_on_every_rank(ranks):
             assert "rank 0: FileNotFoundError" in o["msg"]
 
 
+def test_npy_write_failure_keeps_the_old_file_and_leaves_no_temporary(ranks):
+    for rank in range(len(ranks)):
+        o = _ok(ranks[rank]["fail_npy_write"])
+        assert o["type"] == ("ArithmeticError" if rank == 1 else "RankFailedError")
+        assert "writing its rows" in o["msg"] or rank == 1
+        assert o["content"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        assert not [n for n in o["listing"] if ".tmp-" in n], o["listing"]
+
+
 MISMATCHES = {
     "mismatch_shape": (1, "args[0].shape = (4, 3, 4) where rank 0 has (5, 3, 4)"),
     "mismatch_values": (-1, "args[0] (hash of its values)"),

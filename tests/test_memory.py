@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -380,7 +383,7 @@ def test_iter_jacobian_validates_when_called():
         jacbatch.iter_jacobian(torch.sin, torch.randn(3, 2), batch_chunk=0)
 
 
-def test_save_jacobian_streams_and_an_interruption_keeps_earlier_chunks(tmp_path):
+def test_save_jacobian_streams_and_a_failure_keeps_the_old_file(tmp_path):
     args = _args(B=10, n=3)
     ref = reference_jacobian(tanh_affine, args, 1, (0, None, None))
     path = tmp_path / "J.npy"
@@ -389,6 +392,7 @@ def test_save_jacobian_streams_and_an_interruption_keeps_earlier_chunks(tmp_path
     )
     assert shape == (10, 3, 3, 3, 3)
     assert_matches(torch.from_numpy(np.load(path)), ref, torch.float64)
+    old = path.read_bytes()
 
     real_calls = []
 
@@ -399,13 +403,130 @@ def test_save_jacobian_streams_and_an_interruption_keeps_earlier_chunks(tmp_path
                 raise RuntimeError("simulated interruption")
         return tanh_affine(a, w, b)
 
-    path2 = tmp_path / "J2.npy"
     with pytest.raises(RuntimeError, match="simulated interruption"):
         jacbatch.save_jacobian(
-            path2, flaky, *args, argnums=1, in_dims=(0, None, None), method="jacrev", batch_chunk=3
+            path, flaky, *args, argnums=1, in_dims=(0, None, None), method="jacrev", batch_chunk=3
         )
-    partial = torch.from_numpy(np.load(path2))
-    assert_matches(partial[:3], ref[:3], torch.float64)  # the first chunk is complete on disk
+    assert len(real_calls) == 3  # two chunks were written before the failure
+    assert path.read_bytes() == old  # the old file is untouched
+    assert os.listdir(tmp_path) == ["J.npy"]  # and no temporary file is left
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        jacbatch.save_jacobian(
+            tmp_path / "new.npy", flaky, *args, argnums=1, in_dims=(0, None, None), batch_chunk=3
+        )
+    assert os.listdir(tmp_path) == ["J.npy"]  # a failed new file does not appear at all
+
+
+_KILLED_WRITER = """
+import sys, time, torch
+import jacbatch
+path, marker = sys.argv[1], sys.argv[2]
+calls = []
+def slow(a, w, b):
+    if a.device.type != 'meta':
+        calls.append(1)
+        if len(calls) == 3:
+            open(marker, 'w').close()  # two chunks are on their way to disk
+        if len(calls) >= 3:
+            time.sleep(0.2)
+    return torch.tanh(a @ w + b)
+g = torch.Generator().manual_seed(1)
+A, W, b = torch.randn(40, 8, 8, generator=g), torch.randn(8, 8), torch.randn(8)
+jacbatch.save_jacobian(path, slow, A, W, b, argnums=1, in_dims=(0, None, None),
+                       method='jacrev', batch_chunk=1)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_the_old_file(tmp_path):
+    path, marker = tmp_path / "J.npy", tmp_path.parent / f"{tmp_path.name}.marker"
+    old = np.arange(12.0).reshape(3, 4)
+    np.save(path, old)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(path), str(marker)],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(1200):  # up to 120 s on a loaded machine
+            if marker.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), proc.stderr.read().decode() if proc.stderr else ""
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    np.testing.assert_array_equal(np.load(path), old)  # the final name holds the old content
+    others = [n for n in os.listdir(tmp_path) if n != "J.npy"]
+    # a killed process cannot clean up: what it leaves is a hidden, unmistakable temporary
+    assert len(others) == 1 and others[0].startswith(".J.npy.tmp-"), others
+
+
+def test_save_jacobian_refuses_dtypes_npy_cannot_hold(tmp_path):
+    x = torch.randn(4, 3, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"dtype that \.npy files can hold, got torch\.bfloat16"):
+        jacbatch.save_jacobian(tmp_path / "J.npy", torch.sin, x)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_jacobian_checks_free_disk_space_first(tmp_path, monkeypatch):
+    import shutil
+
+    from jacbatch import streaming
+
+    calls = _count_chunks(monkeypatch)
+    monkeypatch.setattr(streaming, "_execute", api._execute)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda d: usage._replace(free=1000))
+    with pytest.raises(OSError, match=r"1\.25 KiB to write to .* with 0\.98 KiB free") as err:
+        jacbatch.save_jacobian(
+            tmp_path / "J.npy", torch.sin, torch.randn(4, 6, dtype=torch.float64)
+        )
+    assert err.value.errno == errno.ENOSPC
+    assert calls == [] and os.listdir(tmp_path) == []  # nothing computed, nothing written
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 4 MiB tmpfs mounted for the test (root on Linux only)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_save_jacobian_on_a_full_file_system(small_tmpfs):
+    path = small_tmpfs / "J.npy"
+    np.save(path, np.ones(1000))  # an old file, 8 KiB
+    old = path.read_bytes()
+    filler = small_tmpfs / "filler"
+    filler.write_bytes(b"x" * (3 * 2**20))  # 3 MiB of the 4 used
+    x = torch.randn(8, 128, dtype=torch.float64)  # the Jacobian is 1 MiB
+    with pytest.raises(OSError, match="expected room for the Jacobian file on disk") as err:
+        jacbatch.save_jacobian(path, torch.sin, x, method="jacrev", batch_chunk=2)
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(os.listdir(small_tmpfs)) == ["J.npy", "filler"]
+    assert path.read_bytes() == old
+    filler.unlink()
+    jacbatch.save_jacobian(path, torch.sin, x, method="jacrev", batch_chunk=2)
+    assert_matches(
+        torch.from_numpy(np.array(np.load(path, mmap_mode="r"))),
+        torch.diag_embed(torch.cos(x)),
+        torch.float64,
+    )
+    assert sorted(os.listdir(small_tmpfs)) == ["J.npy"]
 
 
 def test_progress_flag():
