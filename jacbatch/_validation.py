@@ -179,6 +179,9 @@ def normalize_call(
     in_dims: object,
 ) -> Call:
     """Validate ``func``, ``args``, ``argnums`` and ``in_dims`` together and normalize them."""
+    from ._threads import ready
+
+    ready()  # NOTE [First calls from several threads]
     if not callable(func):
         raise TypeError(
             f"{where}: expected func to be callable, got {type(func).__name__}. "
@@ -193,6 +196,15 @@ def normalize_call(
                 f"Convert it with torch.as_tensor(...), or close over non-tensor values in func."
             )
     tensors: tuple[torch.Tensor, ...] = tuple(args)  # type: ignore[arg-type]
+
+    # layouts: dense (sparse tensors have no nbytes, no views, few forward-mode formulas)
+    for i, a in enumerate(tensors):
+        if a.layout != torch.strided:
+            raise TypeError(
+                f"{where}: expected dense (strided) tensors, got args[{i}] with layout "
+                f"{a.layout}. Convert it with .to_dense() (the Jacobian is dense anyway), or "
+                f"close over the sparse tensor in func if it is not differentiated."
+            )
 
     # dtypes: floating, and one of them
     for i, a in enumerate(tensors):

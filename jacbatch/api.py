@@ -14,7 +14,7 @@ from typing import Any, overload
 
 import torch
 
-from . import _probe, memory, rules
+from . import _probe, _threads, memory, rules
 from . import _validation as V
 from .methods import batched_args, closed_form, functorch, traced, vjp
 from .rules.terms import Unsupported
@@ -246,9 +246,11 @@ def _run_step(
         return closed_form.compute(call, step.argnums, out_shape, layout, outs)
     if step.method == "traced":
         return traced.compute(call, step.argnums, out_shape, layout, outs)
-    if step.method in ("jacrev", "jacfwd"):
-        mode = "rev" if step.method == "jacrev" else "fwd"
-        return functorch.compute(call, step.argnums, mode, chunk_size, out_shape, layout, outs)
+    if step.method == "jacrev":
+        return functorch.compute(call, step.argnums, "rev", chunk_size, out_shape, layout, outs)
+    if step.method == "jacfwd":
+        with _threads.FORWARD_AD:  # NOTE [First calls from several threads]
+            return functorch.compute(call, step.argnums, "fwd", chunk_size, out_shape, layout, outs)
     return vjp.compute(call, step.argnums, out_shape, layout, outs, max_rows=max_rows)
 
 
