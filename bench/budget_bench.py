@@ -55,13 +55,14 @@ print(json.dumps({'peak': peak, 'out': out, 'working': peak - out, 'estimate': e
 """
 
 
-def run_child(spec: dict, env_extra: dict | None = None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+def run_child(spec: dict, env_extra: dict | None = None, root: Path = ROOT) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if env_extra:
         env.update(env_extra)
     res = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(spec)],
+        cwd=root,
         capture_output=True,
         text=True,
         env=env,
@@ -75,21 +76,30 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=4, default=(64, 32, 32, 32))
     parser.add_argument("--routes", nargs="*", default=list(ROUTES))
     parser.add_argument("--json", default=None)
+    parser.add_argument("--argnum", type=int, default=1, help="0: d/dA (chunks view A)")
+    parser.add_argument("--root", default=str(ROOT), help="the jacbatch checkout to measure")
+    parser.add_argument("--no-estimates", action="store_true")
     args = parser.parse_args()
+    root = Path(args.root)
     shape = tuple(args.shape)
     rows = []
-    print(f"shape (B, m, p, q) = {shape}, tanh(A @ W + B), d/dW, float32")
+    wrt = "dW" if args.argnum == 1 else "dA"
+    print(f"shape (B, m, p, q) = {shape}, tanh(A @ W + B), d/{wrt}, float32")
     print("| route | budget | working beyond result | within budget + 16 MiB |")
     print("|---|---|---:|---|")
     for method in args.routes:
         for budget in BUDGETS:
-            r = run_child({"shape": shape, "func": "tanh", "method": method, "budget": budget})
+            spec = {"shape": shape, "func": "tanh", "method": method, "budget": budget,
+                    "argnums": args.argnum}  # fmt: skip
+            r = run_child(spec, root=root)
             ok = r["working"] <= _bytes(budget) + 16 * 2**20
             rows.append({"method": method, "budget": budget, **r})
             print(
                 f"| {method} | {budget} | {r['working'] / 2**20:.0f} MiB | {'yes' if ok else 'NO'} |",
                 flush=True,
             )
+    if args.no_estimates:
+        return
     print()
     print("| route | estimate (peak) | measured (peak) | measured / estimate |")
     print("|---|---:|---:|---:|")

@@ -1118,6 +1118,24 @@ def rank_disagreement_error(
     )
 
 
+def distributed_too_large(
+    where: str, need: int, gathered: int, shard: int, free: int, local: int
+) -> NoReturn:
+    parts = []
+    if gathered:
+        parts.append(f"the gathered Jacobian ({_fmt_bytes(gathered)}) on every rank")
+    if shard and need > gathered:
+        parts.append(f"its shard ({_fmt_bytes(shard)})")
+    raise JacobianMemoryError(
+        f"{where}: expected each rank's result to fit in its share of free memory, got "
+        f"{_fmt_bytes(need)} per rank ({' plus '.join(parts)}) with {_fmt_bytes(free)} free "
+        f"shared by {local} rank(s) on this host ({_fmt_bytes(free // local)} each). Ways out: "
+        f"gather='dst' (only one rank holds the whole Jacobian), gather=None (each rank keeps "
+        f"its shard), jacbatch.distributed.save_jacobian(path, ...) to write it to disk, or a "
+        f"smaller batch."
+    )
+
+
 def rank_failed_error(
     where: str, failures: Sequence[tuple[int, str]], world_size: int, stage: str
 ) -> NoReturn:

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from . import _validation as V
+from . import memory
 from .api import _probe_output
 from .api import jacobian as _jacobian
 
@@ -273,6 +274,48 @@ def _validate(
     return setup
 
 
+# NOTE [Memory of ranks on one host]
+#     torchrun starts ``LOCAL_WORLD_SIZE`` ranks on a host, and each reads the same free memory.
+#     With ``gather="all"`` every one of them allocates the whole Jacobian, so two ranks of a
+#     16 GiB Jacobian on a 24 GiB host each saw 23 GiB free and were OOM-killed together. So
+#     each rank counts what it will hold (the gathered copy, plus its shard where the shard is
+#     not computed into that copy) against ``free / LOCAL_WORLD_SIZE`` before allocating, and
+#     the working budget of its local computation is the default budget divided the same way.
+#     GPU ranks each have their own device memory and count alone.
+
+
+def ranks_on_this_host(device: torch.device, world: int) -> int:
+    """How many ranks share this host's memory for ``device`` (see NOTE [Memory of ranks on
+    one host]): ``LOCAL_WORLD_SIZE`` (set by torchrun) for CPU tensors, 1 for a GPU."""
+    if device.type != "cpu":
+        return 1
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    except ValueError:
+        local = world
+    return max(1, min(local, world))
+
+
+def _check_fits(where: str, s: _Setup, holds_all: bool, in_place: bool) -> None:
+    """Refuse, before allocating, what this rank would hold beyond its share of free memory."""
+    itemsize = torch.empty((), dtype=s.call.dtype).element_size()
+    total = sum(math.prod(sh) for sh in s.shapes) * itemsize
+    B = s.call.batch_size or 1
+    shard = total * (s.stop - s.start) // B
+    gathered = total if holds_all and s.world > 1 else 0
+    need = gathered + (0 if in_place else shard)
+    local = ranks_on_this_host(s.call.device, s.world)
+    free = memory.available_memory(s.call.device)
+    if need > free // local:
+        V.distributed_too_large(where, need, gathered, shard, free, local)
+
+
+def _local_budget(s: _Setup) -> int:
+    """This rank's working budget: the default budget shared by the ranks on this host."""
+    local = ranks_on_this_host(s.call.device, s.world)
+    return max(1, memory.default_budget(s.call.device) // local)
+
+
 def _compute(
     s: _Setup,
     method: str,
@@ -290,6 +333,7 @@ def _compute(
         vec=vec,
         chunk_size=chunk_size,
         out=None if outs is None else tuple(outs),
+        max_memory=_local_budget(s),
     )
     return res if isinstance(res, tuple) else (res,)
 
@@ -374,6 +418,8 @@ def jacobian(
     full: list[torch.Tensor] = []
     local: tuple[torch.Tensor, ...] = ()
     try:
+        in_place = (holds_all and s.comm_device == c.device) or (holds_all and s.world == 1)
+        _check_fits(where, s, holds_all, in_place)
         if holds_all and s.world > 1:
             full = [torch.empty(sh, dtype=c.dtype, device=s.comm_device) for sh in s.shapes]
         if holds_all and s.world == 1:  # the shard is the whole result: no copy

@@ -192,6 +192,22 @@ def main(out_dir: str, backend: str = "gloo") -> None:
 
         run("fail_npy_write", fail_npy_write_outcome)
 
+        # Ranks on one host share its memory: the gathered copies must fit together.
+        def shared_host() -> Any:
+            from jacbatch import memory
+
+            args = sample(8, seed=5)  # dZ/dA: 8 samples * 6 * 12 * 8 B = 4.5 KiB
+            real = memory.available_memory
+            os.environ["LOCAL_WORLD_SIZE"] = str(world)
+            memory.available_memory = lambda device: 8 * 1024  # 8 KiB free on the host
+            try:
+                return jd.jacobian(tanh_affine, *args, in_dims=(0, None, None), method="vjp")
+            finally:
+                memory.available_memory = real
+                del os.environ["LOCAL_WORLD_SIZE"]
+
+        run("shared_host", shared_host)
+
         # Mismatched calls: every rank gets the same clear error naming the rank that disagrees.
         run(
             "mismatch_shape",

@@ -263,6 +263,17 @@ def test_npy_write_failure_keeps_the_old_file_and_leaves_no_temporary(ranks):
         assert not [n for n in o["listing"] if ".tmp-" in n], o["listing"]
 
 
+def test_ranks_on_one_host_share_its_free_memory(ranks):
+    """4.5 KiB gathered on each rank fits 8 KiB free alone, not shared by 2 or 3 ranks."""
+    for rank in range(len(ranks)):
+        o = ranks[rank]["shared_host"]
+        assert not o["ok"]
+        assert o["type"] == "JacobianMemoryError", o.get("trace")
+        assert "the gathered Jacobian (4.5 KiB) on every rank" in o["msg"]
+        assert f"8 KiB free shared by {len(ranks)} rank(s) on this host" in o["msg"]
+        assert "gather='dst'" in o["msg"]
+
+
 MISMATCHES = {
     "mismatch_shape": (1, "args[0].shape = (4, 3, 4) where rank 0 has (5, 3, 4)"),
     "mismatch_values": (-1, "args[0] (hash of its values)"),
