@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -147,16 +148,62 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _exchange(group: Group, payload: object) -> list[Any]:
+# NOTE [A rank that dies]
+#     A rank that raises reports its exception at the end of the stage (any ``BaseException``:
+#     ``SystemExit`` and ``KeyboardInterrupt`` too), so the others raise ``RankFailedError``
+#     naming it. A rank that dies outright (``os._exit``, a signal, the OOM killer) reports
+#     nothing, and the others' collective fails with the backend's "Connection reset by peer".
+#     So every rank's host name and process id travel with the validation exchange, and when a
+#     collective fails, the ranks on this host whose processes are gone (or zombies) are named in
+#     a ``RankFailedError``; ranks on other hosts cannot be checked from here.
+
+_PEERS: dict[int, list[tuple[str, int]]] = {}  # id of the group -> (host, pid) per rank
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+def _exchange(group: Group, payload: object, where: str = "", stage: str = "") -> list[Any]:
     world = dist.get_world_size(group)
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, payload, group=group)
+    try:
+        dist.all_gather_object(gathered, payload, group=group)
+    except RuntimeError as err:  # see NOTE [A rank that dies]
+        host = socket.gethostname()
+        peers = _PEERS.get(id(group), [])
+        dead = [
+            (r, f"its process {pid} exited without reporting an error")
+            for r, (h, pid) in enumerate(peers)
+            if h == host and _process_gone(pid)
+        ]
+        where, stage = where or "jacbatch.distributed", stage or "communicating"
+        if not dead:
+            raise V.RankFailedError(
+                f"{where}: expected every rank to succeed {stage}, got a rank that could not be "
+                f"reached (on another host, or it died before its process id was known): "
+                f"{str(err).splitlines()[0]}"
+            ) from err
+        V.rank_failed_error(where, dead, world, stage)
     return gathered
 
 
 def _settle(where: str, group: Group, err: BaseException | None, stage: str) -> None:
     """End a stage: raise on every rank if any rank failed (see NOTE [No rank is left waiting])."""
-    statuses = _exchange(group, None if err is None else _describe(err))
+    statuses = _exchange(group, None if err is None else _describe(err), where, stage)
     failures = [(r, s) for r, s in enumerate(statuses) if s is not None]
     if not failures:
         return
@@ -167,14 +214,18 @@ def _settle(where: str, group: Group, err: BaseException | None, stage: str) -> 
 
 def _agree(where: str, group: Group, err: BaseException | None, sig: list[tuple[str, Any]]) -> None:
     """The validation stage: statuses and call signatures from every rank, compared to rank 0's."""
-    gathered = _exchange(group, (None if err is None else _describe(err), sig))
-    failures = [(r, s) for r, (s, _) in enumerate(gathered) if s is not None]
+    me = (socket.gethostname(), os.getpid())
+    gathered = _exchange(
+        group, (None if err is None else _describe(err), sig, me), where, "validating its arguments"
+    )
+    _PEERS[id(group)] = [g[2] for g in gathered]
+    failures = [(r, s) for r, (s, _, _) in enumerate(gathered) if s is not None]
     if failures:
         if err is not None:
             raise err
         V.rank_failed_error(where, failures, len(gathered), "validating its arguments")
     ref = gathered[0][1]
-    for r, (_, other) in enumerate(gathered[1:], start=1):
+    for r, (_, other, _) in enumerate(gathered[1:], start=1):
         for (field, mine), (_, theirs) in zip(other, ref, strict=False):
             if mine != theirs:
                 V.rank_disagreement_error(where, r, field, mine, theirs)
@@ -267,7 +318,7 @@ def _validate(
             sig.extend(
                 (f"args[{i}] (hash of its values)", _fingerprint(a)) for i, a in enumerate(args)
             )
-    except Exception as e:
+    except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
         err = e
     _agree(where, group, err, sig)
     assert setup is not None
@@ -430,7 +481,7 @@ def jacobian(
             local = _compute(s, method, vec, chunk_size, None)
             for f, j in zip(full, local, strict=False):
                 f[s.start : s.stop].copy_(j)
-    except Exception as e:
+    except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
         err = e
     _settle(where, group, err, "computing its shard")
 
@@ -529,7 +580,7 @@ def save_jacobian(
         try:
             for p, sh in zip(paths, s.shapes, strict=True):
                 temps.append(create_npy(where, p, np_dtype, sh)[0])
-        except Exception as e:
+        except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
             err = e
     try:
         _settle(where, group, err, "creating the .npy file(s)")
@@ -547,14 +598,14 @@ def save_jacobian(
                 for m in maps:
                     m.flush()
                 del rows, maps
-        except Exception as e:
+        except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
             err = e
         _settle(where, group, err, "writing its rows")
         if s.rank == 0:
             try:
                 for t, p in zip(temps, paths, strict=True):
                     commit_npy(t, p)
-            except Exception as e:
+            except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
                 err = e
         _settle(where, group, err, "replacing the .npy file(s)")
     except BaseException:
@@ -622,7 +673,7 @@ def reduce_moments(values: torch.Tensor, group: Group = None) -> Moments:
                 f"Add the sample dimension, e.g. values.reshape(1)."
             )
         sig = [("values.shape[1:]", tuple(values.shape[1:]))]
-    except Exception as e:
+    except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
         err = e
     _agree(where, group, err, sig)
     if dist.get_backend(group) == "nccl":
@@ -697,7 +748,7 @@ def dgsm(
             ("method", setup.method),
             ("distribution", None if setup.poincare is None else _fingerprint(setup.poincare)),
         ]
-    except Exception as e:
+    except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
         err = e
     _agree(where, group, err, sig)
     assert setup is not None
@@ -706,7 +757,7 @@ def dgsm(
     moments = None
     try:
         moments = S._dgsm_accumulate(where, func, setup, slice(start, stop))
-    except Exception as e:
+    except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
         err = e
     _settle(where, group, err, "computing its shard")
     assert moments is not None

@@ -208,6 +208,20 @@ def main(out_dir: str, backend: str = "gloo") -> None:
 
         run("shared_host", shared_host)
 
+        # SystemExit (not an Exception) on rank 1 while computing: reported like any error.
+        def exits_on_rank_1(A: torch.Tensor, W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+            if dist.get_rank() == 1 and A.device.type != "meta":
+                raise SystemExit(4)
+            return tanh_affine(A, W, B)
+
+        def system_exit() -> Any:
+            try:
+                return jd.jacobian(exits_on_rank_1, *sample(5), in_dims=(0, None, None))
+            except SystemExit as e:
+                return f"SystemExit {e.code}"
+
+        run("system_exit", system_exit)
+
         # Mismatched calls: every rank gets the same clear error naming the rank that disagrees.
         run(
             "mismatch_shape",

@@ -274,6 +274,16 @@ def test_ranks_on_one_host_share_its_free_memory(ranks):
         assert "gather='dst'" in o["msg"]
 
 
+def test_system_exit_on_one_rank_is_a_rank_failure_on_the_others(ranks):
+    for rank in range(len(ranks)):
+        o = ranks[rank]["system_exit"]
+        if rank == 1:
+            assert _ok(o) == "SystemExit 4"
+        else:
+            assert o["type"] == "RankFailedError"
+            assert "rank 1: SystemExit: 4" in o["msg"] and "computing its shard" in o["msg"]
+
+
 MISMATCHES = {
     "mismatch_shape": (1, "args[0].shape = (4, 3, 4) where rank 0 has (5, 3, 4)"),
     "mismatch_values": (-1, "args[0] (hash of its values)"),
@@ -368,3 +378,16 @@ def test_needs_a_process_group():
         jd.jacobian(torch.sin, A)
     with pytest.raises(RuntimeError, match="expected an initialized"):
         jd.reduce_moments(A)
+
+
+def test_a_process_that_exited_is_told_from_a_live_one():
+    """What names a rank that died outright (NOTE [A rank that dies] in jacbatch.distributed)."""
+    import os
+    import subprocess
+    import sys
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    while zombie.poll() is None:  # poll reaps it; a fresh exited child is a zombie before that
+        time.sleep(0.01)
+    assert jd._process_gone(zombie.pid)
+    assert not jd._process_gone(os.getpid())
