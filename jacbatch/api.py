@@ -249,6 +249,8 @@ def _run_step(
     if step.method == "jacrev":
         return functorch.compute(call, step.argnums, "rev", chunk_size, out_shape, layout, outs)
     if step.method == "jacfwd":
+        # Tangents take the size of a view's whole storage: NOTE [A chunk costs what it holds].
+        call = dataclasses.replace(call, args=tuple(memory.compact(a) for a in call.args))
         with _threads.FORWARD_AD:  # NOTE [First calls from several threads]
             return functorch.compute(call, step.argnums, "fwd", chunk_size, out_shape, layout, outs)
     return vjp.compute(call, step.argnums, out_shape, layout, outs, max_rows=max_rows)

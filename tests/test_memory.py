@@ -564,3 +564,34 @@ def test_iter_jacobian_frees_each_chunk_before_computing_the_next(monkeypatch):
         del J
     assert len(alive) == 3
     assert not any(any(a) for a in alive), alive
+
+
+def test_forward_mode_on_a_view_allocates_for_the_view_only():
+    """NOTE [A chunk costs what it holds]: tangents of a narrow view of a large tensor."""
+    big = torch.randn(512, 8, 8, dtype=torch.float64)  # 256 KiB
+    W, b = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    view = big[:2]
+    sizes = []
+
+    class Largest(TorchDispatchMode):  # the largest storage allocated other than big's
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            res = func(*args, **(kwargs or {}))
+            for t in tree_flatten(res)[0]:
+                if not isinstance(t, torch.Tensor):
+                    continue
+                try:
+                    storage = t.untyped_storage()
+                    if storage.data_ptr() != big.data_ptr():
+                        sizes.append(storage.nbytes())
+                except RuntimeError:  # functorch wrappers have no storage of their own
+                    pass
+            return res
+
+    kw = {"argnums": 0, "in_dims": (0, None, None), "method": "jacfwd"}
+    with Largest():
+        J = jacbatch.jacobian(tanh_affine, view, W, b, **kw)
+    assert max(sizes) <= 64 * view[0].numel() * 8 * 2, max(sizes)  # 64 tangents of the view
+    assert_matches(
+        J, reference_jacobian(tanh_affine, (view, W, b), 0, (0, None, None)), torch.float64
+    )
+    assert torch.equal(view, big[:2])  # the input is untouched
