@@ -79,17 +79,19 @@ def main() -> None:
     parser.add_argument("--argnum", type=int, default=1, help="0: d/dA (chunks view A)")
     parser.add_argument("--root", default=str(ROOT), help="the jacbatch checkout to measure")
     parser.add_argument("--no-estimates", action="store_true")
+    parser.add_argument("--func", choices=("tanh", "cumsum"), default="tanh")
     args = parser.parse_args()
     root = Path(args.root)
     shape = tuple(args.shape)
     rows = []
     wrt = "dW" if args.argnum == 1 else "dA"
-    print(f"shape (B, m, p, q) = {shape}, tanh(A @ W + B), d/{wrt}, float32")
+    name = "tanh(A @ W + B)" if args.func == "tanh" else "cumsum(A @ W, 0)"
+    print(f"shape (B, m, p, q) = {shape}, {name}, d/{wrt}, float32")
     print("| route | budget | working beyond result | within budget + 16 MiB |")
     print("|---|---|---:|---|")
     for method in args.routes:
         for budget in BUDGETS:
-            spec = {"shape": shape, "func": "tanh", "method": method, "budget": budget,
+            spec = {"shape": shape, "func": args.func, "method": method, "budget": budget,
                     "argnums": args.argnum}  # fmt: skip
             r = run_child(spec, root=root)
             ok = r["working"] <= _bytes(budget) + 16 * 2**20
