@@ -265,6 +265,9 @@ def normalize_call(
     in_dims: object,
 ) -> Call:
     """Validate ``func``, ``args``, ``argnums`` and ``in_dims`` together and normalize them."""
+    from ._threads import ready
+
+    ready()  # NOTE [First calls from several threads]
     if not callable(func):
         raise TypeError(
             f"{where}: expected func to be callable, got {type(func).__name__}. "
@@ -279,6 +282,15 @@ def normalize_call(
                 f"Convert it with torch.as_tensor(...), or close over non-tensor values in func."
             )
     tensors: tuple[torch.Tensor, ...] = tuple(args)  # type: ignore[arg-type]
+
+    # layouts: dense (sparse tensors have no nbytes, no views, few forward-mode formulas)
+    for i, a in enumerate(tensors):
+        if a.layout != torch.strided:
+            raise TypeError(
+                f"{where}: expected dense (strided) tensors, got args[{i}] with layout "
+                f"{a.layout}. Convert it with .to_dense() (the Jacobian is dense anyway), or "
+                f"close over the sparse tensor in func if it is not differentiated."
+            )
 
     # dtypes: floating, and one of them
     for i, a in enumerate(tensors):
@@ -453,10 +465,10 @@ def _fmt_bytes(n: float) -> str:
     return format_bytes(n)
 
 
-def bad_memory_value(where: str, value: object) -> NoReturn:
+def bad_memory_value(where: str, value: object, why: str = "") -> NoReturn:
     raise ValueError(
-        f"{where}: expected max_memory as a positive number of bytes or a string such as "
-        f"'512MiB' or '2GB', got {value!r}."
+        f"{where}: expected max_memory as a positive number of bytes (a whole number, at least "
+        f"1) or a string such as '512MiB' or '2GB', got {value!r}{f' ({why})' if why else ''}."
     )
 
 
@@ -480,17 +492,27 @@ def result_too_large(
     where: str, nbytes: int, free: int, budget: int | None, batch_size: int | None
 ) -> NoReturn:
     budget_txt = "" if budget is None else f" (working budget {_fmt_bytes(budget)})"
-    smaller = (
-        f"; a smaller batch (about {max(1, int(batch_size * free / nbytes))} samples would fit)"
-        if batch_size
-        else ""
-    )
+    per_sample = nbytes / batch_size if batch_size else nbytes
+    fit = int(free // per_sample) if per_sample > 0 else 0
+    if batch_size and fit >= 1:
+        rest = (
+            f"out= a tensor over a numpy memmap, or jacbatch.save_jacobian(path, ...), to "
+            f"stream it to disk; "
+            f"jacbatch.iter_jacobian(...) to reduce it chunk by chunk; or a smaller batch (up to "
+            f"{fit} samples of {_fmt_bytes(per_sample)} each fit in the free memory)."
+        )
+    else:
+        one = "one sample's Jacobian alone" if batch_size else "the Jacobian"
+        rest = (
+            f"{one} is {_fmt_bytes(per_sample)}, more than is free, so no batch size fits "
+            f"and jacbatch.save_jacobian / iter_jacobian, which hold one sample at least, cannot "
+            f"help; out= a tensor over a numpy memmap with method='vjp' (or a closed form) "
+            f"writes it row by row straight into the file."
+        )
     raise JacobianMemoryError(
         f"{where}: expected a result that fits in memory, got a Jacobian of {_fmt_bytes(nbytes)} "
         f"with {_fmt_bytes(free)} free{budget_txt}. Ways out: jacbatch.structured_jacobian for "
-        f"a lazy operator (where a closed form exists); out= a tensor over a numpy memmap, or "
-        f"jacbatch.save_jacobian(path, ...), to stream it to disk; jacbatch.iter_jacobian(...) to "
-        f"reduce it chunk by chunk{smaller}."
+        f"a lazy operator (where a closed form exists); {rest}"
     )
 
 
@@ -1168,6 +1190,18 @@ def check_npy_paths(where: str, paths: object, n: int, dtype: torch.dtype) -> tu
     return tuple(os.fspath(p) for p in raw)
 
 
+def disk_too_small(where: str, path: str, nbytes: int, free: int) -> NoReturn:
+    import errno
+
+    raise OSError(
+        errno.ENOSPC,
+        f"{where}: expected room for the Jacobian file on disk, got {_fmt_bytes(nbytes)} to "
+        f"write to {path!r} with {_fmt_bytes(free)} free on its file system. Free some space, "
+        f"write to another file system, or use jacbatch.iter_jacobian to reduce the Jacobian "
+        f"chunk by chunk",
+    )
+
+
 def rank_disagreement_error(
     where: str, rank: int, field: str, mine: object, ref: object
 ) -> NoReturn:
@@ -1175,6 +1209,24 @@ def rank_disagreement_error(
         f"{where}: expected every rank to be called with the same arguments and options, got "
         f"rank {rank} with {field} = {mine!r} where rank 0 has {ref!r}. Build the same inputs on "
         f"every rank (same data, seed and shapes) and pass the same options."
+    )
+
+
+def distributed_too_large(
+    where: str, need: int, gathered: int, shard: int, free: int, local: int
+) -> NoReturn:
+    parts = []
+    if gathered:
+        parts.append(f"the gathered Jacobian ({_fmt_bytes(gathered)}) on every rank")
+    if shard and need > gathered:
+        parts.append(f"its shard ({_fmt_bytes(shard)})")
+    raise JacobianMemoryError(
+        f"{where}: expected each rank's result to fit in its share of free memory, got "
+        f"{_fmt_bytes(need)} per rank ({' plus '.join(parts)}) with {_fmt_bytes(free)} free "
+        f"shared by {local} rank(s) on this host ({_fmt_bytes(free // local)} each). Ways out: "
+        f"gather='dst' (only one rank holds the whole Jacobian), gather=None (each rank keeps "
+        f"its shard), jacbatch.distributed.save_jacobian(path, ...) to write it to disk, or a "
+        f"smaller batch."
     )
 
 

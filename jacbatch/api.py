@@ -14,7 +14,7 @@ from typing import Any, overload
 
 import torch
 
-from . import _nonfinite, _probe, _state, _torch_bugs, memory, rules
+from . import _nonfinite, _probe, _state, _threads, _torch_bugs, memory, rules
 from . import _validation as V
 from .methods import (
     batched_args,
@@ -456,9 +456,13 @@ def _run_step(
         return closed_form.compute(call, step.argnums, out_shape, layout, outs)
     if step.method == "traced":
         return traced.compute(call, step.argnums, out_shape, layout, outs)
-    if step.method in ("jacrev", "jacfwd"):
-        mode = "rev" if step.method == "jacrev" else "fwd"
-        return functorch.compute(call, step.argnums, mode, chunk_size, out_shape, layout, outs)
+    if step.method == "jacrev":
+        return functorch.compute(call, step.argnums, "rev", chunk_size, out_shape, layout, outs)
+    if step.method == "jacfwd":
+        # Tangents take the size of a view's whole storage: NOTE [A chunk costs what it holds].
+        call = dataclasses.replace(call, args=tuple(memory.compact(a) for a in call.args))
+        with _threads.FORWARD_AD:  # NOTE [First calls from several threads]
+            return functorch.compute(call, step.argnums, "fwd", chunk_size, out_shape, layout, outs)
     per_sample = step.method == "per_sample"  # NOTE [Known torch bugs: one list, ...]
     return vjp.compute(
         call, step.argnums, out_shape, layout, outs, max_rows=max_rows, per_sample=per_sample
@@ -663,6 +667,7 @@ def jacobian(
                     layout,
                     [f[start : start + n] for f in final],
                 )
+                memory.release_freed()  # see NOTE [A chunk costs what it holds]
                 bar(n)
     return tuple(final) if call.tuple_argnums else final[0]
 
@@ -820,9 +825,13 @@ def _sample_by_sample(
 
 
 def _slice_call(call: V.Call, start: int, n: int) -> V.Call:
-    """The same call restricted to samples ``start : start + n`` (views, no copies)."""
+    """The same call restricted to samples ``start : start + n``.
+
+    A batched argument that is a narrow view of a larger storage is copied (see NOTE [A chunk
+    costs what it holds]); shared arguments and whole-batch slices stay as they are.
+    """
     args = tuple(
-        a if d is None else a.narrow(d, start, n)
+        a if d is None else memory.compact(a.narrow(d, start, n))
         for a, d in zip(call.args, call.in_dims, strict=True)
     )
     return dataclasses.replace(call, args=args, batch_size=n)
@@ -928,19 +937,25 @@ def _fit_uncached(
     count_output: bool,
 ) -> tuple[int, int | None]:
     B = call.batch_size if call.batch_size is not None else 1
+    # These routes return a chunk's Jacobian as a temporary that is copied into the result.
+    copies = any(s.method in ("jacrev", "jacfwd") for s in plan.steps)
 
     def need(samples: int, rows: int | None) -> int:
         est = _estimate(call, plan, out_shape, layout, rows, samples if call.batched else None)
-        return est.peak_bytes if count_output else est.working_bytes
+        if count_output or (copies and samples < B):
+            return est.peak_bytes
+        return est.working_bytes
 
     if need(B, chunk_size) <= budget:
         return B, chunk_size
-    if need(1, chunk_size) <= budget:  # bisect the largest chunk of samples that fits
-        lo, hi = 1, B
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if need(mid, chunk_size) <= budget else (lo, mid)
-        return lo, chunk_size
+    # Chunks aim at a fraction of the budget: see NOTE [A chunk costs what it holds].
+    for limit in dict.fromkeys((memory.chunk_target(budget, call.device), budget)):
+        if need(1, chunk_size) <= limit:  # bisect the largest chunk of samples that fits
+            lo, hi = 1, B
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if need(mid, chunk_size) <= limit else (lo, mid)
+            return lo, chunk_size
     # One sample does not fit: fewer rows (jacrev) or columns (jacfwd) per vectorized pass.
     if all(s.method in ("jacrev", "jacfwd") for s in plan.steps):
         sizes = [math.prod(call.sample_shape(a)) for a in call.argnums]

@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from . import _validation as V
+from . import memory
 from .api import _probe_output
 from .api import jacobian as _jacobian
 
@@ -147,16 +149,62 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _exchange(group: Group, payload: object) -> list[Any]:
+# NOTE [A rank that dies]
+#     A rank that raises reports its exception at the end of the stage (any ``BaseException``:
+#     ``SystemExit`` and ``KeyboardInterrupt`` too), so the others raise ``RankFailedError``
+#     naming it. A rank that dies outright (``os._exit``, a signal, the OOM killer) reports
+#     nothing, and the others' collective fails with the backend's "Connection reset by peer".
+#     So every rank's host name and process id travel with the validation exchange, and when a
+#     collective fails, the ranks on this host whose processes are gone (or zombies) are named in
+#     a ``RankFailedError``; ranks on other hosts cannot be checked from here.
+
+_PEERS: dict[int, list[tuple[str, int]]] = {}  # id of the group -> (host, pid) per rank
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+def _exchange(group: Group, payload: object, where: str = "", stage: str = "") -> list[Any]:
     world = dist.get_world_size(group)
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, payload, group=group)
+    try:
+        dist.all_gather_object(gathered, payload, group=group)
+    except RuntimeError as err:  # see NOTE [A rank that dies]
+        host = socket.gethostname()
+        peers = _PEERS.get(id(group), [])
+        dead = [
+            (r, f"its process {pid} exited without reporting an error")
+            for r, (h, pid) in enumerate(peers)
+            if h == host and _process_gone(pid)
+        ]
+        where, stage = where or "jacbatch.distributed", stage or "communicating"
+        if not dead:
+            raise V.RankFailedError(
+                f"{where}: expected every rank to succeed {stage}, got a rank that could not be "
+                f"reached (on another host, or it died before its process id was known): "
+                f"{str(err).splitlines()[0]}"
+            ) from err
+        V.rank_failed_error(where, dead, world, stage)
     return gathered
 
 
 def _settle(where: str, group: Group, err: BaseException | None, stage: str) -> None:
     """End a stage: raise on every rank if any rank failed (see NOTE [No rank is left waiting])."""
-    statuses = _exchange(group, None if err is None else _describe(err))
+    statuses = _exchange(group, None if err is None else _describe(err), where, stage)
     failures = [(r, s) for r, s in enumerate(statuses) if s is not None]
     if not failures:
         return
@@ -167,14 +215,18 @@ def _settle(where: str, group: Group, err: BaseException | None, stage: str) -> 
 
 def _agree(where: str, group: Group, err: BaseException | None, sig: list[tuple[str, Any]]) -> None:
     """The validation stage: statuses and call signatures from every rank, compared to rank 0's."""
-    gathered = _exchange(group, (None if err is None else _describe(err), sig))
-    failures = [(r, s) for r, (s, _) in enumerate(gathered) if s is not None]
+    me = (socket.gethostname(), os.getpid())
+    gathered = _exchange(
+        group, (None if err is None else _describe(err), sig, me), where, "validating its arguments"
+    )
+    _PEERS[id(group)] = [g[2] for g in gathered]
+    failures = [(r, s) for r, (s, _, _) in enumerate(gathered) if s is not None]
     if failures:
         if err is not None:
             raise err
         V.rank_failed_error(where, failures, len(gathered), "validating its arguments")
     ref = gathered[0][1]
-    for r, (_, other) in enumerate(gathered[1:], start=1):
+    for r, (_, other, _) in enumerate(gathered[1:], start=1):
         for (field, mine), (_, theirs) in zip(other, ref, strict=False):
             if mine != theirs:
                 V.rank_disagreement_error(where, r, field, mine, theirs)
@@ -267,7 +319,7 @@ def _validate(
             sig.extend(
                 (f"args[{i}] (hash of its values)", _fingerprint(a)) for i, a in enumerate(args)
             )
-    except Exception as e:
+    except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
         err = e
     _agree(where, group, err, sig)
     assert setup is not None
@@ -277,6 +329,48 @@ def _validate(
 def _with_randomness(where: str, s: _Setup, randomness: object) -> _Setup:
     call = dataclasses.replace(s.call, randomness=V.check_randomness(where, randomness))
     return dataclasses.replace(s, call=call)
+
+
+# NOTE [Memory of ranks on one host]
+#     torchrun starts ``LOCAL_WORLD_SIZE`` ranks on a host, and each reads the same free memory.
+#     With ``gather="all"`` every one of them allocates the whole Jacobian, so two ranks of a
+#     16 GiB Jacobian on a 24 GiB host each saw 23 GiB free and were OOM-killed together. So
+#     each rank counts what it will hold (the gathered copy, plus its shard where the shard is
+#     not computed into that copy) against ``free / LOCAL_WORLD_SIZE`` before allocating, and
+#     the working budget of its local computation is the default budget divided the same way.
+#     GPU ranks each have their own device memory and count alone.
+
+
+def ranks_on_this_host(device: torch.device, world: int) -> int:
+    """How many ranks share this host's memory for ``device`` (see NOTE [Memory of ranks on
+    one host]): ``LOCAL_WORLD_SIZE`` (set by torchrun) for CPU tensors, 1 for a GPU."""
+    if device.type != "cpu":
+        return 1
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    except ValueError:
+        local = world
+    return max(1, min(local, world))
+
+
+def _check_fits(where: str, s: _Setup, holds_all: bool, in_place: bool) -> None:
+    """Refuse, before allocating, what this rank would hold beyond its share of free memory."""
+    itemsize = torch.empty((), dtype=s.call.dtype).element_size()
+    total = sum(math.prod(sh) for sh in s.shapes) * itemsize
+    B = s.call.batch_size or 1
+    shard = total * (s.stop - s.start) // B
+    gathered = total if holds_all and s.world > 1 else 0
+    need = gathered + (0 if in_place else shard)
+    local = ranks_on_this_host(s.call.device, s.world)
+    free = memory.available_memory(s.call.device)
+    if need > free // local:
+        V.distributed_too_large(where, need, gathered, shard, free, local)
+
+
+def _local_budget(s: _Setup) -> int:
+    """This rank's working budget: the default budget shared by the ranks on this host."""
+    local = ranks_on_this_host(s.call.device, s.world)
+    return max(1, memory.default_budget(s.call.device) // local)
 
 
 def _compute(
@@ -297,6 +391,7 @@ def _compute(
         chunk_size=chunk_size,
         out=None if outs is None else tuple(outs),
         randomness=c.randomness,
+        max_memory=_local_budget(s),
     )
     return res if isinstance(res, tuple) else (res,)
 
@@ -384,6 +479,8 @@ def jacobian(
     full: list[torch.Tensor] = []
     local: tuple[torch.Tensor, ...] = ()
     try:
+        in_place = (holds_all and s.comm_device == c.device) or (holds_all and s.world == 1)
+        _check_fits(where, s, holds_all, in_place)
         if holds_all and s.world > 1:
             full = [torch.empty(sh, dtype=c.dtype, device=s.comm_device) for sh in s.shapes]
         if holds_all and s.world == 1:  # the shard is the whole result: no copy
@@ -394,7 +491,7 @@ def jacobian(
             local = _compute(s, method, vec, chunk_size, None)
             for f, j in zip(full, local, strict=False):
                 f[s.start : s.stop].copy_(j)
-    except Exception as e:
+    except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
         err = e
     _settle(where, group, err, "computing its shard")
 
@@ -442,9 +539,11 @@ def save_jacobian(
 ) -> slice:
     """Write the sharded Jacobian into one ``.npy`` file, each rank writing its own rows.
 
-    Rank 0 creates the file with the full shape; then every rank opens it and writes its rows in
-    place (CPU shards are computed straight into the file's pages, so no rank ever holds more
-    than its shard). Read it back with ``numpy.load(path, mmap_mode="r")``. With several
+    Rank 0 creates a temporary file beside ``path`` with the full shape (checking free disk space
+    and reserving it); every rank opens it and writes its rows in place (CPU shards are computed
+    straight into the file's pages, so no rank ever holds more than its shard); once every rank
+    has finished, rank 0 replaces ``path`` with it. On any rank's error the temporary file is
+    removed and an existing ``path`` is left untouched. Read it back with ``numpy.load(path, mmap_mode="r")``. With several
     machines, ``path`` must be on a file system all of them see.
 
     Args:
@@ -455,8 +554,9 @@ def save_jacobian(
     Returns:
         ``slice(start, stop)``: the rows of the ``(B, ...)`` array this rank wrote.
     """
-    import numpy as np
     from numpy.lib.format import open_memmap
+
+    from .streaming import commit_npy, create_npy, discard, npy_dtype
 
     where = "distributed.save_jacobian"
     paths: tuple[str, ...] = ()
@@ -485,34 +585,49 @@ def save_jacobian(
     )
     s = _with_randomness(where, s, randomness)
     c = s.call
-    np_dtype = np.dtype(torch.empty(0, dtype=c.dtype).numpy().dtype)
+    np_dtype = npy_dtype(where, c.dtype)
 
+    # See NOTE [Jacobian files are never half-written]: rank 0 creates temporary files beside
+    # the targets, every rank writes its rows there, and rank 0 renames them once all finished.
     err: BaseException | None = None
+    temps: list[str] = []
     if s.rank == 0:
         try:
             for p, sh in zip(paths, s.shapes, strict=True):
-                mm = open_memmap(p, mode="w+", dtype=np_dtype, shape=sh)
-                mm.flush()
-                del mm
-        except Exception as e:
+                temps.append(create_npy(where, p, np_dtype, sh)[0])
+        except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
             err = e
-    _settle(where, group, err, "creating the .npy file(s)")
-
     try:
-        if s.stop > s.start:
-            maps = [open_memmap(p, mode="r+") for p in paths]
-            rows = [torch.from_numpy(m[s.start : s.stop]) for m in maps]
-            if c.device.type == "cpu":
-                _compute(s, method, vec, chunk_size, rows)
-            else:
-                for r, j in zip(rows, _compute(s, method, vec, chunk_size, None), strict=True):
-                    r.copy_(j)
-            for m in maps:
-                m.flush()
-            del rows, maps
-    except Exception as e:
-        err = e
-    _settle(where, group, err, "writing its rows")
+        _settle(where, group, err, "creating the .npy file(s)")
+        temps = _exchange(group, temps)[0]
+
+        try:
+            if s.stop > s.start:
+                maps = [open_memmap(t, mode="r+") for t in temps]
+                rows = [torch.from_numpy(m[s.start : s.stop]) for m in maps]
+                if c.device.type == "cpu":
+                    _compute(s, method, vec, chunk_size, rows)
+                else:
+                    for r, j in zip(rows, _compute(s, method, vec, chunk_size, None), strict=True):
+                        r.copy_(j)
+                for m in maps:
+                    m.flush()
+                del rows, maps
+        except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
+            err = e
+        _settle(where, group, err, "writing its rows")
+        if s.rank == 0:
+            try:
+                for t, p in zip(temps, paths, strict=True):
+                    commit_npy(t, p)
+            except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
+                err = e
+        _settle(where, group, err, "replacing the .npy file(s)")
+    except BaseException:
+        if s.rank == 0:
+            for t in temps:
+                discard(t)
+        raise
     return slice(s.start, s.stop)
 
 
@@ -573,7 +688,7 @@ def reduce_moments(values: torch.Tensor, group: Group = None) -> Moments:
                 f"Add the sample dimension, e.g. values.reshape(1)."
             )
         sig = [("values.shape[1:]", tuple(values.shape[1:]))]
-    except Exception as e:
+    except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
         err = e
     _agree(where, group, err, sig)
     if dist.get_backend(group) == "nccl":
@@ -648,7 +763,7 @@ def dgsm(
             ("method", setup.method),
             ("distribution", None if setup.poincare is None else _fingerprint(setup.poincare)),
         ]
-    except Exception as e:
+    except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
         err = e
     _agree(where, group, err, sig)
     assert setup is not None
@@ -657,7 +772,7 @@ def dgsm(
     moments = None
     try:
         moments = S._dgsm_accumulate(where, func, setup, slice(start, stop))
-    except Exception as e:
+    except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
         err = e
     _settle(where, group, err, "computing its shard")
     assert moments is not None

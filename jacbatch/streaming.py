@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import math
 import os
+import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -133,6 +138,7 @@ def _chunks(
             del res
             yield slice(start, start + n), chunk
             del chunk  # the caller has dropped it too: free it before computing the next
+            memory.release_freed()  # see NOTE [A chunk costs what it holds]
 
 
 def save_jacobian(
@@ -153,17 +159,26 @@ def save_jacobian(
 
     Each chunk is written with plain file writes, so resident memory stays near the budget
     even when the file is many times larger than memory. Read it back with
-    ``numpy.load(path, mmap_mode="r")``. If the run is interrupted, the chunks written so far are
-    complete on disk. A file holds values only: no autograd graph is built, whatever the
-    arguments require (there is no ``create_graph``).
+    ``numpy.load(path, mmap_mode="r")``. The file appears complete or not at all (see NOTE
+    [Jacobian files are never half-written]): chunks go to a temporary file beside ``path``
+    (``.<name>.tmp-<random>``) that replaces ``path`` only once every chunk is on disk; on any
+    error it is removed and an existing file at ``path`` is left untouched.
+    A file holds values only: no autograd graph is built, whatever the arguments require
+    (there is no ``create_graph``).
 
     Args:
-        path: the ``.npy`` file to create (overwritten).
+        path: the ``.npy`` file to create (replaced when complete).
         func, args, argnums, in_dims, method, vec, chunk_size, max_memory, batch_chunk,
             progress, randomness: as in :func:`iter_jacobian` (a single ``int`` argnums).
 
     Returns:
         The shape written: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)``.
+
+    Raises:
+        TypeError: for a dtype ``.npy`` files cannot hold (``bfloat16``: cast the arguments to
+            ``float32``).
+        OSError: ``ENOSPC`` before anything is computed when the file system has less room
+            than the file needs (the message names both sizes).
     """
     where = "save_jacobian"
     if isinstance(argnums, tuple):
@@ -173,19 +188,119 @@ def save_jacobian(
             where, func, args, argnums, in_dims, method, vec, chunk_size,
             max_memory, batch_chunk, progress, randomness, False,
         )  # fmt: skip
+    (target,) = V.check_npy_paths(where, path, 1, call.dtype)
     shape = _result_shape(call, call.argnums[0], out_shape, vec)
-    dtype = torch.empty((), dtype=call.dtype).numpy().dtype
-    header = np.lib.format.open_memmap(os.fspath(path), mode="w+", dtype=dtype, shape=shape)
-    offset = header.offset
-    del header
-    row_bytes = math.prod(shape[1:]) * dtype.itemsize
-    with open(path, "r+b") as f, torch.no_grad():
-        for sl, J in it:
-            f.seek(offset + sl.start * row_bytes)
-            f.write(J.detach().cpu().contiguous().numpy().data)  # no bytes copy of the chunk
+    dtype = npy_dtype(where, call.dtype)
+    tmp, offset = create_npy(where, target, dtype, shape)
+    try:
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        with open(tmp, "r+b") as f, torch.no_grad():
+            for sl, J in it:
+                f.seek(offset + sl.start * row_bytes)
+                f.write(J.detach().cpu().contiguous().numpy().data)  # no bytes copy of the chunk
+                del J  # free this chunk before the next one is computed
             f.flush()
-            del J  # free this chunk before the next one is computed
+            os.fsync(f.fileno())
+        commit_npy(tmp, target)
+    except BaseException:
+        discard(tmp)
+        raise
     return shape
+
+
+# NOTE [Jacobian files are never half-written]
+#     A ``.npy`` file is valid as soon as its header is written, so a writer killed part-way
+#     used to leave a file that ``numpy.load`` read without complaint with zeros where chunks
+#     were missing, and overwriting an existing file truncated it first. So the writers build
+#     the file under a temporary name in the target directory (same file system, so the final
+#     rename is atomic), ``.<name>.tmp-<random>``, which no reader takes for the result; flush
+#     and fsync it; and only then ``os.replace`` it onto the final name (and fsync the directory
+#     so the rename survives a crash). Any exception removes the temporary file; ``kill -9``
+#     cannot, but then the final name still holds its old content (or nothing). Before any work,
+#     the file's full size is checked against the free space and reserved with
+#     ``posix_fallocate``, so a full disk is a clear ``ENOSPC`` up front instead of a raw error
+#     part-way, a sparse file left behind, or a SIGBUS for a reader of a memory map whose pages
+#     could not be allocated.
+
+
+def npy_dtype(where: str, dtype: torch.dtype) -> np.dtype[Any]:
+    """The numpy dtype of a ``.npy`` file holding ``dtype``, or a clear ``TypeError``."""
+    try:
+        return np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+    except TypeError:
+        raise TypeError(
+            f"{where}: expected a dtype that .npy files can hold, got {dtype}. Cast the "
+            f"arguments to float32 or float64 (or use jacbatch.iter_jacobian and convert each "
+            f"chunk as you write it)."
+        ) from None
+
+
+def temp_name(path: str) -> str:
+    """``dir/.name.tmp-<random>``: beside ``path``, hidden, never mistaken for the result."""
+    head, tail = os.path.split(os.path.abspath(path))
+    return os.path.join(head, f".{tail}.tmp-{secrets.token_hex(4)}")
+
+
+def create_npy(
+    where: str, path: str, dtype: np.dtype[Any], shape: tuple[int, ...]
+) -> tuple[str, int]:
+    """Create the temporary file for ``path`` with the ``.npy`` header and its full size
+    reserved on disk; returns its name and the data offset (see NOTE [Jacobian files are never
+    half-written])."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_2_0(
+        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                 "shape": tuple(shape)}
+    )  # fmt: skip
+    offset = header.tell()
+    total = offset + math.prod(shape) * dtype.itemsize
+    directory = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(directory).free
+    if total > free:
+        V.disk_too_small(where, path, total, free)
+    tmp = temp_name(path)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "r+b") as f:
+            f.write(header.getvalue())
+            if total > offset:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, total)
+                except OSError as err:
+                    if err.errno == errno.ENOSPC:
+                        V.disk_too_small(where, path, total, shutil.disk_usage(directory).free)
+                    if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    f.truncate(total)
+                except AttributeError:  # pragma: no cover - no posix_fallocate (macOS)
+                    f.truncate(total)
+    except BaseException:
+        discard(tmp)
+        raise
+    return tmp, offset
+
+
+def commit_npy(tmp: str, path: str) -> None:
+    """Move the complete temporary file onto ``path`` atomically and make the rename durable."""
+    with open(tmp, "r+b") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:  # pragma: no cover - directories cannot be opened on some platforms
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(dfd)
+
+
+def discard(tmp: str) -> None:
+    """Remove a temporary file; quietly if it is already gone."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
 
 
 __all__ = ["iter_jacobian", "save_jacobian"]

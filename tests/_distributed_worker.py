@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -171,6 +172,55 @@ def main(out_dir: str, backend: str = "gloo") -> None:
                 in_dims=(0, None, None),
             ),
         )
+
+        # A failure on rank 1 while writing rows: the old file stays, no temporary file remains.
+        old_path = os.path.join(out_dir, "old.npy")
+        if rank == 0:
+            np.save(old_path, np.arange(6.0))
+        dist.barrier()
+
+        def fail_npy_write_outcome() -> dict[str, Any]:
+            kind, msg = None, ""
+            try:
+                jd.save_jacobian(old_path, fails_on_rank_1, *sample(5), in_dims=(0, None, None))
+            except Exception as e:
+                kind, msg = type(e).__name__, str(e)
+            dist.barrier()  # every rank has cleaned up before the directory is looked at
+            listing = sorted(os.listdir(out_dir))
+            return {"type": kind, "msg": msg, "listing": listing,
+                    "content": np.load(old_path).tolist()}  # fmt: skip
+
+        run("fail_npy_write", fail_npy_write_outcome)
+
+        # Ranks on one host share its memory: the gathered copies must fit together.
+        def shared_host() -> Any:
+            from jacbatch import memory
+
+            args = sample(8, seed=5)  # dZ/dA: 8 samples * 6 * 12 * 8 B = 4.5 KiB
+            real = memory.available_memory
+            os.environ["LOCAL_WORLD_SIZE"] = str(world)
+            memory.available_memory = lambda device: 8 * 1024  # 8 KiB free on the host
+            try:
+                return jd.jacobian(tanh_affine, *args, in_dims=(0, None, None), method="vjp")
+            finally:
+                memory.available_memory = real
+                del os.environ["LOCAL_WORLD_SIZE"]
+
+        run("shared_host", shared_host)
+
+        # SystemExit (not an Exception) on rank 1 while computing: reported like any error.
+        def exits_on_rank_1(A: torch.Tensor, W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+            if dist.get_rank() == 1 and A.device.type != "meta":
+                raise SystemExit(4)
+            return tanh_affine(A, W, B)
+
+        def system_exit() -> Any:
+            try:
+                return jd.jacobian(exits_on_rank_1, *sample(5), in_dims=(0, None, None))
+            except SystemExit as e:
+                return f"SystemExit {e.code}"
+
+        run("system_exit", system_exit)
 
         # Mismatched calls: every rank gets the same clear error naming the rank that disagrees.
         run(

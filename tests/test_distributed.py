@@ -254,6 +254,36 @@ def test_npy_creation_failure_raises_on_every_rank(ranks):
             assert "rank 0: FileNotFoundError" in o["msg"]
 
 
+def test_npy_write_failure_keeps_the_old_file_and_leaves_no_temporary(ranks):
+    for rank in range(len(ranks)):
+        o = _ok(ranks[rank]["fail_npy_write"])
+        assert o["type"] == ("ArithmeticError" if rank == 1 else "RankFailedError")
+        assert "writing its rows" in o["msg"] or rank == 1
+        assert o["content"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        assert not [n for n in o["listing"] if ".tmp-" in n], o["listing"]
+
+
+def test_ranks_on_one_host_share_its_free_memory(ranks):
+    """4.5 KiB gathered on each rank fits 8 KiB free alone, not shared by 2 or 3 ranks."""
+    for rank in range(len(ranks)):
+        o = ranks[rank]["shared_host"]
+        assert not o["ok"]
+        assert o["type"] == "JacobianMemoryError", o.get("trace")
+        assert "the gathered Jacobian (4.5 KiB) on every rank" in o["msg"]
+        assert f"8 KiB free shared by {len(ranks)} rank(s) on this host" in o["msg"]
+        assert "gather='dst'" in o["msg"]
+
+
+def test_system_exit_on_one_rank_is_a_rank_failure_on_the_others(ranks):
+    for rank in range(len(ranks)):
+        o = ranks[rank]["system_exit"]
+        if rank == 1:
+            assert _ok(o) == "SystemExit 4"
+        else:
+            assert o["type"] == "RankFailedError"
+            assert "rank 1: SystemExit: 4" in o["msg"] and "computing its shard" in o["msg"]
+
+
 MISMATCHES = {
     "mismatch_shape": (1, "args[0].shape = (4, 3, 4) where rank 0 has (5, 3, 4)"),
     "mismatch_values": (-1, "args[0] (hash of its values)"),
@@ -348,3 +378,16 @@ def test_needs_a_process_group():
         jd.jacobian(torch.sin, A)
     with pytest.raises(RuntimeError, match="expected an initialized"):
         jd.reduce_moments(A)
+
+
+def test_a_process_that_exited_is_told_from_a_live_one():
+    """What names a rank that died outright (NOTE [A rank that dies] in jacbatch.distributed)."""
+    import os
+    import subprocess
+    import sys
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    while zombie.poll() is None:  # poll reaps it; a fresh exited child is a zombie before that
+        time.sleep(0.01)
+    assert jd._process_gone(zombie.pid)
+    assert not jd._process_gone(os.getpid())
