@@ -382,6 +382,23 @@ def capture(
     return result
 
 
+def forget(func: Callable[..., Any]) -> None:
+    """Drop Dynamo's cached captures of ``func`` (its code object): the next call captures anew.
+
+    Used when a capture is found stale (NOTE [The value check] in jacbatch.methods.traced).
+    """
+    target = _target(func)
+    inner = target.func if isinstance(target, functools.partial) else target
+    inner = inner.__func__ if isinstance(inner, types.MethodType) else inner
+    code = getattr(inner, "__code__", None)
+    if code is None:
+        code = getattr(vars(type(inner)).get("__call__"), "__code__", None)
+    if code is not None:
+        torch._C._dynamo.eval_frame.reset_code(code)
+    with contextlib.suppress(TypeError):  # not weak-referenceable: nothing remembered
+        _FAILED.pop(_failure_owner(func), None)
+
+
 def _busy() -> str | None:
     """Why Dynamo must not be asked to capture right now, or ``None``.
 

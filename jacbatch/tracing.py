@@ -455,8 +455,13 @@ def jacobian_terms(
     argnums: Sequence[int],
     args: Sequence[torch.Tensor],
     B: int,
+    check: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[Term]]:
     """Lettered terms of the Jacobian w.r.t. each ``args[a]`` for the batch (raises Unsupported).
+
+    ``check`` is called with the graph's output value ``(B or 1, *out_shape)`` when the graph
+    evaluates it (see NOTE [The value check] in :mod:`jacbatch.methods.traced`); its
+    exceptions propagate.
 
     ``args``: the call's arguments (batch dimension first where batched), followed by the values
     of the graph's lifted inputs (:attr:`jacbatch.capture.Captured.lifted`). The graph is
@@ -471,6 +476,12 @@ def jacobian_terms(
     needed = list(dict.fromkeys(n for an in analyses for n in needed_nodes(an)))
     try:
         values = tg.evaluate(needed, args, B) if needed else {}
+    except Exception as err:  # e.g. random ops under vmap: autodiff decides what to do
+        raise Unsupported(f"evaluating the traced graph failed ({_first_line(err)})") from err
+    out = analyses[0].out
+    if check is not None and out is not None and out in values:
+        check(values[out])
+    try:
         return [compose(an, values, args[a]) for an, a in zip(analyses, argnums, strict=True)]
     except Unsupported:
         raise

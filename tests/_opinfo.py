@@ -222,11 +222,16 @@ def reference(case: Case) -> torch.Tensor:
     return torch.stack(per)
 
 
-#: Ops that draw random numbers (bernoulli, normal, rrelu, the randomized low-rank
-#: factorizations) are refused under jacbatch's default ``randomness="error"``, as under
-#: ``torch.func.vmap``; the sweep lets each sample draw its own numbers. For deterministic ops
-#: the option changes nothing.
-RANDOMNESS = "different"
+#: Ops that draw random numbers (dropout, bernoulli, normal, rrelu, fractional max-pooling, the
+#: randomized low-rank factorizations) are refused under the default ``randomness="error"``, as
+#: under ``torch.func.vmap``: a draw of their own could never match the reference's draw. They
+#: count as "refused" (see ``is_random_refusal``).
+RANDOMNESS = "error"
+
+
+def is_random_refusal(detail: str) -> bool:
+    """Whether a refusal is the one for functions that draw random numbers."""
+    return "draws random numbers" in detail or "randomness=" in detail
 
 
 def _is_clear(err: BaseException, route: str) -> bool:

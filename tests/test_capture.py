@@ -12,6 +12,7 @@ import threading
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -754,3 +755,79 @@ def test_captured_modules_can_be_freed() -> None:
     del m
     gc.collect()
     assert ref() is None
+
+
+# Methods replaced on a class and reached through an instance are not guarded by Dynamo itself
+# (torch.compile keeps running the old code); the value check (NOTE [The value check] in
+# jacbatch.methods.traced) notices and captures again.
+
+
+class _Act(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+class _Scaler:
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+class _Base:
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+class _Child(_Base):
+    pass
+
+
+def _class_method_cases() -> list[
+    tuple[str, Callable[[], tuple[Callable[..., torch.Tensor], Callable[[], None]]]]
+]:
+    def module() -> tuple[Callable[..., torch.Tensor], Callable[[], None]]:
+        act = type("Act", (_Act,), {})
+        model = torch.nn.Sequential(linear(3), act()).double().requires_grad_(False)
+
+        def patch() -> None:
+            act.forward = lambda self, x: torch.sin(x)  # type: ignore[method-assign]
+
+        return model, patch
+
+    def plain_class() -> tuple[Callable[..., torch.Tensor], Callable[[], None]]:
+        cls = type("Scaler", (_Scaler,), {})
+        s = cls()
+
+        def patch() -> None:
+            cls.apply = lambda self, x: torch.sin(x)  # type: ignore[method-assign]
+
+        return (lambda x: s.apply(x) * 2), patch
+
+    def base_class() -> tuple[Callable[..., torch.Tensor], Callable[[], None]]:
+        base = type("Base", (_Base,), {})
+        c = type("Child", (base,), {})()
+
+        def patch() -> None:
+            base.act = lambda self, x: torch.sin(x)  # type: ignore[method-assign]
+
+        return (lambda x: c.act(x)), patch
+
+    return [
+        ("module-class-forward", module),
+        ("class-method", plain_class),
+        ("base-class-method", base_class),
+    ]
+
+
+@pytest.mark.parametrize("method", ["auto", "closed_form"])
+@pytest.mark.parametrize(
+    ("name", "make"), _class_method_cases(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_method_replaced_on_a_class_is_never_stale(
+    name: str, make: Callable[..., Any], method: str
+) -> None:
+    f, patch = make()
+    assert_matches(jacbatch.jacobian(f, X, method=method), reference(f, X))
+    patch()
+    assert_matches(jacbatch.jacobian(f, X, method=method), reference(f, X))
+    # and the next call is traced again, with the new code
+    assert "elementwise_sin" in str(jacbatch.explain(f, X))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -92,8 +92,78 @@ def compute(
     """
     if in_transform(call.args):
         raise terms.Unsupported("no traced closed form inside a torch.func transform")
+    try:
+        return _compute(call, argnums, out_shape, layout, outs)
+    except _Stale:
+        # NOTE [The value check]: Dynamo kept a graph the function no longer computes. Drop its
+        # captures of this function and capture afresh, once.
+        capture.forget(call.func)
+        _LOCAL.memo = None
+        traced_graph(call, retry=True)
+    try:
+        return _compute(call, argnums, out_shape, layout, outs)
+    except _Stale as err:
+        raise terms.Unsupported(str(err)) from None
+
+
+class _Stale(Exception):
+    """The traced graph's output differs from the function's own output for the first sample."""
+
+
+# NOTE [The value check]
+#     Dynamo's guards decide when a capture is reused (NOTE [Why Dynamo decides when to
+#     re-trace] in jacbatch.capture), but they have blind spots of Dynamo's own: a method
+#     replaced on a class (``Act.forward = ...``, ``Base.act = ...``) and reached through an
+#     instance is not guarded, so torch.compile itself keeps running the old code. So every
+#     traced call also runs ``func`` for real on its first sample (one per-sample forward, small
+#     next to writing the Jacobian) and compares that output with the graph's output for the
+#     same sample, which the closed form evaluates anyway. A mismatch drops Dynamo's captures
+#     of the function and captures again; if they still disagree, autodiff answers (auto) or the
+#     call refuses (closed_form). A stale graph that happens to give the same output value at the
+#     first sample but a different derivative is not caught by this check; the guards remain the
+#     first line of defence.
+
+
+def _output_check(call: Call, args: Sequence[torch.Tensor]) -> Callable[[torch.Tensor], None]:
+    """A check of the graph's output for sample 0 against ``func`` run for real on it.
+
+    ``args``: the call's arguments, batch dimension first where batched (``batched_args``).
+    """
+    first = [x[0] if d is not None else x for x, d in zip(args, call.in_dims, strict=True)]
+
+    def check(value: torch.Tensor) -> None:
+        if value.shape[0] == 0:
+            return
+        with torch.no_grad():
+            y = call.func(*[x.detach() for x in first])
+        v = value[0].detach()
+        if not isinstance(y, torch.Tensor) or y.shape != v.shape:
+            raise _Stale("the traced graph no longer computes what func computes (shape)")
+        y = y.to(v.dtype)
+        eps = torch.finfo(v.dtype).eps
+        scale = float(y.abs().nan_to_num(0.0, 0.0, 0.0).max()) if y.numel() else 0.0
+        tol = 1e3 * eps * max(1.0, scale)
+        close = (y - v).abs() <= tol
+        same_nan = torch.isnan(y) & torch.isnan(v)
+        if not bool((close | same_nan).all()):
+            raise _Stale(
+                "the traced graph no longer computes what func computes "
+                "(its output differs from func's own on the first sample)"
+            )
+
+    return check
+
+
+def _compute(
+    call: Call,
+    argnums: Sequence[int],
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    outs: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor]:
     tg = traced_graph(call)
     args, _, B = batched_args(call)
+    check = None if call.device.type == "meta" else _output_check(call, args)
     args = [*args, *lifted_inputs(call)]
     results = []
     if call.create_graph:
@@ -101,7 +171,7 @@ def compute(
         # is evaluated on the caller's tensors and the terms composed and written out of place,
         # so autograd (or an outer torch.func transform) differentiates the closed form itself.
         with torch.enable_grad():
-            all_terms = tracing.jacobian_terms(tg, argnums, args, B)
+            all_terms = tracing.jacobian_terms(tg, argnums, args, B, check)
             for a, ts, buf in zip(argnums, all_terms, outs, strict=True):
                 in_shape = call.sample_shape(a)
                 J = terms.dense(ts, out_shape, in_shape, B, args[a])
@@ -109,7 +179,7 @@ def compute(
         return results
     with torch.no_grad():
         args = [x.detach() for x in args]
-        all_terms = tracing.jacobian_terms(tg, argnums, args, B)
+        all_terms = tracing.jacobian_terms(tg, argnums, args, B, check)
         for a, ts, buf in zip(argnums, all_terms, outs, strict=True):
             in_shape = call.sample_shape(a)
             Y, natural = _result(call, B, out_shape, in_shape, layout, buf)
