@@ -323,3 +323,22 @@ def test_func_writing_into_a_shared_argument(method: str) -> None:
     assert torch.equal(W, kept)
     torch.testing.assert_close(Jx, torch.diag_embed((kept + 1).expand(4, 3)), rtol=0, atol=0)
     torch.testing.assert_close(Jw, torch.diag_embed(X), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["auto", "vjp"])
+def test_func_that_writes_its_argument_for_some_samples_only(method: str) -> None:
+    """The probe sees the first sample only (which does not write here): the per-sample loop
+    still gives func copies, so the caller's tensor is untouched and the Jacobian is the one
+    with respect to the value on entry."""
+    X = torch.tensor([[-1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [2.0, -1.0, 0.5]], dtype=torch.float64)
+    before = X.clone()
+
+    def f(x):
+        if x[0] > 0:  # vmap rejects this: the per-sample loop runs
+            x.mul_(2)
+        return torch.tanh(x)
+
+    J = jacbatch.jacobian(f, X, method=method)
+    ref = torch.stack([torch.autograd.functional.jacobian(lambda u: f(u.clone()), x) for x in X])
+    torch.testing.assert_close(J, ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(X, before)

@@ -53,7 +53,11 @@ def forward(
         except (RuntimeError, NotImplementedError, ValueError, TypeError):
             pass
     outs = [
-        call.func(*(x[b] if f else x for x, f in zip(args, batched, strict=True))) for b in range(B)
+        # A sample is a copy, not a view: a func that writes into its argument only for some
+        # samples (unseen by the probe) may neither write into the caller's tensor nor into a
+        # view of a leaf that requires grad (which autograd refuses).
+        call.func(*(x[b].clone() if f else x for x, f in zip(args, batched, strict=True)))
+        for b in range(B)
     ]
     shapes = {tuple(o.shape) for o in outs}
     if len(shapes) > 1:
