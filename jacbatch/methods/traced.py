@@ -143,7 +143,7 @@ def _output_check(call: Call, args: Sequence[torch.Tensor]) -> Callable[[torch.T
         eps = torch.finfo(v.dtype).eps
         scale = float(y.abs().nan_to_num(0.0, 0.0, 0.0).max()) if y.numel() else 0.0
         tol = 1e3 * eps * max(1.0, scale)
-        close = (y - v).abs() <= tol
+        close = (y == v) | ((y - v).abs() <= tol)
         same_nan = torch.isnan(y) & torch.isnan(v)
         if not bool((close | same_nan).all()):
             raise _Stale(
