@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import types
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -169,6 +170,17 @@ def cases(
                     raise TypeError("no floating output")
                 return res
 
+            # One code object per case, as distinct user functions have: Dynamo's recompile
+            # budget is per code object, and 537 ops through one closure would exhaust it.
+            own = types.FunctionType(
+                func.__code__.replace(),
+                func.__globals__,
+                func.__name__,
+                func.__defaults__,
+                func.__closure__,
+            )
+            own.__kwdefaults__ = func.__kwdefaults__
+            func = own
             X = torch.stack([_perturb(x, k, s_idx) for k in range(B)])
             if variant == "batched":
                 assert second is not None
