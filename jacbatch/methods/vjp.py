@@ -212,7 +212,6 @@ def _compute_with_graph(
             full[a] = x
         return forward(call, full, flags, B, per_sample)
 
-    in_numels = [math.prod(call.sample_shape(a)) for a in argnums]
     with torch.enable_grad():
         res = torch.func.vjp(batched, *primals)
         Y, pull = res[0], res[1]
@@ -224,17 +223,7 @@ def _compute_with_graph(
             onehot[:, k] = 1
             for r, g in zip(rows, pull(onehot.view(Y.shape)), strict=True):
                 r.append(g.reshape(B, -1))
-        results = []
-        for r, n, a, buf in zip(rows, in_numels, argnums, outs, strict=True):
-            if r and len(r) == o:
-                J = torch.stack(r, dim=1)  # (B, o, n)
-            else:  # an empty batch or output, or rows cut short by max_rows
-                zeros = torch.zeros(B, o - len(r), n, dtype=Y.dtype, device=Y.device)
-                J = torch.cat([torch.stack(r, dim=1), zeros], dim=1) if r else zeros
-            in_shape = call.sample_shape(a)
-            J = J.view(B, *out_shape, *in_shape)
-            results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
-    return results
+        return _stacked(call, rows, argnums, outs, o, Y, out_shape, layout)
 
 
 def _compute_graph_autograd(
@@ -278,14 +267,31 @@ def _compute_graph_autograd(
                     if g is None
                     else g.reshape(B, -1)
                 )
-        results = []
-        for r, n, a, buf in zip(rows, in_numels, argnums, outs, strict=True):
-            if r and len(r) == o:
-                J = torch.stack(r, dim=1)  # (B, o, n)
-            else:  # an empty batch or output, a constant output, or rows cut by max_rows
-                zeros = torch.zeros(B, o - len(r), n, dtype=Y.dtype, device=Y.device)
-                J = torch.cat([torch.stack(r, dim=1), zeros], dim=1) if r else zeros
-            in_shape = call.sample_shape(a)
-            J = J.view(B, *out_shape, *in_shape)
-            results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
+        return _stacked(call, rows, argnums, outs, o, Y, out_shape, layout)
+
+
+def _stacked(
+    call: Call,
+    rows: Sequence[Sequence[torch.Tensor]],
+    argnums: Sequence[int],
+    outs: Sequence[torch.Tensor | None],
+    o: int,
+    Y: torch.Tensor,
+    out_shape: tuple[int, ...],
+    layout: str | None,
+) -> list[torch.Tensor]:
+    """Per argnum, the rows ``(B, in_numel)`` each stacked into the Jacobian in ``layout``;
+    rows not computed (an empty batch or output, a constant output, ``max_rows``) are zero."""
+    B = Y.shape[0]
+    results = []
+    for r, a, buf in zip(rows, argnums, outs, strict=True):
+        in_shape = call.sample_shape(a)
+        n = math.prod(in_shape)
+        if r and len(r) == o:
+            J = torch.stack(list(r), dim=1)  # (B, o, n)
+        else:
+            zeros = torch.zeros(B, o - len(r), n, dtype=Y.dtype, device=Y.device)
+            J = torch.cat([torch.stack(list(r), dim=1), zeros], dim=1) if r else zeros
+        J = J.view(B, *out_shape, *in_shape)
+        results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
     return results
