@@ -5,16 +5,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import sys
-import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
 import torch
 
-from . import _nonfinite, _probe, _state, _threads, _torch_bugs, memory, rules
+from . import _nonfinite, _probe, _progress, _state, _threads, _torch_bugs, memory, rules
 from . import _validation as V
 from .methods import (
     batched_args,
@@ -636,7 +634,7 @@ def jacobian(
         final = _execute(call, plan, method, chunk_size, out_shape, layout, bufs)
     elif transformed:  # no plain buffer can hold the chunks: concatenate them
         parts: list[list[torch.Tensor]] = [[] for _ in call.argnums]
-        with _progress(B, show, "jacobian") as bar:
+        with _progress.progress(B, show, "jacobian") as bar:
             for start in range(0, B, batch_chunk):
                 n = min(batch_chunk, B - start)
                 res = _execute(
@@ -654,7 +652,7 @@ def jacobian(
             for s, b in zip(shapes, bufs, strict=True)
         ]
         # with a graph, the chunks' slices are views written with autograd on (CopySlices)
-        with _progress(B, show, "jacobian") as bar, _grad_for(call):
+        with _progress.progress(B, show, "jacobian") as bar, _grad_for(call):
             for start in range(0, B, batch_chunk):
                 n = min(batch_chunk, B - start)
                 sub = _slice_call(call, start, n)
@@ -967,32 +965,6 @@ def _fit_uncached(
     V.budget_too_small(
         "jacobian", need(1, chunk_size), budget, "+".join(s.method for s in plan.steps)
     )
-
-
-@contextlib.contextmanager
-def _progress(total: int, show: bool | None, desc: str) -> Iterator[Callable[[int], object]]:
-    """A progress bar over samples for chunked runs: tqdm when installed, else plain lines.
-
-    ``show=None`` shows it only on an interactive stderr; it appears after 2 seconds either way.
-    """
-    enabled = sys.stderr.isatty() if show is None else show
-    if not enabled:
-        yield lambda n: None
-        return
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        t0, done = time.perf_counter(), [0]
-
-        def plain(n: int) -> None:
-            done[0] += n
-            if time.perf_counter() - t0 > 2:
-                print(f"{desc}: {done[0]}/{total} samples", file=sys.stderr, flush=True)
-
-        yield plain
-        return
-    with tqdm(total=total, desc=desc, unit="sample", delay=2, leave=False) as bar:
-        yield bar.update
 
 
 def _run_autodiff(

@@ -42,6 +42,7 @@ import torch
 
 from . import _state
 from . import _validation as V
+from ._table import format_table
 from .api import explain, jacobian
 from .methods import vjp as _vjp
 
@@ -250,22 +251,6 @@ class _Moments:
 # ---------------------------------------------------------------------------------------------
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
-    widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
-    fmt = [
-        f"{h:<{w}}" if k == 0 else f"{h:>{w}}"
-        for k, (h, w) in enumerate(zip(header, widths, strict=True))
-    ]
-    lines = [indent + "  ".join(fmt).rstrip()]
-    for r in rows:
-        cells = [
-            f"{c:<{w}}" if k == 0 else f"{c:>{w}}"
-            for k, (c, w) in enumerate(zip(r, widths, strict=True))
-        ]
-        lines.append(indent + "  ".join(cells).rstrip())
-    return lines
-
-
 def _default_names(prefix: str, n: int) -> tuple[str, ...]:
     return tuple(f"{prefix}[{k}]" for k in range(n))
 
@@ -322,7 +307,7 @@ class LocalSensitivity:
                 rows.append(
                     [f"{self.output_names[k]} elast.", *(f"{float(v):.4g}" for v in E[b, k, :n_in])]
                 )
-            lines.extend(_table(header, rows))
+            lines.extend(format_table(header, rows, indent="  "))
             if o > n_out or i > n_in:
                 lines.append(f"  ... ({o} outputs x {i} inputs in all)")
         if n_pts < B:
@@ -489,7 +474,7 @@ class DGSMResult:
                     b = float(bound[k, j])
                     row.append("n/a" if math.isnan(b) else f"{b:.4g}")
                 rows.append(row)
-            lines.extend(_table(header, rows))
+            lines.extend(format_table(header, rows, indent="  "))
         return "\n".join(lines)
 
     def plot(

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _progress, memory
 from . import _validation as V
-from . import memory
 from .api import (
     Plan,
     _execute,
@@ -24,7 +24,6 @@ from .api import (
     _normalize,
     _plan,
     _probed,
-    _progress,
     _result_shape,
     _slice_call,
 )
@@ -126,7 +125,7 @@ def _chunks(
     show: bool | None,
 ) -> Iterator[tuple[slice, Any]]:
     B = call.batch_size or 0
-    with _progress(B, show, "iter_jacobian") as bar:
+    with _progress.progress(B, show, "iter_jacobian") as bar:
         for start in range(0, B, batch_chunk):
             n = min(batch_chunk, B - start)
             sub = _slice_call(call, start, n)
