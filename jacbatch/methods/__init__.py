@@ -55,6 +55,11 @@ from .. import _probe, conventions
 from .._validation import Call
 
 
+def names() -> tuple[str, ...]:
+    """The routes a caller may ask for by name besides ``"auto"``, in the order reports list them."""
+    return ("closed_form", "jacrev", "jacfwd", "vjp")
+
+
 def batched_args(call: Call) -> tuple[list[torch.Tensor], list[bool], int]:
     """Arguments with their batch dimension first (shared ones unchanged), flags, and ``B``.
 
