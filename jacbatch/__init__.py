@@ -14,7 +14,7 @@ from .api import (
     jacobian,
     structured_jacobian,
 )
-from .compose import chain
+from .chain import chain
 from .conventions import commutation_matrix, unvec, vec
 from .functions import affine
 from .memory import MemoryEstimate

@@ -12,7 +12,7 @@ import torch
 
 from . import testing
 from .api import jacobian
-from .compose import chain
+from .chain import chain
 from .conventions import unvec, vec
 from .functions import affine
 
