@@ -20,6 +20,7 @@ class Case:
     func: Callable[..., torch.Tensor]
     shapes: tuple[tuple[int, ...], ...]  # per-sample argument shapes
     make: str = "randn"  # "randn" or "spd" (well-conditioned matrices for linalg)
+    # every op has a closed-form rule (registered, or traced): method="closed_form" is tested
     closed_form: bool = False
 
     def sample_args(self, batch: int | None, in_dims, dtype, device, gen) -> list[torch.Tensor]:
@@ -46,31 +47,54 @@ def _softmax_rows(X: torch.Tensor) -> torch.Tensor:
 CASES: list[Case] = [
     Case("affine_qvec", jacbatch.affine, ((3, 4), (4, 2), (2,)), closed_form=True),
     Case("affine_mq", jacbatch.affine, ((3, 4), (4, 2), (3, 2)), closed_form=True),
-    Case("tanh_affine", lambda A, W, B: torch.tanh(A @ W + B), ((3, 4), (4, 2), (2,))),
     Case(
-        "elementwise_mix", lambda x: torch.exp(x) * torch.sin(x) + torch.sigmoid(x) ** 2, ((2, 3),)
+        "tanh_affine",
+        lambda A, W, B: torch.tanh(A @ W + B),
+        ((3, 4), (4, 2), (2,)),
+        closed_form=True,
     ),
-    Case("reduction_sum_mean", lambda X: torch.stack([X.sum(), X.mean(), (X**2).sum()]), ((3, 2),)),
-    Case("scalar_2sum", lambda A: 2 * A.sum(), ((2, 3),)),
-    Case("row_softmax", _softmax_rows, ((3, 4),)),
-    Case("matmul_chain", lambda X, Y: X @ Y @ X.T, ((3, 3), (3, 3))),
-    Case("transpose_reshape", lambda X: X.T.reshape(-1)[:5] * 3.0, ((2, 3),)),
-    Case("inverse", torch.linalg.inv, ((3, 3),), make="spd"),
+    Case(
+        "elementwise_mix",
+        lambda x: torch.exp(x) * torch.sin(x) + torch.sigmoid(x) ** 2,
+        ((2, 3),),
+        closed_form=True,
+    ),
+    Case(
+        "reduction_sum_mean",
+        lambda X: torch.stack([X.sum(), X.mean(), (X**2).sum()]),
+        ((3, 2),),
+        closed_form=True,
+    ),
+    Case("scalar_2sum", lambda A: 2 * A.sum(), ((2, 3),), closed_form=True),
+    Case("row_softmax", _softmax_rows, ((3, 4),), closed_form=True),
+    Case("matmul_chain", lambda X, Y: X @ Y @ X.T, ((3, 3), (3, 3)), closed_form=True),
+    Case("transpose_reshape", lambda X: X.T.reshape(-1)[:5] * 3.0, ((2, 3),), closed_form=True),
+    Case("inverse", torch.linalg.inv, ((3, 3),), make="spd", closed_form=True),
     Case(
         "logdet",
         lambda X: torch.logdet(X.T @ X + torch.eye(3, dtype=X.dtype, device=X.device)),
         ((3, 3),),
+        closed_form=True,
     ),
     Case(
         "det_solve",
         lambda X, b: torch.linalg.det(X) * torch.linalg.solve(X, b),
         ((3, 3), (3,)),
         make="spd",
+        closed_form=True,
     ),
+    # no rule for a vector norm of order 3, cumsum or cumprod: closed_form refuses these two
     Case("norms", lambda x: torch.stack([x.norm(), torch.linalg.vector_norm(x, 3)]), ((4,),)),
     Case("cumsum_prod", lambda x: torch.cumsum(x, 0) * torch.cumprod(x, 0), ((4,),)),
-    Case("mlp", lambda x, W1, W2: torch.tanh(x @ W1) @ W2, ((4,), (4, 5), (5, 2))),
-    Case("vector_input_matrix_output", lambda v: torch.outer(v, v.sin()), ((3,),)),
+    Case(
+        "mlp", lambda x, W1, W2: torch.tanh(x @ W1) @ W2, ((4,), (4, 5), (5, 2)), closed_form=True
+    ),
+    Case(
+        "vector_input_matrix_output",
+        lambda v: torch.outer(v, v.sin()),
+        ((3,),),
+        closed_form=True,
+    ),
 ]
 
 CASE_IDS = [c.name for c in CASES]

@@ -51,6 +51,16 @@ def test_route_matches_reference(case, method, layout, dtype, device):
         assert_matches(J[a], reference_jacobian(case.func, args, a, in_dims), dtype)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if not c.closed_form], ids=lambda c: c.name)
+def test_cases_without_closed_form_are_refused_cleanly(case):
+    """method="closed_form" on a case marked without one refuses, naming the way out; a case that
+    starts to trace belongs among the ``closed_form=True`` ones (tests/cases.py)."""
+    in_dims = (0,) * len(case.shapes)
+    args = case.sample_args(3, in_dims, torch.float64, "cpu", torch.Generator().manual_seed(0))
+    with pytest.raises(NotImplementedError, match="method='auto'"):
+        jacbatch.jacobian(case.func, *args, in_dims=in_dims, method="closed_form")
+
+
 def _col_permutation(shape: tuple[int, ...]) -> np.ndarray:
     """perm[k] = column-major position of the k-th row-major element of an array of ``shape``."""
     n = int(np.prod(shape, dtype=np.int64))
