@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import jacbatch
-from conftest import reference_jacobian
 from jacbatch import _nonfinite
+from tests.conftest import reference_jacobian
 
 ROUTES = ["auto", "closed_form", "jacrev", "jacfwd", "vjp"]
 inf, nan = math.inf, math.nan

@@ -13,8 +13,8 @@ import torch
 from torch.func import jacfwd, vmap
 
 import jacbatch
-from conftest import reference_jacobian
 from jacbatch import _torch_bugs
+from tests.conftest import reference_jacobian
 
 ROUTES = ["auto", "jacrev", "jacfwd", "vjp"]
 F = torch.nn.functional
