@@ -13,8 +13,9 @@ As torch.func's own ``test/functorch/test_ops.py`` does, each op's own sample in
   ``output_process_fn_grad`` and then keeps only its floating tensors, flattened and
   concatenated.
 
-The reference is a per-sample ``torch.autograd.functional.jacobian`` loop in float64 written
-here (it shares no code with jacbatch). Each (op, sample, variant, route) is one of:
+The reference is the tests' per-sample ``torch.autograd.functional.jacobian`` loop in float64
+(``tests/_reference.py``; it shares no code with jacbatch). Each (op, sample, variant, route)
+is one of:
 
 * ``agree``: jacbatch's Jacobian equals the reference (NaN where the reference has NaN);
 * ``refused``: a clear error: a jacbatch error (``"jacobian: expected ..."``), or torch's own
@@ -43,6 +44,7 @@ import torch
 
 import jacbatch
 from jacbatch import _torch_bugs
+from tests._reference import reference_jacobian
 
 ROUTES = ("auto", "closed_form", "jacrev", "jacfwd", "vjp")
 OUTCOMES = ("agree", "workaround", "refused", "wrong", "error")
@@ -203,35 +205,23 @@ def cases(
 
 
 def reference(case: Case) -> torch.Tensor:
-    """Per-sample ``torch.autograd.functional.jacobian`` w.r.t. the first argument, stacked."""
-    per = []
-    for b in range(B):
-        rest = [
-            a[b].clone() if d is not None else a
-            for a, d in zip(case.args[1:], case.in_dims[1:], strict=True)
-        ]
-        x = case.args[0][b].clone()  # its own storage: as_strided reads storage, not the view
+    """The reference Jacobian w.r.t. the first argument: ``(B, *out, *in)``, float64.
 
-        def f(xx: torch.Tensor, rest: list = rest) -> torch.Tensor:
-            return case.func(xx, *rest)
+    Raises where the sweep does not compare: an output that is not float64, an output too large
+    for the sweep, per-sample output shapes that differ, or autograd failing on the sample.
+    """
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = f(x)
+    def checked(*args: torch.Tensor) -> torch.Tensor:
+        out = case.func(*args)
         if out.dtype != torch.float64:
             raise TypeError(f"output dtype {out.dtype}")
         if out.numel() > 4 * MAX_INPUT:
             raise ValueError("output too large for the sweep")
-        if out.numel() == 0:
-            per.append(torch.zeros(*out.shape, *x.shape, dtype=torch.float64))
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                per.append(torch.autograd.functional.jacobian(f, x))
-    shapes = {tuple(p.shape) for p in per}
-    if len(shapes) != 1:
-        raise ValueError("per-sample output shapes differ")
-    return torch.stack(per)
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return reference_jacobian(checked, case.args, 0, case.in_dims)
 
 
 #: Ops that draw random numbers (dropout, bernoulli, normal, rrelu, fractional max-pooling, the

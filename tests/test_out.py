@@ -8,14 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jacbatch import affine, jacobian
+from tests.conftest import DEVICES
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
-    ),
-]
 ROUTES = ["auto", "closed_form", "jacrev", "jacfwd", "vjp"]
 
 

@@ -18,7 +18,7 @@ from jacbatch.sensitivity import (
     sample_uniform,
 )
 from jacbatch.testing import tolerance
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, reference_jacobian
 
 ROUTES = ["auto", "jacrev", "jacfwd", "vjp"]
 
@@ -212,7 +212,7 @@ def test_local_sensitivity_matrix_input_shapes_against_autograd_loop():
 
     x = torch.randn(6, 2, 3, dtype=torch.float64)
     res = local_sensitivity(f, x, batch_size=4)
-    ref = torch.stack([torch.autograd.functional.jacobian(f, p) for p in x])
+    ref = reference_jacobian(f, (x,))
     assert res.jacobian.shape == (6, 2, 2, 3) and res.elasticity.shape == (6, 2, 2, 3)
     torch.testing.assert_close(res.jacobian, ref, rtol=1e-12, atol=1e-12)
     y = torch.stack([f(p) for p in x])
@@ -259,10 +259,8 @@ def test_local_table_names():
 
 
 def _reference_dgsm(func, X: torch.Tensor):
-    """Per-sample torch.autograd.functional.jacobian loop and plain sample statistics."""
-    G = torch.stack(
-        [torch.autograd.functional.jacobian(func, x).reshape(-1, X.shape[1]) for x in X]
-    )
+    """The reference Jacobian (tests/_reference.py) and plain sample statistics."""
+    G = reference_jacobian(func, (X,)).reshape(X.shape[0], -1, X.shape[1])
     y = torch.stack([func(x).reshape(-1) for x in X])
     N = X.shape[0]
     return {

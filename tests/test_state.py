@@ -1,6 +1,6 @@
 """A Jacobian call never changes the caller's state or arguments (issue items 6 and 9).
 
-References are per-sample ``torch.autograd.functional.jacobian`` loops in float64, run on copies
+References are the per-sample float64 reference (``tests/_reference.py``), run on copies
 of the state so that the reference itself cannot disturb what is compared.
 """
 
@@ -14,13 +14,15 @@ from torch import nn
 
 import jacbatch
 from jacbatch.testing import tolerance
+from tests.conftest import reference_jacobian
 
 ROUTES = ["auto", "jacrev", "jacfwd", "vjp"]
 
 
 def _per_sample(f, X):
-    """``(B, *out, *in)``: autograd per sample, ``f`` rebuilt per sample by the caller."""
-    return torch.stack([torch.autograd.functional.jacobian(f(b), X[b]) for b in range(len(X))])
+    """``(B, *out, *in)``: the reference of one sample at a time, ``f(b)`` the function (fresh
+    state) that sample ``b`` sees."""
+    return torch.stack([reference_jacobian(f(b), (X[b],), in_dims=None) for b in range(len(X))])
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -155,7 +157,7 @@ def test_state_that_the_derivative_needs_is_computed_sample_by_sample() -> None:
     X = torch.randn(3, 2, dtype=torch.float64)
     refs = []
     for x in X:  # the reference: one fresh call per sample, state put back in between
-        refs.append(torch.autograd.functional.jacobian(f, x))
+        refs.append(reference_jacobian(f, (x,), in_dims=None))
         c.fill_(2.0)
     J = jacbatch.jacobian(f, X, method="vjp")
     torch.testing.assert_close(J, torch.stack(refs), rtol=1e-12, atol=1e-12)
@@ -339,6 +341,6 @@ def test_func_that_writes_its_argument_for_some_samples_only(method: str) -> Non
         return torch.tanh(x)
 
     J = jacbatch.jacobian(f, X, method=method)
-    ref = torch.stack([torch.autograd.functional.jacobian(lambda u: f(u.clone()), x) for x in X])
+    ref = reference_jacobian(lambda u: f(u.clone()), (X,))
     torch.testing.assert_close(J, ref, rtol=1e-12, atol=1e-12)
     assert torch.equal(X, before)
