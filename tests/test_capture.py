@@ -1,7 +1,7 @@
 """Sound trace caching (Dynamo's guards), complex intermediates, stop-gradients in traced code.
 
-Every Jacobian is compared with a reference written here and computed AFTER any mutation: a
-per-sample ``torch.autograd.functional.jacobian`` loop in float64.
+Every Jacobian is compared with the per-sample float64 reference (``tests/_reference.py``),
+computed AFTER any mutation.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 import jacbatch
 from jacbatch import capture
+from tests.conftest import reference_jacobian
 
 F64 = torch.float64
 B, N = 3, 4
@@ -33,8 +34,9 @@ W1, W2 = rnd(N, N, seed=2), rnd(N, N, seed=3)
 
 
 def reference(func: Callable[..., torch.Tensor], X: torch.Tensor) -> torch.Tensor:
-    """Per-sample autograd Jacobians ``(B, *out, *in)`` in float64."""
-    return torch.stack([torch.autograd.functional.jacobian(func, x) for x in X.to(F64)])
+    """``(B, *out, *in)`` in float64: the reference Jacobian (tests/_reference.py) of ``func``
+    over the batch ``X``."""
+    return reference_jacobian(func, (X,))
 
 
 def assert_matches(J: torch.Tensor, R: torch.Tensor) -> None:
@@ -497,11 +499,10 @@ def test_in_dims_change_reuses_the_capture_with_new_batching() -> None:
     Ws = torch.stack([W1, W2, W1 + W2])
     J1 = jacbatch.jacobian(f, X, W1, argnums=(0, 1), in_dims=(0, None))
     J2 = jacbatch.jacobian(f, X, Ws, argnums=(0, 1), in_dims=(0, 0))
-    for b in range(B):
-        for J, w in ((J1, W1), (J2, Ws[b])):
-            R = torch.autograd.functional.jacobian(f, (X[b], w))
-            assert_matches(J[0][b], R[0])
-            assert_matches(J[1][b], R[1])
+    for J, w, w_dim in ((J1, W1, None), (J2, Ws, 0)):
+        R = reference_jacobian(f, (X, w), (0, 1), (0, w_dim))
+        assert_matches(J[0], R[0])
+        assert_matches(J[1], R[1])
 
 
 # ---------------------------------------------------------------------------------------------

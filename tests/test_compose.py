@@ -1,8 +1,8 @@
 """Jacobians that autograd and torch.func can differentiate again (issue: composability).
 
-Every reference is computed here, per sample, with ``torch.autograd.functional`` in float64
-(``create_graph=True`` where a derivative of a Jacobian is needed), sharing no code with
-jacbatch; the module tests also compare with ``torch.func.vmap(torch.func.jacrev(f))``.
+Every reference is the per-sample float64 reference (``tests/_reference.py``, plain
+``torch.autograd.functional``; ``create_graph=True`` where a derivative of a Jacobian is needed),
+sharing no code with jacbatch; the module tests also compare with ``torch.func.vmap(torch.func.jacrev(f))``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch.func import functional_call, grad, jacfwd, jacrev, vjp, vmap
 
 import jacbatch
-from tests.conftest import assert_matches
+from tests.conftest import assert_matches, reference_jacobian
 
 F64 = torch.float64
 ROUTES = ("auto", "jacrev", "jacfwd", "vjp", "closed_form")
@@ -40,12 +40,12 @@ def tanh_w(x: torch.Tensor) -> torch.Tensor:
 
 
 def _per_sample_hessian(f, X):
-    """``(B, *out, n, n)``: the Jacobian of the Jacobian, per sample, by autograd.functional."""
+    """``(B, *out, n, n)``: the reference Jacobian of the reference Jacobian, per sample."""
 
     def jac(y):
-        return torch.autograd.functional.jacobian(f, y, create_graph=True)
+        return reference_jacobian(f, (y,), in_dims=None, create_graph=True)
 
-    return torch.stack([torch.autograd.functional.jacobian(jac, x) for x in X])
+    return reference_jacobian(jac, (X,))
 
 
 def _right_or_refused(run, ref, may_refuse: bool) -> None:
@@ -112,10 +112,8 @@ def g(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _ref_jac_w(w: torch.Tensor) -> torch.Tensor:
-    """``(B, n, n)``: d g / d x per sample, differentiable w.r.t. ``w`` (autograd.functional)."""
-    return torch.stack(
-        [torch.autograd.functional.jacobian(lambda y: g(y, w), x, create_graph=True) for x in X]
-    )
+    """``(B, n, n)``: d g / d x per sample, differentiable w.r.t. ``w``."""
+    return reference_jacobian(g, (X, w), 0, (0, None), create_graph=True)
 
 
 def _jb(w: torch.Tensor, method: str) -> torch.Tensor:
@@ -155,7 +153,7 @@ def test_func_vjp_jacrev_jacfwd_around_jacobian(method):
 
 @pytest.mark.parametrize("method", TRANSFORM_ROUTES)
 def test_vmap_around_an_unbatched_jacobian(method):
-    ref = torch.stack([torch.autograd.functional.jacobian(lambda y: g(y, W), x) for x in X])
+    ref = reference_jacobian(g, (X, W), 0, (0, None))
     got = vmap(lambda x: jacbatch.jacobian(g, x, W, in_dims=None, method=method))(X)
     assert_matches(got, ref, F64)
 
@@ -168,13 +166,10 @@ def test_registered_closed_form_composes(method, argnum):
     bias = torch.randn(2, dtype=F64, generator=_gen(4))
 
     def ref_loss(a, w):
-        Js = [
-            torch.autograd.functional.jacobian(
-                lambda *xs: jacbatch.affine(*xs), (a[b], w, bias), create_graph=True
-            )[argnum]
-            for b in range(B)
-        ]
-        return torch.stack(Js).pow(3).sum()
+        J = reference_jacobian(
+            jacbatch.affine, (a, w, bias), argnum, (0, None, None), create_graph=True
+        )
+        return J.pow(3).sum()
 
     other = 1 - argnum  # the Jacobian w.r.t. A depends on W and vice versa
     leaves = [A.clone().requires_grad_(), W[:, :2].clone().requires_grad_()]
@@ -198,12 +193,7 @@ def test_registered_closed_form_composes(method, argnum):
             jacbatch.affine, a, args[1], bias, argnums=argnum, in_dims=None, method=method
         )
     )(A)
-    refJ = torch.stack(
-        [
-            torch.autograd.functional.jacobian(jacbatch.affine, (A[b], args[1], bias))[argnum]
-            for b in range(B)
-        ]
-    )
+    refJ = reference_jacobian(jacbatch.affine, (A, args[1], bias), argnum, (0, None, None))
     assert_matches(J, refJ, F64)
 
 
@@ -225,10 +215,8 @@ def test_contractive_penalty_gradients_reach_the_parameters(method, how):
     enc = _encoder()
     x = torch.randn(6, 5, dtype=F64, generator=_gen(6))
     params = list(enc.parameters())
-    # reference 1: per-sample autograd.functional with create_graph
-    pen = sum(
-        torch.autograd.functional.jacobian(enc, xi, create_graph=True).pow(2).sum() for xi in x
-    )
+    # reference 1: the per-sample reference with create_graph
+    pen = reference_jacobian(enc, (x,), create_graph=True).pow(2).sum()
     ref = torch.autograd.grad(pen, params)
     # reference 2: torch.func.vmap(torch.func.jacrev(f)) over the same parameters
     named = dict(enc.named_parameters())
@@ -306,7 +294,7 @@ def test_save_jacobian_needs_no_graph(tmp_path):
 
     x = X.clone().requires_grad_()
     shape = jacbatch.save_jacobian(tmp_path / "j.npy", tanh_w, x, batch_chunk=2)
-    ref = torch.stack([torch.autograd.functional.jacobian(tanh_w, xi) for xi in X])
+    ref = reference_jacobian(tanh_w, (X,))
     assert shape == tuple(ref.shape)
     assert_matches(torch.from_numpy(np.load(tmp_path / "j.npy")), ref, F64)
     assert x.grad is None
@@ -318,14 +306,10 @@ def test_hessian_vector_products_through_the_vjp_route_use_fresh_cotangents():
     x = X.clone().requires_grad_()
     J = jacbatch.jacobian(lambda v: torch.sin(v).prod() * v, x, method="vjp")  # (B, n, n)
     (hv,) = torch.autograd.grad(J.sum(), x)
-    ref = []
-    for xi in X:
-        xi = xi.clone().requires_grad_()
-        Ji = torch.autograd.functional.jacobian(
-            lambda v: torch.sin(v).prod() * v, xi, create_graph=True
-        )
-        ref.append(torch.autograd.grad(Ji.sum(), xi)[0])
-    assert_matches(hv, torch.stack(ref), F64)
+    x_ref = X.clone().requires_grad_()
+    J_ref = reference_jacobian(lambda v: torch.sin(v).prod() * v, (x_ref,), create_graph=True)
+    (ref,) = torch.autograd.grad(J_ref.sum(), x_ref)
+    assert_matches(hv, ref, F64)
     assert math.isfinite(float(hv.abs().sum()))
 
 
@@ -342,7 +326,7 @@ def test_memory_chunks_keep_the_graph(method, monkeypatch):
         J = jacbatch.jacobian(cube_sum, x, method=method, create_graph=True, max_memory="1KiB")
     assert len(calls) > 1  # it was chunked
     (got,) = torch.autograd.grad(J.sum(), x)
-    ref = torch.stack([torch.autograd.functional.hessian(cube_sum, xi).sum(0) for xi in Xl])
+    ref = _per_sample_hessian(cube_sum, Xl).sum(1)  # (B, n, n): cube_sum's output is a scalar
     assert_matches(got, ref, F64)
     # inside vmap the chunks are concatenated (no plain buffer can hold them)
     calls.clear()
@@ -350,15 +334,8 @@ def test_memory_chunks_keep_the_graph(method, monkeypatch):
         Xl.reshape(4, 10, N)
     )
     assert len(calls) > 1  # vmap calls the function once; jacobian chunked its 10 samples
-    ref = torch.stack([torch.autograd.functional.jacobian(cube_sum, xi) for xi in Xl])
+    ref = reference_jacobian(cube_sum, (Xl,))
     assert_matches(J.reshape(40, N), ref, F64)
-
-
-def _col_major(J: torch.Tensor, n_out: int) -> torch.Tensor:
-    """``(*out, *in) -> (out_numel, in_numel)`` with both sides in column-major order."""
-    n_in = J.ndim - n_out
-    perm = [*reversed(range(n_out)), *(n_out + k for k in reversed(range(n_in)))]
-    return J.permute(*perm).reshape(math.prod(J.shape[:n_out]), -1)
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
@@ -387,13 +364,7 @@ def test_layouts_and_tuple_argnums_stay_differentiable(method, vec, batched):
     (got,) = torch.autograd.grad(loss(Js), w)
 
     w2 = W[:, :2].clone().requires_grad_()
-    refs = []
-    for argnum in (0, 1):
-        per = []
-        for a in A if batched else A[:1]:
-            Jk = torch.autograd.functional.jacobian(f, (a, w2, bias), create_graph=True)[argnum]
-            per.append(_col_major(Jk, 2) if vec == "col" else Jk)
-        refs.append(torch.stack(per) if batched else per[0])
+    refs = reference_jacobian(f, (a_in, w2, bias), (0, 1), in_dims, vec=vec, create_graph=True)
     (ref,) = torch.autograd.grad(loss(refs), w2)
     for J, R in zip(Js, refs, strict=True):
         assert_matches(J, R.detach(), F64)
@@ -431,8 +402,8 @@ def test_forward_ad_dual_tensors_carry_tangents(method, where):
 
     def ref_tangent(x, t, w, tw):
         def jac(y, v):
-            return torch.autograd.functional.jacobian(
-                lambda u: torch.tanh(v @ u), y, create_graph=True
+            return reference_jacobian(
+                lambda u: torch.tanh(v @ u), (y,), in_dims=None, create_graph=True
             )
 
         return torch.autograd.functional.jvp(jac, (x, w), (t, tw))[1]

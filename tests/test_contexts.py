@@ -2,8 +2,8 @@
 enable_grad (issue: contexts), and the autodiff routes honour torch.no_grad / .detach() inside
 func as autograd does.
 
-References are per-sample ``torch.autograd.functional.jacobian`` loops in float64, computed
-outside any context.
+References are the per-sample float64 reference (``tests/_reference.py``), computed outside
+any context.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.distributed as dist
 import jacbatch
 from jacbatch import distributed as jd
 from jacbatch.sensitivity import dgsm, local_sensitivity
-from tests.conftest import assert_matches
+from tests.conftest import assert_matches, reference_jacobian
 
 F64 = torch.float64
 ROUTES = ("auto", "jacrev", "jacfwd", "vjp", "closed_form")
@@ -49,10 +49,6 @@ def scalar_no_rule(x: torch.Tensor) -> torch.Tensor:  # no closed form: auto run
 SCALARS = (ishigami, scalar_no_rule)
 
 
-def _reference(f, X_):
-    return torch.stack([torch.autograd.functional.jacobian(f, x) for x in X_])
-
-
 @pytest.fixture(scope="module")
 def one_rank_group():
     """A gloo process group of one rank in this process (jacbatch.distributed's local parts)."""
@@ -71,7 +67,7 @@ def one_rank_group():
     "f", [vector_f, ishigami, scalar_no_rule], ids=["vector", "scalar", "scalar_no_rule"]
 )
 def test_every_entry_point_under_every_context(f, method, context, tmp_path, one_rank_group):
-    ref = _reference(f, X)
+    ref = reference_jacobian(f, (X,))
     if f is scalar_no_rule and method == "auto":  # the issue's case: auto takes the vjp route
         assert jacbatch.explain(f, X).steps[0].method == "vjp"
     if f is scalar_no_rule and method == "closed_form":  # refused in every context alike
@@ -121,8 +117,8 @@ def test_inference_tensors_as_arguments_and_closures(method, context, closure):
     def g(x, w):
         return torch.tanh(w @ x) * x.sum()
 
-    ref = _reference(vector_f, X)
-    ref_w = torch.stack([torch.autograd.functional.jacobian(g, (x, W))[1] for x in X])
+    ref = reference_jacobian(vector_f, (X,))
+    ref_w = reference_jacobian(g, (X, W), 1, (0, None))
 
     before = Xi.clone()
     with CONTEXTS[context]() if context else contextlib.nullcontext():
@@ -160,7 +156,7 @@ def stop_detach(x: torch.Tensor) -> torch.Tensor:
     "f", [stop_no_grad, stop_set_grad_enabled], ids=["no_grad", "set_grad_enabled"]
 )
 def test_no_grad_inside_func(f):
-    ref = _reference(f, X)
+    ref = reference_jacobian(f, (X,))
     # the reference is not the Jacobian through the stop-gradient
     assert not torch.allclose(ref, torch.func.vmap(torch.func.jacfwd(f))(X))
     for method in ("jacrev", "vjp", "auto"):
@@ -177,7 +173,7 @@ def test_no_grad_inside_func(f):
 
 
 def test_detach_inside_func_every_autodiff_route_agrees_with_autograd():
-    ref = _reference(stop_detach, X)
+    ref = reference_jacobian(stop_detach, (X,))
     for method in ("auto", "jacrev", "jacfwd", "vjp"):
         assert_matches(jacbatch.jacobian(stop_detach, X, method=method), ref, F64)
     assert jacbatch.explain(stop_detach, X).steps[0].method == "jacfwd"  # forward mode is right
@@ -212,6 +208,6 @@ class _Square(torch.autograd.Function):
 
 
 def test_a_custom_function_is_not_mistaken_for_no_grad():
-    ref = _reference(lambda x: torch.cat([x, x]) ** 2, X)
+    ref = reference_jacobian(lambda x: torch.cat([x, x]) ** 2, (X,))
     for method in ("auto", "jacrev", "jacfwd", "vjp"):
         assert_matches(jacbatch.jacobian(_Square.apply, X, method=method), ref, F64)
