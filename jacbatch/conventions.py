@@ -22,7 +22,6 @@ import torch
 from . import _validation as V
 
 Order = Literal["row", "col"]
-ORDERS: tuple[str, ...] = ("row", "col")
 
 
 def vec(X: torch.Tensor, order: Order = "row") -> torch.Tensor:
@@ -134,21 +133,3 @@ def flatten_jacobian(
         in_axes = [lead + out_ndim + k for k in reversed(range(in_ndim))]
         J = J.permute((*range(lead), *out_axes, *in_axes))
     return J.reshape(*J.shape[:lead], math.prod(out_shape), math.prod(in_shape))
-
-
-def unflatten_jacobian(
-    J: torch.Tensor,
-    out_shape: tuple[int, ...],
-    in_shape: tuple[int, ...],
-    order: Order,
-    batched: bool,
-) -> torch.Tensor:
-    """Inverse of :func:`flatten_jacobian`: ``([B,] o, i)`` to ``([B,] *out_shape, *in_shape)``."""
-    lead = 1 if batched else 0
-    if order == "row":
-        return J.reshape(*J.shape[:lead], *out_shape, *in_shape)
-    no, ni = len(out_shape), len(in_shape)
-    J = J.reshape(*J.shape[:lead], *reversed(out_shape), *reversed(in_shape))
-    out_axes = [lead + k for k in reversed(range(no))]
-    in_axes = [lead + no + k for k in reversed(range(ni))]
-    return J.permute((*range(lead), *out_axes, *in_axes))

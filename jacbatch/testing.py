@@ -136,17 +136,3 @@ def finite_difference(
         out = batched_f(*xs_).reshape(B, -1)
         return out.new_zeros(B, out.shape[1], 0), dtype
     return torch.stack(cols, dim=-1), dtype
-
-
-def finite_difference_jacobian(
-    func: Callable[..., torch.Tensor],
-    args: Sequence[torch.Tensor],
-    batched: Sequence[bool],
-    argnum: int,
-    *,
-    step: float | None = None,
-) -> torch.Tensor:
-    """Central finite-difference Jacobian ``(B, out_numel, in_numel)`` in float64 (row-major
-    vec), computed as :func:`finite_difference` says (in float64 when ``func`` runs in it)."""
-    J, _ = finite_difference(func, args, batched, argnum, step=step)
-    return J.to(torch.float64)

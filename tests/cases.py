@@ -97,5 +97,4 @@ CASES: list[Case] = [
     ),
 ]
 
-CASE_IDS = [c.name for c in CASES]
 BY_NAME = {c.name: c for c in CASES}

@@ -778,10 +778,6 @@ class _Base:
         return torch.tanh(x)
 
 
-class _Child(_Base):
-    pass
-
-
 def _class_method_cases() -> list[
     tuple[str, Callable[[], tuple[Callable[..., torch.Tensor], Callable[[], None]]]]
 ]:

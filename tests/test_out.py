@@ -29,14 +29,6 @@ def nan_like(J):
     return torch.full(J.shape, float("nan"), dtype=J.dtype, device=J.device)
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ROUTES)
 @pytest.mark.parametrize("vec", [None, "row", "col"], ids=["natural", "row", "col"])
