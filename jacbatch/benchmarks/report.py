@@ -64,7 +64,17 @@ def _fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-_COLUMNS = ["method", "median", "IQR", "x closed", "x write", "x alloc", "peak MiB", "peak/out", "ok"]
+_COLUMNS = [
+    "method",
+    "median",
+    "IQR",
+    "x closed",
+    "x write",
+    "x alloc",
+    "peak MiB",
+    "peak/out",
+    "ok",
+]
 
 
 def format_case(record: Mapping[str, Any]) -> str:
