@@ -10,12 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from . import methods, testing
+from . import affine, chain, jacobian, methods, testing, unvec, vec  # the public API
 from ._table import format_table
-from .api import jacobian
-from .compose import chain
-from .conventions import unvec, vec
-from .functions import affine
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:

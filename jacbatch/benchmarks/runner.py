@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from .. import _progress
-from ..api import jacobian
+from .. import _progress, jacobian
 from ..testing import tolerance
 from .cases import METHOD_NAMES, METHODS, ROUTES, Case, Runner, affine_tanh
 from .report import environment, format_case
