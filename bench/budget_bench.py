@@ -19,9 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from jacbatch.methods import names
+
 ROOT = Path(__file__).resolve().parents[1]
 
-ROUTES = ("closed_form", "jacrev", "jacfwd", "vjp", "auto")
+ROUTES = (*names(), "auto")
 BUDGETS = ("64MiB", "256MiB")
 
 CHILD = r"""

@@ -1,4 +1,4 @@
-"""pytest-benchmark suite over the cases and methods of :mod:`jacbatch.benchmarks`.
+"""pytest-benchmark suite over the cases and methods of :mod:`jacbatch.benchmarks.cases`.
 
     pytest bench/ --benchmark-only -o addopts=""            # full sizes, CPU
     JACBATCH_BENCH_QUICK=1 pytest bench/ --benchmark-only -o addopts=""
@@ -6,8 +6,8 @@
 
 (``-o addopts=""`` drops the test configuration in pyproject.toml, which ignores bench/.)
 Groups are cases, so each table compares every method on one case. ``jacbatch bench`` runs the
-same cases and methods with one fresh process per case, peak memory, agreement checks and the
-target ratios; use it for reported figures.
+same cases and methods with one fresh process per case, peak memory and agreement checks, and
+with ``--targets bench/targets.json`` the project's target ratios; use it for reported figures.
 """
 
 from __future__ import annotations

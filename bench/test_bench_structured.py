@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from jacbatch import affine, jacobian, structured_jacobian
-from jacbatch.structured import format_bytes
+from jacbatch.memory import format_bytes
 
 SMALL = dict(B=8, n=64)  # the dense Jacobian is 512 MiB in float32
 HUGE = dict(B=8, n=512)  # the dense Jacobian would be 2 TiB

@@ -46,6 +46,12 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--json", metavar="PATH", help="write the report (with environment) as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a log-log PNG (needs matplotlib)")
     p.add_argument(
+        "--targets",
+        metavar="FILE",
+        help="evaluate the performance targets in this JSON file on the results "
+        "(format: jacbatch.benchmarks.targets)",
+    )
+    p.add_argument(
         "--in-process",
         action="store_true",
         help="run every case in this process instead of a fresh one each",
@@ -57,7 +63,11 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="N",
         help="torch intra-op threads (default: torch's own choice)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (by default one appears on an interactive terminal)",
+    )
     p.set_defaults(run=_run_bench)
 
 
@@ -72,6 +82,12 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 "--plot: expected matplotlib to be installed, got ImportError. "
                 "Install it with pip install 'jacbatch[plot]', or drop --plot."
             )
+    targets = None
+    if args.targets:
+        try:
+            targets = bm.load_targets(args.targets)
+        except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+            parser.error(f"--targets: expected a readable JSON file of targets, got {err}")
     if args.device == "cuda":
         import torch
 
@@ -93,7 +109,8 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         args.methods,
         quick=args.quick,
         isolate=not args.in_process,
-        progress=not args.no_progress,
+        progress=False if args.no_progress else None,  # None: on an interactive stderr
+        targets=targets,
     )
     if args.json:
         with open(args.json, "w") as fh:

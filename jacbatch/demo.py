@@ -10,11 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from . import testing
-from .api import jacobian
-from .chain import chain
-from .conventions import unvec, vec
-from .functions import affine
+from . import affine, chain, jacobian, methods, testing, unvec, vec  # the public API
+from ._table import format_table
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -86,20 +83,22 @@ def route_table(
         f"Batched Jacobian of A @ W + B w.r.t. W: B={batch}, m=p=q={size}, {dtype}, "
         f"result {tuple(ref.shape)} ({n * ref.element_size() / 2**20:.1f} MiB), "
         f"median of {repeats}",
-        f"  {'route':<12}{'time (ms)':>12}{'vs closed form':>16}{'max |diff|':>14}  agrees",
     ]
     ok = True
     base = None
-    for method in ("closed_form", "jacrev", "jacfwd", "vjp", "auto"):
+    rows = []
+    for method in (*methods.names(), "auto"):
         J = jac(method)
         t = _median_time(functools.partial(jac, method), repeats)
         base = t if base is None else base
         diff = float((J - ref).abs().max()) if n else 0.0
         agree = bool(torch.allclose(J, ref, rtol=rtol, atol=atol))
         ok &= agree
-        lines.append(
-            f"  {method:<12}{t * 1e3:>12.2f}{t / base:>15.1f}x{diff:>14.1e}  {'yes' if agree else 'NO'}"
+        rows.append(
+            [method, f"{t * 1e3:.2f}", f"{t / base:.1f}x", f"{diff:.1e}", "yes" if agree else "NO"]
         )
+    header = ["route", "time (ms)", "vs closed form", "max |diff|", "agrees"]
+    lines += format_table(header, rows, indent="  ")
     return lines, ok
 
 

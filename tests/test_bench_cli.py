@@ -37,6 +37,7 @@ def test_unknown_command(capsys):
         (["--device", "tpu"], "invalid choice: 'tpu'"),
         (["--methods", "magic"], "invalid choice: 'magic'"),
         (["--json"], "expected one argument"),
+        (["--targets", "/nonexistent/targets.json"], "--targets: expected a readable JSON"),
     ],
 )
 def test_bench_argument_errors(capsys, argv, needle):
@@ -89,3 +90,34 @@ def test_python_dash_m_help():
     )
     assert proc.returncode == 0
     assert "--quick" in proc.stdout and "--plot" in proc.stdout
+
+
+def test_bench_targets_file(tmp_path, capsys):
+    targets = tmp_path / "targets.json"
+    targets.write_text(
+        json.dumps(
+            {
+                "targets": [
+                    {"numerator": "vjp", "denominator": "closed_form", "op": ">=", "limit": 0}
+                ]
+            }
+        )
+    )
+    path = tmp_path / "out.json"
+    argv = ["bench", "--quick", "--in-process", "--no-progress", "--cases", "sum-medium"]
+    argv += ["--dtype", "float64", "--methods", "closed_form", "vjp"]
+    assert main([*argv, "--targets", str(targets), "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "targets:" in out and "vjp / closed_form" in out and "met" in out
+    rows = json.loads(path.read_text())["targets"]
+    assert [(r["target"], r["case"], r["met"]) for r in rows] == [
+        ("vjp / closed_form", "sum-medium/float64", True)
+    ]
+
+
+def test_bench_bad_targets_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"numerator": "vjp", "op": "<="}]')
+    code, err = run_main(capsys, "bench", "--quick", "--targets", str(bad))
+    assert code == 2
+    assert "missing 'denominator'" in err
