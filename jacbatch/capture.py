@@ -397,6 +397,7 @@ def forget(func: Callable[..., Any]) -> None:
         torch._C._dynamo.eval_frame.reset_code(code)
     with contextlib.suppress(TypeError):  # not weak-referenceable: nothing remembered
         _FAILED.pop(_failure_owner(func), None)
+        _SIGNATURES.pop(_failure_owner(func), None)
 
 
 def _busy() -> str | None:
@@ -417,6 +418,32 @@ def _busy() -> str | None:
     return None
 
 
+# NOTE [A full cache and a new signature]
+#     Dynamo keeps at most RECOMPILE_LIMIT graphs per code object. When a capture hits that limit,
+#     two cases differ. (1) The function is re-captured for the same shapes, dtype, device and
+#     batching as before: something else changes on every call (a float it closes over, a
+#     counter), so every call would capture afresh; autodiff takes over for good, as Dynamo
+#     itself does. (2) The signature is new since the cache was last emptied: the function is
+#     simply used with many shapes (``jacbatch.affine`` across a whole program). Then the code
+#     object's cache is emptied (:func:`forget`) and the function captured again, so a function
+#     with a closed form keeps it however many shapes it meets; a program cycling through more
+#     shapes than the limit pays one capture per shape per cycle.
+_SIGNATURES: weakref.WeakKeyDictionary[Any, set[Any]] = weakref.WeakKeyDictionary()
+
+
+def _signatures(func: Any) -> set[Any]:
+    """The signatures captured for ``func`` since its cache was last emptied (a throwaway set
+    for callables that cannot be weakly referenced)."""
+    try:
+        return _SIGNATURES.setdefault(_failure_owner(func), set())
+    except TypeError:
+        return set()
+
+
+def _new_signature(func: Any, signature: Any) -> bool:
+    return signature not in _signatures(func)
+
+
 def _is_limit(err: BaseException) -> bool:
     return type(err).__name__ == "FailOnRecompileLimitHit" or "recompile limit" in str(err)
 
@@ -429,6 +456,7 @@ def _capture(
     batched: tuple[bool, ...],
 ) -> Captured:
     target = _target(func)
+    signature = (tuple(shapes), dtype, device, batched)
     with _LOCK, _quiet(), torch.inference_mode(False), torch.enable_grad():
         # our own tensors, never the caller's (nor inference tensors from the caller's mode)
         examples = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
@@ -449,7 +477,16 @@ def _capture(
 
                 with _dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                     _LOCAL.record = None
-                    ret = runner(target, *examples)
+                    try:
+                        ret = runner(target, *examples)
+                    except Exception as err2:
+                        if not (_is_limit(err2) and _new_signature(func, signature)):
+                            raise
+                        # NOTE [A full cache and a new signature]
+                        forget(func)
+                        _LOCAL.record = None
+                        ret = runner(target, *examples)
+            _signatures(func).add(signature)
         except Exception as err:  # graph break, recompile limit, any error: no closed form
             _install_quiet()
             return _failed(f"Dynamo could not capture it ({tracing._first_line(err)})", batched)

@@ -547,17 +547,36 @@ def test_uncapturable_falls_back_silently(
     _silent(caplog, capfd)
 
 
-def test_recompile_limit_falls_back_silently(
+def test_many_shapes_keep_the_closed_form(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
+    """More shapes than Dynamo keeps graphs for: the cache is emptied, the closed form stays."""
     caplog.set_level(logging.WARNING)
     monkeypatch.setattr(capture, "RECOMPILE_LIMIT", 8)  # Dynamo's default
     f = lambda x: torch.tanh(x * 3)  # noqa: E731
-    methods = []
-    for n in range(1, 12):  # one graph per shape (dynamic=False): more than the limit
+    for n in [*range(1, 12), 1, 2, 11]:  # one graph per shape (dynamic=False): over the limit
         Xn = rnd(2, n, seed=n)
+        assert jacbatch.explain(f, Xn).steps[0].method == "traced"
+        assert_matches(jacbatch.jacobian(f, Xn, method="closed_form"), reference(f, Xn))
+    _silent(caplog, capfd)
+
+
+def test_recapture_on_every_call_falls_back_silently(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A function Dynamo must capture again on every call with the same shapes (a float it
+    closes over changes): after the limit, autodiff answers (every answer right)."""
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(capture, "RECOMPILE_LIMIT", 8)  # Dynamo's default
+    Xn = rnd(2, 3, seed=1)
+    methods = []
+    for k in range(12):
+        scale = 1.0 + k / 7
+        f = lambda x, s=scale: torch.tanh(x * s)  # noqa: E731  one code object, new constant
         methods.append(jacbatch.explain(f, Xn).steps[0].method)
         assert_matches(jacbatch.jacobian(f, Xn), reference(f, Xn))
     assert methods[:8] == ["traced"] * 8
