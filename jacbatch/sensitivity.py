@@ -41,15 +41,20 @@ from typing import Any, ClassVar
 import torch
 
 from . import _state
+from . import _sensitivity_checks as C
 from . import _validation as V
 from ._table import format_table
 from .api import explain, jacobian
+from .executor import execute
 from .methods import vjp as _vjp
+from .request import build_request
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "DGSMAccumulator",
     "DGSMResult",
     "LocalSensitivity",
+    "Moments",
     "dgsm",
     "local_sensitivity",
     "sample_normal",
@@ -73,13 +78,13 @@ def _generator(
     generator: torch.Generator | None,
     device: torch.device | str | None,
 ) -> tuple[torch.Generator | None, torch.device]:
-    V.check_seed(where, seed, generator)
+    C.check_seed(where, seed, generator)
     if device is None:
         dev = generator.device if generator is not None else torch.device("cpu")
     else:
         dev = torch.device(device)
     if generator is not None:
-        V.check_generator_device(where, generator, dev)
+        C.check_generator_device(where, generator, dev)
         return generator, dev
     if seed is not None:
         return torch.Generator(device=dev).manual_seed(seed), dev
@@ -115,9 +120,9 @@ def sample_uniform(
         (torch.Size([5, 2]), True)
     """
     where = "sample_uniform"
-    n = V.check_sample_count(where, n)
+    n = C.check_sample_count(where, n)
     gen, dev = _generator(where, seed, generator, device)
-    b = V.as_bounds(where, bounds, _rows(bounds), dtype, dev)
+    b = C.as_bounds(where, bounds, _rows(bounds), dtype, dev)
     u = torch.rand(n, b.shape[0], generator=gen, device=dev, dtype=dtype)
     return torch.clamp(b[:, 0] + (b[:, 1] - b[:, 0]) * u, b[:, 0], b[:, 1])
 
@@ -147,10 +152,10 @@ def sample_normal(
         torch.Size([4, 2])
     """
     where = "sample_normal"
-    n = V.check_sample_count(where, n)
+    n = C.check_sample_count(where, n)
     gen, dev = _generator(where, seed, generator, device)
-    mu = V.as_vector(where, "mean", mean, None, dtype, dev)
-    sigma = V.as_positive_vector(where, "std", std, mu.shape[0], dtype, dev)
+    mu = C.as_vector(where, "mean", mean, None, dtype, dev)
+    sigma = C.as_positive_vector(where, "std", std, mu.shape[0], dtype, dev)
     return mu + sigma * torch.randn(n, mu.shape[0], generator=gen, device=dev, dtype=dtype)
 
 
@@ -187,16 +192,17 @@ def _batches(
         xc = X[start : start + step]
         if same is not None:
             _state.set_rng_state(X.device, same)
-        J = jacobian(func, xc, method=method, vec="row", **jacobian_kwargs)
+        req = build_request("jacobian", func, (xc,), 0, 0, method=method, vec="row", **jacobian_kwargs)
+        J = execute(req)
         assert isinstance(J, torch.Tensor)
-        call = V.normalize_call(where, func, (xc,), 0, 0)
-        call = dataclasses.replace(call, randomness=jacobian_kwargs.get("randomness", "error"))
+        # the forward on the request's call: validated once, not probed again
+        call = dataclasses.replace(req.call, create_graph=False, probe=None)
         if same is not None:  # the outputs of the same draw
             _state.set_rng_state(X.device, same)
         with torch.no_grad():
             y = _vjp.forward(call, [xc], [True], xc.shape[0])
-        V.check_finite_outputs(where, y, start)
-        V.check_finite_jacobian(where, J, start)
+        C.check_finite_outputs(where, y, start)
+        C.check_finite_jacobian(where, J, start)
         yield start, xc, y.detach(), J
 
 
@@ -207,8 +213,15 @@ def _route(
     return "+".join(s.method for s in explain(func, x, method=method, randomness=randomness).steps)
 
 
-class _Moments:
-    """Running mean and sum of squared deviations over batches (Chan et al.), in float64."""
+class Moments:
+    """Running count, mean and sum of squared deviations of per-sample values (Chan et al.),
+    in float64, merged across batches or across processes.
+
+    Attributes:
+        n: the number of samples seen.
+        mean: ``(*shape)`` or ``None`` before the first update.
+        m2: ``(*shape)``: the sum of squared deviations from the mean, or ``None``.
+    """
 
     def __init__(self) -> None:
         self.n = 0
@@ -216,6 +229,7 @@ class _Moments:
         self.m2: torch.Tensor | None = None
 
     def update(self, q: torch.Tensor) -> None:
+        """Add the samples ``q (c, *shape)``."""
         q = q.to(torch.float64)
         c = q.shape[0]
         var_c, mean_c = torch.var_mean(q, dim=0, correction=0)  # one fused pass
@@ -229,8 +243,35 @@ class _Moments:
         self.m2 = self.m2 + m2_c + delta**2 * (self.n * c / n)
         self.n = n
 
+    def merge(self, other: Moments) -> Moments:
+        """The moments of both sets of samples (a new object; Chan et al.'s pairwise update)."""
+        if other.n == 0 or other.mean is None or other.m2 is None:
+            return self._copy()
+        if self.n == 0 or self.mean is None or self.m2 is None:
+            return other._copy()
+        m = Moments()
+        m.n = self.n + other.n
+        delta = other.mean - self.mean
+        m.mean = self.mean + delta * (other.n / m.n)
+        m.m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / m.n)
+        return m
+
+    def _copy(self) -> Moments:
+        m = Moments()
+        m.n, m.mean, m.m2 = self.n, self.mean, self.m2
+        return m
+
+    def sums(self, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sum and the sum of squares of the samples, ``(*shape)`` float64 on ``device``
+        (zeros before any sample): what adds up across processes."""
+        if self.n == 0 or self.mean is None or self.m2 is None:
+            zero = torch.zeros(shape, dtype=torch.float64, device=device)
+            return zero, zero
+        total = self.mean * self.n
+        return total.to(device), (self.m2 + total * self.mean).to(device)
+
     @classmethod
-    def from_sums(cls, n: int, total: torch.Tensor, total_sq: torch.Tensor) -> _Moments:
+    def from_sums(cls, n: int, total: torch.Tensor, total_sq: torch.Tensor) -> Moments:
         """Moments of ``n`` values from their sum and sum of squares (float64, e.g. over ranks)."""
         m = cls()
         m.n = n
@@ -239,11 +280,139 @@ class _Moments:
         return m
 
     def variance(self) -> torch.Tensor:
+        """The unbiased sample variance (two or more samples)."""
         assert self.m2 is not None
         return self.m2 / (self.n - 1)
 
     def standard_error(self) -> torch.Tensor:
+        """The standard error of the mean."""
         return torch.sqrt(self.variance() / self.n)
+
+
+class DGSMAccumulator:
+    """The statistics behind :func:`dgsm`, accumulated batch by batch and mergeable.
+
+    Holds the :class:`Moments` of ``J²`` and ``|J|`` (``(o, d)`` per sample) and of the outputs
+    ``y`` (``(o,)``). Feed it batches with :meth:`update`, combine partial accumulators (other
+    batches, other processes) with :meth:`merge` (or, across processes, add :meth:`sums` and
+    rebuild with :meth:`from_sums`), and turn it into a :class:`DGSMResult` with :meth:`result`.
+
+    Example:
+        >>> X = torch.rand(100, 2, dtype=torch.float64)
+        >>> f = lambda x: 2 * x[0] + x[1]
+        >>> acc = DGSMAccumulator()
+        >>> acc.update(jacbatch.jacobian(f, X, vec="row"), torch.func.vmap(f)(X))
+        >>> acc.result().nu
+        tensor([4., 1.], dtype=torch.float64)
+    """
+
+    def __init__(self) -> None:
+        self.squares = Moments()
+        self.absolute = Moments()
+        self.outputs = Moments()
+        self.out_shape: tuple[int, ...] | None = None
+        self.n_inputs: int | None = None
+
+    @property
+    def n(self) -> int:
+        """The number of samples seen."""
+        return self.outputs.n
+
+    def update(self, J: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch: ``J (c, o, d)`` (row-major ``vec="row"`` Jacobians) and the outputs
+        ``y (c, *out_shape)``."""
+        self.out_shape = tuple(y.shape[1:])
+        self.n_inputs = J.shape[-1]
+        J64 = J.to(torch.float64)  # (c, o, d)
+        self.squares.update(J64 * J64)
+        self.absolute.update(J64.abs())
+        self.outputs.update(y.reshape(y.shape[0], -1))
+
+    def merge(self, other: DGSMAccumulator) -> DGSMAccumulator:
+        """The statistics of both (a new accumulator)."""
+        m = DGSMAccumulator()
+        m.squares = self.squares.merge(other.squares)
+        m.absolute = self.absolute.merge(other.absolute)
+        m.outputs = self.outputs.merge(other.outputs)
+        m.out_shape = self.out_shape if self.out_shape is not None else other.out_shape
+        m.n_inputs = self.n_inputs if self.n_inputs is not None else other.n_inputs
+        return m
+
+    def sums(self, out_shape: tuple[int, ...], d: int, device: torch.device) -> torch.Tensor:
+        """``[n, sum(J²), sum((J²)²), sum|J|, sum(|J|²), sum(y), sum(y²)]`` flattened into one
+        float64 vector on ``device``: everything that adds up across processes (one
+        ``all_reduce``); :meth:`from_sums` inverts it."""
+        o = math.prod(out_shape)
+        parts = [torch.tensor([float(self.n)], dtype=torch.float64, device=device)]
+        for m, shape in ((self.squares, (o, d)), (self.absolute, (o, d)), (self.outputs, (o,))):
+            parts += [p.reshape(-1) for p in m.sums(shape, device)]
+        return torch.cat(parts)
+
+    @classmethod
+    def from_sums(
+        cls, packed: torch.Tensor, out_shape: tuple[int, ...], d: int
+    ) -> DGSMAccumulator:
+        """The accumulator whose :meth:`sums` are ``packed`` (e.g. added over processes)."""
+        o = math.prod(out_shape)
+        n = round(packed[0].item())
+        shapes = [(o, d), (o, d), (o, d), (o, d), (o,), (o,)]
+        pieces = torch.split(packed[1:], [math.prod(sh) for sh in shapes])
+        acc = cls()
+        acc.squares, acc.absolute, acc.outputs = (
+            Moments.from_sums(
+                n, pieces[2 * k].reshape(shapes[2 * k]), pieces[2 * k + 1].reshape(shapes[2 * k])
+            )
+            for k in range(3)
+        )
+        acc.out_shape, acc.n_inputs = out_shape, d
+        return acc
+
+    def result(
+        self,
+        poincare: torch.Tensor | None = None,
+        input_names: Sequence[str] | None = None,
+        output_names: Sequence[str] | None = None,
+        dtype: torch.dtype | None = None,
+        route: str = "",
+    ) -> DGSMResult:
+        """The :class:`DGSMResult` of the samples seen (two or more).
+
+        Args:
+            poincare: ``(d,)`` Poincaré constants of the inputs (adds ``total_index_bound``).
+            input_names, output_names: names for the table and plot (defaults ``x[j]``,
+                ``y[k]``).
+            dtype: of the result's tensors (default float64).
+            route: the route that computed the Jacobians, as reports name it.
+        """
+        sq, ab, out = self.squares, self.absolute, self.outputs
+        assert sq.mean is not None and ab.mean is not None and out.mean is not None
+        assert self.out_shape is not None and self.n_inputs is not None
+        out_shape, d = self.out_shape, self.n_inputs
+        V_out = out.variance()  # (o,)
+        bound = None
+        if poincare is not None:
+            ratio = poincare.to(torch.float64) * sq.mean / V_out.unsqueeze(-1)
+            bound = torch.where(
+                (V_out == 0).unsqueeze(-1), torch.full_like(ratio, math.nan), ratio
+            )
+
+        def shaped(t: torch.Tensor, per_input: bool = True) -> torch.Tensor:
+            shape = (*out_shape, d) if per_input else out_shape
+            return t.reshape(shape).to(dtype or torch.float64)
+
+        return DGSMResult(
+            nu=shaped(sq.mean),
+            nu_se=shaped(sq.standard_error()),
+            mean_abs=shaped(ab.mean),
+            mean_abs_se=shaped(ab.standard_error()),
+            mean=shaped(out.mean, per_input=False),
+            variance=shaped(V_out, per_input=False),
+            total_index_bound=None if bound is None else shaped(bound),
+            n_samples=self.n,
+            input_names=tuple(input_names) if input_names else _default_names("x", d),
+            output_names=tuple(output_names) if output_names else _output_names(out_shape),
+            route=route,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,20 +528,20 @@ def local_sensitivity(
                 [2., 1.]])
     """
     where = "local_sensitivity"
-    x = V.check_points(where, x).detach()
+    x = C.check_points(where, x).detach()
     method = V.check_method(where, method)
-    batch_size = V.check_samples_per_call(where, batch_size)
-    zero_output = V.check_zero_output(where, zero_output)
-    jacobian_kwargs = V.check_jacobian_kwargs(where, jacobian_kwargs)
+    batch_size = C.check_samples_per_call(where, batch_size)
+    zero_output = C.check_zero_output(where, zero_output)
+    jacobian_kwargs = C.check_jacobian_kwargs(where, jacobian_kwargs)
     B, in_shape = x.shape[0], tuple(x.shape[1:])
     i = math.prod(in_shape)
-    in_names = V.check_names(where, "input_names", input_names, i)
+    in_names = C.check_names(where, "input_names", input_names, i)
 
     ys, Js = [], []
     out_names = None
     for start, _, y, J in _batches(where, func, x, method, batch_size, jacobian_kwargs):
         if start == 0:  # the output size is known now: check the names before more work
-            out_names = V.check_names(where, "output_names", output_names, J.shape[1])
+            out_names = C.check_names(where, "output_names", output_names, J.shape[1])
         ys.append(y)
         Js.append(J)
     y_all, J_flat = torch.cat(ys), torch.cat(Js)  # (B, *out_shape), (B, o, i)
@@ -382,7 +551,7 @@ def local_sensitivity(
     zero = y_flat == 0
     if zero_output == "raise" and bool(zero.any()):
         count = int(zero.any(dim=1).sum())
-        V.zero_output_error(where, count, int(zero.any(dim=1).nonzero()[0, 0]))
+        C.zero_output_error(where, count, int(zero.any(dim=1).nonzero()[0, 0]))
     x_flat = x.reshape(B, 1, i)
     with torch.no_grad():
         E = J_flat * x_flat / y_flat.unsqueeze(-1)
@@ -503,16 +672,16 @@ class DGSMResult:
             ImportError: matplotlib is not installed.
         """
         where = "DGSMResult.plot"
-        measure = V.check_choice(where, "measure", measure, _MEASURES)
+        measure = C.check_choice(where, "measure", measure, _MEASURES)
         if measure == "bound" and self.total_index_bound is None:
-            V.no_total_index_bound_error(where)
+            C.no_total_index_bound_error(where)
         o, d = len(self.output_names), len(self.input_names)
         show = list(range(o)) if outputs is None else [int(k) for k in outputs]
-        V.check_output_indices(where, show, o)
+        C.check_output_indices(where, show, o)
         try:
             from matplotlib.figure import Figure
         except ImportError:
-            V.missing_optional_error(where, "matplotlib", "plot")
+            C.missing_optional_error(where, "matplotlib", "plot")
         values, errors, label = {
             "nu": (self.nu, self.nu_se, "ν = E[(∂f/∂x)²]"),
             "mean_abs": (self.mean_abs, self.mean_abs_se, "E[|∂f/∂x|]"),
@@ -600,8 +769,8 @@ def dgsm(
     """
     where = "dgsm"
     setup = _dgsm_setup(where, X, bounds, std, method, batch_size, jacobian_kwargs, input_names)
-    sq, ab, out, out_shape = _dgsm_accumulate(where, func, setup)
-    return _dgsm_result(where, func, setup, sq, ab, out, out_shape, output_names)
+    acc = _dgsm_accumulate(where, func, setup)
+    return _dgsm_result(where, func, setup, acc, output_names)
 
 
 @dataclass(frozen=True)
@@ -625,20 +794,20 @@ def _dgsm_setup(
     input_names: Sequence[str] | None,
 ) -> _DGSMSetup:
     """Validate a DGSM study before any work; the Poincaré constants of the inputs."""
-    X = V.check_sample(where, X).detach()
+    X = C.check_sample(where, X).detach()
     method = V.check_method(where, method)
-    batch_size = V.check_samples_per_call(where, batch_size)
-    jacobian_kwargs = V.check_jacobian_kwargs(where, jacobian_kwargs)
-    V.check_input_distribution(where, bounds, std)
+    batch_size = C.check_samples_per_call(where, batch_size)
+    jacobian_kwargs = C.check_jacobian_kwargs(where, jacobian_kwargs)
+    C.check_input_distribution(where, bounds, std)
     _, d = X.shape
-    in_names = V.check_names(where, "input_names", input_names, d)
+    in_names = C.check_names(where, "input_names", input_names, d)
     poincare = None
     if bounds is not None:
-        box = V.as_bounds(where, bounds, d, X.dtype, X.device)
-        V.check_within_bounds(where, X, box)
+        box = C.as_bounds(where, bounds, d, X.dtype, X.device)
+        C.check_within_bounds(where, X, box)
         poincare = ((box[:, 1] - box[:, 0]) / math.pi) ** 2
     elif std is not None:
-        poincare = V.as_positive_vector(where, "std", std, d, X.dtype, X.device) ** 2
+        poincare = C.as_positive_vector(where, "std", std, d, X.dtype, X.device) ** 2
     return _DGSMSetup(X, method, batch_size, jacobian_kwargs, in_names, poincare)
 
 
@@ -647,59 +816,33 @@ def _dgsm_accumulate(
     func: Callable[..., torch.Tensor],
     setup: _DGSMSetup,
     rows: slice = slice(None),
-) -> tuple[_Moments, _Moments, _Moments, tuple[int, ...]]:
-    """Moments of ``J²``, ``|J|`` (``(o, d)`` per sample) and ``y`` (``(o,)``) over ``X[rows]``."""
-    sq, ab, out = _Moments(), _Moments(), _Moments()
+) -> DGSMAccumulator:
+    """The statistics of ``J²``, ``|J|`` and ``y`` over ``X[rows]`` (its output shape known even
+    for an empty slice)."""
+    acc = DGSMAccumulator()
     X = setup.X[rows]
-    out_shape: tuple[int, ...] | None = None
     kw = setup.jacobian_kwargs
     for _, _, y, J in _batches(where, func, X, setup.method, setup.batch_size, kw):
-        out_shape = tuple(y.shape[1:])
-        J64 = J.to(torch.float64)  # (c, o, d)
-        sq.update(J64 * J64)
-        ab.update(J64.abs())
-        out.update(y.reshape(y.shape[0], -1))
-    if out_shape is None:  # an empty slice (a rank without samples): the shape from one sample
+        acc.update(J, y)
+    if acc.out_shape is None:  # an empty slice (a rank without samples): the shape from one sample
         _, _, y, _ = next(_batches(where, func, setup.X[:1], setup.method, None, kw))
-        out_shape = tuple(y.shape[1:])
-    return sq, ab, out, out_shape
+        acc.out_shape, acc.n_inputs = tuple(y.shape[1:]), setup.X.shape[1]
+    return acc
 
 
 def _dgsm_result(
     where: str,
     func: Callable[..., torch.Tensor],
     setup: _DGSMSetup,
-    sq: _Moments,
-    ab: _Moments,
-    out: _Moments,
-    out_shape: tuple[int, ...],
+    acc: DGSMAccumulator,
     output_names: Sequence[str] | None,
 ) -> DGSMResult:
-    """The DGSM result from the moments over the whole sample."""
-    X, poincare = setup.X, setup.poincare
-    N, d = X.shape
-    out_names = V.check_names(where, "output_names", output_names, math.prod(out_shape))
-    assert sq.mean is not None and ab.mean is not None and out.mean is not None
-    V_out = out.variance()  # (o,)
-    bound = None
-    if poincare is not None:
-        ratio = poincare.to(torch.float64) * sq.mean / V_out.unsqueeze(-1)
-        bound = torch.where((V_out == 0).unsqueeze(-1), torch.full_like(ratio, math.nan), ratio)
-
-    def shaped(t: torch.Tensor, per_input: bool = True) -> torch.Tensor:
-        shape = (*out_shape, d) if per_input else out_shape
-        return t.reshape(shape).to(X.dtype)
-
-    return DGSMResult(
-        nu=shaped(sq.mean),
-        nu_se=shaped(sq.standard_error()),
-        mean_abs=shaped(ab.mean),
-        mean_abs_se=shaped(ab.standard_error()),
-        mean=shaped(out.mean, per_input=False),
-        variance=shaped(V_out, per_input=False),
-        total_index_bound=None if bound is None else shaped(bound),
-        n_samples=N,
-        input_names=setup.in_names or _default_names("x", d),
-        output_names=out_names or _output_names(out_shape),
-        route=_route(func, X[:1], setup.method, setup.jacobian_kwargs.get("randomness", "error")),
-    )
+    """The DGSM result from the statistics over the whole sample."""
+    X = setup.X
+    assert acc.out_shape is not None
+    out_names = C.check_names(where, "output_names", output_names, math.prod(acc.out_shape))
+    randomness = setup.jacobian_kwargs.get("randomness", "error")
+    return acc.result(
+        setup.poincare, setup.in_names, out_names, X.dtype,
+        _route(func, X[:1], setup.method, randomness),
+    )  # fmt: skip
