@@ -10,7 +10,8 @@ import torch
 
 from . import _state
 from ._table import format_table
-from .methods import batched_args, by_method, names
+from .methods import batched_args, by_method
+from .methods import names as route_names
 from .plan import normalize, probe_call, protection_of
 
 
@@ -103,7 +104,7 @@ def check(
     # op; torch.func for a state-writing func (it refuses writes into captured tensors).
     probed_call = dataclasses.replace(call, probe=probe)
     routes = [
-        r for r in names() if (ap := by_method(r).applies) is None or ap(probed_call)
+        r for r in route_names() if (ap := by_method(r).applies) is None or ap(probed_call)
     ]
     # Random functions: every route and the difference start from one generator state.
     rng = _state.rng_state(call.device) if probe.random else None

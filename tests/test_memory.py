@@ -546,16 +546,14 @@ def test_iter_jacobian_frees_each_chunk_before_computing_the_next(monkeypatch):
     """The budget covers one chunk: no chunk may still be alive while the next is computed."""
     import weakref
 
-    from jacbatch import streaming
-
     alive = []
-    real = streaming._execute
+    real = executor._execute
 
     def spy(*args, **kwargs):
         alive.append([r() is not None for r in refs])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(streaming, "_execute", spy)
+    monkeypatch.setattr(executor, "_execute", spy)
     refs: list[weakref.ref] = []
     for _, J in jacbatch.iter_jacobian(
         tanh_affine, *_args(B=9, n=3), in_dims=(0, None, None), batch_chunk=3
