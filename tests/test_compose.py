@@ -161,7 +161,9 @@ def test_vmap_around_an_unbatched_jacobian(method):
 
 
 @pytest.mark.parametrize("argnum", [0, 1])
-@pytest.mark.parametrize("method", ["auto", "closed_form"])
+# method="closed_form" is the traced route, which is not used inside torch.func transforms
+# (NOTE in jacbatch.plan: tracing would see the transform's wrapped values); "auto" composes.
+@pytest.mark.parametrize("method", ["auto"])
 def test_registered_closed_form_composes(method, argnum):
     """jacbatch.affine's rules are torch ops on the inputs: differentiable, inside transforms too."""
     A = torch.randn(B, 2, N, dtype=F64, generator=_gen(3))
@@ -331,11 +333,11 @@ def test_hessian_vector_products_through_the_vjp_route_use_fresh_cotangents():
 
 @pytest.mark.parametrize("method", TRANSFORM_ROUTES)
 def test_memory_chunks_keep_the_graph(method, monkeypatch):
-    import jacbatch.api as api
+    import jacbatch.executor as executor
 
     calls = []
-    real = api._execute
-    monkeypatch.setattr(api, "_execute", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = executor._execute
+    monkeypatch.setattr(executor, "_execute", lambda *a, **k: calls.append(1) or real(*a, **k))
     Xl = torch.randn(40, N, dtype=F64, generator=_gen(8))
     x = Xl.clone().requires_grad_()
     with torch.no_grad():  # create_graph: grad mode on inside, the chunks copied with CopySlices
