@@ -10,7 +10,6 @@ from ._validation import _fmt_bytes, _fmt_options
 from .call import Call
 from .errors import JacobianMemoryError, RankFailedError
 
-
 GATHER_MODES: tuple[str | None, ...] = ("all", "dst", None)
 
 

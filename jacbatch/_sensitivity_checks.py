@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import torch
 
 from ._validation import _fmt_options, check_tensor
-
 
 #: Options of :func:`jacbatch.jacobian` that the sensitivity functions set themselves.
 SENSITIVITY_RESERVED_KWARGS: tuple[str, ...] = ("argnums", "in_dims", "vec", "out", "method")

@@ -826,5 +826,3 @@ def disk_too_small(where: str, path: str, nbytes: int, free: int) -> NoReturn:
         f"write to another file system, or use jacbatch.iter_jacobian to reduce the Jacobian "
         f"chunk by chunk",
     )
-
-

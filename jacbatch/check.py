@@ -103,9 +103,7 @@ def check(
     # Not applicable (each route's own ``applies``): a closed form without rules for every
     # op; torch.func for a state-writing func (it refuses writes into captured tensors).
     probed_call = dataclasses.replace(call, probe=probe)
-    routes = [
-        r for r in route_names() if (ap := by_method(r).applies) is None or ap(probed_call)
-    ]
+    routes = [r for r in route_names() if (ap := by_method(r).applies) is None or ap(probed_call)]
     # Random functions: every route and the difference start from one generator state.
     rng = _state.rng_state(call.device) if probe.random else None
     jacs: dict[str, list[torch.Tensor]] = {}

@@ -89,9 +89,7 @@ def chunks(req: Request) -> Iterator[tuple[slice, Any]]:
             memory.release_freed()  # see NOTE [A chunk costs what it holds]
 
 
-def _execute(
-    call: Call, req: Request, bufs: Sequence[torch.Tensor | None]
-) -> list[torch.Tensor]:
+def _execute(call: Call, req: Request, bufs: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
     """Run the plan's steps for ``call`` (``req.call`` or a batch chunk of it); results in the
     caller's layout (``bufs`` where given).
 

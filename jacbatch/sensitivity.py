@@ -40,11 +40,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import _state
 from . import _sensitivity_checks as C
+from . import _state
 from . import _validation as V
 from ._table import format_table
-from .api import explain, jacobian
+from .api import explain
 from .executor import execute
 from .methods import vjp as _vjp
 from .request import build_request
@@ -192,7 +192,9 @@ def _batches(
         xc = X[start : start + step]
         if same is not None:
             _state.set_rng_state(X.device, same)
-        req = build_request("jacobian", func, (xc,), 0, 0, method=method, vec="row", **jacobian_kwargs)
+        req = build_request(
+            "jacobian", func, (xc,), 0, 0, method=method, vec="row", **jacobian_kwargs
+        )
         J = execute(req)
         assert isinstance(J, torch.Tensor)
         # the forward on the request's call: validated once, not probed again
@@ -261,7 +263,9 @@ class Moments:
         m.n, m.mean, m.m2 = self.n, self.mean, self.m2
         return m
 
-    def sums(self, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def sums(
+        self, shape: tuple[int, ...], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The sum and the sum of squares of the samples, ``(*shape)`` float64 on ``device``
         (zeros before any sample): what adds up across processes."""
         if self.n == 0 or self.mean is None or self.m2 is None:
@@ -349,9 +353,7 @@ class DGSMAccumulator:
         return torch.cat(parts)
 
     @classmethod
-    def from_sums(
-        cls, packed: torch.Tensor, out_shape: tuple[int, ...], d: int
-    ) -> DGSMAccumulator:
+    def from_sums(cls, packed: torch.Tensor, out_shape: tuple[int, ...], d: int) -> DGSMAccumulator:
         """The accumulator whose :meth:`sums` are ``packed`` (e.g. added over processes)."""
         o = math.prod(out_shape)
         n = round(packed[0].item())
@@ -392,9 +394,7 @@ class DGSMAccumulator:
         bound = None
         if poincare is not None:
             ratio = poincare.to(torch.float64) * sq.mean / V_out.unsqueeze(-1)
-            bound = torch.where(
-                (V_out == 0).unsqueeze(-1), torch.full_like(ratio, math.nan), ratio
-            )
+            bound = torch.where((V_out == 0).unsqueeze(-1), torch.full_like(ratio, math.nan), ratio)
 
         def shaped(t: torch.Tensor, per_input: bool = True) -> torch.Tensor:
             shape = (*out_shape, d) if per_input else out_shape

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import jacbatch
-from jacbatch import api, executor, memory
+from jacbatch import executor, memory
 from jacbatch.errors import JacobianMemoryError
 from tests.conftest import assert_matches, reference_jacobian
 

@@ -210,4 +210,3 @@ JACFWD = Route(
     "jacfwd", _jacfwd, method="jacfwd", applies=_no_state_writes, vectorized=True,
     fallback_multiple=4.0,
 )  # fmt: skip
-

@@ -246,4 +246,3 @@ def _route_applies(call: Call) -> bool:
 ROUTE = Route(
     "traced", _route_compute, method="closed_form", applies=_route_applies, fallback_multiple=4.0
 )
-

@@ -327,4 +327,3 @@ def _per_sample(
 ROUTE = Route("vjp", _vjp, method="vjp", fallback_multiple=1.5)
 #: Internal: per-sample reverse mode, never under vmap (the planner's answer to torch bugs).
 PER_SAMPLE = Route("per_sample", _per_sample, fallback_multiple=1.5)
-
