@@ -202,11 +202,11 @@ def _no_state_writes(call: Call) -> bool:
     return not (call.probe is not None and call.probe.writes_state)
 
 
-JACREV = Route(
+JACREV: Route = Route(
     "jacrev", _jacrev, method="jacrev", applies=_no_state_writes, vectorized=True,
     fallback_multiple=3.0,
 )  # fmt: skip
-JACFWD = Route(
+JACFWD: Route = Route(
     "jacfwd", _jacfwd, method="jacfwd", applies=_no_state_writes, vectorized=True,
     fallback_multiple=4.0,
 )  # fmt: skip

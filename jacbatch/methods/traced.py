@@ -243,6 +243,6 @@ def _route_applies(call: Call) -> bool:
 #: Asked for as ``method="closed_form"``; plans name it ``traced``. Only a simulation that
 #: fails falls back to the multiple (the closed form's own working memory is small, but the
 #: composed terms may hold intermediates: the autodiff figure stays the conservative one).
-ROUTE = Route(
+ROUTE: Route = Route(
     "traced", _route_compute, method="closed_form", applies=_route_applies, fallback_multiple=4.0
 )

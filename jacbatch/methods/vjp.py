@@ -324,6 +324,6 @@ def _per_sample(
     return compute(call, argnums, out_shape, layout, outs, max_rows=max_rows, per_sample=True)
 
 
-ROUTE = Route("vjp", _vjp, method="vjp", fallback_multiple=1.5)
+ROUTE: Route = Route("vjp", _vjp, method="vjp", fallback_multiple=1.5)
 #: Internal: per-sample reverse mode, never under vmap (the planner's answer to torch bugs).
-PER_SAMPLE = Route("per_sample", _per_sample, fallback_multiple=1.5)
+PER_SAMPLE: Route = Route("per_sample", _per_sample, fallback_multiple=1.5)
