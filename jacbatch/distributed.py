@@ -23,6 +23,13 @@ Split: rank ``r`` of ``n`` gets ``B // n`` samples, and the first ``B % n`` rank
 
 Backends: gloo (CPU tensors; CUDA tensors are staged through host memory) and NCCL (CUDA
 tensors, one GPU per rank, chosen from ``LOCAL_RANK`` by :func:`init`).
+
+Size: about 800 lines in one module on purpose: every public function here runs the same
+staged protocol (NOTE [No rank is left waiting], NOTE [A rank that dies]) with the private
+helpers ``_agree``/``_settle``/``_exchange`` it rests on, and splitting the functions from that
+protocol would make the invariant (no collective before every rank agreed) harder to check.
+Argument checks live in :mod:`jacbatch._distributed_checks`, the DGSM statistics in
+:mod:`jacbatch.sensitivity` (:class:`~jacbatch.sensitivity.DGSMAccumulator`).
 """
 
 from __future__ import annotations
