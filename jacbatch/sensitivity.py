@@ -177,6 +177,12 @@ def _rows(bounds: object) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+#: The options of :func:`jacbatch.jacobian` a caller may pass through (the others are set here).
+_JACOBIAN_OPTIONS = frozenset(
+    ("chunk_size", "max_memory", "progress", "randomness", "create_graph")
+)
+
+
 def _batches(
     where: str,
     func: Callable[..., torch.Tensor],
@@ -197,6 +203,9 @@ def _batches(
         xc = X[start : start + step]
         if same is not None:
             _state.set_rng_state(X.device, same)
+        for k in jacobian_kwargs:  # as jacbatch.jacobian(**jacobian_kwargs) would refuse it
+            if k not in _JACOBIAN_OPTIONS:
+                raise TypeError(f"jacobian() got an unexpected keyword argument {k!r}")
         req = build_request(
             "jacobian", func, (xc,), 0, 0, method=method, vec="row", **jacobian_kwargs
         )
