@@ -182,9 +182,7 @@ def explain(
         >>> A, W, B = torch.ones(2, 3), torch.ones(3, 2), torch.ones(2)
         >>> print(explain(jacbatch.affine, A, W, B, argnums=1, in_dims=None))
         jacobian plan (no batch, out (2, 2), in [(3, 2)]):
-          argnums (1,): traced — every traced op has a closed-form rule, no autodiff
-          note: argnum 1: mm = aten.mm.default -> rule mm
-          note: argnum 1: add = aten.add.Tensor -> rule add
+          argnums (1,): closed_form — registered closed-form rule, no autodiff
 
         Plain torch code is traced; the notes say which op rule each node matched:
 

@@ -72,6 +72,19 @@ class Plan:
 LARGE_JACOBIAN = 2**20
 
 
+# NOTE [What method="closed_form" asks for]
+#     A closed form is the traced route (:mod:`jacbatch.methods.traced`): the function is traced
+#     into aten ops and every op on each differentiated argument's path must have a rule.
+#     (Transitional: argnums with a per-function registered rule, today ``jacbatch.affine``'s,
+#     take that rule first, :mod:`jacbatch.methods.registered`, until the registry goes.) So
+#     ``method="closed_form"`` plans a ``traced`` step for the other argnums or refuses before any
+#     work (a node without a rule, a function that draws random numbers or writes state, a call
+#     inside a torch.func transform, where tracing would see the transform's wrapped values);
+#     ``method="auto"`` takes the traced step where it applies and the fastest autodiff route
+#     for the other argnums. The route names a caller may use come from the registry
+#     (:func:`jacbatch.methods.names`); a plan names the route that runs (``Step.method``).
+
+
 def choose_autodiff(in_numel: int, out_numel: int, forward_ok: bool = True) -> tuple[str, str]:
     """The autodiff route expected to be fastest for one sample's sizes, with the reason.
 
@@ -122,9 +135,12 @@ def plan_auto(
     ``forward_ok=False`` keeps autodiff off forward mode (see :func:`choose_autodiff`).
     """
     traced = traced or {}
-    with_trace = tuple(a for a in argnums if traced.get(a, "") is None)
-    without = tuple(a for a in argnums if a not in with_trace)
+    with_rule = tuple(a for a in argnums if registered(func, a))
+    with_trace = tuple(a for a in argnums if a not in with_rule and traced.get(a, "") is None)
+    without = tuple(a for a in argnums if a not in with_rule and a not in with_trace)
     steps = []
+    if with_rule:
+        steps.append(Step("closed_form", with_rule, "registered closed-form rule, no autodiff"))
     if with_trace:
         steps.append(
             Step("traced", with_trace, "every traced op has a closed-form rule, no autodiff")
@@ -230,12 +246,12 @@ IN_TRANSFORM = (
 
 
 def traced_analyses(call: Call, argnums: Sequence[int], retry: bool = False) -> dict[int, Any]:
-    """Per argnum, the traced analysis (cached with the trace).
+    """Per argnum without a registered rule, the traced analysis (cached with the trace).
 
     Inside a torch.func transform nothing is traced: tracing would see the transform's wrapped
     values, not the function (and cache that graph for later calls).
     """
-    todo = list(argnums)
+    todo = [a for a in argnums if not registered(call.func, a)]
     if not todo:
         return {}
     if in_transform(call.args):
@@ -252,6 +268,13 @@ def _node_notes(analyses: Mapping[int, Any]) -> tuple[str, ...]:
         for nn in an.notes:
             notes.append(f"argnum {a}: {nn}")
     return tuple(notes)
+
+
+def registered(func: Callable[..., Any], argnum: int) -> bool:
+    """Whether a closed-form rule is registered for ``func`` w.r.t. ``argnum`` (transitional:
+    see :mod:`jacbatch.methods.registered`; always False once the registry is gone)."""
+    lookup = getattr(rules, "lookup", None)
+    return lookup is not None and lookup(func, argnum) is not None
 
 
 def untraceable(probe: _probe.ProbeResult | None) -> str | None:
@@ -314,6 +337,11 @@ def make_plan(
     out_shape: tuple[int, ...],
     probe: _probe.ProbeResult | None = None,
 ) -> Plan:
+    """The plan of a probed call for ``method`` (see NOTE [What method="closed_form" asks for]).
+
+    Raises before any work where the request cannot be met: ``method="closed_form"`` for a
+    function with no traced closed form, a random ``func`` under ``randomness="error"``.
+    """
     in_shapes = tuple(call.sample_shape(a) for a in call.argnums)
     probe = probe if probe is not None else (call.probe or probe_call(call))
     if method == "closed_form" and _probe.probing():
@@ -324,14 +352,16 @@ def make_plan(
     protection = protection_of(call, probe)
     why = untraceable(probe)
     if why is not None and method in ("auto", "closed_form"):
-        if method == "closed_form":
+        todo = [a for a in call.argnums if not registered(call.func, a)]
+        if method == "closed_form" and todo:
             V.no_closed_form_for("jacobian", why)
+        # Registered rules never run func; nothing is traced.
         steps = plan_auto(
             call.func,
             call.argnums,
             [math.prod(s) for s in in_shapes],
             math.prod(out_shape),
-            traced={a: f"func {why}" for a in call.argnums},
+            traced={a: f"func {why}" for a in todo},
         )
         if protection.writes_state:  # torch.func refuses writes into captured tensors
             steps = tuple(
@@ -358,10 +388,19 @@ def make_plan(
         analyses = traced_analyses(call, call.argnums, retry=True)
         for a, an in analyses.items():
             if not an.ok:
-                V.no_rule_error(
-                    "jacobian", call.func, a, rules.available(), f"Tracing it: {an.reason}."
-                )
-        steps = (Step("traced", call.argnums, "requested (closed form from the traced graph)"),)
+                available: list[str] = getattr(rules, "available", list)()  # transitional
+                V.no_rule_error("jacobian", call.func, a, available, f"Tracing it: {an.reason}.")
+        with_rule = tuple(a for a in call.argnums if a not in analyses)
+        steps = tuple(
+            st
+            for st in (
+                Step("closed_form", with_rule, "requested") if with_rule else None,
+                Step("traced", tuple(analyses), "requested (closed form from the traced graph)")
+                if analyses
+                else None,
+            )
+            if st is not None
+        )
         notes = _node_notes(analyses)
     else:
         steps = (Step(by_method(method).name, call.argnums, "requested"),)

@@ -161,9 +161,7 @@ def test_vmap_around_an_unbatched_jacobian(method):
 
 
 @pytest.mark.parametrize("argnum", [0, 1])
-# method="closed_form" is the traced route, which is not used inside torch.func transforms
-# (NOTE in jacbatch.plan: tracing would see the transform's wrapped values); "auto" composes.
-@pytest.mark.parametrize("method", ["auto"])
+@pytest.mark.parametrize("method", ["auto", "closed_form"])
 def test_registered_closed_form_composes(method, argnum):
     """jacbatch.affine's rules are torch ops on the inputs: differentiable, inside transforms too."""
     A = torch.randn(B, 2, N, dtype=F64, generator=_gen(3))

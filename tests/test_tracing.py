@@ -366,10 +366,10 @@ def test_random_ops_fall_back() -> None:
     assert bool(((diag == 0) | (diag == 1)).all())
 
 
-def test_affine_is_traced_like_any_function() -> None:
+def test_registered_rule_still_wins() -> None:
     A, W, b = X_, W1_, b1_
     plan = jacbatch.explain(jacbatch.affine, A, W, b, argnums=1, in_dims=(0, None, None))
-    assert [s.method for s in plan.steps] == ["traced"]
+    assert [s.method for s in plan.steps] == ["closed_form"]
 
 
 def _inplace(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

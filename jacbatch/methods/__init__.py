@@ -228,7 +228,7 @@ def sample_shapes(call: Call, argnums: Sequence[int]) -> list[tuple[int, ...]]:
 # The registry: one line per route (NOTE [Routes: one protocol, one registry])
 # ---------------------------------------------------------------------------------------------
 
-from . import functorch, traced, vjp  # noqa: E402  (the route modules use the helpers above)
+from . import functorch, registered, traced, vjp  # noqa: E402  (they use the helpers above)
 
 ROUTES: tuple[Route, ...] = (
     traced.ROUTE,
@@ -236,6 +236,7 @@ ROUTES: tuple[Route, ...] = (
     functorch.JACFWD,
     vjp.ROUTE,
     vjp.PER_SAMPLE,
+    registered.ROUTE,  # transitional: the per-function registered closed forms
 )
 
 _BY_NAME: dict[str, Route] = {r.name: r for r in ROUTES}
