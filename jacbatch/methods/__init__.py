@@ -25,7 +25,8 @@ NOTE [Routes: one protocol, one registry]
     composed from op rules over the traced graph, :mod:`.traced`), ``jacrev`` and ``jacfwd``
     (torch.func under vmap, :mod:`.functorch`: one module, two modes of one computation),
     ``vjp`` and the internal ``per_sample`` (explicit VJP loops, the latter never under vmap,
-    for the known torch bugs: :mod:`.vjp`).
+    for the known torch bugs: :mod:`.vjp`), and, transitionally, the internal ``closed_form``
+    (the per-function registered rules, planned ahead of tracing: :mod:`.registered`).
 
     Adding a route is one module and one registry line. A route that differentiates by
     complex-step, say, in ``jacbatch/methods/complex_step.py``::
