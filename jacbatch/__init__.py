@@ -4,7 +4,7 @@ Every Jacobian three ways that agree: closed forms (no autodiff), torch.func (``
 ``jacfwd`` under ``vmap``) and explicit VJP loops. See :func:`jacobian`.
 """
 
-from . import distributed, sensitivity
+from . import distributed, errors, sensitivity
 from .api import (
     CheckReport,
     Plan,
@@ -31,6 +31,7 @@ __all__ = [
     "check",
     "commutation_matrix",
     "distributed",
+    "errors",
     "estimate_memory",
     "explain",
     "iter_jacobian",

@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from . import _probe
-from ._validation import Call
+from .call import Call
 
 
 def _not_finite(t: torch.Tensor) -> bool:

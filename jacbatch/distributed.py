@@ -23,6 +23,13 @@ Split: rank ``r`` of ``n`` gets ``B // n`` samples, and the first ``B % n`` rank
 
 Backends: gloo (CPU tensors; CUDA tensors are staged through host memory) and NCCL (CUDA
 tensors, one GPU per rank, chosen from ``LOCAL_RANK`` by :func:`init`).
+
+Size: about 800 lines in one module on purpose: every public function here runs the same
+staged protocol (NOTE [No rank is left waiting], NOTE [A rank that dies]) with the private
+helpers ``_agree``/``_settle``/``_exchange`` it rests on, and splitting the functions from that
+protocol would make the invariant (no collective before every rank agreed) harder to check.
+Argument checks live in :mod:`jacbatch._distributed_checks`, the DGSM statistics in
+:mod:`jacbatch.sensitivity` (:class:`~jacbatch.sensitivity.DGSMAccumulator`).
 """
 
 from __future__ import annotations
@@ -40,12 +47,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import _distributed_checks as D
 from . import _validation as V
 from . import memory
-from .api import _probe_output
 from .api import jacobian as _jacobian
-
-RankFailedError = V.RankFailedError
+from .call import Call
+from .errors import RankFailedError
+from .request import build_request
 
 __all__ = [
     "Moments",
@@ -193,12 +201,12 @@ def _exchange(group: Group, payload: object, where: str = "", stage: str = "") -
         ]
         where, stage = where or "jacbatch.distributed", stage or "communicating"
         if not dead:
-            raise V.RankFailedError(
+            raise RankFailedError(
                 f"{where}: expected every rank to succeed {stage}, got a rank that could not be "
                 f"reached (on another host, or it died before its process id was known): "
                 f"{str(err).splitlines()[0]}"
             ) from err
-        V.rank_failed_error(where, dead, world, stage)
+        D.rank_failed_error(where, dead, world, stage)
     return gathered
 
 
@@ -210,7 +218,7 @@ def _settle(where: str, group: Group, err: BaseException | None, stage: str) -> 
         return
     if err is not None:
         raise err
-    V.rank_failed_error(where, failures, len(statuses), stage)
+    D.rank_failed_error(where, failures, len(statuses), stage)
 
 
 def _agree(where: str, group: Group, err: BaseException | None, sig: list[tuple[str, Any]]) -> None:
@@ -224,12 +232,12 @@ def _agree(where: str, group: Group, err: BaseException | None, sig: list[tuple[
     if failures:
         if err is not None:
             raise err
-        V.rank_failed_error(where, failures, len(gathered), "validating its arguments")
+        D.rank_failed_error(where, failures, len(gathered), "validating its arguments")
     ref = gathered[0][1]
     for r, (_, other, _) in enumerate(gathered[1:], start=1):
         for (field, mine), (_, theirs) in zip(other, ref, strict=False):
             if mine != theirs:
-                V.rank_disagreement_error(where, r, field, mine, theirs)
+                D.rank_disagreement_error(where, r, field, mine, theirs)
 
 
 def _fingerprint(t: torch.Tensor) -> str:
@@ -243,7 +251,7 @@ def _global(group: Group, r: int) -> int:
 
 @dataclass(frozen=True)
 class _Setup:
-    call: V.Call
+    call: Call
     rank: int
     world: int
     start: int
@@ -271,32 +279,29 @@ def _validate(
     group: Group,
     check_values: bool,
     extra: list[tuple[str, Any]],
-    more_checks: Callable[[V.Call], None] | None = None,
+    more_checks: Callable[[Call], None] | None = None,
 ) -> _Setup:
-    V.check_process_group(where, dist.is_available() and dist.is_initialized())
+    D.check_process_group(where, dist.is_available() and dist.is_initialized())
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     err: BaseException | None = None
     sig: list[tuple[str, Any]] = []
     setup = None
     try:
         backend = str(dist.get_backend(group))
-        call = V.normalize_call(where, func, args, argnums, in_dims)
-        V.check_method(where, method)
-        layout = V.check_vec(where, vec)
-        V.check_chunk_size(where, chunk_size)
-        V.check_distributed_call(where, call, backend)
-        if more_checks is not None:
-            more_checks(call)
-        out_shape = _probe_output(call)
+
+        def checks(call: Call) -> None:
+            D.check_distributed_call(where, call, backend)
+            if more_checks is not None:
+                more_checks(call)
+
+        # Validated and probed only: each rank plans its own shard (NOTE [One request per call]).
+        req = build_request(
+            where, func, args, argnums, in_dims, method=method, vec=vec, chunk_size=chunk_size,
+            fit=None, plan=False, checks=checks,
+        )  # fmt: skip
+        call, out_shape, shapes = req.call, req.out_shape, req.shapes
         B = call.batch_size
         assert B is not None  # checked above
-        shapes = []
-        for a in call.argnums:
-            in_shape = call.sample_shape(a)
-            if layout is None:
-                shapes.append((B, *out_shape, *in_shape))
-            else:
-                shapes.append((B, math.prod(out_shape), math.prod(in_shape)))
         start, stop = shard_range(B, world, rank)
         comm = call.device if backend == "nccl" else torch.device("cpu")
         setup = _Setup(call, rank, world, start, stop, tuple(shapes), comm)
@@ -364,7 +369,7 @@ def _check_fits(where: str, s: _Setup, holds_all: bool, in_place: bool) -> None:
     local = ranks_on_this_host(s.call.device, s.world)
     free = memory.available_memory(s.call.device)
     if need > free // local:
-        V.distributed_too_large(where, need, gathered, shard, free, local)
+        D.distributed_too_large(where, need, gathered, shard, free, local)
 
 
 def _local_budget(s: _Setup) -> int:
@@ -451,9 +456,9 @@ def jacobian(
     world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
     mode = "?"
 
-    def checks(call: V.Call) -> None:
+    def checks(call: Call) -> None:
         nonlocal mode
-        m = V.check_gather(where, gather, dst, world)
+        m = D.check_gather(where, gather, dst, world)
         mode = "none" if m is None else m
 
     s = _validate(
@@ -561,7 +566,7 @@ def save_jacobian(
     where = "distributed.save_jacobian"
     paths: tuple[str, ...] = ()
 
-    def checks(call: V.Call) -> None:
+    def checks(call: Call) -> None:
         nonlocal paths
         paths = V.check_npy_paths(where, path, len(call.argnums), call.dtype)
 
@@ -677,7 +682,7 @@ def reduce_moments(values: torch.Tensor, group: Group = None) -> Moments:
         :class:`Moments` with ``sum`` and ``sum_sq`` of shape ``(*shape)`` on ``values``' device.
     """
     where = "distributed.reduce_moments"
-    V.check_process_group(where, dist.is_available() and dist.is_initialized())
+    D.check_process_group(where, dist.is_available() and dist.is_initialized())
     err: BaseException | None = None
     sig: list[tuple[str, Any]] = []
     try:
@@ -747,7 +752,7 @@ def dgsm(
     from . import sensitivity as S
 
     where = "distributed.dgsm"
-    V.check_process_group(where, dist.is_available() and dist.is_initialized())
+    D.check_process_group(where, dist.is_available() and dist.is_initialized())
     err: BaseException | None = None
     sig: list[tuple[str, Any]] = []
     setup = None
@@ -769,40 +774,20 @@ def dgsm(
     assert setup is not None
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     start, stop = shard_range(setup.X.shape[0], world, rank)
-    moments = None
+    local = None
     try:
-        moments = S._dgsm_accumulate(where, func, setup, slice(start, stop))
+        local = S._dgsm_accumulate(where, func, setup, slice(start, stop))
     except BaseException as e:  # SystemExit too: NOTE [A rank that dies]
         err = e
     _settle(where, group, err, "computing its shard")
-    assert moments is not None
-    sq, ab, out, out_shape = moments
+    assert local is not None and local.out_shape is not None
     comm = (
         torch.device("cuda", torch.cuda.current_device())
         if dist.get_backend(group) == "nccl"
         else torch.device("cpu")
     )
-    o, d = math.prod(out_shape), setup.X.shape[1]
-    parts = []
-    for m, shape in ((sq, (o, d)), (ab, (o, d)), (out, (o,))):
-        if m.n == 0 or m.mean is None or m.m2 is None:
-            parts += [torch.zeros(shape, dtype=torch.float64, device=comm)] * 2
-        else:  # sum and sum of squares, from this rank's mean and squared deviations
-            total = m.mean * m.n
-            parts += [total.to(comm), (m.m2 + total * m.mean).to(comm)]
-    n_local = torch.tensor([float(stop - start)], dtype=torch.float64, device=comm)
-    packed = torch.cat([n_local, *(p.reshape(-1) for p in parts)])
+    d = setup.X.shape[1]
+    packed = local.sums(local.out_shape, d, comm)  # counts, sums and sums of squares
     dist.all_reduce(packed, group=group)
-    n = round(packed[0].item())
-    sizes = [p.numel() for p in parts]
-    pieces = torch.split(packed[1:].to(setup.X.device), sizes)
-    merged = [
-        S._Moments.from_sums(
-            n,
-            pieces[2 * k].reshape(parts[2 * k].shape),
-            pieces[2 * k + 1].reshape(parts[2 * k].shape),
-        )
-        for k in range(3)
-    ]
-    m_sq, m_ab, m_out = merged
-    return S._dgsm_result(where, func, setup, m_sq, m_ab, m_out, out_shape, output_names)
+    total = S.DGSMAccumulator.from_sums(packed.to(setup.X.device), local.out_shape, d)
+    return S._dgsm_result(where, func, setup, total, output_names)

@@ -67,9 +67,6 @@ from . import _validation as V
 #: Fraction of currently free memory used as the default working budget.
 DEFAULT_FRACTION = 0.5
 
-#: Peak working memory as a multiple of the output when a route cannot be simulated.
-FALLBACK_MULTIPLE = {"closed_form": 0.1, "jacrev": 3.0, "jacfwd": 4.0, "vjp": 1.5}
-
 _UNITS = {
     "": 1,
     "b": 1,

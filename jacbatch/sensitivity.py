@@ -40,16 +40,28 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import _sensitivity_checks as C
 from . import _state
 from . import _validation as V
+from ._dgsm import (
+    DGSMAccumulator,
+    DGSMResult,
+    Moments,
+    _default_names,
+    _output_names,
+)
 from ._table import format_table
-from .api import explain, jacobian
+from .api import explain
+from .executor import execute
 from .methods import vjp as _vjp
+from .request import build_request
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "DGSMAccumulator",
     "DGSMResult",
     "LocalSensitivity",
+    "Moments",
     "dgsm",
     "local_sensitivity",
     "sample_normal",
@@ -58,8 +70,6 @@ __all__ = [
 
 #: Samples per call to :func:`jacbatch.jacobian` unless ``batch_size`` says otherwise.
 DEFAULT_BATCH_SIZE: int = 2**16
-
-_MEASURES: tuple[str, ...] = ("nu", "mean_abs", "bound")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,13 +83,13 @@ def _generator(
     generator: torch.Generator | None,
     device: torch.device | str | None,
 ) -> tuple[torch.Generator | None, torch.device]:
-    V.check_seed(where, seed, generator)
+    C.check_seed(where, seed, generator)
     if device is None:
         dev = generator.device if generator is not None else torch.device("cpu")
     else:
         dev = torch.device(device)
     if generator is not None:
-        V.check_generator_device(where, generator, dev)
+        C.check_generator_device(where, generator, dev)
         return generator, dev
     if seed is not None:
         return torch.Generator(device=dev).manual_seed(seed), dev
@@ -115,9 +125,9 @@ def sample_uniform(
         (torch.Size([5, 2]), True)
     """
     where = "sample_uniform"
-    n = V.check_sample_count(where, n)
+    n = C.check_sample_count(where, n)
     gen, dev = _generator(where, seed, generator, device)
-    b = V.as_bounds(where, bounds, _rows(bounds), dtype, dev)
+    b = C.as_bounds(where, bounds, _rows(bounds), dtype, dev)
     u = torch.rand(n, b.shape[0], generator=gen, device=dev, dtype=dtype)
     return torch.clamp(b[:, 0] + (b[:, 1] - b[:, 0]) * u, b[:, 0], b[:, 1])
 
@@ -147,10 +157,10 @@ def sample_normal(
         torch.Size([4, 2])
     """
     where = "sample_normal"
-    n = V.check_sample_count(where, n)
+    n = C.check_sample_count(where, n)
     gen, dev = _generator(where, seed, generator, device)
-    mu = V.as_vector(where, "mean", mean, None, dtype, dev)
-    sigma = V.as_positive_vector(where, "std", std, mu.shape[0], dtype, dev)
+    mu = C.as_vector(where, "mean", mean, None, dtype, dev)
+    sigma = C.as_positive_vector(where, "std", std, mu.shape[0], dtype, dev)
     return mu + sigma * torch.randn(n, mu.shape[0], generator=gen, device=dev, dtype=dtype)
 
 
@@ -165,6 +175,12 @@ def _rows(bounds: object) -> int:
 # ---------------------------------------------------------------------------------------------
 # Running a sample through jacobian() in batches
 # ---------------------------------------------------------------------------------------------
+
+
+#: The options of :func:`jacbatch.jacobian` a caller may pass through (the others are set here).
+_JACOBIAN_OPTIONS = frozenset(
+    ("chunk_size", "max_memory", "progress", "randomness", "create_graph")
+)
 
 
 def _batches(
@@ -187,16 +203,22 @@ def _batches(
         xc = X[start : start + step]
         if same is not None:
             _state.set_rng_state(X.device, same)
-        J = jacobian(func, xc, method=method, vec="row", **jacobian_kwargs)
+        for k in jacobian_kwargs:  # as jacbatch.jacobian(**jacobian_kwargs) would refuse it
+            if k not in _JACOBIAN_OPTIONS:
+                raise TypeError(f"jacobian() got an unexpected keyword argument {k!r}")
+        req = build_request(
+            "jacobian", func, (xc,), 0, 0, method=method, vec="row", **jacobian_kwargs
+        )
+        J = execute(req)
         assert isinstance(J, torch.Tensor)
-        call = V.normalize_call(where, func, (xc,), 0, 0)
-        call = dataclasses.replace(call, randomness=jacobian_kwargs.get("randomness", "error"))
+        # the forward on the request's call: validated once, not probed again
+        call = dataclasses.replace(req.call, create_graph=False, probe=None)
         if same is not None:  # the outputs of the same draw
             _state.set_rng_state(X.device, same)
         with torch.no_grad():
             y = _vjp.forward(call, [xc], [True], xc.shape[0])
-        V.check_finite_outputs(where, y, start)
-        V.check_finite_jacobian(where, J, start)
+        C.check_finite_outputs(where, y, start)
+        C.check_finite_jacobian(where, J, start)
         yield start, xc, y.detach(), J
 
 
@@ -205,54 +227,6 @@ def _route(
 ) -> str:
     """The route(s) jacobian took for ``func`` (after any fallback), e.g. ``"jacrev"``."""
     return "+".join(s.method for s in explain(func, x, method=method, randomness=randomness).steps)
-
-
-class _Moments:
-    """Running mean and sum of squared deviations over batches (Chan et al.), in float64."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    def update(self, q: torch.Tensor) -> None:
-        q = q.to(torch.float64)
-        c = q.shape[0]
-        var_c, mean_c = torch.var_mean(q, dim=0, correction=0)  # one fused pass
-        m2_c = var_c * c
-        if self.mean is None or self.m2 is None:
-            self.n, self.mean, self.m2 = c, mean_c, m2_c
-            return
-        n = self.n + c
-        delta = mean_c - self.mean
-        self.mean = self.mean + delta * (c / n)
-        self.m2 = self.m2 + m2_c + delta**2 * (self.n * c / n)
-        self.n = n
-
-    @classmethod
-    def from_sums(cls, n: int, total: torch.Tensor, total_sq: torch.Tensor) -> _Moments:
-        """Moments of ``n`` values from their sum and sum of squares (float64, e.g. over ranks)."""
-        m = cls()
-        m.n = n
-        m.mean = total / n
-        m.m2 = (total_sq - total * m.mean).clamp_min(0)
-        return m
-
-    def variance(self) -> torch.Tensor:
-        assert self.m2 is not None
-        return self.m2 / (self.n - 1)
-
-    def standard_error(self) -> torch.Tensor:
-        return torch.sqrt(self.variance() / self.n)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables
-# ---------------------------------------------------------------------------------------------
-
-
-def _default_names(prefix: str, n: int) -> tuple[str, ...]:
-    return tuple(f"{prefix}[{k}]" for k in range(n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,20 +333,20 @@ def local_sensitivity(
                 [2., 1.]])
     """
     where = "local_sensitivity"
-    x = V.check_points(where, x).detach()
+    x = C.check_points(where, x).detach()
     method = V.check_method(where, method)
-    batch_size = V.check_samples_per_call(where, batch_size)
-    zero_output = V.check_zero_output(where, zero_output)
-    jacobian_kwargs = V.check_jacobian_kwargs(where, jacobian_kwargs)
+    batch_size = C.check_samples_per_call(where, batch_size)
+    zero_output = C.check_zero_output(where, zero_output)
+    jacobian_kwargs = C.check_jacobian_kwargs(where, jacobian_kwargs)
     B, in_shape = x.shape[0], tuple(x.shape[1:])
     i = math.prod(in_shape)
-    in_names = V.check_names(where, "input_names", input_names, i)
+    in_names = C.check_names(where, "input_names", input_names, i)
 
     ys, Js = [], []
     out_names = None
     for start, _, y, J in _batches(where, func, x, method, batch_size, jacobian_kwargs):
         if start == 0:  # the output size is known now: check the names before more work
-            out_names = V.check_names(where, "output_names", output_names, J.shape[1])
+            out_names = C.check_names(where, "output_names", output_names, J.shape[1])
         ys.append(y)
         Js.append(J)
     y_all, J_flat = torch.cat(ys), torch.cat(Js)  # (B, *out_shape), (B, o, i)
@@ -382,7 +356,7 @@ def local_sensitivity(
     zero = y_flat == 0
     if zero_output == "raise" and bool(zero.any()):
         count = int(zero.any(dim=1).sum())
-        V.zero_output_error(where, count, int(zero.any(dim=1).nonzero()[0, 0]))
+        C.zero_output_error(where, count, int(zero.any(dim=1).nonzero()[0, 0]))
     x_flat = x.reshape(B, 1, i)
     with torch.no_grad():
         E = J_flat * x_flat / y_flat.unsqueeze(-1)
@@ -398,154 +372,9 @@ def local_sensitivity(
     )
 
 
-def _output_names(out_shape: tuple[int, ...]) -> tuple[str, ...]:
-    return ("y",) if out_shape == () else _default_names("y", math.prod(out_shape))
-
-
 # ---------------------------------------------------------------------------------------------
 # Derivative-based global sensitivity measures
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DGSMResult:
-    """Derivative-based global sensitivity measures over a sample (see :func:`dgsm`).
-
-    Shapes use ``out_shape`` for the model's per-sample output shape (``()`` for a scalar model)
-    and ``d`` for the number of inputs.
-
-    Attributes:
-        nu: ``ν_j = E[(∂f/∂x_j)²]``, shape ``(*out_shape, d)``.
-        nu_se: standard error of ``nu`` from the sample, ``(*out_shape, d)``.
-        mean_abs: ``E[|∂f/∂x_j|]``, ``(*out_shape, d)``.
-        mean_abs_se: standard error of ``mean_abs``, ``(*out_shape, d)``.
-        mean: sample mean of the outputs, ``out_shape``.
-        variance: unbiased sample variance ``V`` of the outputs, ``out_shape``.
-        total_index_bound: upper bound ``C_j ν_j / V`` on the Sobol total index ``S_T,j``
-            (``C_j = (b_j − a_j)² / π²`` for uniform, ``σ_j²`` for normal inputs), shape
-            ``(*out_shape, d)``; NaN for outputs with ``V == 0`` (constant on the sample, so no
-            variance to apportion); ``None`` when no input distribution was given.
-        n_samples: ``N``.
-        input_names: ``d`` names.
-        output_names: one name per output element (row-major).
-        route: the route :func:`jacbatch.jacobian` took.
-    """
-
-    nu: torch.Tensor
-    nu_se: torch.Tensor
-    mean_abs: torch.Tensor
-    mean_abs_se: torch.Tensor
-    mean: torch.Tensor
-    variance: torch.Tensor
-    total_index_bound: torch.Tensor | None
-    n_samples: int
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    route: str
-
-    def _flat(self, t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(len(self.output_names), len(self.input_names))
-
-    def __str__(self) -> str:
-        d = len(self.input_names)
-        nu, nu_se = self._flat(self.nu), self._flat(self.nu_se)
-        ma, ma_se = self._flat(self.mean_abs), self._flat(self.mean_abs_se)
-        var = self.variance.reshape(-1)
-        bound = None if self.total_index_bound is None else self._flat(self.total_index_bound)
-        lines = [
-            f"DGSM over N = {self.n_samples} samples (route: {self.route}); "
-            f"estimate ± standard error"
-        ]
-        for k, name in enumerate(self.output_names):
-            v = float(var[k])
-            note = " — constant on the sample, no total-index bound" if v == 0 else ""
-            lines.append(f"output {name}: variance V = {v:.6g}{note}")
-            header = ["input", "nu = E[(df/dx)^2]", "E[|df/dx|]"]
-            if bound is not None:
-                header.append("S_T bound")
-            rows = []
-            for j in range(d):
-                row = [
-                    self.input_names[j],
-                    f"{float(nu[k, j]):.6g} ± {float(nu_se[k, j]):.2g}",
-                    f"{float(ma[k, j]):.6g} ± {float(ma_se[k, j]):.2g}",
-                ]
-                if bound is not None:
-                    b = float(bound[k, j])
-                    row.append("n/a" if math.isnan(b) else f"{b:.4g}")
-                rows.append(row)
-            lines.extend(format_table(header, rows, indent="  "))
-        return "\n".join(lines)
-
-    def plot(
-        self,
-        path: str | None = None,
-        *,
-        measure: str = "nu",
-        outputs: Sequence[int] | None = None,
-        log: bool = False,
-    ) -> Any:
-        """Bar chart of one measure per input, one group of bars per output element.
-
-        Needs matplotlib (imported here, lazily); no pyplot state is touched.
-
-        Args:
-            path: where to save the figure as PNG (``None``: only return it).
-            measure: ``"nu"`` (with standard-error bars), ``"mean_abs"`` (likewise) or
-                ``"bound"`` (the total-index bounds).
-            outputs: flat indices of the outputs to show (default all).
-            log: log-scaled value axis.
-
-        Returns:
-            The ``matplotlib.figure.Figure``.
-
-        Raises:
-            ImportError: matplotlib is not installed.
-        """
-        where = "DGSMResult.plot"
-        measure = V.check_choice(where, "measure", measure, _MEASURES)
-        if measure == "bound" and self.total_index_bound is None:
-            V.no_total_index_bound_error(where)
-        o, d = len(self.output_names), len(self.input_names)
-        show = list(range(o)) if outputs is None else [int(k) for k in outputs]
-        V.check_output_indices(where, show, o)
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:
-            V.missing_optional_error(where, "matplotlib", "plot")
-        values, errors, label = {
-            "nu": (self.nu, self.nu_se, "ν = E[(∂f/∂x)²]"),
-            "mean_abs": (self.mean_abs, self.mean_abs_se, "E[|∂f/∂x|]"),
-            "bound": (self.total_index_bound, None, "upper bound on S_T"),
-        }[measure]
-        assert values is not None
-        val = self._flat(values).double().cpu()
-        err = None if errors is None else self._flat(errors).double().cpu()
-        fig = Figure(figsize=(min(12.0, 2.0 + 0.8 * d * max(1, len(show)) ** 0.5), 3.5))
-        ax = fig.subplots()
-        width = 0.8 / max(1, len(show))
-        for n, k in enumerate(show):
-            pos = [j + (n - (len(show) - 1) / 2) * width for j in range(d)]
-            ax.bar(
-                pos,
-                val[k].tolist(),
-                width=width,
-                yerr=None if err is None else err[k].tolist(),
-                capsize=3,
-                label=self.output_names[k],
-            )
-        ax.set_xticks(list(range(d)))
-        ax.set_xticklabels(self.input_names)
-        ax.set_ylabel(label)
-        if log:
-            ax.set_yscale("log")
-        ax.set_title(f"DGSM, N = {self.n_samples}")
-        if len(show) > 1:
-            ax.legend()
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, format="png", dpi=120)
-        return fig
 
 
 def dgsm(
@@ -600,8 +429,8 @@ def dgsm(
     """
     where = "dgsm"
     setup = _dgsm_setup(where, X, bounds, std, method, batch_size, jacobian_kwargs, input_names)
-    sq, ab, out, out_shape = _dgsm_accumulate(where, func, setup)
-    return _dgsm_result(where, func, setup, sq, ab, out, out_shape, output_names)
+    acc = _dgsm_accumulate(where, func, setup)
+    return _dgsm_result(where, func, setup, acc, output_names)
 
 
 @dataclass(frozen=True)
@@ -625,20 +454,20 @@ def _dgsm_setup(
     input_names: Sequence[str] | None,
 ) -> _DGSMSetup:
     """Validate a DGSM study before any work; the Poincaré constants of the inputs."""
-    X = V.check_sample(where, X).detach()
+    X = C.check_sample(where, X).detach()
     method = V.check_method(where, method)
-    batch_size = V.check_samples_per_call(where, batch_size)
-    jacobian_kwargs = V.check_jacobian_kwargs(where, jacobian_kwargs)
-    V.check_input_distribution(where, bounds, std)
+    batch_size = C.check_samples_per_call(where, batch_size)
+    jacobian_kwargs = C.check_jacobian_kwargs(where, jacobian_kwargs)
+    C.check_input_distribution(where, bounds, std)
     _, d = X.shape
-    in_names = V.check_names(where, "input_names", input_names, d)
+    in_names = C.check_names(where, "input_names", input_names, d)
     poincare = None
     if bounds is not None:
-        box = V.as_bounds(where, bounds, d, X.dtype, X.device)
-        V.check_within_bounds(where, X, box)
+        box = C.as_bounds(where, bounds, d, X.dtype, X.device)
+        C.check_within_bounds(where, X, box)
         poincare = ((box[:, 1] - box[:, 0]) / math.pi) ** 2
     elif std is not None:
-        poincare = V.as_positive_vector(where, "std", std, d, X.dtype, X.device) ** 2
+        poincare = C.as_positive_vector(where, "std", std, d, X.dtype, X.device) ** 2
     return _DGSMSetup(X, method, batch_size, jacobian_kwargs, in_names, poincare)
 
 
@@ -647,59 +476,33 @@ def _dgsm_accumulate(
     func: Callable[..., torch.Tensor],
     setup: _DGSMSetup,
     rows: slice = slice(None),
-) -> tuple[_Moments, _Moments, _Moments, tuple[int, ...]]:
-    """Moments of ``J²``, ``|J|`` (``(o, d)`` per sample) and ``y`` (``(o,)``) over ``X[rows]``."""
-    sq, ab, out = _Moments(), _Moments(), _Moments()
+) -> DGSMAccumulator:
+    """The statistics of ``J²``, ``|J|`` and ``y`` over ``X[rows]`` (its output shape known even
+    for an empty slice)."""
+    acc = DGSMAccumulator()
     X = setup.X[rows]
-    out_shape: tuple[int, ...] | None = None
     kw = setup.jacobian_kwargs
     for _, _, y, J in _batches(where, func, X, setup.method, setup.batch_size, kw):
-        out_shape = tuple(y.shape[1:])
-        J64 = J.to(torch.float64)  # (c, o, d)
-        sq.update(J64 * J64)
-        ab.update(J64.abs())
-        out.update(y.reshape(y.shape[0], -1))
-    if out_shape is None:  # an empty slice (a rank without samples): the shape from one sample
+        acc.update(J, y)
+    if acc.out_shape is None:  # an empty slice (a rank without samples): the shape from one sample
         _, _, y, _ = next(_batches(where, func, setup.X[:1], setup.method, None, kw))
-        out_shape = tuple(y.shape[1:])
-    return sq, ab, out, out_shape
+        acc.out_shape, acc.n_inputs = tuple(y.shape[1:]), setup.X.shape[1]
+    return acc
 
 
 def _dgsm_result(
     where: str,
     func: Callable[..., torch.Tensor],
     setup: _DGSMSetup,
-    sq: _Moments,
-    ab: _Moments,
-    out: _Moments,
-    out_shape: tuple[int, ...],
+    acc: DGSMAccumulator,
     output_names: Sequence[str] | None,
 ) -> DGSMResult:
-    """The DGSM result from the moments over the whole sample."""
-    X, poincare = setup.X, setup.poincare
-    N, d = X.shape
-    out_names = V.check_names(where, "output_names", output_names, math.prod(out_shape))
-    assert sq.mean is not None and ab.mean is not None and out.mean is not None
-    V_out = out.variance()  # (o,)
-    bound = None
-    if poincare is not None:
-        ratio = poincare.to(torch.float64) * sq.mean / V_out.unsqueeze(-1)
-        bound = torch.where((V_out == 0).unsqueeze(-1), torch.full_like(ratio, math.nan), ratio)
-
-    def shaped(t: torch.Tensor, per_input: bool = True) -> torch.Tensor:
-        shape = (*out_shape, d) if per_input else out_shape
-        return t.reshape(shape).to(X.dtype)
-
-    return DGSMResult(
-        nu=shaped(sq.mean),
-        nu_se=shaped(sq.standard_error()),
-        mean_abs=shaped(ab.mean),
-        mean_abs_se=shaped(ab.standard_error()),
-        mean=shaped(out.mean, per_input=False),
-        variance=shaped(V_out, per_input=False),
-        total_index_bound=None if bound is None else shaped(bound),
-        n_samples=N,
-        input_names=setup.in_names or _default_names("x", d),
-        output_names=out_names or _output_names(out_shape),
-        route=_route(func, X[:1], setup.method, setup.jacobian_kwargs.get("randomness", "error")),
-    )
+    """The DGSM result from the statistics over the whole sample."""
+    X = setup.X
+    assert acc.out_shape is not None
+    out_names = C.check_names(where, "output_names", output_names, math.prod(acc.out_shape))
+    randomness = setup.jacobian_kwargs.get("randomness", "error")
+    return acc.result(
+        setup.poincare, setup.in_names, out_names, X.dtype,
+        _route(func, X[:1], setup.method, randomness),
+    )  # fmt: skip

@@ -15,18 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _progress, memory
 from . import _validation as V
-from .api import (
-    Plan,
-    _execute,
-    _fit,
-    _normalize,
-    _plan,
-    _probed,
-    _result_shape,
-    _slice_call,
-)
+from .executor import chunks
+from .request import Request, build_request
 
 
 def iter_jacobian(
@@ -69,11 +60,11 @@ def iter_jacobian(
         >>> [(s.start, s.stop, J.shape) for s, J in iter_jacobian(torch.sin, X, batch_chunk=4)]
         [(0, 4, torch.Size([4, 3, 3])), (4, 8, torch.Size([4, 3, 3])), (8, 10, torch.Size([2, 3, 3]))]
     """
-    it, _, _ = _prepare(
+    req = _prepare(
         "iter_jacobian", func, args, argnums, in_dims, method, vec, chunk_size,
         max_memory, batch_chunk, progress, randomness, create_graph,
     )  # fmt: skip
-    return it
+    return chunks(req)
 
 
 def _prepare(
@@ -90,54 +81,13 @@ def _prepare(
     progress: bool | None,
     randomness: str = "error",
     create_graph: bool = False,
-) -> tuple[Iterator[tuple[slice, Any]], V.Call, tuple[int, ...]]:
-    """Validate and plan a chunked run once: the chunk iterator, the call and the output shape."""
-    call = _normalize(where, func, args, argnums, in_dims, randomness)
-    method = V.check_method(where, method)
-    layout = V.check_vec(where, vec)
-    chunk_size = V.check_chunk_size(where, chunk_size)
-    show = V.check_progress(where, progress)
-    if call.batch_size is None:
-        V.needs_batch(where)
-    budget = (
-        memory.default_budget(call.device)
-        if max_memory is None
-        else memory.parse_bytes(where, max_memory)
-    )
-    call, out_shape = _probed(call, V.check_bool(where, "create_graph", create_graph))
-    plan = _plan(call, method, out_shape, call.probe)
-    if batch_chunk is None:
-        batch_chunk, chunk_size = _fit(call, plan, out_shape, layout, chunk_size, budget, True)
-    else:
-        batch_chunk = V.check_positive_int(where, "batch_chunk", batch_chunk)
-    it = _chunks(call, plan, method, chunk_size, out_shape, layout, batch_chunk, show)
-    return it, call, out_shape
-
-
-def _chunks(
-    call: V.Call,
-    plan: Plan,
-    method: str,
-    chunk_size: int | None,
-    out_shape: tuple[int, ...],
-    layout: str | None,
-    batch_chunk: int,
-    show: bool | None,
-) -> Iterator[tuple[slice, Any]]:
-    B = call.batch_size or 0
-    with _progress.progress(B, show, "iter_jacobian") as bar:
-        for start in range(0, B, batch_chunk):
-            n = min(batch_chunk, B - start)
-            sub = _slice_call(call, start, n)
-            res = _execute(
-                sub, plan, method, chunk_size, out_shape, layout, [None] * len(call.argnums)
-            )
-            bar(n)
-            chunk = tuple(res) if call.tuple_argnums else res[0]
-            del res
-            yield slice(start, start + n), chunk
-            del chunk  # the caller has dropped it too: free it before computing the next
-            memory.release_freed()  # see NOTE [A chunk costs what it holds]
+) -> Request:
+    """Validate and plan a chunked run once (the budget covers one chunk's result too)."""
+    return build_request(
+        where, func, args, argnums, in_dims, method=method, vec=vec, chunk_size=chunk_size,
+        randomness=randomness, create_graph=create_graph, max_memory=max_memory,
+        progress=progress, batch_chunk=batch_chunk, chunked=True, fit="chunk",
+    )  # fmt: skip
 
 
 def save_jacobian(
@@ -183,13 +133,14 @@ def save_jacobian(
     if isinstance(argnums, tuple):
         V.single_argnum(where, argnums)
     with torch.no_grad():  # a file holds values only: no chunk needs a graph
-        it, call, out_shape = _prepare(
+        req = _prepare(
             where, func, args, argnums, in_dims, method, vec, chunk_size,
             max_memory, batch_chunk, progress, randomness, False,
         )  # fmt: skip
-    (target,) = V.check_npy_paths(where, path, 1, call.dtype)
-    shape = _result_shape(call, call.argnums[0], out_shape, vec)
-    dtype = npy_dtype(where, call.dtype)
+    it = chunks(req)
+    (target,) = V.check_npy_paths(where, path, 1, req.call.dtype)
+    shape = req.shapes[0]
+    dtype = npy_dtype(where, req.call.dtype)
     tmp, offset = create_npy(where, target, dtype, shape)
     try:
         row_bytes = math.prod(shape[1:]) * dtype.itemsize

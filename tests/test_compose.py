@@ -315,11 +315,11 @@ def test_hessian_vector_products_through_the_vjp_route_use_fresh_cotangents():
 
 @pytest.mark.parametrize("method", TRANSFORM_ROUTES)
 def test_memory_chunks_keep_the_graph(method, monkeypatch):
-    import jacbatch.api as api
+    import jacbatch.executor as executor
 
     calls = []
-    real = api._execute
-    monkeypatch.setattr(api, "_execute", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = executor._execute
+    monkeypatch.setattr(executor, "_execute", lambda *a, **k: calls.append(1) or real(*a, **k))
     Xl = torch.randn(40, N, dtype=F64, generator=_gen(8))
     x = Xl.clone().requires_grad_()
     with torch.no_grad():  # create_graph: grad mode on inside, the chunks copied with CopySlices

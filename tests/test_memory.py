@@ -18,8 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import jacbatch
-from jacbatch import api, memory
-from jacbatch._validation import JacobianMemoryError
+from jacbatch import executor, memory
+from jacbatch.errors import JacobianMemoryError
 from tests.conftest import assert_matches, reference_jacobian
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,13 +96,13 @@ def test_a_second_reading_is_used_when_the_first_says_zero(monkeypatch):
 
 def _count_chunks(monkeypatch):
     calls = []
-    real = api._execute
+    real = executor._execute
 
     def counting(call, *rest, **kw):
         calls.append(call.batch_size)
         return real(call, *rest, **kw)
 
-    monkeypatch.setattr(api, "_execute", counting)
+    monkeypatch.setattr(executor, "_execute", counting)
     return calls
 
 
@@ -145,13 +145,13 @@ def test_row_chunking_when_one_sample_exceeds_the_budget(monkeypatch):
 
     whole = jacbatch.jacobian(f, x, method="jacrev")
     seen = []
-    real = api._run_step
+    real = executor._run_step
 
     def spy(call, step, chunk_size, *rest, **kw):
         seen.append(chunk_size)
         return real(call, step, chunk_size, *rest, **kw)
 
-    monkeypatch.setattr(api, "_run_step", spy)
+    monkeypatch.setattr(executor, "_run_step", spy)
     got = jacbatch.jacobian(f, x, method="jacrev", max_memory="1MiB")
     assert torch.equal(got, whole)
     assert any(c is not None and c < 576 for c in seen)
@@ -478,7 +478,7 @@ def test_save_jacobian_checks_free_disk_space_first(tmp_path, monkeypatch):
     from jacbatch import streaming
 
     calls = _count_chunks(monkeypatch)
-    monkeypatch.setattr(streaming, "_execute", api._execute)
+    monkeypatch.setattr(executor, "_execute", executor._execute)
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(streaming.shutil, "disk_usage", lambda d: usage._replace(free=1000))
     with pytest.raises(OSError, match=r"1\.25 KiB to write to .* with 0\.98 KiB free") as err:
@@ -546,16 +546,14 @@ def test_iter_jacobian_frees_each_chunk_before_computing_the_next(monkeypatch):
     """The budget covers one chunk: no chunk may still be alive while the next is computed."""
     import weakref
 
-    from jacbatch import streaming
-
     alive = []
-    real = streaming._execute
+    real = executor._execute
 
     def spy(*args, **kwargs):
         alive.append([r() is not None for r in refs])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(streaming, "_execute", spy)
+    monkeypatch.setattr(executor, "_execute", spy)
     refs: list[weakref.ref] = []
     for _, J in jacbatch.iter_jacobian(
         tanh_affine, *_args(B=9, n=3), in_dims=(0, None, None), batch_chunk=3

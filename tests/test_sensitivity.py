@@ -490,3 +490,32 @@ def test_finite_check_survives_overflowing_sums():
     res = local_sensitivity(lambda p: 1.5e308 * p[0], x)
     assert (res.jacobian == 1.5e308).all()
     torch.testing.assert_close(res.elasticity, torch.ones(3, 1, dtype=torch.float64))
+
+
+def test_dgsm_accumulator_merges_batches_as_one_sample():
+    """update() per batch, merge() of partial accumulators and sums()/from_sums() (what the
+    ranks add up) all give the statistics of the whole sample, computed directly."""
+    from jacbatch.sensitivity import DGSMAccumulator
+
+    def f(x):
+        return torch.stack([torch.sin(x[0]) * x[1], x[0] ** 2 + torch.tanh(x[2])])
+
+    X = torch.rand(50, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    J = torch.stack([torch.autograd.functional.jacobian(f, x) for x in X])  # (50, 2, 3)
+    y = torch.stack([f(x) for x in X])
+    parts = []
+    for s in (slice(0, 7), slice(7, 30), slice(30, 50)):
+        acc = DGSMAccumulator()
+        acc.update(J[s], y[s])
+        parts.append(acc)
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    packed = sum(p.sums((2,), 3, torch.device("cpu")) for p in parts)
+    summed = DGSMAccumulator.from_sums(packed, (2,), 3)
+    for acc in (merged, summed):
+        res = acc.result()
+        assert res.n_samples == 50
+        torch.testing.assert_close(res.nu, (J * J).mean(0), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(res.mean_abs, J.abs().mean(0), rtol=1e-12, atol=1e-12)
+        se = (J * J).std(0) / 50**0.5
+        torch.testing.assert_close(res.nu_se, se, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(res.variance, y.var(0), rtol=1e-12, atol=1e-12)

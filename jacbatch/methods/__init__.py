@@ -1,5 +1,5 @@
-"""One module per route. Every route computes, for a validated :class:`~jacbatch._validation.Call`
-and a list of argnums, one Jacobian per argnum with a leading batch dimension (``B = 1`` for an
+"""One module per route, and the route registry. Every route computes, for a validated
+:class:`~jacbatch.call.Call` and a list of argnums, one Jacobian per argnum with a leading batch dimension (``B = 1`` for an
 unbatched call; :mod:`jacbatch.api` removes it), in the requested layout:
 
 * ``layout=None``: ``(B, *out_shape, *in_shape)``
@@ -7,6 +7,48 @@ unbatched call; :mod:`jacbatch.api` removes it), in the requested layout:
 
 ``outs`` holds, per argnum, ``None`` or a caller's contiguous buffer of exactly that shape, which
 the route fills and returns.
+
+NOTE [Routes: one protocol, one registry]
+    A route is a :class:`Route`: its ``name`` (as plans and reports show it), the ``method``
+    a caller asks for it by (``None`` for internal routes the planner alone picks), ``compute``
+    (the Jacobians, as described above), ``applies`` (whether it can run a probed call at all,
+    for :func:`jacbatch.check`), and its memory hooks: ``vectorized`` (it takes ``chunk_size``
+    and returns each chunk's Jacobian as a temporary, so the planner may chunk rows or columns
+    and counts the chunk's output) and ``fallback_multiple`` (working memory as a multiple of
+    the result when the route cannot be simulated on meta tensors; NOTE [Estimating peak
+    memory by running the route on meta tensors] in :mod:`jacbatch.memory`). Each route module
+    declares its routes at its end; :data:`ROUTES`, at the end of this module, is the registry:
+    every other module (the planner, :func:`jacbatch.request.execute`, ``check``, the
+    validation of ``method``, :func:`names` for reports and the CLI) reads it.
+
+    The registered routes: ``traced`` (asked for as ``method="closed_form"``: closed forms
+    composed from op rules over the traced graph, :mod:`.traced`), ``jacrev`` and ``jacfwd``
+    (torch.func under vmap, :mod:`.functorch`: one module, two modes of one computation),
+    ``vjp`` and the internal ``per_sample`` (explicit VJP loops, the latter never under vmap,
+    for the known torch bugs: :mod:`.vjp`), and, transitionally, the internal ``closed_form``
+    (the per-function registered rules, planned ahead of tracing: :mod:`.registered`).
+
+    Adding a route is one module and one registry line. A route that differentiates by
+    complex-step, say, in ``jacbatch/methods/complex_step.py``::
+
+        from ..call import Call
+        from . import Route, batched_args, finish
+
+        def compute(call, argnums, out_shape, layout, outs, *, chunk_size=None, max_rows=None):
+            args, flags, B = batched_args(call)
+            jacs = ...  # per argnum (B, *out_shape, *in_shape)
+            return [
+                finish(J, len(out_shape), len(call.sample_shape(a)), layout, buf)
+                for J, a, buf in zip(jacs, argnums, outs, strict=True)
+            ]
+
+        ROUTE = Route("complex_step", compute, method="complex_step", fallback_multiple=2.0)
+
+    and here ``ROUTES = (..., complex_step.ROUTE)``. ``jacobian(f, X,
+    method="complex_step")`` then runs it, ``explain`` shows it, ``check`` compares it with
+    the others and ``names()`` lists it. The planner of ``method="auto"`` picks among the
+    routes it knows the costs of (:func:`jacbatch.plan.choose_autodiff`); a new route joins
+    it only where that function says when it is the fastest.
 
 NOTE [Differentiable results: when a Jacobian keeps its graph]
     A Jacobian is itself a function of the inputs (and of the tensors ``func`` closes over), so
@@ -45,19 +87,58 @@ NOTE [Inference mode]
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.autograd import forward_ad
 
 from .. import _probe, conventions
-from .._validation import Call
+from ..call import Call
+
+
+@dataclass(frozen=True)
+class Route:
+    """One way of computing Jacobians; see NOTE [Routes: one protocol, one registry].
+
+    Attributes:
+        name: the route as plans and reports name it (``Step.method``).
+        compute: ``compute(call, argnums, out_shape, layout, outs, *, chunk_size, max_rows)``
+            -> per argnum ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)``.
+            ``chunk_size`` bounds the rows or columns of one vectorized pass (routes that are
+            not ``vectorized`` ignore it); ``max_rows`` stops a row-by-row route early (memory
+            simulation on meta tensors only).
+        method: the value of ``method=`` that asks for it; ``None`` for an internal route.
+        applies: ``applies(call)`` for a probed call: whether the route can run it at all
+            (``None``: always).
+        vectorized: takes ``chunk_size`` and returns a chunk's Jacobian as a temporary that
+            is copied into the result.
+        fallback_multiple: working memory as a multiple of the result where the route cannot
+            be simulated on meta tensors.
+    """
+
+    name: str
+    compute: Callable[..., list[torch.Tensor]]
+    method: str | None = None
+    applies: Callable[[Call], bool] | None = None
+    vectorized: bool = False
+    fallback_multiple: float = 4.0
+
+
+def route(name: str) -> Route:
+    """The registered route called ``name`` (a plan's step name)."""
+    return _BY_NAME[name]
+
+
+def by_method(method: str) -> Route:
+    """The registered route a caller asks for with ``method=method``."""
+    return _BY_METHOD[method]
 
 
 def names() -> tuple[str, ...]:
     """The routes a caller may ask for by name besides ``"auto"``, in the order reports list them."""
-    return ("closed_form", "jacrev", "jacfwd", "vjp")
+    return tuple(_BY_METHOD)
 
 
 def batched_args(call: Call) -> tuple[list[torch.Tensor], list[bool], int]:
@@ -142,3 +223,22 @@ def usable(x: torch.Tensor) -> torch.Tensor:
 
 def sample_shapes(call: Call, argnums: Sequence[int]) -> list[tuple[int, ...]]:
     return [call.sample_shape(a) for a in argnums]
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: one line per route (NOTE [Routes: one protocol, one registry])
+# ---------------------------------------------------------------------------------------------
+
+from . import functorch, registered, traced, vjp  # noqa: E402  (they use the helpers above)
+
+ROUTES: tuple[Route, ...] = (
+    traced.ROUTE,
+    functorch.JACREV,
+    functorch.JACFWD,
+    vjp.ROUTE,
+    vjp.PER_SAMPLE,
+    registered.ROUTE,  # transitional: the per-function registered closed forms
+)
+
+_BY_NAME: dict[str, Route] = {r.name: r for r in ROUTES}
+_BY_METHOD: dict[str, Route] = {r.method: r for r in ROUTES if r.method is not None}

@@ -16,7 +16,7 @@ import torch
 
 from .. import _validation as V
 from .. import rules
-from .._validation import Call
+from ..call import Call
 from . import batched_args
 
 

@@ -29,6 +29,7 @@ NOTE [Forward mode does not see torch.no_grad]
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,9 +37,9 @@ from typing import Any
 import torch
 from torch.func import jacrev, jvp, vmap
 
-from .. import _state
-from .._validation import Call
-from . import batched_args, finish, has_tangents
+from .. import _state, _threads, memory
+from ..call import Call
+from . import Route, batched_args, finish, has_tangents
 
 
 def _forward_columns(
@@ -165,3 +166,47 @@ def compute(
             finish(J, len(out_shape), len(call.sample_shape(a)), layout, buf)
             for J, a, buf in zip(jacs, nums, outs, strict=True)
         ]
+
+
+def _jacrev(
+    call: Call,
+    argnums: Sequence[int],
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    outs: Sequence[torch.Tensor | None],
+    *,
+    chunk_size: int | None = None,
+    max_rows: int | None = None,
+) -> list[torch.Tensor]:
+    return compute(call, argnums, "rev", chunk_size, out_shape, layout, outs)
+
+
+def _jacfwd(
+    call: Call,
+    argnums: Sequence[int],
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    outs: Sequence[torch.Tensor | None],
+    *,
+    chunk_size: int | None = None,
+    max_rows: int | None = None,
+) -> list[torch.Tensor]:
+    # Tangents take the size of a view's whole storage: NOTE [A chunk costs what it holds].
+    call = dataclasses.replace(call, args=tuple(memory.compact(a) for a in call.args))
+    with _threads.FORWARD_AD:  # NOTE [First calls from several threads]
+        return compute(call, argnums, "fwd", chunk_size, out_shape, layout, outs)
+
+
+def _no_state_writes(call: Call) -> bool:
+    """torch.func refuses a ``func`` that writes into tensors it closes over."""
+    return not (call.probe is not None and call.probe.writes_state)
+
+
+JACREV: Route = Route(
+    "jacrev", _jacrev, method="jacrev", applies=_no_state_writes, vectorized=True,
+    fallback_multiple=3.0,
+)  # fmt: skip
+JACFWD: Route = Route(
+    "jacfwd", _jacfwd, method="jacfwd", applies=_no_state_writes, vectorized=True,
+    fallback_multiple=4.0,
+)  # fmt: skip

@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import capture, tracing
-from .._validation import Call
+from ..call import Call
 from ..rules import terms
-from . import batched_args, finish, in_transform
+from . import Route, batched_args, finish, in_transform
 
 _LOCAL = threading.local()
 
@@ -210,3 +210,41 @@ def _result(
     rev = Y.view(B, *reversed(out_shape), *reversed(in_shape))
     perm = (0, *(no - k for k in range(no)), *(no + ni - k for k in range(ni)))
     return Y, rev.permute(*perm)
+
+
+# ---------------------------------------------------------------------------------------------
+# The route (NOTE [Routes: one protocol, one registry] in jacbatch.methods)
+# ---------------------------------------------------------------------------------------------
+
+
+def _route_compute(
+    call: Call,
+    argnums: Sequence[int],
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    outs: Sequence[torch.Tensor | None],
+    *,
+    chunk_size: int | None = None,
+    max_rows: int | None = None,
+) -> list[torch.Tensor]:
+    return compute(call, argnums, out_shape, layout, outs)
+
+
+def _route_applies(call: Call) -> bool:
+    """Every op on every differentiated argument's path has a rule, for a function a closed
+    form may stand for (no random draws, no writes)."""
+    from ..plan import registered, traced_analyses, untraceable
+
+    if all(registered(call.func, a) for a in call.argnums):
+        return True  # transitional: jacbatch.methods.registered
+    if untraceable(call.probe) is not None:
+        return False
+    return all(an.ok for an in traced_analyses(call, call.argnums).values())
+
+
+#: Asked for as ``method="closed_form"``; plans name it ``traced``. Only a simulation that
+#: fails falls back to the multiple (the closed form's own working memory is small, but the
+#: composed terms may hold intermediates: the autodiff figure stays the conservative one).
+ROUTE: Route = Route(
+    "traced", _route_compute, method="closed_form", applies=_route_applies, fallback_multiple=4.0
+)

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 import torch
 from torch.func import vmap
 
-from .._validation import Call
-from . import batched_args, finish, in_transform, usable
+from ..call import Call
+from . import Route, batched_args, finish, in_transform, usable
 
 
 def forward(
@@ -295,3 +295,35 @@ def _stacked(
         J = J.view(B, *out_shape, *in_shape)
         results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
     return results
+
+
+def _vjp(
+    call: Call,
+    argnums: Sequence[int],
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    outs: Sequence[torch.Tensor | None],
+    *,
+    chunk_size: int | None = None,
+    max_rows: int | None = None,
+) -> list[torch.Tensor]:
+    return compute(call, argnums, out_shape, layout, outs, max_rows=max_rows)
+
+
+def _per_sample(
+    call: Call,
+    argnums: Sequence[int],
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    outs: Sequence[torch.Tensor | None],
+    *,
+    chunk_size: int | None = None,
+    max_rows: int | None = None,
+) -> list[torch.Tensor]:
+    # NOTE [Known torch bugs: one list, consulted by the planner]
+    return compute(call, argnums, out_shape, layout, outs, max_rows=max_rows, per_sample=True)
+
+
+ROUTE: Route = Route("vjp", _vjp, method="vjp", fallback_multiple=1.5)
+#: Internal: per-sample reverse mode, never under vmap (the planner's answer to torch bugs).
+PER_SAMPLE: Route = Route("per_sample", _per_sample, fallback_multiple=1.5)
