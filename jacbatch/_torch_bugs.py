@@ -4,7 +4,7 @@ NOTE [Known torch bugs: one list, consulted by the planner]
     Some torch transforms return wrong derivatives for some ops, without an error. jacbatch must
     not pass them on, so every such bug it knows of is listed here, once: the aten ops it
     concerns (names as the probe records them, :attr:`jacbatch._probe.ProbeResult.ops`), the
-    routes it makes wrong, and why. :func:`jacbatch.api._plan` looks up the probed ops of every
+    routes it makes wrong, and why. :func:`jacbatch.plan.make_plan` looks up the probed ops of every
     call (``method="auto"`` and explicitly requested routes alike); a step whose route a bug
     affects runs :func:`replacement` instead, and the plan carries a note starting with
     :data:`NOTE_PREFIX` that names the bug (``jacbatch.explain`` shows it). Each bug has a test

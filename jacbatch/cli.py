@@ -131,11 +131,6 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     return parser, dict(sub.choices)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``jacbatch`` argument parser (one subparser per command)."""
-    return _build()[0]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jacbatch`` console script and ``python -m jacbatch``."""
     parser, subparsers = _build()

@@ -221,10 +221,6 @@ def usable(x: torch.Tensor) -> torch.Tensor:
     return x.clone() if x.is_inference() else x
 
 
-def sample_shapes(call: Call, argnums: Sequence[int]) -> list[tuple[int, ...]]:
-    return [call.sample_shape(a) for a in argnums]
-
-
 # ---------------------------------------------------------------------------------------------
 # The registry: one line per route (NOTE [Routes: one protocol, one registry])
 # ---------------------------------------------------------------------------------------------
