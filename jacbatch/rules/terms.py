@@ -278,15 +278,15 @@ def _path(ops: Sequence[Factor], keep: Sequence[int]) -> list[tuple[int, ...]]:
         The order of a multi-operand contraction decides its cost by orders of magnitude
         (``s·A·x`` contracted as ``(s·A)·x`` forms an ``(m, q, p)`` intermediate, as
         ``s·(A·x)`` only ``(m, q)``). opt_einsum's path search (the library behind
-        ``torch.backends.opt_einsum``) is used when it is installed; without it operands are
-        contracted pairwise in list order (the chain rule's order, outermost factor first),
-        which is right for the common chains.
+        ``torch.backends.opt_einsum``) is used when it is installed; without it a greedy order is
+        used (repeatedly the pair with the smallest result), which is right for the common
+        chains (a vector through a diagonal-times-Kronecker term).
     """
     n = len(ops)
     try:
         import opt_einsum
     except ImportError:
-        return [(0, 1)] * (n - 1)
+        return _greedy_path(ops, keep)
     chars = {}
     for _, ls in ops:
         for x in ls:
@@ -304,9 +304,34 @@ def _path(ops: Sequence[Factor], keep: Sequence[int]) -> list[tuple[int, ...]]:
         path, _ = opt_einsum.contract_path(
             ",".join(terms_) + "->" + rhs, *shapes, shapes=True, optimize="auto"
         )
-    except Exception:  # any failure of the optional search: the plain order
-        return [(0, 1)] * (n - 1)
+    except Exception:  # any failure of the optional search: the plain greedy order
+        return _greedy_path(ops, keep)
     return [tuple(p) for p in path]
+
+
+def _greedy_path(ops: Sequence[Factor], keep: Sequence[int]) -> list[tuple[int, ...]]:
+    """Without opt_einsum: repeatedly contract the pair with the smallest result."""
+    size: dict[int, int] = {}
+    items: list[tuple[set[int], bool]] = []
+    for X, ls in ops:
+        size.update(zip(ls, X.shape[1:], strict=True))
+        items.append((set(ls), X.shape[0] != 1))
+    path: list[tuple[int, ...]] = []
+    while len(items) > 1:
+        best: tuple[int, int, int] | None = None
+        for a, b in itertools.combinations(range(len(items)), 2):
+            others = set(keep).union(*(items[k][0] for k in range(len(items)) if k not in (a, b)))
+            res = (items[a][0] | items[b][0]) & others
+            cost = math.prod(size[x] for x in res)
+            if best is None or cost < best[0]:
+                best = (cost, a, b)
+        assert best is not None
+        _, a, b = best
+        others = set(keep).union(*(items[k][0] for k in range(len(items)) if k not in (a, b)))
+        merged = ((items[a][0] | items[b][0]) & others, items[a][1] or items[b][1])
+        items = [it for k, it in enumerate(items) if k not in (a, b)] + [merged]
+        path.append((a, b))
+    return path
 
 
 def contract(ops: Sequence[Factor], keep: Sequence[int]) -> torch.Tensor:

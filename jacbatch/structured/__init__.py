@@ -56,9 +56,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import _validation as V
-from . import conventions
-from .memory import format_bytes
+from .. import _validation as V
+from .. import conventions
+from ..memory import format_bytes
 
 __all__ = [
     "ComposedJacobian",
@@ -69,6 +69,7 @@ __all__ = [
     "KroneckerJacobian",
     "PermuteJacobian",
     "SumJacobian",
+    "TermJacobian",
     "compose",
     "sum_jacobian",
 ]
@@ -998,6 +999,10 @@ def _fuse(
         new = ComposedJacobian(parts)
         new.batch_size = batch
         return new
+    from .traced import TermJacobian
+
+    if isinstance(outer, TermJacobian) and isinstance(inner, TermJacobian):
+        return outer.then(inner)
     if isinstance(outer, IdentityJacobian):
         return _reshaped(inner, batch, out_shape=outer.out_shape)
     if isinstance(inner, IdentityJacobian):
@@ -1126,3 +1131,6 @@ def sum_jacobian(
         batch_size=batch_size,
         labels=("1ᵀ", "1ᵀ"),
     )
+
+
+from .traced import TermJacobian  # noqa: E402  (a view over lettered terms; imports the above)
