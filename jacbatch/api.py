@@ -15,7 +15,6 @@ import torch
 from . import _nonfinite, _probe, _progress, _state, _threads, _torch_bugs, memory, rules
 from . import _validation as V
 from .methods import (
-    batched_args,
     closed_form,
     functorch,
     has_tangents,

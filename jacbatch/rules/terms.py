@@ -282,7 +282,6 @@ def _path(ops: Sequence[Factor], keep: Sequence[int]) -> list[tuple[int, ...]]:
         used (repeatedly the pair with the smallest result), which is right for the common
         chains (a vector through a diagonal-times-Kronecker term).
     """
-    n = len(ops)
     try:
         import opt_einsum
     except ImportError:
