@@ -584,6 +584,20 @@ def refined(terms: Sequence[Term], out_shape: Sequence[int], in_shape: Sequence[
 # ---------------------------------------------------------------------------------------------
 
 
+def renamed(term: Term) -> Term:
+    """The same term with fresh letters."""
+    new = {x: fresh() for x in term.sizes}
+    return Term(
+        tuple((T, tuple(new[x] for x in ls)) for T, ls in term.factors),
+        tuple(new[x] for x in term.out),
+        tuple(new[x] for x in term.inp),
+        {new[x]: n for x, n in term.sizes.items()},
+        term.scale,
+        term.dtype,
+        term.device,
+    )
+
+
 def chain_rule(L: Term, J: Term) -> Term:
     """``L ∘ J`` for ``L`` (v w.r.t. u) and ``J`` (u w.r.t. x): letters matched, factor lists
     concatenated, contracted only where a letter is summed (NOTE [Lettered Jacobian terms])."""
@@ -592,6 +606,8 @@ def chain_rule(L: Term, J: Term) -> Term:
         if R is None:
             R = [n for n in (math.prod(L.in_sizes),) if n > 1]
         L, J = regroup(L, "inp", R), regroup(J, "out", R)
+    if set(L.sizes) & set(J.sizes):  # one term's letters used twice (e.g. Jᵀ ∘ J): rename
+        J = renamed(J)
     parent: dict[int, int] = {}
 
     def find(x: int) -> int:
