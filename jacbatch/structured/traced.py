@@ -30,7 +30,8 @@ from .. import _validation as V
 from ..rules import terms as T_
 from ..rules import write
 from ..rules.terms import Term, Unsupported
-from . import DenseJacobian, JacobianOperator
+from .base import JacobianOperator
+from .operators import DenseJacobian
 
 __all__ = ["TermJacobian", "structured_jacobian"]
 
