@@ -296,3 +296,55 @@ def test_no_autograd_graph_and_default_dtype_float32() -> None:
     assert not op.to_dense().requires_grad
     assert math.prod(op.shape) == Bn * m * q * p * q
     assert "structured_jacobian" in jacbatch.__all__
+
+
+def _named_operators():
+    from jacbatch.structured import (
+        DiagonalJacobian,
+        IdentityJacobian,
+        KroneckerJacobian,
+        PermuteJacobian,
+        sum_jacobian,
+    )
+
+    A = rnd(Bn, m, p, seed=70)
+    K = KroneckerJacobian(A, q, in_shape=(p, q), labels=("A", None))
+    return [
+        K,
+        KroneckerJacobian(m, rnd(q, p, seed=71), out_shape=(m * q,), in_shape=(m, p)),
+        DiagonalJacobian(rnd(Bn, m, q, seed=72), batched=True),
+        IdentityJacobian((m, q), out_shape=(q * m,), dtype=F64),
+        PermuteJacobian((m, q, 2), (2, 0, 1), dtype=F64),
+        DenseJacobian(rnd(Bn, 3, m, q, seed=73), (3,), (m, q)),
+        sum_jacobian((m, q), dtype=F64),
+        DiagonalJacobian(rnd(Bn, m, q, seed=74), batched=True) @ K,  # composed
+        K + KroneckerJacobian(rnd(Bn, m, p, seed=75), q),  # a sum
+    ]
+
+
+@pytest.mark.parametrize("k", range(9))
+def test_named_operators_are_term_lists(k) -> None:
+    """Every named operator is a list of terms with the same dense form."""
+    op = _named_operators()[k]
+    ts = op.to_terms()
+    assert ts is not None
+    view = TermJacobian(
+        ts, op.out_shape, op.in_shape, batch_size=op.batch_size, dtype=op.dtype, device=op.device
+    )
+    torch.testing.assert_close(view.to_dense(), op.to_dense(), rtol=0, atol=0)
+    torch.testing.assert_close(view.to_dense(vec="col"), op.to_dense(vec="col"), rtol=0, atol=0)
+
+
+def test_traced_operator_composes_with_named_operators() -> None:
+    """TermJacobian @ (named operator) and back: the terms' chain rule, equal to dense products."""
+    from jacbatch.structured import DiagonalJacobian, KroneckerJacobian
+
+    A, W, b = rnd(Bn, m, p, seed=80), rnd(Bn, p, q, seed=81), rnd(q, seed=82)
+    T = structured_jacobian(affine_tanh, A, W, b, argnums=1, in_dims=(0, 0, None))  # (m,q) <- (p,q)
+    K = KroneckerJacobian(rnd(Bn, p, m, seed=83), q)  # (p, q) <- (m, q)
+    D = DiagonalJacobian(rnd(Bn, m, q, seed=84), batched=True)
+    for outer, inner in ((T, K), (D, T), (K, T)):
+        both = outer @ inner
+        assert isinstance(both, TermJacobian), both
+        want = outer.to_dense(vec="row") @ inner.to_dense(vec="row")
+        torch.testing.assert_close(both.to_dense(vec="row"), want, **TOL)

@@ -177,6 +177,21 @@ def make(
         The :class:`Term`, with fresh letters and size-1 axes dropped; a factor axis of size 1
         (broadcast) is dropped too (the factor does not depend on that letter).
     """
+    if not isinstance(T, torch.Tensor):
+        return from_factors([], out, inp, out_shape, in_shape, like, float(T))
+    return from_factors([(T, t)], out, inp, out_shape, in_shape, like)
+
+
+def from_factors(
+    factors: Sequence[tuple[torch.Tensor, str]],
+    out: str,
+    inp: str,
+    out_shape: Sequence[int],
+    in_shape: Sequence[int],
+    like: torch.Tensor,
+    scale: float = 1.0,
+) -> Term:
+    """:func:`make` with several factors ``(T, t)`` (each as ``make``'s ``T`` and ``t``)."""
     if len(out) != len(out_shape) or len(inp) != len(in_shape):
         raise ValueError(f"rule bug: letters {out!r}/{inp!r} for shapes {out_shape}/{in_shape}")
     size: dict[str, int] = {}
@@ -187,25 +202,25 @@ def make(
     sizes = {v: size[c] for c, v in letter.items()}
     outl = tuple(letter[c] for c in out if size[c] > 1)
     inl = tuple(letter[c] for c in inp if size[c] > 1)
-    if not isinstance(T, torch.Tensor):
-        return Term((), outl, inl, sizes, float(T), like.dtype, like.device)
-    if T.ndim != 1 + len(t):
-        raise ValueError(f"rule bug: factor of shape {tuple(T.shape)} for letters {t!r}")
-    index: list[int | slice] = [slice(None)]
-    t_letters = []
-    for k, ch in enumerate(t):
-        if ch not in size:
-            raise ValueError(f"rule bug: factor letter {ch!r} is on no axis")
-        n, have = size[ch], T.shape[1 + k]
-        if have not in (1, n):
-            raise ValueError(f"rule bug: factor axis {ch!r} has size {have}, not {n}")
-        if n == 1 or have == 1:  # size-1 axis, or broadcast: the factor ignores this letter
-            index.append(0)
-            continue
-        index.append(slice(None))
-        t_letters.append(letter[ch])
-    factor = (T[tuple(index)], tuple(t_letters))
-    return normalize([factor], outl, inl, sizes, 1.0, like.dtype, like.device)
+    fs: list[Factor] = []
+    for T, t in factors:
+        if T.ndim != 1 + len(t):
+            raise ValueError(f"rule bug: factor of shape {tuple(T.shape)} for letters {t!r}")
+        index: list[int | slice] = [slice(None)]
+        t_letters = []
+        for k, ch in enumerate(t):
+            if ch not in size:
+                raise ValueError(f"rule bug: factor letter {ch!r} is on no axis")
+            n, have = size[ch], T.shape[1 + k]
+            if have not in (1, n):
+                raise ValueError(f"rule bug: factor axis {ch!r} has size {have}, not {n}")
+            if n == 1 or have == 1:  # size-1 axis, or broadcast: the factor ignores this letter
+                index.append(0)
+                continue
+            index.append(slice(None))
+            t_letters.append(letter[ch])
+        fs.append((T[tuple(index)], tuple(t_letters)))
+    return normalize(fs, outl, inl, sizes, scale, like.dtype, like.device)
 
 
 def identity_reshape(out_shape: Sequence[int], in_shape: Sequence[int], like: torch.Tensor) -> Term:
@@ -286,7 +301,7 @@ def _path(ops: Sequence[Factor], keep: Sequence[int]) -> list[tuple[int, ...]]:
         import opt_einsum
     except ImportError:
         return _greedy_path(ops, keep)
-    chars = {}
+    chars: dict[int, str] = {}
     for _, ls in ops:
         for x in ls:
             chars.setdefault(x, opt_einsum.get_symbol(len(chars) + 1))

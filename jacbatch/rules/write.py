@@ -98,7 +98,9 @@ def kron(X: torch.Tensor, Y: torch.Tensor, batch_size: int, out: torch.Tensor) -
     return J
 
 
-def _block(term: Term, fs: Sequence[tuple[torch.Tensor, tuple[int, ...]]], o: int, i: int):
+def _block(
+    term: Term, fs: Sequence[tuple[torch.Tensor, tuple[int, ...]]], o: int, i: int
+) -> torch.Tensor | None:
     """The ``(B or 1, n_o, n_i)`` matrix of the factors ``fs`` over letters ``o`` (rows) and
     ``i`` (columns); ``o == i`` is a delta (a diagonal matrix)."""
     if o == i:
@@ -120,7 +122,7 @@ def _kron_fast(term: Term, Y: torch.Tensor) -> bool:
     if len(term.out) != 2 or len(term.inp) != 2 or Y.ndim != 5 or Y.shape[0] == 0:
         return False
     # the memory order of Y's axes: outputs first in either vec order
-    order = sorted(range(1, 5), key=lambda k: -Y.stride(k))
+    order = sorted(range(1, 5), key=lambda k: -Y.stride()[k])
     if order[:2] not in ([1, 2], [2, 1]) or not Y.permute(0, *order).is_contiguous():
         return False
     o1, o2, i1, i2 = (axes[k - 1] for k in order)
@@ -160,7 +162,9 @@ def _diagonal_view(Y: torch.Tensor, letters: Sequence[int]) -> tuple[torch.Tenso
     return view, order
 
 
-def _aligned(T: torch.Tensor, t: Sequence[int], order: Sequence[int], shape: Sequence[int]):
+def _aligned(
+    T: torch.Tensor, t: Sequence[int], order: Sequence[int], shape: Sequence[int]
+) -> torch.Tensor:
     """``T`` (letters ``t``) permuted to ``order`` with missing letters broadcast, shape ``shape``."""
     pos = {x: k for k, x in enumerate(order)}
     T = T.permute(0, *sorted(range(1, T.ndim), key=lambda k: pos[t[k - 1]]))

@@ -6,12 +6,16 @@ import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import _validation as V
 from .. import conventions
 from ..memory import format_bytes
+
+if TYPE_CHECKING:
+    from ..rules.terms import Term
 
 Factor = torch.Tensor | int  # a (1 | B, r, c) matrix, or n for I_n
 
@@ -57,6 +61,18 @@ class JacobianOperator(ABC):
     @abstractmethod
     def _held(self) -> list[torch.Tensor]:
         """The tensors this operator holds (for ``nbytes``)."""
+
+    def to_terms(self) -> list[Term] | None:
+        """The Jacobian as lettered terms (:mod:`jacbatch.rules.terms`), or ``None``.
+
+        Every named operator is a term list (a Kronecker product: two factors; a diagonal: one
+        factor and deltas; an identity, reshape or permutation: deltas only), so the chain rule
+        with a :class:`~jacbatch.structured.TermJacobian` stays terms.
+        """
+        return None
+
+    def _like(self) -> torch.Tensor:
+        return torch.empty(0, dtype=self.dtype, device=self.device)
 
     @abstractmethod
     def _describe(self) -> str:

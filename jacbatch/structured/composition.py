@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _validation as V
+from ..rules.terms import Term, chain_rule_sums, merge
 from .base import Factor, JacobianOperator, _lead
 from .operators import (
     DenseJacobian,
@@ -93,6 +94,15 @@ class ComposedJacobian(JacobianOperator):
             J = J.reshape(J.shape[0], n, f.out_numel).mT
         return J.reshape(J.shape[0], *self.out_shape, *self.in_shape)
 
+    def to_terms(self) -> list[Term] | None:
+        parts = [f.to_terms() for f in self.factors]
+        if any(p is None for p in parts):
+            return None
+        ts = parts[-1]
+        for p in reversed(parts[:-1]):
+            ts = chain_rule_sums(p, ts)  # type: ignore[arg-type]
+        return ts
+
     def _held(self) -> list[torch.Tensor]:
         return [t for f in self.factors for t in f._held()]
 
@@ -146,6 +156,12 @@ class SumJacobian(JacobianOperator):
 
     def _dense(self) -> torch.Tensor:
         return _bsum([t._dense() for t in self.terms])
+
+    def to_terms(self) -> list[Term] | None:
+        parts = [t.to_terms() for t in self.terms]
+        if any(p is None for p in parts):
+            return None
+        return merge([t for p in parts for t in p])  # type: ignore[union-attr]
 
     def _held(self) -> list[torch.Tensor]:
         return [h for t in self.terms for h in t._held()]
@@ -209,8 +225,17 @@ def _fuse(
         return new
     from .traced import TermJacobian
 
-    if isinstance(outer, TermJacobian) and isinstance(inner, TermJacobian):
-        return outer.then(inner)
+    if isinstance(outer, TermJacobian) or isinstance(inner, TermJacobian):
+        lo, li = outer.to_terms(), inner.to_terms()
+        if lo is not None and li is not None:  # the terms' chain rule: stays terms
+            return TermJacobian(
+                chain_rule_sums(lo, li),
+                outer.out_shape,
+                inner.in_shape,
+                batch_size=batch,
+                dtype=outer.dtype,
+                device=outer.device,
+            )
     if isinstance(outer, IdentityJacobian):
         return _reshaped(inner, batch, out_shape=outer.out_shape)
     if isinstance(inner, IdentityJacobian):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Sequence
 
 import torch
 
 from .. import _validation as V
+from ..rules import terms as T_
+from ..rules.terms import Term
 from .base import Factor, JacobianOperator, _common_dtype_device, _infer_batch, _lead
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +163,21 @@ class KroneckerJacobian(JacobianOperator):
         J = L[:, :, None, :, None] * R[:, None, :, None, :]  # (B', a, c, b, d)
         return J.reshape(J.shape[0], *self.out_shape, *self.in_shape)
 
+    def to_terms(self) -> list[Term]:
+        """``L[b, i, k] R[b, j, l]`` over the splits (an identity factor is a delta)."""
+        (a, c), (b, d) = self.out_split, self.in_split
+        fs: list[tuple[torch.Tensor, str]] = []
+        left_in, right_in = "k", "l"
+        if isinstance(self.left, int):
+            left_in = "i"
+        else:
+            fs.append((self.left, "ik"))
+        if isinstance(self.right, int):
+            right_in = "j"
+        else:
+            fs.append((self.right, "jl"))
+        return [T_.from_factors(fs, "ij", left_in + right_in, (a, c), (b, d), self._like())]
+
     def _held(self) -> list[torch.Tensor]:
         return [f for f in (self.left, self.right) if isinstance(f, torch.Tensor)]
 
@@ -225,6 +243,12 @@ class DiagonalJacobian(JacobianOperator):
         n = self.in_numel
         D = torch.diag_embed(self.diag.reshape(_lead(self.diag), n))
         return D.reshape(_lead(self.diag), *self.out_shape, *self.in_shape)
+
+    def to_terms(self) -> list[Term]:
+        s = _letters(len(self.in_shape))
+        return [
+            T_.from_factors([(self.diag, s)], s, s, self.out_shape, self.in_shape, self._like())
+        ]
 
     def _held(self) -> list[torch.Tensor]:
         return [self.diag]
@@ -299,6 +323,9 @@ class IdentityJacobian(JacobianOperator):
         n = self.in_numel
         eye = torch.eye(n, dtype=self.dtype, device=self.device)
         return eye.reshape(1, *self.out_shape, *self.in_shape)
+
+    def to_terms(self) -> list[Term]:
+        return [T_.identity_reshape(self.out_shape, self.in_shape, self._like())]
 
     def _held(self) -> list[torch.Tensor]:
         return []
@@ -377,6 +404,11 @@ class PermuteJacobian(JacobianOperator):
         cols = self._matvec(onehots).reshape(1, n, n)  # (1, i, o)
         return cols.mT.reshape(1, *self.out_shape, *self.in_shape)
 
+    def to_terms(self) -> list[Term]:
+        s = _letters(len(self.in_shape))
+        out = "".join(s[d] for d in self.dims)
+        return [T_.from_factors([], out, s, self.out_shape, self.in_shape, self._like())]
+
     def _held(self) -> list[torch.Tensor]:
         return []
 
@@ -451,8 +483,19 @@ class DenseJacobian(JacobianOperator):
         # a copy: to_dense promises new memory, never the caller's own tensor
         return self.flat.reshape(_lead(self.flat), *self.out_shape, *self.in_shape).clone()
 
+    def to_terms(self) -> list[Term]:
+        n_o, n_i = len(self.out_shape), len(self.in_shape)
+        s = _letters(n_o + n_i)
+        J = self.flat.reshape(_lead(self.flat), *self.out_shape, *self.in_shape)
+        o, i = s[:n_o], s[n_o:]
+        return [T_.from_factors([(J, s)], o, i, self.out_shape, self.in_shape, self._like())]
+
     def _held(self) -> list[torch.Tensor]:
         return [self.flat]
 
     def _describe(self) -> str:
         return f"J: {self._factor_note(self.flat)}"
+
+
+def _letters(n: int) -> str:
+    return string.ascii_letters[:n]

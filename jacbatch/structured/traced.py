@@ -143,6 +143,9 @@ class TermJacobian(JacobianOperator):
             parts.append(desc)
         return " + ".join(parts) if parts else "0"
 
+    def to_terms(self) -> list[Term]:
+        return list(self.terms)
+
     def then(self, inner: TermJacobian) -> TermJacobian:
         """``self @ inner`` by the terms' chain rule (letters matched, nothing contracted
         beyond summed letters)."""
