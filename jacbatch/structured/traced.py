@@ -17,6 +17,19 @@ NOTE [Applying terms lazily]
     meets ``A`` first (an ``(m, q)`` result per vector) and the diagonal after. The transpose
     swaps the output and input letters of every term; ``to_dense`` is the one writer's
     out-of-place :func:`jacbatch.rules.write.dense`, the same entries the traced route writes.
+
+NOTE [Named operators over one representation]
+    Every operator is a list of lettered terms (:meth:`JacobianOperator.to_terms`): a Kronecker
+    product is one term with two factors (an identity factor is a delta), a diagonal one factor
+    and deltas, an identity, reshape or permutation deltas only, a dense Jacobian one factor.
+    The named classes (``KroneckerJacobian``, ``DiagonalJacobian``, ...) stay as constructors
+    with their own ``jvp`` / ``vjp`` and readable reprs (``A: (64, 64) ⊗ I_64``), and their
+    products among themselves keep the merges users rely on (``(L1 ⊗ R1)(L2 ⊗ R2)`` stays one
+    Kronecker product with named factors). As soon as a :class:`TermJacobian` takes part, the
+    chain rule is the terms' one (:func:`jacbatch.rules.terms.chain_rule_sums`): letters are
+    matched, factor lists concatenated, nothing dense formed. Holding the named operators as
+    their own classes rather than re-deriving them from terms keeps their reprs and fused
+    products exactly as documented, at the cost of a second (small) application path each.
 """
 
 from __future__ import annotations
