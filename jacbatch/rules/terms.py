@@ -416,8 +416,9 @@ def _free_merges(fs: list[Factor]) -> list[Factor]:
     return fs
 
 
-def collapse(term: Term) -> Factor:
-    """The term's factors and scale as one factor over the letters they hold.
+def collapse(term: Term, order: Sequence[int] | None = None) -> Factor:
+    """The term's factors and scale as one factor over the letters they hold (in the order of
+    ``order`` where given, e.g. the memory order of the buffer it is written into).
 
     With no factor, a ``(1,)`` tensor holding the scale (letters ``()``).
     """
@@ -430,6 +431,8 @@ def collapse(term: Term) -> Factor:
     if len(fs) == 1:
         return fs[0]
     keep = tuple(dict.fromkeys(x for _, ls in fs for x in ls))
+    if order is not None:
+        keep = tuple(x for x in dict.fromkeys(order) if x in keep)
     return contract(fs, keep), keep
 
 

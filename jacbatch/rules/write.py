@@ -196,11 +196,16 @@ def write(terms: Sequence[Term], Y: torch.Tensor) -> torch.Tensor:
         term = terms[0]
         if _kron_fast(term, Y):
             return Y
-        T, t = collapse(term)
         if len(set(axes)) == len(axes):
             D, order = _diagonal_view(Y, axes)
+            if len(term.factors) == 2 and term.scale == 1.0:  # the product, written once
+                (X1, l1), (X2, l2) = term.factors
+                torch.mul(_aligned(X1, l1, order, D.shape), _aligned(X2, l2, order, D.shape), out=D)
+                return Y
+            T, t = collapse(term, order)
             D.copy_(_aligned(T, t, order, D.shape))
             return Y
+        T, t = collapse(term, axes)
         twice = [x for x in dict.fromkeys(axes) if axes.count(x) == 2]
         if twice:
             star = max(twice, key=lambda x: term.sizes[x])
@@ -219,7 +224,7 @@ def write(terms: Sequence[Term], Y: torch.Tensor) -> torch.Tensor:
             Z = Z.unsqueeze(1 + p2)
             torch.mul(Z.expand(Y.shape[0], *Z.shape[1:]), I, out=Y)
             return Y
-    return _scatter([collapse(t) for t in terms], Y, [t.out + t.inp for t in terms])
+    return _scatter([collapse(t, t.out + t.inp) for t in terms], Y, [t.out + t.inp for t in terms])
 
 
 def _scatter(
