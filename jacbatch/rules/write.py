@@ -212,15 +212,18 @@ def write(terms: Sequence[Term], Y: torch.Tensor) -> torch.Tensor:
             p1 = axes.index(star)
             p2 = axes.index(star, p1 + 1)
             rest = axes[:p2] + axes[p2 + 1 :]
+            n = term.sizes[star]
+            eye_shape = [1] * Y.ndim
+            eye_shape[1 + p1] = eye_shape[1 + p2] = n
+            I = torch.eye(n, dtype=Y.dtype, device=Y.device).reshape(eye_shape)
+            if not term.factors and len(set(rest)) == len(rest):  # deltas only: one copy
+                Y.copy_((I if term.scale == 1.0 else I * term.scale).expand(Y.shape))
+                return Y
             zshape = Y.shape[: 1 + p2] + Y.shape[2 + p2 :]
             if len(set(rest)) == len(rest):  # the factor itself, broadcast: no copy
                 Z = _aligned(T, t, rest, (T.shape[0], *zshape[1:]))
             else:
                 Z = _scatter([(T, t)], torch.empty(zshape, dtype=Y.dtype, device=Y.device), [rest])
-            n = term.sizes[star]
-            eye_shape = [1] * Y.ndim
-            eye_shape[1 + p1] = eye_shape[1 + p2] = n
-            I = torch.eye(n, dtype=Y.dtype, device=Y.device).reshape(eye_shape)
             Z = Z.unsqueeze(1 + p2)
             torch.mul(Z.expand(Y.shape[0], *Z.shape[1:]), I, out=Y)
             return Y
