@@ -50,6 +50,10 @@ NOTE [Why several factors and not one]
 
 A factor's leading axis is the batch: size ``B`` (per-sample factor) or 1 (shared by the
 batch, broadcast).
+
+This module is about 700 lines, over the project's 600: the term type, its contraction,
+refinement and the chain rule are one piece of algebra that changes together (the writer, which
+only reads terms, lives in :mod:`jacbatch.rules.write`).
 """
 
 from __future__ import annotations
