@@ -104,6 +104,26 @@ def test_dense_build(benchmark, small):
     benchmark.pedantic(build_dense, args=(A, W, b), rounds=5, warmup_rounds=1)
 
 
+@pytest.fixture(scope="module")
+def small_traced():
+    """``tanh(A @ W + b)`` w.r.t. ``W`` traced: a diagonal times ``A ⊗ I`` (TermJacobian)."""
+    A, W, b, t, c = make_case(**SMALL)
+    op = structured_jacobian(lambda A, W, b: torch.tanh(A @ W + b), A, W, b, argnums=1)
+    return op, t, c
+
+
+@pytest.mark.benchmark(group="structured-traced-64")
+def test_traced_structured_jvp(benchmark, small_traced):
+    op, t, _ = small_traced
+    benchmark(op.jvp, t)
+
+
+@pytest.mark.benchmark(group="structured-traced-64")
+def test_traced_structured_vjp(benchmark, small_traced):
+    op, _, c = small_traced
+    benchmark(op.vjp, c)
+
+
 @pytest.mark.benchmark(group="structured-512")
 def test_structured_jvp_unmaterializable(benchmark):
     A, W, b, t, _ = make_case(**HUGE)

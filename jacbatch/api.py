@@ -14,11 +14,9 @@ from typing import overload
 
 import torch
 
-from . import _validation as V
-from . import memory, rules
+from . import memory
 from .check import CheckReport, check
 from .executor import execute
-from .methods import batched_args
 from .methods import names as _route_names
 from .plan import (
     LARGE_JACOBIAN,
@@ -243,14 +241,17 @@ def structured_jacobian(
 ) -> JacobianOperator | tuple[JacobianOperator, ...]:
     """The Jacobian of ``func`` as a lazy operator that keeps its Kronecker / diagonal structure.
 
-    Same call as :func:`jacobian` (``func`` per sample, ``in_dims`` as in ``torch.func.vmap``),
-    for functions with structured rules (:func:`jacbatch.affine` w.r.t. ``A``, ``W`` and ``B``).
-    Nothing of size ``out_numel · in_numel`` is built: ``dZ/dW`` of ``A @ W + B`` holds ``A``
-    only. ``to_dense()`` gives exactly ``jacobian(..., method="closed_form")``; ``jvp``, ``vjp``,
-    ``T`` and ``@`` (the chain rule) work on the structure (see :mod:`jacbatch.structured`).
+    Same call as :func:`jacobian` (``func`` per sample, ``in_dims`` as in ``torch.func.vmap``).
+    Plain torch code is traced and its Jacobian kept as the op rules' lettered terms
+    (:class:`~jacbatch.structured.TermJacobian`): ``tanh(A @ W + B)`` w.r.t. ``W`` holds the
+    ``(B, m, q)`` derivative of ``tanh`` and ``A``; :func:`jacbatch.affine` gives named
+    Kronecker operators (``dZ/dW`` holds ``A`` only). Nothing of size ``out_numel · in_numel``
+    is built; a graph that does not trace into rules is held densely (``DenseJacobian``).
+    ``to_dense()`` gives ``jacobian(..., method="closed_form")``; ``jvp``, ``vjp``, ``T`` and
+    ``@`` (the chain rule) work on the structure (see :mod:`jacbatch.structured`).
 
     Args:
-        func: per-sample function with registered structured rules for ``argnums``.
+        func: per-sample function of tensors, as for :func:`jacobian`.
         *args: its arguments, batched along ``in_dims`` as in :func:`jacobian`.
         argnums: the argument(s) to differentiate; a tuple returns a tuple of operators.
         in_dims: as in :func:`jacobian`; shared arguments give factors shared by the batch.
@@ -272,20 +273,9 @@ def structured_jacobian(
                 [7., 7.],
                 [9., 9.]])
     """
-    where = "structured_jacobian"
-    call = V.normalize_call(where, func, args, argnums, in_dims)
-    found = []
-    for a in call.argnums:
-        rule = rules.lookup_structured(call.func, a)
-        if rule is None:
-            V.no_structured_rule_error(where, call.func, a, rules.available_structured())
-        found.append(rule)
-    _probe_output(call)  # the function's own shape checks, on meta tensors
-    bargs, flags, _ = batched_args(call)
-    bargs = [x.detach() for x in bargs]
-    with torch.no_grad():
-        ops = tuple(rule(bargs, flags, call.batch_size) for rule in found)
-    return ops if call.tuple_argnums else ops[0]
+    from .structured.traced import structured_jacobian as build
+
+    return build(func, args, argnums, in_dims)
 
 
 __all__ = [

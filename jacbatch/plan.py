@@ -75,8 +75,9 @@ LARGE_JACOBIAN = 2**20
 # NOTE [What method="closed_form" asks for]
 #     A closed form is the traced route (:mod:`jacbatch.methods.traced`): the function is traced
 #     into aten ops and every op on each differentiated argument's path must have a rule.
-#     (Transitional: argnums with a per-function registered rule, today ``jacbatch.affine``'s,
-#     take that rule first, :mod:`jacbatch.methods.registered`, until the registry goes.) So
+#     Argnums with a per-function registered rule (today only ``jacbatch.affine``'s: NOTE [Why
+#     affine keeps a registered rule] in :mod:`jacbatch.rules.affine`) take that rule first,
+#     :mod:`jacbatch.methods.closed_form`. So
 #     ``method="closed_form"`` plans a ``traced`` step for the other argnums or refuses before any
 #     work (a node without a rule, a function that draws random numbers or writes state, a call
 #     inside a torch.func transform, where tracing would see the transform's wrapped values);
@@ -271,10 +272,9 @@ def _node_notes(analyses: Mapping[int, Any]) -> tuple[str, ...]:
 
 
 def registered(func: Callable[..., Any], argnum: int) -> bool:
-    """Whether a closed-form rule is registered for ``func`` w.r.t. ``argnum`` (transitional:
-    see :mod:`jacbatch.methods.registered`; always False once the registry is gone)."""
-    lookup = getattr(rules, "lookup", None)
-    return lookup is not None and lookup(func, argnum) is not None
+    """Whether a closed-form rule is registered for ``func`` w.r.t. ``argnum``
+    (:mod:`jacbatch.methods.closed_form`)."""
+    return rules.lookup(func, argnum) is not None
 
 
 def untraceable(probe: _probe.ProbeResult | None) -> str | None:
@@ -388,8 +388,9 @@ def make_plan(
         analyses = traced_analyses(call, call.argnums, retry=True)
         for a, an in analyses.items():
             if not an.ok:
-                available: list[str] = getattr(rules, "available", list)()  # transitional
-                V.no_rule_error("jacobian", call.func, a, available, f"Tracing it: {an.reason}.")
+                V.no_rule_error(
+                    "jacobian", call.func, a, rules.available(), f"Tracing it: {an.reason}."
+                )
         with_rule = tuple(a for a in call.argnums if a not in analyses)
         steps = tuple(
             st

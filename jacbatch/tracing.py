@@ -308,7 +308,7 @@ def _nested_nodes(xs: Any) -> list[torch.fx.Node]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Composition (forward accumulation of lettered terms)
+# Forward accumulation of lettered terms (the chain rule over the graph)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -327,13 +327,14 @@ def needed_nodes(an: Analysis) -> list[torch.fx.Node]:
     return list(seen)
 
 
-def compose(
+def accumulate(
     an: Analysis, values: dict[torch.fx.Node, torch.Tensor], like: torch.Tensor
 ) -> list[Term]:
     """The Jacobian of the output w.r.t. the analysed argument, as lettered terms.
 
     Forward accumulation: starting from the identity on the argument, each node's Jacobian is
-    ``Σ_i L_i ∘ J_(operand i)``; factors stay structured (deltas are never expanded).
+    ``Σ_i L_i ∘ J_(operand i)`` (:func:`terms.chain_rule_sums`); factors stay separate and
+    deltas are never expanded (NOTE [Lettered Jacobian terms]).
     """
     assert an.ok and an.out is not None
     if an.x is None:  # the argument is not read: zero
@@ -360,7 +361,7 @@ def compose(
             Ju = J.get(u)
             if not Ju:
                 continue
-            acc.extend(terms.compose_sum(s.rule(ctx, i), Ju))
+            acc.extend(terms.chain_rule_sums(s.rule(ctx, i), Ju))
         J[s.node] = terms.merge(acc)
     return J.get(an.out, [])
 
@@ -482,7 +483,7 @@ def jacobian_terms(
     if check is not None and out is not None and out in values:
         check(values[out])
     try:
-        return [compose(an, values, args[a]) for an, a in zip(analyses, argnums, strict=True)]
+        return [accumulate(an, values, args[a]) for an, a in zip(analyses, argnums, strict=True)]
     except Unsupported:
         raise
     except Exception as err:  # e.g. random ops under vmap: autodiff decides what to do

@@ -1,8 +1,12 @@
-"""The affine closed-form rules against a per-sample autograd reference, in both vec orders,
-for batched and shared arguments, through both kernel formulations (narrow and wide inner factor).
+"""The affine closed forms against a per-sample autograd reference, in both vec orders, for
+batched and shared arguments, through both kernel formulations (narrow and wide inner factor):
+``jacbatch.affine`` (its registered terms) and the same code traced (``A @ W + B`` as a lambda),
+both written by the one writer (:mod:`jacbatch.rules.write`).
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -54,15 +58,24 @@ SHAPES = [(3, 2, 3, 4), (5, 3, 2, 20), (1, 4, 5, 2), (4, 17, 3, 5), (2, 16, 17, 
 @pytest.mark.parametrize("shared", [None, 0, 1], ids=["all-batched", "A-shared", "W-shared"])
 def test_closed_form_matches_reference(shape, argnum, vec, shared):
     args, dims = make(*shape, shared)
+    want = reference(args, dims, argnum, vec)
     J = jacobian(affine, *args, argnums=argnum, in_dims=dims, method="closed_form", vec=vec)
-    torch.testing.assert_close(J, reference(args, dims, argnum, vec), rtol=0, atol=0)
+    torch.testing.assert_close(J, want, rtol=0, atol=0)
+    Jt = jacobian(_plain, *args, argnums=argnum, in_dims=dims, method="closed_form", vec=vec)
+    torch.testing.assert_close(Jt, want, rtol=0, atol=0)
+
+
+def _plain(A, W, B):
+    """``affine`` as plain code: the traced closed form."""
+    return A @ W + B
 
 
 @pytest.mark.parametrize("vec", ["row", "col"])
 def test_full_bias_is_identity(vec):
     args, dims = make(3, 4, 2, 3, None, bias_full=True)
-    J = jacobian(affine, *args, argnums=2, in_dims=dims, method="closed_form", vec=vec)
-    torch.testing.assert_close(J, reference(args, dims, 2, vec), rtol=0, atol=0)
+    for f in (affine, _plain):
+        J = jacobian(f, *args, argnums=2, in_dims=dims, method="closed_form", vec=vec)
+        torch.testing.assert_close(J, reference(args, dims, 2, vec), rtol=0, atol=0)
 
 
 @settings(max_examples=25, deadline=None)
@@ -81,9 +94,34 @@ def test_closed_form_property(b, m, p, q, argnum, vec, shared):
     torch.testing.assert_close(J, reference(args, dims, argnum, vec), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("func", [affine, _plain], ids=["affine", "traced"])
+@pytest.mark.parametrize("vec", [None, "row", "col"])
+@pytest.mark.parametrize("argnum", [0, 1])
+def test_kronecker_jacobians_take_the_writer_fast_path(monkeypatch, func, vec, argnum):
+    """dZ/dW and dZ/dA are written by the writer's batched Kronecker product (one write of the
+    output, NOTE [Writing a batched Kronecker product at the memory-write limit]), in every
+    layout, for the registered and the traced affine alike."""
+    import jacbatch.rules.write as R
+
+    calls = []
+    real = R.kron
+
+    def spy(X, Y, b, out):
+        calls.append((tuple(X.shape), tuple(Y.shape)))
+        return real(X, Y, b, out)
+
+    monkeypatch.setattr(R, "kron", spy)
+    args, dims = make(4, 3, 5, 6, None)
+    J = jacobian(func, *args, argnums=argnum, in_dims=dims, method="closed_form", vec=vec)
+    torch.testing.assert_close(J, reference(args, dims, argnum, vec), rtol=0, atol=0)
+    assert len(calls) == 1
+    # the factors handed over are A (or Wᵀ) and an identity: nothing of the output's size
+    assert max(math.prod(s) for s in calls[0]) <= 4 * 6 * 5
+
+
 def test_narrow_path_bounds_temporaries(monkeypatch):
     """The narrow formulation builds its repeated factor per batch chunk, never for the whole batch."""
-    import jacbatch.rules.affine as R
+    import jacbatch.rules.write as R
 
     sizes = []
     real = R._repeat_flat
@@ -110,7 +148,7 @@ def test_closed_form_float32_against_float64_reference():
 
 
 def test_shape_table_covers_both_formulations():
-    import jacbatch.rules.affine as R
+    import jacbatch.rules.write as R
 
     qs = {s[3] for s in SHAPES}
     assert any(q < R._NARROW for q in qs)

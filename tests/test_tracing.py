@@ -14,6 +14,7 @@ import torch
 import jacbatch
 import jacbatch.methods.functorch as functorch_route
 from jacbatch import capture, tracing
+from jacbatch.rules import terms
 
 F64 = torch.float64
 DEVICES = [
@@ -404,29 +405,30 @@ def _terms(func: Callable[..., torch.Tensor], args: Sequence[torch.Tensor], dims
 
 
 def test_structure_stays_factored_until_the_write() -> None:
-    """tanh(A @ W + b) w.r.t. W is one (B, m, q, p) factor and a delta, never (B, m, q, p, q)."""
+    """tanh(A @ W + b) w.r.t. W keeps two factors, s (B, m, q) and A (B, m, p), and a delta:
+    neither their (B, m, q, p) product nor the (B, m, q, p, q) Jacobian is formed."""
     (term,) = _terms(EXPRESSIONS[1][1], (X_, W1_, b1_), (0, None, None), 1)
-    assert tuple(term.T.shape) == (B, m, q, p)
+    assert sorted(tuple(T.shape) for T, _ in term.factors) == sorted([(B, m, q), (B, m, p)])
     assert len(set(term.out + term.inp)) == 3  # i, j, k: the output column j is the input column
     s = 1 - torch.tanh(X_ @ W1_ + b1_) ** 2
     want = s[:, :, :, None] * X_[:, :, None, :]  # s[b,i,j] A[b,i,k]
-    got = term.T.permute(
-        0, *sorted(range(1, 4), key=lambda k: (term.out + term.inp).index(term.t[k - 1]))
-    )
+    T, t = terms.collapse(term)
+    got = T.permute(0, *sorted(range(1, 4), key=lambda k: (term.out + term.inp).index(t[k - 1])))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_equal_patterns_merge_into_one_term() -> None:
     """x * x has two contributions with the same (diagonal) pattern: one term, factor 2x."""
     (term,) = _terms(lambda x: x * x, (X_,), (0,), 0)
-    assert tuple(term.T.shape) == (B, m, p) and term.out == term.inp
-    torch.testing.assert_close(term.T, 2 * X_, rtol=0, atol=0)
+    T, _ = terms.collapse(term)
+    assert tuple(T.shape) == (B, m, p) and term.out == term.inp
+    torch.testing.assert_close(T, 2 * X_, rtol=0, atol=0)
 
 
 def test_shared_factors_keep_no_batch_axis() -> None:
     """X @ W w.r.t. X with W shared: the factor is W itself, broadcast over the batch."""
     (term,) = _terms(lambda X, W: X @ W, (X_, W1_), (0, None), 0)
-    assert term.T.shape[0] == 1
+    assert term.batch == 1 and len(term.factors) == 1
 
 
 def test_mixed_plan_traces_one_argument_and_differentiates_the_other() -> None:

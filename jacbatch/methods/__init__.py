@@ -25,8 +25,10 @@ NOTE [Routes: one protocol, one registry]
     composed from op rules over the traced graph, :mod:`.traced`), ``jacrev`` and ``jacfwd``
     (torch.func under vmap, :mod:`.functorch`: one module, two modes of one computation),
     ``vjp`` and the internal ``per_sample`` (explicit VJP loops, the latter never under vmap,
-    for the known torch bugs: :mod:`.vjp`), and, transitionally, the internal ``closed_form``
-    (the per-function registered rules, planned ahead of tracing: :mod:`.registered`).
+    for the known torch bugs: :mod:`.vjp`), and the internal ``closed_form`` (per-function
+    registered rules, planned ahead of tracing: :mod:`.closed_form`; today only
+    :func:`jacbatch.affine`'s, NOTE [Why affine keeps a registered rule] in
+    :mod:`jacbatch.rules.affine`).
 
     Adding a route is one module and one registry line. A route that differentiates by
     complex-step, say, in ``jacbatch/methods/complex_step.py``::
@@ -225,7 +227,7 @@ def usable(x: torch.Tensor) -> torch.Tensor:
 # The registry: one line per route (NOTE [Routes: one protocol, one registry])
 # ---------------------------------------------------------------------------------------------
 
-from . import functorch, registered, traced, vjp  # noqa: E402  (they use the helpers above)
+from . import closed_form, functorch, traced, vjp  # noqa: E402  (they use the helpers above)
 
 ROUTES: tuple[Route, ...] = (
     traced.ROUTE,
@@ -233,7 +235,7 @@ ROUTES: tuple[Route, ...] = (
     functorch.JACFWD,
     vjp.ROUTE,
     vjp.PER_SAMPLE,
-    registered.ROUTE,  # transitional: the per-function registered closed forms
+    closed_form.ROUTE,
 )
 
 _BY_NAME: dict[str, Route] = {r.name: r for r in ROUTES}

@@ -1,15 +1,17 @@
-"""The closed-form route: registered rules, no autodiff.
+"""The closed-form route for registered functions: their rules' terms, written by the one writer.
 
-Runs every rule under ``torch.no_grad()`` on detached arguments, so no graph is built (and no
-op pays for autograd's bookkeeping), unless the result must be
-differentiable (``call.create_graph``, NOTE [Differentiable results] in :mod:`jacbatch.methods`):
-the rules are torch ops on the arguments, so they then run on the caller's tensors themselves,
-out of place, and autograd (or an outer torch.func transform) differentiates them.
+A registered rule (:mod:`jacbatch.rules`, NOTE [Why affine keeps a registered rule]) returns
+lettered terms from the arguments alone; :func:`jacbatch.rules.write.materialize` writes them in
+the requested layout, under ``torch.no_grad()`` on detached arguments, so no graph is built. A
+result that must be differentiable (``call.create_graph``, NOTE [Differentiable results] in
+:mod:`jacbatch.methods`), or whose arguments are an outer torch.func transform's wrapped values
+(which cannot be written into a plain buffer), is computed out of place from the caller's tensors instead
+(:func:`jacbatch.rules.write.dense`), so autograd (or an outer torch.func transform)
+differentiates the closed form itself.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +19,10 @@ import torch
 from .. import _validation as V
 from .. import rules
 from ..call import Call
-from . import batched_args
+from ..rules import write
+from ..rules.terms import keeps_graph
+from . import Route, batched_args, finish
+from .traced import _result
 
 
 def has_rules(call: Call, argnums: Sequence[int]) -> bool:
@@ -43,23 +48,37 @@ def compute(
             V.no_rule_error("jacobian", call.func, a, rules.available())
         found.append(rule)
     args, flags, B = batched_args(call)
-    graph = call.create_graph
-    if not graph:
-        args = [x.detach() for x in args]
-    order = "col" if layout == "col" else "row"
     results = []
-    with torch.enable_grad() if graph else torch.no_grad():
+    if call.create_graph or keeps_graph(*args):  # also: wrapped values of an outer transform
+        with torch.enable_grad() if call.create_graph else torch.no_grad():
+            for a, rule, buf in zip(argnums, found, outs, strict=True):
+                in_shape = call.sample_shape(a)
+                J = write.dense(rule(args, flags), out_shape, in_shape, B, args[a])
+                results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
+        return results
+    with torch.no_grad():
+        args = [x.detach() for x in args]
         for a, rule, buf in zip(argnums, found, outs, strict=True):
             in_shape = call.sample_shape(a)
-            n_in = math.prod(in_shape)
-            # with a graph the rule writes out of place; the result is then copied into buf
-            flat_buf = None if buf is None or n_in == 0 or graph else buf.view(B, -1, n_in)
-            J = rule(args, flags, B, order, flat_buf)  # (B, o, i)
-            if layout is None:
-                J = J.view(B, *out_shape, *in_shape)
-            if buf is not None:
-                if graph or J.data_ptr() != buf.data_ptr():
-                    buf.copy_(J.view(buf.shape))
-                J = buf
-            results.append(J)
+            Y, natural = _result(call, B, out_shape, in_shape, layout, buf)
+            write.materialize(rule(args, flags), out_shape, in_shape, natural)
+            results.append(Y)
     return results
+
+
+def _route_compute(
+    call: Call,
+    argnums: Sequence[int],
+    out_shape: tuple[int, ...],
+    layout: str | None,
+    outs: Sequence[torch.Tensor | None],
+    *,
+    chunk_size: int | None = None,
+    max_rows: int | None = None,
+) -> list[torch.Tensor]:
+    return compute(call, argnums, out_shape, layout, outs)
+
+
+#: Internal: planned ahead of tracing where a rule is registered (``method="closed_form"`` or
+#: ``"auto"``); plans name it ``closed_form``.
+ROUTE: Route = Route("closed_form", _route_compute, fallback_multiple=0.1)

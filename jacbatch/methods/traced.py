@@ -6,7 +6,7 @@ from the differentiated argument to the output has a closed-form rule (:mod:`jac
 under ``vmap`` (forward values only, no autograd graph), the rules' lettered terms are composed
 by the chain rule (:mod:`jacbatch.rules.terms`) and the result is written once, directly in the
 requested layout. A result that must be differentiable is evaluated on the caller's tensors and
-written out of place instead (:func:`jacbatch.rules.terms.dense`). Anything the rules do not
+written out of place instead (:func:`jacbatch.rules.write.dense`). Anything the rules do not
 cover raises :class:`~jacbatch.rules.terms.Unsupported`, and :func:`jacbatch.jacobian` falls
 back to autodiff.
 """
@@ -22,7 +22,7 @@ import torch
 
 from .. import capture, tracing
 from ..call import Call
-from ..rules import terms
+from ..rules import terms, write
 from . import Route, batched_args, finish, in_transform
 
 _LOCAL = threading.local()
@@ -174,7 +174,7 @@ def _compute(
             all_terms = tracing.jacobian_terms(tg, argnums, args, B, check)
             for a, ts, buf in zip(argnums, all_terms, outs, strict=True):
                 in_shape = call.sample_shape(a)
-                J = terms.dense(ts, out_shape, in_shape, B, args[a])
+                J = write.dense(ts, out_shape, in_shape, B, args[a])
                 results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
         return results
     with torch.no_grad():
@@ -183,7 +183,7 @@ def _compute(
         for a, ts, buf in zip(argnums, all_terms, outs, strict=True):
             in_shape = call.sample_shape(a)
             Y, natural = _result(call, B, out_shape, in_shape, layout, buf)
-            terms.materialize(ts, out_shape, in_shape, natural)
+            write.materialize(ts, out_shape, in_shape, natural)
             results.append(Y)
     return results
 
@@ -236,7 +236,7 @@ def _route_applies(call: Call) -> bool:
     from ..plan import registered, traced_analyses, untraceable
 
     if all(registered(call.func, a) for a in call.argnums):
-        return True  # transitional: jacbatch.methods.registered
+        return True  # the registered rules (jacbatch.methods.closed_form) apply
     if untraceable(call.probe) is not None:
         return False
     return all(an.ok for an in traced_analyses(call, call.argnums).values())

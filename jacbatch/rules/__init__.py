@@ -1,19 +1,18 @@
-"""Closed-form Jacobian rules, registered per function and argument.
+"""Closed-form Jacobian rules registered per function and argument (today: :func:`jacbatch.affine`).
 
-A rule computes the flattened Jacobian of one registered function with respect to one argument
-for a whole batch, without autodiff. Its signature is::
+A registered rule returns the Jacobian of one function w.r.t. one argument as lettered terms
+(:mod:`jacbatch.rules.terms`, the one representation of Jacobian structure), for a whole batch,
+without autodiff and without running the function. Its signature is::
 
-    rule(args, batched, batch_size, order, out) -> Tensor  # (B, out_numel, in_numel)
+    rule(args, batched) -> list[Term]
 
 where ``args`` are the function's arguments with the batch dimension first (for ``batched[i]``)
-or shared (unbatched), ``order`` is ``"row"`` or ``"col"`` (the vec order of both axes) and ``out``
-is ``None`` or a contiguous ``(B, out_numel, in_numel)`` buffer to write into.
+or shared (unbatched). The one writer (:mod:`jacbatch.rules.write`) materializes the terms.
 
-Adding a closed form: write the function in :mod:`jacbatch.functions`, add a file here with one
-rule per argument decorated with :func:`register`, and import it at the bottom of this module.
-
-Plain torch code uses a second registry keyed by aten op instead (:mod:`jacbatch.rules.ops`),
-whose rules return lettered terms (:mod:`jacbatch.rules.terms`) that the traced route composes.
+Plain torch code needs no registration: its aten graph is traced and the per-op rules
+(:mod:`jacbatch.rules.ops`) give the same terms. A function is registered only where a
+measurement shows the traced route's per-call work costs too much (NOTE [Why affine keeps a
+registered rule] in :mod:`jacbatch.rules.affine`).
 """
 
 from __future__ import annotations
@@ -25,33 +24,29 @@ import torch
 
 if TYPE_CHECKING:
     from ..structured import JacobianOperator
+    from .terms import Term
 
 
-class Rule(Protocol):
-    def __call__(
-        self,
-        args: Sequence[torch.Tensor],
-        batched: Sequence[bool],
-        batch_size: int,
-        order: str,
-        out: torch.Tensor | None,
-    ) -> torch.Tensor: ...
+class FunctionRule(Protocol):
+    """``rule(args, batched) -> list[Term]`` (see the module docstring)."""
+
+    def __call__(self, args: Sequence[torch.Tensor], batched: Sequence[bool]) -> list[Term]: ...
 
 
-_REGISTRY: dict[Callable[..., Any], dict[int, Rule]] = {}
+_REGISTRY: dict[Callable[..., Any], dict[int, FunctionRule]] = {}
 
 
-def register(func: Callable[..., Any], argnum: int) -> Callable[[Rule], Rule]:
+def register(func: Callable[..., Any], argnum: int) -> Callable[[FunctionRule], FunctionRule]:
     """Decorator: register ``rule`` as the closed-form Jacobian of ``func`` w.r.t. ``args[argnum]``."""
 
-    def deco(rule: Rule) -> Rule:
+    def deco(rule: FunctionRule) -> FunctionRule:
         _REGISTRY.setdefault(func, {})[argnum] = rule
         return rule
 
     return deco
 
 
-def lookup(func: Callable[..., Any], argnum: int) -> Rule | None:
+def lookup(func: Callable[..., Any], argnum: int) -> FunctionRule | None:
     """The rule for ``func`` w.r.t. ``args[argnum]``, or ``None``."""
     return _REGISTRY.get(func, {}).get(argnum)
 
@@ -65,11 +60,6 @@ def available() -> list[str]:
     return out
 
 
-def eye(n: int, like: torch.Tensor) -> torch.Tensor:
-    """``I_n`` with ``like``'s dtype and device."""
-    return torch.eye(n, dtype=like.dtype, device=like.device)
-
-
 # ---------------------------------------------------------------------------------------------
 # Structured rules: the Jacobian as a lazy operator (jacbatch.structured) instead of a tensor
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +68,7 @@ def eye(n: int, like: torch.Tensor) -> torch.Tensor:
 class StructuredRule(Protocol):
     """``rule(args, batched, batch_size) -> JacobianOperator``.
 
-    ``args`` and ``batched`` as for :class:`Rule`; ``batch_size`` is ``B``, or ``None`` for a
+    ``args`` and ``batched`` as for :class:`FunctionRule`; ``batch_size`` is ``B``, or ``None`` for a
     call without a batch. The operator's ``shape`` is what :func:`jacbatch.jacobian` returns.
     """
 
