@@ -516,18 +516,6 @@ def check_positive_int(where: str, name: str, n: object) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def no_structured_rule_error(
-    where: str, func: Callable[..., Any], argnum: int, available: list[str]
-) -> NoReturn:
-    name = getattr(func, "__qualname__", repr(func))
-    listing = ", ".join(available) if available else "(none registered)"
-    raise NotImplementedError(
-        f"{where}: expected a function with a registered structured rule for argnum {argnum}, "
-        f"got {name}. Structured forms exist for: {listing}. Use jacbatch.jacobian(...) for a "
-        f"dense Jacobian, or wrap one in jacbatch.structured.DenseJacobian to compose it."
-    )
-
-
 def _fmt_batch(batch_size: int | None) -> str:
     return "no batch" if batch_size is None else f"batch {batch_size}"
 
