@@ -136,7 +136,7 @@ def test_overhead_planning(benchmark: Any) -> None:
     plan = benchmark(
         lambda: jacbatch.explain(tanh_affine, A, W, B, argnums=1, in_dims=(0, None, None))
     )
-    assert plan.steps[0].method == "traced"
+    assert plan.steps[0].route == "traced"
 
 
 def _ratios(path: str) -> None:  # pragma: no cover - a report helper

@@ -147,7 +147,7 @@ def enforce(
     jacs: Sequence[torch.Tensor],
     method: str,
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     random: bool = False,
 ) -> None:
     """Overwrite, in ``jacs`` (``(B, ...)`` each), the samples the policy recomputes.
@@ -177,7 +177,7 @@ def enforce(
         )
     else:
         sub = call
-    fixed = vjp.compute(sub, argnums, out_shape, layout, [None] * len(argnums), per_sample=True)
+    fixed = vjp.compute(sub, argnums, out_shape, vec, [None] * len(argnums), per_sample=True)
     for J, R in zip(jacs, fixed, strict=True):
         J[idx] = R.to(J.dtype)
 

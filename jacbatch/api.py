@@ -2,7 +2,7 @@
 :func:`structured_jacobian`.
 
 Each builds one request (:func:`jacbatch.request.build_request`: the validated call, its plan,
-layout, buffers and budget) and runs or inspects it; planning lives in :mod:`jacbatch.plan`,
+vec, buffers and budget) and runs or inspects it; planning lives in :mod:`jacbatch.plan`,
 running in :mod:`jacbatch.executor`, the routes in :mod:`jacbatch.methods`, and
 :func:`check` in :mod:`jacbatch.check`.
 """

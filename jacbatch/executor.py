@@ -25,13 +25,13 @@ if TYPE_CHECKING:
 
 
 def result_shape(
-    call: Call, a: int, out_shape: tuple[int, ...], layout: str | None
+    call: Call, a: int, out_shape: tuple[int, ...], vec: str | None
 ) -> tuple[int, ...]:
     """The result's shape for argnum ``a``: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel,
-    in_numel)`` with a ``layout`` (no ``B`` without a batch)."""
+    in_numel)`` with a ``vec`` (no ``B`` without a batch)."""
     lead = () if call.batch_size is None else (call.batch_size,)
     in_shape = call.sample_shape(a)
-    if layout is None:
+    if vec is None:
         return (*lead, *out_shape, *in_shape)
     return (*lead, math.prod(out_shape), math.prod(in_shape))
 
@@ -91,7 +91,7 @@ def chunks(req: Request) -> Iterator[tuple[slice, Any]]:
 
 def _execute(call: Call, req: Request, bufs: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
     """Run the plan's steps for ``call`` (``req.call`` or a batch chunk of it); results in the
-    caller's layout (``bufs`` where given).
+    caller's ``vec`` (``bufs`` where given).
 
     Every evaluation of ``func`` is protected as ``plan.protection`` says (state restored,
     written arguments copied, randomness replayed: :func:`jacbatch._state.protect`). A
@@ -115,9 +115,9 @@ def _execute_steps(
     bufs: Sequence[torch.Tensor | None],
 ) -> list[torch.Tensor]:
     plan, method, chunk_size = req.plan, req.method, req.chunk_size
-    out_shape, layout = req.out_shape, req.layout
+    out_shape, vec = req.out_shape, req.vec
     results: dict[int, torch.Tensor] = {}
-    shapes = [result_shape(call, a, out_shape, layout) for a in call.argnums]
+    shapes = [result_shape(call, a, out_shape, vec) for a in call.argnums]
     for a, s, b in zip(call.argnums, shapes, bufs, strict=True):
         if math.prod(s) == 0:  # empty Jacobians need no route
             results[a] = (
@@ -130,10 +130,10 @@ def _execute_steps(
         if not todo:
             continue
         step_bufs = [_with_batch(bufs[call.argnums.index(a)], lead) for a in todo]
-        sub = Step(step.method, todo, step.reason)
-        ran = step.method
+        sub = Step(step.route, todo, step.reason)
+        ran = step.route
         try:
-            jacs = _run_step(call, sub, chunk_size, out_shape, layout, step_bufs)
+            jacs = _run_step(call, sub, chunk_size, out_shape, vec, step_bufs)
         except Unsupported as err:
             # A rule does not cover these values (e.g. a singular matrix): autodiff instead.
             if method != "auto":
@@ -141,24 +141,24 @@ def _execute_steps(
                     f"jacobian: expected values the closed-form rules cover, got {err}. "
                     f"Use method='auto' to fall back to autodiff."
                 ) from err
-            jacs = _run_autodiff(call, todo, chunk_size, out_shape, layout, step_bufs, plan.ops)
+            jacs = _run_autodiff(call, todo, chunk_size, out_shape, vec, step_bufs, plan.ops)
             ran = "jacfwd"  # whichever autodiff route ran, the strictest check applies
         except (RuntimeError, NotImplementedError) as err:
             if plan.protection.writes_state and _INPLACE_ERROR in str(err) and call.batched:
                 # func writes into state autograd saved for a later sample's backward pass:
                 # each sample's Jacobian is finished before the next sample's forward pass.
-                jacs = _sample_by_sample(call, sub, out_shape, layout, step_bufs)
+                jacs = _sample_by_sample(call, sub, out_shape, vec, step_bufs)
             else:
                 if method != "auto" and plan.protection.writes_state and "captured" in str(err):
                     raise NotImplementedError(
-                        f"jacobian: expected a func that {step.method} can differentiate, got "
+                        f"jacobian: expected a func that {step.route} can differentiate, got "
                         f"one that writes into tensors it closes over (e.g. a train-mode "
                         f"BatchNorm's running statistics), which torch.func's transforms "
                         f"refuse. Use method='vjp' or 'auto' (the state is restored after the "
                         f"call), or put the module in eval mode."
                     ) from err
                 replaced = _torch_bugs.NOTE_PREFIX in step.reason
-                if (method != "auto" and not replaced) or not route(step.method).vectorized:
+                if (method != "auto" and not replaced) or not route(step.route).vectorized:
                     raise
                 # vmap rejects some functions (.item(), control flow on values): fall back.
                 try:
@@ -166,18 +166,18 @@ def _execute_steps(
                     fallback = "per_sample" if fallback == "jacrev" else fallback
                     ran = fallback
                     jacs = _run_step(
-                        call, Step(fallback, todo, "fallback"), None, out_shape, layout, step_bufs
+                        call, Step(fallback, todo, "fallback"), None, out_shape, vec, step_bufs
                     )
                 except Exception as err2:
                     if plan.protection.writes_state and _INPLACE_ERROR in str(err2):
                         jacs = _sample_by_sample(
-                            call, Step(fallback, todo, "fallback"), out_shape, layout, step_bufs
+                            call, Step(fallback, todo, "fallback"), out_shape, vec, step_bufs
                         )
                     else:
                         raise err2 from err
                 VMAP_REJECTED.add(user_func)
         # NaN and Inf: per-sample reverse mode decides (NOTE [Non-finite values: one policy])
-        _nonfinite.enforce(call, todo, jacs, ran, out_shape, layout, plan.random)
+        _nonfinite.enforce(call, todo, jacs, ran, out_shape, vec, plan.random)
         for a, J in zip(todo, jacs, strict=True):
             results[a] = J if call.batched else J.squeeze(0)
     return [results[a] if b is None else b for a, b in zip(call.argnums, bufs, strict=True)]
@@ -191,7 +191,7 @@ def _sample_by_sample(
     call: Call,
     step: Step,
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     bufs: Sequence[torch.Tensor | None],
 ) -> list[torch.Tensor]:
     """``step``'s route one sample at a time (each Jacobian ``(1, ...)``, concatenated).
@@ -205,9 +205,7 @@ def _sample_by_sample(
     for b in range(B):
         sub = _slice_call(call, b, 1)
         sub_bufs = [None if buf is None else buf[b : b + 1] for buf in bufs]
-        for p, J in zip(
-            parts, _run_step(sub, step, None, out_shape, layout, sub_bufs), strict=True
-        ):
+        for p, J in zip(parts, _run_step(sub, step, None, out_shape, vec, sub_bufs), strict=True):
             p.append(J)
     # every sample was written into its slice of a caller's buffer, else concatenated (B >= 1)
     results = [buf if buf is not None else torch.cat(p) for p, buf in zip(parts, bufs, strict=True)]
@@ -232,7 +230,7 @@ def _run_autodiff(
     argnums: tuple[int, ...],
     chunk_size: int | None,
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     bufs: Sequence[torch.Tensor | None],
     ops: frozenset[str] = frozenset(),
 ) -> list[torch.Tensor]:
@@ -243,12 +241,12 @@ def _run_autodiff(
     mode, _ = _torch_bugs.replacement(ops, mode)
     if call.func not in VMAP_REJECTED and mode != "per_sample":
         try:
-            return _run_step(call, Step(mode, argnums, reason), chunk_size, out_shape, layout, bufs)
+            return _run_step(call, Step(mode, argnums, reason), chunk_size, out_shape, vec, bufs)
         except (RuntimeError, NotImplementedError):
             VMAP_REJECTED.add(call.func)
     fallback, _ = _torch_bugs.replacement(ops, "vjp")
     fallback = "per_sample" if fallback == "jacrev" else fallback
-    return _run_step(call, Step(fallback, argnums, "fallback"), None, out_shape, layout, bufs)
+    return _run_step(call, Step(fallback, argnums, "fallback"), None, out_shape, vec, bufs)
 
 
 def _with_batch(buf: torch.Tensor | None, lead: int) -> torch.Tensor | None:
@@ -262,12 +260,12 @@ def _run_step(
     step: Step,
     chunk_size: int | None,
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
     *,
     max_rows: int | None = None,
 ) -> list[torch.Tensor]:
     """``step``'s registered route for its argnums (NOTE [Routes: one protocol, one registry])."""
-    return route(step.method).compute(
-        call, step.argnums, out_shape, layout, outs, chunk_size=chunk_size, max_rows=max_rows
+    return route(step.route).compute(
+        call, step.argnums, out_shape, vec, outs, chunk_size=chunk_size, max_rows=max_rows
     )

@@ -215,7 +215,7 @@ class MemoryEstimate:
     """What a :func:`jacbatch.jacobian` call needs, from shapes alone.
 
     Attributes:
-        method: the route(s) the call would run, e.g. ``"closed_form"`` or ``"jacrev"``.
+        route: the route(s) the call would run, e.g. ``"closed_form"`` or ``"jacrev"``.
         output_bytes: bytes of the result(s).
         peak_bytes: peak bytes the route allocates, the result included (inputs excluded).
         working_bytes: ``peak_bytes - output_bytes``: what the budget of ``max_memory`` bounds.
@@ -224,7 +224,7 @@ class MemoryEstimate:
             are conservative multiples of the output.
     """
 
-    method: str
+    route: str
     output_bytes: int
     peak_bytes: int
     batch_size: int | None
@@ -238,7 +238,7 @@ class MemoryEstimate:
         batch = "no batch" if self.batch_size is None else f"B={self.batch_size}"
         kind = "" if self.exact else " (conservative: the function could not run on meta tensors)"
         return (
-            f"MemoryEstimate({self.method}, {batch}: output {format_bytes(self.output_bytes)}, "
+            f"MemoryEstimate({self.route}, {batch}: output {format_bytes(self.output_bytes)}, "
             f"peak {format_bytes(self.peak_bytes)}, working {format_bytes(self.working_bytes)}"
             f"{kind})"
         )

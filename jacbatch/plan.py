@@ -27,9 +27,15 @@ VMAP_REJECTED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 @dataclass(frozen=True)
 class Step:
-    """One route applied to some of the argnums."""
+    """One route applied to some of the argnums.
 
-    method: str
+    Attributes:
+        route: the registered route's name (:func:`jacbatch.methods.route`), e.g. ``"traced"``.
+        argnums: the differentiated arguments it computes.
+        reason: why the planner chose it.
+    """
+
+    route: str
     argnums: tuple[int, ...]
     reason: str
 
@@ -63,7 +69,7 @@ class Plan:
         batch = "no batch" if self.batch_size is None else f"B={self.batch_size}"
         lines = [f"jacobian plan ({batch}, out {self.out_shape}, in {list(self.in_shapes)}):"]
         for s in self.steps:
-            lines.append(f"  argnums {s.argnums}: {s.method} — {s.reason}")
+            lines.append(f"  argnums {s.argnums}: {s.route} — {s.reason}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -83,7 +89,7 @@ LARGE_JACOBIAN = 2**20
 #     inside a torch.func transform, where tracing would see the transform's wrapped values);
 #     ``method="auto"`` takes the traced step where it applies and the fastest autodiff route
 #     for the other argnums. The route names a caller may use come from the registry
-#     (:func:`jacbatch.methods.names`); a plan names the route that runs (``Step.method``).
+#     (:func:`jacbatch.methods.names`); a plan names the route that runs (``Step.route``).
 
 
 def choose_autodiff(in_numel: int, out_numel: int, forward_ok: bool = True) -> tuple[str, str]:
@@ -366,7 +372,7 @@ def make_plan(
         if protection.writes_state:  # torch.func refuses writes into captured tensors
             steps = tuple(
                 Step("vjp", s.argnums, f"{s.reason.split(';')[0]}; explicit VJP loop")
-                if s.method in ("jacrev", "jacfwd")
+                if s.route in ("jacrev", "jacfwd")
                 else s
                 for s in steps
             )
@@ -439,9 +445,9 @@ def _avoid_torch_bugs(
     (NOTE [Known torch bugs: one list, consulted by the planner])."""
     out, notes = [], []
     for st in steps:
-        route, bugs = _torch_bugs.replacement(ops, st.method)
+        route, bugs = _torch_bugs.replacement(ops, st.route)
         if bugs:
-            note = _torch_bugs.note(bugs, st.method, route)
+            note = _torch_bugs.note(bugs, st.route, route)
             notes.append(note)
             st = Step(route, st.argnums, f"{st.reason}; {note}")
         out.append(st)

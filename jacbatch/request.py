@@ -65,7 +65,7 @@ class Request:
         call: the normalized call, probed (``call.probe``) and with ``create_graph`` decided.
         method: the requested ``method`` (``"auto"`` or a route's name).
         plan: the routes and why (empty with ``plan=False``).
-        layout: ``vec``: ``None``, ``"row"`` or ``"col"``.
+        vec: the checked ``vec``: ``None``, ``"row"`` or ``"col"``.
         chunk_size: rows (jacrev) or columns (jacfwd) per vectorized pass, after fitting.
         out_shape: the per-sample output shape.
         shapes: per argnum, the result's shape (:func:`jacbatch.executor.result_shape`).
@@ -80,7 +80,7 @@ class Request:
     call: Call
     method: str
     plan: Plan
-    layout: str | None
+    vec: str | None
     chunk_size: int | None
     out_shape: tuple[int, ...]
     shapes: tuple[tuple[int, ...], ...]
@@ -129,7 +129,7 @@ def build_request(
     """
     call = normalize(where, func, args, argnums, in_dims, randomness)
     method = V.check_method(where, method)
-    layout = V.check_vec(where, vec)
+    vec = V.check_vec(where, vec)
     size = V.check_chunk_size(where, chunk_size)
     show = V.check_progress(where, progress)
     if chunked and call.batch_size is None:
@@ -142,7 +142,7 @@ def build_request(
         V.check_out_aliasing(where, [o for o in given if isinstance(o, torch.Tensor)], call.args)
     graph = V.check_bool(where, "create_graph", create_graph)
     call, out_shape = probed(call, graph)
-    shapes = tuple(result_shape(call, a, out_shape, layout) for a in call.argnums)
+    shapes = tuple(result_shape(call, a, out_shape, vec) for a in call.argnums)
     empty = Plan((), call.batch_size, out_shape, tuple(call.sample_shape(a) for a in call.argnums))
     the_plan = make_plan(call, method, out_shape, call.probe) if plan else empty
     bufs = tuple(_check_outs(where, call, out, shapes))
@@ -164,23 +164,23 @@ def build_request(
             V.result_too_large(where, fresh * itemsize, free, budget, call.batch_size)
         if budget is None:
             budget = memory.default_budget(call.device)
-        batch, size = _fit(call, the_plan, out_shape, layout, size, budget, False)
+        batch, size = _fit(call, the_plan, out_shape, vec, size, budget, False)
     elif fit == "chunk" and plan:
         if budget is None:
             budget = memory.default_budget(call.device)
         if batch_chunk is None:
-            batch, size = _fit(call, the_plan, out_shape, layout, size, budget, True)
+            batch, size = _fit(call, the_plan, out_shape, vec, size, budget, True)
         else:
             batch = V.check_positive_int(where, "batch_chunk", batch_chunk)
     return Request(
-        where, call, method, the_plan, layout, size, out_shape, shapes, bufs, budget, batch,
+        where, call, method, the_plan, vec, size, out_shape, shapes, bufs, budget, batch,
         show, transformed,
     )  # fmt: skip
 
 
 def estimate(req: Request) -> memory.MemoryEstimate:
     """The result's bytes and the plan's peak working bytes, simulated on meta tensors."""
-    return _estimate(req.call, req.plan, req.out_shape, req.layout, req.chunk_size)
+    return _estimate(req.call, req.plan, req.out_shape, req.vec, req.chunk_size)
 
 
 # Chunking chosen for a (function, shapes, budget): simulations run once per shape in a loop.
@@ -227,7 +227,7 @@ def _estimate(
     call: Call,
     plan: Plan,
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     chunk_size: int | None,
     samples: int | None = None,
 ) -> memory.MemoryEstimate:
@@ -237,7 +237,7 @@ def _estimate(
     B = call.batch_size if samples is None else samples
     per_out = sum(math.prod(out_shape) * math.prod(call.sample_shape(a)) for a in call.argnums)
     output = per_out * (B if B is not None else 1) * itemsize
-    name = "+".join(s.method for s in plan.steps)
+    name = "+".join(s.route for s in plan.steps)
     mcall = _meta_call(call, B)
 
     def run() -> list[torch.Tensor]:
@@ -246,13 +246,13 @@ def _estimate(
             run_call = mcall if f is mcall.func else dataclasses.replace(mcall, func=f)
             for step in plan.steps:
                 bufs: list[torch.Tensor | None] = [None] * len(step.argnums)
-                res += _run_step(run_call, step, chunk_size, out_shape, layout, bufs, max_rows=2)
+                res += _run_step(run_call, step, chunk_size, out_shape, vec, bufs, max_rows=2)
         return res
 
     try:
         peak = memory.simulate_peak(run)
     except Exception:  # cannot run on meta tensors: conservative multiples of the output
-        mult = max(route(s.method).fallback_multiple for s in plan.steps)
+        mult = max(route(s.route).fallback_multiple for s in plan.steps)
         return memory.MemoryEstimate(name, output, int(output * (1 + mult)), B, exact=False)
     return memory.MemoryEstimate(name, output, max(peak, output), B)
 
@@ -261,7 +261,7 @@ def _fit(
     call: Call,
     plan: Plan,
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     chunk_size: int | None,
     budget: int,
     count_output: bool,
@@ -277,12 +277,12 @@ def _fit(
         return max(B, 1), chunk_size
 
     key = (
-        tuple((s.method, s.argnums) for s in plan.steps),
+        tuple((s.route, s.argnums) for s in plan.steps),
         tuple(tuple(a.shape) for a in call.args),
         call.in_dims,
         call.dtype,
         call.device,
-        layout,
+        vec,
         chunk_size,
         budget,
         count_output,
@@ -293,7 +293,7 @@ def _fit(
     except TypeError:  # not weak-referenceable (a builtin): no caching
         cache = {}
     if key not in cache:
-        cache[key] = _fit_uncached(call, plan, out_shape, layout, chunk_size, budget, count_output)
+        cache[key] = _fit_uncached(call, plan, out_shape, vec, chunk_size, budget, count_output)
     return cache[key]
 
 
@@ -301,17 +301,17 @@ def _fit_uncached(
     call: Call,
     plan: Plan,
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     chunk_size: int | None,
     budget: int,
     count_output: bool,
 ) -> tuple[int, int | None]:
     B = call.batch_size if call.batch_size is not None else 1
     # These routes return a chunk's Jacobian as a temporary that is copied into the result.
-    copies = any(route(s.method).vectorized for s in plan.steps)
+    copies = any(route(s.route).vectorized for s in plan.steps)
 
     def need(samples: int, rows: int | None) -> int:
-        est = _estimate(call, plan, out_shape, layout, rows, samples if call.batched else None)
+        est = _estimate(call, plan, out_shape, vec, rows, samples if call.batched else None)
         if count_output or (copies and samples < B):
             return est.peak_bytes
         return est.working_bytes
@@ -327,7 +327,7 @@ def _fit_uncached(
                 lo, hi = (mid, hi) if need(mid, chunk_size) <= limit else (lo, mid)
             return lo, chunk_size
     # One sample does not fit: fewer rows (jacrev) or columns (jacfwd) per vectorized pass.
-    if all(route(s.method).vectorized for s in plan.steps):
+    if all(route(s.route).vectorized for s in plan.steps):
         sizes = [math.prod(call.sample_shape(a)) for a in call.argnums]
         c = chunk_size or max(math.prod(out_shape), *sizes)
         while c > 1:
@@ -335,5 +335,5 @@ def _fit_uncached(
             if need(1, c) <= budget:
                 return 1, c
     V.budget_too_small(
-        "jacobian", need(1, chunk_size), budget, "+".join(s.method for s in plan.steps)
+        "jacobian", need(1, chunk_size), budget, "+".join(s.route for s in plan.steps)
     )

@@ -430,7 +430,7 @@ def test_catalogue_traces_where_it_says() -> None:
     """The closed_form runs above do use the traced route (auto picks it too)."""
     for pattern in PATTERNS:
         f = pattern.make()[0]()
-        method = jacbatch.explain(f, X).steps[0].method
+        method = jacbatch.explain(f, X).steps[0].route
         assert (method == "traced") == pattern.traces, (pattern.name, method)
 
 
@@ -558,7 +558,7 @@ def test_many_shapes_keep_the_closed_form(
     f = lambda x: torch.tanh(x * 3)  # noqa: E731
     for n in [*range(1, 12), 1, 2, 11]:  # one graph per shape (dynamic=False): over the limit
         Xn = rnd(2, n, seed=n)
-        assert jacbatch.explain(f, Xn).steps[0].method == "traced"
+        assert jacbatch.explain(f, Xn).steps[0].route == "traced"
         assert_matches(jacbatch.jacobian(f, Xn, method="closed_form"), reference(f, Xn))
     _silent(caplog, capfd)
 
@@ -577,7 +577,7 @@ def test_recapture_on_every_call_falls_back_silently(
     for k in range(12):
         scale = 1.0 + k / 7
         f = lambda x, s=scale: torch.tanh(x * s)  # noqa: E731  one code object, new constant
-        methods.append(jacbatch.explain(f, Xn).steps[0].method)
+        methods.append(jacbatch.explain(f, Xn).steps[0].route)
         assert_matches(jacbatch.jacobian(f, Xn), reference(f, Xn))
     assert methods[:8] == ["traced"] * 8
     assert "traced" not in methods[8:]
@@ -686,7 +686,7 @@ def test_stop_gradients_inside_func(
     name: str, func: Callable[..., torch.Tensor], method: str
 ) -> None:
     """Values computed with grad off are constants, as in autograd; the traced route keeps them."""
-    assert [st.method for st in jacbatch.explain(func, X, method=method).steps] == ["traced"]
+    assert [st.route for st in jacbatch.explain(func, X, method=method).steps] == ["traced"]
     assert_matches(jacbatch.jacobian(func, X, method=method), reference(func, X))
 
 

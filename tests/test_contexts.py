@@ -69,7 +69,7 @@ def one_rank_group():
 def test_every_entry_point_under_every_context(f, method, context, tmp_path, one_rank_group):
     ref = reference_jacobian(f, (X,))
     if f is scalar_no_rule and method == "auto":  # the case: auto takes the vjp route
-        assert jacbatch.explain(f, X).steps[0].method == "vjp"
+        assert jacbatch.explain(f, X).steps[0].route == "vjp"
     if f is scalar_no_rule and method == "closed_form":  # refused in every context alike
         with CONTEXTS[context](), pytest.raises(NotImplementedError, match="method='auto'"):
             jacbatch.jacobian(f, X, method=method)
@@ -166,7 +166,7 @@ def test_no_grad_inside_func(f):
         jacbatch.jacobian(f, X, method="jacfwd")
     # auto plans reverse mode although there are fewer inputs than outputs, and says why
     step = jacbatch.explain(f, X).steps[0]
-    assert step.method == "jacrev" and "grad mode off" in step.reason
+    assert step.route == "jacrev" and "grad mode off" in step.reason
     # and a differentiable result (nested in torch.func) honours it too
     got = torch.func.vmap(lambda x: jacbatch.jacobian(f, x, in_dims=None, method="jacrev"))(X)
     assert_matches(got, ref, F64)
@@ -176,7 +176,7 @@ def test_detach_inside_func_every_autodiff_route_agrees_with_autograd():
     ref = reference_jacobian(stop_detach, (X,))
     for method in ("auto", "jacrev", "jacfwd", "vjp"):
         assert_matches(jacbatch.jacobian(stop_detach, X, method=method), ref, F64)
-    assert jacbatch.explain(stop_detach, X).steps[0].method == "jacfwd"  # forward mode is right
+    assert jacbatch.explain(stop_detach, X).steps[0].route == "jacfwd"  # forward mode is right
 
 
 class _Square(torch.autograd.Function):

@@ -107,7 +107,7 @@ def test_random_functions_never_take_the_closed_form() -> None:
     f = lambda x: F.dropout(x, 0.5, training=True) * 2  # noqa: E731  (traced ops all have rules)
     X = torch.randn(4, 5, dtype=torch.float64)
     plan = jacbatch.explain(f, X, randomness="different")
-    assert all(s.method != "traced" for s in plan.steps), str(plan)
+    assert all(s.route != "traced" for s in plan.steps), str(plan)
     with pytest.raises(NotImplementedError, match="draws random numbers"):
         jacbatch.jacobian(f, X, method="closed_form", randomness="same")
     torch.manual_seed(0)

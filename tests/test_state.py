@@ -241,7 +241,7 @@ def test_functions_without_writes_are_not_wrapped() -> None:
     torch.testing.assert_close(J, expected, rtol=1e-12, atol=1e-12)
     plan = jacbatch.explain(_batchnorm_model(), torch.randn(2, 5, 3, dtype=torch.float64))
     assert plan.protection.writes_state
-    assert [s.method for s in plan.steps] == ["vjp"]  # torch.func would refuse the writes
+    assert [s.route for s in plan.steps] == ["vjp"]  # torch.func would refuse the writes
     assert "restored" in str(plan)
 
 

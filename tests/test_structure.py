@@ -50,7 +50,7 @@ def test_closed_form_calls_no_autograd(monkeypatch):
     plan = jacbatch.explain(
         jacbatch.affine, *_affine_args(), argnums=(0, 1, 2), in_dims=(0, None, None)
     )
-    assert [s.method for s in plan.steps] == ["closed_form"]
+    assert [s.route for s in plan.steps] == ["closed_form"]
 
 
 def _count_grad_calls(monkeypatch):
@@ -108,16 +108,16 @@ def test_functions_vmap_rejects_work_through_vjp_and_auto(monkeypatch, func):
     assert len(calls) == 3  # still one backward per output element for the whole batch
     assert_matches(jacbatch.jacobian(func, x, method="auto"), ref, torch.float64)
     # auto remembers the fallback and says so
-    assert jacbatch.explain(func, x).steps[0].method == "vjp"
+    assert jacbatch.explain(func, x).steps[0].route == "vjp"
 
 
 def test_auto_chooses_by_shape():
     # cumsum has no closed-form rule, so auto picks an autodiff route by size
     wide_in = torch.randn(2, 50, dtype=torch.float64)
     plan = jacbatch.explain(lambda x: x.cumsum(0)[:3].sin(), wide_in)
-    assert plan.steps[0].method == "jacrev"
+    assert plan.steps[0].route == "jacrev"
     plan = jacbatch.explain(
         lambda x: torch.outer(x, x).cumsum(0).reshape(-1), torch.randn(2, 3, dtype=torch.float64)
     )
-    assert plan.steps[0].method == "jacfwd"
+    assert plan.steps[0].route == "jacfwd"
     assert "forward mode" in str(plan)

@@ -185,7 +185,7 @@ def test_expression_traced_and_correct(
     argnums: tuple[int, ...],
 ) -> None:
     plan = jacbatch.explain(func, *args, argnums=argnums, in_dims=in_dims)
-    assert [s.method for s in plan.steps] == ["traced"], str(plan)
+    assert [s.route for s in plan.steps] == ["traced"], str(plan)
     Js = jacbatch.jacobian(func, *args, argnums=argnums, in_dims=in_dims)
     for a, J in zip(argnums, Js, strict=True):
         assert_matches(J, reference(func, args, in_dims, a))
@@ -247,7 +247,7 @@ def test_fallback_is_correct_and_explained(
 ) -> None:
     X = torch.cat([X_[:1].abs(), -X_[1:2].abs(), X_[2:]])  # the branch differs between samples
     plan = jacbatch.explain(func, X)
-    assert plan.steps[0].method in ("jacrev", "jacfwd", "vjp"), str(plan)
+    assert plan.steps[0].route in ("jacrev", "jacfwd", "vjp"), str(plan)
     assert why in str(plan)
     J = jacbatch.jacobian(func, X)
     assert_matches(J, reference(func, (X,), (0,), 0))
@@ -315,7 +315,7 @@ def test_modules_are_traced_and_parameter_swaps_retrace() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(p, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
     model = model.double()
     plan = jacbatch.explain(model, X_)
-    assert [s.method for s in plan.steps] == ["traced"], str(plan)
+    assert [s.route for s in plan.steps] == ["traced"], str(plan)
     assert_matches(jacbatch.jacobian(model, X_), reference(model, (X_,), (0,), 0))
     with torch.no_grad():
         model[0].weight.mul_(3)  # in place: same graph, new values
@@ -370,7 +370,7 @@ def test_random_ops_fall_back() -> None:
 def test_registered_rule_still_wins() -> None:
     A, W, b = X_, W1_, b1_
     plan = jacbatch.explain(jacbatch.affine, A, W, b, argnums=1, in_dims=(0, None, None))
-    assert [s.method for s in plan.steps] == ["closed_form"]
+    assert [s.route for s in plan.steps] == ["closed_form"]
 
 
 def _inplace(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -381,7 +381,7 @@ def _inplace(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 
 def test_inplace_user_code_is_functionalized() -> None:
     plan = jacbatch.explain(_inplace, X_, W1_, argnums=(0, 1), in_dims=(0, None))
-    assert [s.method for s in plan.steps] == ["traced"], str(plan)
+    assert [s.route for s in plan.steps] == ["traced"], str(plan)
     J0, J1 = jacbatch.jacobian(_inplace, X_, W1_, argnums=(0, 1), in_dims=(0, None))
     assert_matches(J0, reference(_inplace, (X_, W1_), (0, None), 0))
     assert_matches(J1, reference(_inplace, (X_, W1_), (0, None), 1))
@@ -435,8 +435,8 @@ def test_mixed_plan_traces_one_argument_and_differentiates_the_other() -> None:
     """The path from X has cumsum (no rule), the path from W does not: two steps, both right."""
     f = lambda X, W: torch.tanh(torch.cumsum(X, 0) @ W)  # noqa: E731
     plan = jacbatch.explain(f, X_, W1_, argnums=(0, 1), in_dims=(0, None))
-    assert (plan.steps[0].method, plan.steps[0].argnums) == ("traced", (1,)), str(plan)
-    assert plan.steps[1].argnums == (0,) and plan.steps[1].method != "traced"
+    assert (plan.steps[0].route, plan.steps[0].argnums) == ("traced", (1,)), str(plan)
+    assert plan.steps[1].argnums == (0,) and plan.steps[1].route != "traced"
     J0, J1 = jacbatch.jacobian(f, X_, W1_, argnums=(0, 1), in_dims=(0, None))
     assert_matches(J0, reference(f, (X_, W1_), (0, None), 0))
     assert_matches(J1, reference(f, (X_, W1_), (0, None), 1))

@@ -1,9 +1,9 @@
 """One module per route, and the route registry. Every route computes, for a validated
 :class:`~jacbatch.call.Call` and a list of argnums, one Jacobian per argnum with a leading batch dimension (``B = 1`` for an
-unbatched call; :mod:`jacbatch.api` removes it), in the requested layout:
+unbatched call; :mod:`jacbatch.api` removes it), in the requested ``vec``:
 
-* ``layout=None``: ``(B, *out_shape, *in_shape)``
-* ``layout="row"`` / ``"col"``: ``(B, out_numel, in_numel)`` in that vec order.
+* ``vec=None``: ``(B, *out_shape, *in_shape)``
+* ``vec="row"`` / ``"col"``: ``(B, out_numel, in_numel)`` in that vec order.
 
 ``outs`` holds, per argnum, ``None`` or a caller's contiguous buffer of exactly that shape, which
 the route fills and returns.
@@ -36,11 +36,11 @@ NOTE [Routes: one protocol, one registry]
         from ..call import Call
         from . import Route, batched_args, finish
 
-        def compute(call, argnums, out_shape, layout, outs, *, chunk_size=None, max_rows=None):
+        def compute(call, argnums, out_shape, vec, outs, *, chunk_size=None, max_rows=None):
             args, flags, B = batched_args(call)
             jacs = ...  # per argnum (B, *out_shape, *in_shape)
             return [
-                finish(J, len(out_shape), len(call.sample_shape(a)), layout, buf)
+                finish(J, len(out_shape), len(call.sample_shape(a)), vec, buf)
                 for J, a, buf in zip(jacs, argnums, outs, strict=True)
             ]
 
@@ -105,8 +105,8 @@ class Route:
     """One way of computing Jacobians; see NOTE [Routes: one protocol, one registry].
 
     Attributes:
-        name: the route as plans and reports name it (``Step.method``).
-        compute: ``compute(call, argnums, out_shape, layout, outs, *, chunk_size, max_rows)``
+        name: the route as plans and reports name it (``Step.route``).
+        compute: ``compute(call, argnums, out_shape, vec, outs, *, chunk_size, max_rows)``
             -> per argnum ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)``.
             ``chunk_size`` bounds the rows or columns of one vectorized pass (routes that are
             not ``vectorized`` ignore it); ``max_rows`` stops a row-by-row route early (memory
@@ -157,12 +157,12 @@ def finish(
     J: torch.Tensor,
     out_ndim: int,
     in_ndim: int,
-    layout: str | None,
+    vec: str | None,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Bring a natural-layout ``(B, *out_shape, *in_shape)`` Jacobian to ``layout`` (into ``out``)."""
-    if layout is not None:
-        J = conventions.flatten_jacobian(J, out_ndim, in_ndim, layout, batched=True)  # type: ignore[arg-type]
+    """Bring a natural-layout ``(B, *out_shape, *in_shape)`` Jacobian to ``vec`` (into ``out``)."""
+    if vec is not None:
+        J = conventions.flatten_jacobian(J, out_ndim, in_ndim, vec, batched=True)  # type: ignore[arg-type]
     if out is not None:
         out.copy_(J)
         return out

@@ -2,7 +2,7 @@
 
 A registered rule (:mod:`jacbatch.rules`, NOTE [Why affine keeps a registered rule]) returns
 lettered terms from the arguments alone; :func:`jacbatch.rules.write.materialize` writes them in
-the requested layout, under ``torch.no_grad()`` on detached arguments, so no graph is built. A
+the requested ``vec``, under ``torch.no_grad()`` on detached arguments, so no graph is built. A
 result that must be differentiable (``call.create_graph``, NOTE [Differentiable results] in
 :mod:`jacbatch.methods`), or whose arguments are an outer torch.func transform's wrapped values
 (which cannot be written into a plain buffer), is computed out of place from the caller's tensors instead
@@ -33,13 +33,13 @@ def compute(
     call: Call,
     argnums: Sequence[int],
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
 ) -> list[torch.Tensor]:
     """Jacobians w.r.t. ``args[a]`` for ``a in argnums`` via the registered rules.
 
     Returns:
-        Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``layout``).
+        Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``vec``).
     """
     found = []
     for a in argnums:
@@ -54,13 +54,13 @@ def compute(
             for a, rule, buf in zip(argnums, found, outs, strict=True):
                 in_shape = call.sample_shape(a)
                 J = write.dense(rule(args, flags), out_shape, in_shape, B, args[a])
-                results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
+                results.append(finish(J, len(out_shape), len(in_shape), vec, buf))
         return results
     with torch.no_grad():
         args = [x.detach() for x in args]
         for a, rule, buf in zip(argnums, found, outs, strict=True):
             in_shape = call.sample_shape(a)
-            Y, natural = _result(call, B, out_shape, in_shape, layout, buf)
+            Y, natural = _result(call, B, out_shape, in_shape, vec, buf)
             write.materialize(rule(args, flags), out_shape, in_shape, natural)
             results.append(Y)
     return results
@@ -70,13 +70,13 @@ def _route_compute(
     call: Call,
     argnums: Sequence[int],
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
     *,
     chunk_size: int | None = None,
     max_rows: int | None = None,
 ) -> list[torch.Tensor]:
-    return compute(call, argnums, out_shape, layout, outs)
+    return compute(call, argnums, out_shape, vec, outs)
 
 
 #: Internal: planned ahead of tracing where a rule is registered (``method="closed_form"`` or

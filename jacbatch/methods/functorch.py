@@ -103,13 +103,13 @@ def compute(
     mode: str,
     chunk_size: int | None,
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
 ) -> list[torch.Tensor]:
     """Jacobians w.r.t. ``args[a]`` for ``a in argnums`` with torch.func (``mode`` ``"rev"``/``"fwd"``).
 
     Returns:
-        Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``layout``).
+        Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``vec``).
     """
     if mode == "fwd" and call.probe is not None and call.probe.forward_blind:
         raise NotImplementedError(
@@ -163,7 +163,7 @@ def compute(
         if not call.create_graph:
             jacs = [J.detach() for J in jacs]
         return [
-            finish(J, len(out_shape), len(call.sample_shape(a)), layout, buf)
+            finish(J, len(out_shape), len(call.sample_shape(a)), vec, buf)
             for J, a, buf in zip(jacs, nums, outs, strict=True)
         ]
 
@@ -172,20 +172,20 @@ def _jacrev(
     call: Call,
     argnums: Sequence[int],
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
     *,
     chunk_size: int | None = None,
     max_rows: int | None = None,
 ) -> list[torch.Tensor]:
-    return compute(call, argnums, "rev", chunk_size, out_shape, layout, outs)
+    return compute(call, argnums, "rev", chunk_size, out_shape, vec, outs)
 
 
 def _jacfwd(
     call: Call,
     argnums: Sequence[int],
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
     *,
     chunk_size: int | None = None,
@@ -194,7 +194,7 @@ def _jacfwd(
     # Tangents take the size of a view's whole storage: NOTE [A chunk costs what it holds].
     call = dataclasses.replace(call, args=tuple(memory.compact(a) for a in call.args))
     with _threads.FORWARD_AD:  # NOTE [First calls from several threads]
-        return compute(call, argnums, "fwd", chunk_size, out_shape, layout, outs)
+        return compute(call, argnums, "fwd", chunk_size, out_shape, vec, outs)
 
 
 def _no_state_writes(call: Call) -> bool:

@@ -5,7 +5,7 @@ computation changed (:mod:`jacbatch.capture`, :mod:`jacbatch.tracing`); every no
 from the differentiated argument to the output has a closed-form rule (:mod:`jacbatch.rules.ops`). The graph is evaluated for the whole batch
 under ``vmap`` (forward values only, no autograd graph), the rules' lettered terms are composed
 by the chain rule (:mod:`jacbatch.rules.terms`) and the result is written once, directly in the
-requested layout. A result that must be differentiable is evaluated on the caller's tensors and
+requested vec. A result that must be differentiable is evaluated on the caller's tensors and
 written out of place instead (:func:`jacbatch.rules.write.dense`). Anything the rules do not
 cover raises :class:`~jacbatch.rules.terms.Unsupported`, and :func:`jacbatch.jacobian` falls
 back to autodiff.
@@ -78,13 +78,13 @@ def compute(
     call: Call,
     argnums: Sequence[int],
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
 ) -> list[torch.Tensor]:
     """Jacobians w.r.t. ``args[a]`` for ``a in argnums`` from the traced graph's rules.
 
     Returns:
-        Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``layout``).
+        Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``vec``).
 
     Raises:
         terms.Unsupported: some node has no rule (or a rule does not cover its values), or a
@@ -93,7 +93,7 @@ def compute(
     if in_transform(call.args):
         raise terms.Unsupported("no traced closed form inside a torch.func transform")
     try:
-        return _compute(call, argnums, out_shape, layout, outs)
+        return _compute(call, argnums, out_shape, vec, outs)
     except _Stale:
         # NOTE [The value check]: Dynamo kept a graph the function no longer computes. Drop its
         # captures of this function and capture afresh, once.
@@ -101,7 +101,7 @@ def compute(
         _LOCAL.memo = None
         traced_graph(call, retry=True)
     try:
-        return _compute(call, argnums, out_shape, layout, outs)
+        return _compute(call, argnums, out_shape, vec, outs)
     except _Stale as err:
         raise terms.Unsupported(str(err)) from None
 
@@ -158,7 +158,7 @@ def _compute(
     call: Call,
     argnums: Sequence[int],
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
 ) -> list[torch.Tensor]:
     tg = traced_graph(call)
@@ -175,14 +175,14 @@ def _compute(
             for a, ts, buf in zip(argnums, all_terms, outs, strict=True):
                 in_shape = call.sample_shape(a)
                 J = write.dense(ts, out_shape, in_shape, B, args[a])
-                results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
+                results.append(finish(J, len(out_shape), len(in_shape), vec, buf))
         return results
     with torch.no_grad():
         args = [x.detach() for x in args]
         all_terms = tracing.jacobian_terms(tg, argnums, args, B, check)
         for a, ts, buf in zip(argnums, all_terms, outs, strict=True):
             in_shape = call.sample_shape(a)
-            Y, natural = _result(call, B, out_shape, in_shape, layout, buf)
+            Y, natural = _result(call, B, out_shape, in_shape, vec, buf)
             write.materialize(ts, out_shape, in_shape, natural)
             results.append(Y)
     return results
@@ -193,17 +193,17 @@ def _result(
     B: int,
     out_shape: tuple[int, ...],
     in_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     buf: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The result tensor and a ``(B, *out_shape, *in_shape)`` view of it to write into."""
     o = math.prod(out_shape)
     i = math.prod(in_shape)
-    shape = (B, *out_shape, *in_shape) if layout is None else (B, o, i)
+    shape = (B, *out_shape, *in_shape) if vec is None else (B, o, i)
     Y = buf if buf is not None else torch.empty(shape, dtype=call.dtype, device=call.device)
-    if layout is None:
+    if vec is None:
         return Y, Y
-    if layout == "row":
+    if vec == "row":
         return Y, Y.view(B, *out_shape, *in_shape)
     # column-major: both axes' indices are reversed
     no, ni = len(out_shape), len(in_shape)
@@ -221,13 +221,13 @@ def _route_compute(
     call: Call,
     argnums: Sequence[int],
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
     *,
     chunk_size: int | None = None,
     max_rows: int | None = None,
 ) -> list[torch.Tensor]:
-    return compute(call, argnums, out_shape, layout, outs)
+    return compute(call, argnums, out_shape, vec, outs)
 
 
 def _route_applies(call: Call) -> bool:

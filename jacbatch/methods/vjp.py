@@ -71,7 +71,7 @@ def compute(
     call: Call,
     argnums: Sequence[int],
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
     *,
     max_rows: int | None = None,
@@ -84,32 +84,32 @@ def compute(
     autograd exactly (NOTE [Known torch bugs: one list, consulted by the planner]).
 
     Returns:
-        Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``layout``).
+        Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``vec``).
     """
     if call.create_graph:
         writes_state = call.probe is not None and getattr(call.probe, "writes_state", False)
         if writes_state and not in_transform(call.args):
             # torch.func refuses writes into captured tensors; plain autograd records them
             return _compute_graph_autograd(
-                call, argnums, out_shape, layout, outs, max_rows, per_sample
+                call, argnums, out_shape, vec, outs, max_rows, per_sample
             )
-        return _compute_with_graph(call, argnums, out_shape, layout, outs, max_rows, per_sample)
+        return _compute_with_graph(call, argnums, out_shape, vec, outs, max_rows, per_sample)
     try:
-        return _compute_detached(call, argnums, out_shape, layout, outs, max_rows, per_sample)
+        return _compute_detached(call, argnums, out_shape, vec, outs, max_rows, per_sample)
     except RuntimeError as err:
         if "Inference tensors cannot be saved for backward" not in str(err):
             raise
     # func closes over a tensor created under inference_mode: autograd cannot save it for
     # backward, torch.func's vjp can (on arguments that carry no graph, so neither does J).
     detached = dataclasses.replace(call, args=tuple(a.detach() for a in call.args))
-    return _compute_with_graph(detached, argnums, out_shape, layout, outs, max_rows, per_sample)
+    return _compute_with_graph(detached, argnums, out_shape, vec, outs, max_rows, per_sample)
 
 
 def _compute_detached(
     call: Call,
     argnums: Sequence[int],
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
     max_rows: int | None,
     per_sample: bool = False,
@@ -117,11 +117,9 @@ def _compute_detached(
     """The vjp route without a graph: ``torch.autograd.grad`` on fresh leaves."""
     # Autograd records nothing under inference mode: run outside it, on normal tensors (NOTE
     # [Inference mode] in jacbatch.methods). Rows go straight into the caller's buffer when its
-    # memory order is the rows' order (natural layout or row-major vec) and it can be written
+    # memory order is the rows' order (natural vec or row-major vec) and it can be written
     # outside inference mode; every row is written once, so no zero fill.
-    direct = [
-        buf is not None and layout in (None, "row") and not buf.is_inference() for buf in outs
-    ]
+    direct = [buf is not None and vec in (None, "row") and not buf.is_inference() for buf in outs]
     with torch.inference_mode(False):
         args, flags, B = batched_args(call)
         args = [usable(x.detach()) for x in args]
@@ -157,7 +155,7 @@ def _compute_detached(
                     # decides whether it is truly unused (NOTE [A None gradient is not a zero]).
                     del Y, grads
                     return _compute_detached(
-                        call, argnums, out_shape, layout, outs, max_rows, per_sample=True
+                        call, argnums, out_shape, vec, outs, max_rows, per_sample=True
                     )
                 for r, g in zip(rows, grads, strict=True):
                     if g is None:  # per-sample autograd: the function does not use this argument
@@ -177,7 +175,7 @@ def _compute_detached(
         if buf is not None and d:
             results.append(buf)
         else:
-            results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
+            results.append(finish(J, len(out_shape), len(in_shape), vec, buf))
     return results
 
 
@@ -185,7 +183,7 @@ def _compute_with_graph(
     call: Call,
     argnums: Sequence[int],
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
     max_rows: int | None,
     per_sample: bool = False,
@@ -223,14 +221,14 @@ def _compute_with_graph(
             onehot[:, k] = 1
             for r, g in zip(rows, pull(onehot.view(Y.shape)), strict=True):
                 r.append(g.reshape(B, -1))
-        return _stacked(call, rows, argnums, outs, o, Y, out_shape, layout)
+        return _stacked(call, rows, argnums, outs, o, Y, out_shape, vec)
 
 
 def _compute_graph_autograd(
     call: Call,
     argnums: Sequence[int],
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
     max_rows: int | None,
     per_sample: bool = False,
@@ -267,7 +265,7 @@ def _compute_graph_autograd(
                     if g is None
                     else g.reshape(B, -1)
                 )
-        return _stacked(call, rows, argnums, outs, o, Y, out_shape, layout)
+        return _stacked(call, rows, argnums, outs, o, Y, out_shape, vec)
 
 
 def _stacked(
@@ -278,9 +276,9 @@ def _stacked(
     o: int,
     Y: torch.Tensor,
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
 ) -> list[torch.Tensor]:
-    """Per argnum, the rows ``(B, in_numel)`` each stacked into the Jacobian in ``layout``;
+    """Per argnum, the rows ``(B, in_numel)`` each stacked into the Jacobian in ``vec``;
     rows not computed (an empty batch or output, a constant output, ``max_rows``) are zero."""
     B = Y.shape[0]
     results = []
@@ -293,7 +291,7 @@ def _stacked(
             zeros = torch.zeros(B, o - len(r), n, dtype=Y.dtype, device=Y.device)
             J = torch.cat([torch.stack(list(r), dim=1), zeros], dim=1) if r else zeros
         J = J.view(B, *out_shape, *in_shape)
-        results.append(finish(J, len(out_shape), len(in_shape), layout, buf))
+        results.append(finish(J, len(out_shape), len(in_shape), vec, buf))
     return results
 
 
@@ -301,27 +299,27 @@ def _vjp(
     call: Call,
     argnums: Sequence[int],
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
     *,
     chunk_size: int | None = None,
     max_rows: int | None = None,
 ) -> list[torch.Tensor]:
-    return compute(call, argnums, out_shape, layout, outs, max_rows=max_rows)
+    return compute(call, argnums, out_shape, vec, outs, max_rows=max_rows)
 
 
 def _per_sample(
     call: Call,
     argnums: Sequence[int],
     out_shape: tuple[int, ...],
-    layout: str | None,
+    vec: str | None,
     outs: Sequence[torch.Tensor | None],
     *,
     chunk_size: int | None = None,
     max_rows: int | None = None,
 ) -> list[torch.Tensor]:
     # NOTE [Known torch bugs: one list, consulted by the planner]
-    return compute(call, argnums, out_shape, layout, outs, max_rows=max_rows, per_sample=True)
+    return compute(call, argnums, out_shape, vec, outs, max_rows=max_rows, per_sample=True)
 
 
 ROUTE: Route = Route("vjp", _vjp, method="vjp", fallback_multiple=1.5)

@@ -126,19 +126,19 @@ class JacobianOperator(ABC):
         Returns:
             A new contiguous tensor of that shape.
         """
-        layout = V.check_vec(f"{type(self).__name__}.to_dense", vec)
+        vec = V.check_vec(f"{type(self).__name__}.to_dense", vec)
         with torch.no_grad():
             J = self._dense()
             if self.batch_size is None:
                 J = J[0]
             elif _lead(J) != self.batch_size:
                 J = J.expand(self.batch_size, *J.shape[1:])
-            if layout is not None:
+            if vec is not None:
                 J = conventions.flatten_jacobian(
                     J,
                     len(self.out_shape),
                     len(self.in_shape),
-                    layout,  # type: ignore[arg-type]
+                    vec,  # type: ignore[arg-type]
                     batched=self.batch_size is not None,
                 )
             return J.contiguous()
