@@ -46,7 +46,7 @@ import jacbatch
 from jacbatch import _torch_bugs
 from tests._reference import reference_jacobian
 
-ROUTES = ("auto", "closed_form", "jacrev", "jacfwd", "vjp")
+ROUTES = ("auto", *jacbatch.methods.names())  # every route a caller may ask for
 OUTCOMES = ("agree", "workaround", "refused", "wrong", "error")
 B = 3
 #: float64 agreement between differently ordered computations (linalg, reductions)

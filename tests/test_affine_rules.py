@@ -1,7 +1,8 @@
-"""The affine closed forms against a per-sample autograd reference, in both vec orders, for
-batched and shared arguments, through both kernel formulations (narrow and wide inner factor):
-``jacbatch.affine`` (its registered terms) and the same code traced (``A @ W + B`` as a lambda),
-both written by the one writer (:mod:`jacbatch.rules.write`).
+"""The affine closed forms against the shared per-sample autograd reference (of plain
+``A @ W + B``, nothing of jacbatch), in both vec orders, for batched and shared arguments,
+through both kernel formulations (narrow and wide inner factor): ``jacbatch.affine`` (its
+registered terms) and the same code traced (``A @ W + B`` as a lambda), both written by the one
+writer (:mod:`jacbatch.rules.write`).
 """
 
 from __future__ import annotations
@@ -14,26 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jacbatch import affine, jacobian
-from jacbatch.conventions import flatten_jacobian
+from tests.conftest import reference_jacobian
 
 F64 = torch.float64
-
-
-def reference(args, dims, argnum, vec):
-    """Per-sample torch.autograd.functional.jacobian in float64, stacked."""
-    b = next(a.shape[0] for a, d in zip(args, dims, strict=True) if d is not None)
-    refs = []
-    for i in range(b):
-        s = [a.double() if d is None else a[i].double() for a, d in zip(args, dims, strict=True)]
-
-        def f(x, s=s):
-            return affine(*s[:argnum], x, *s[argnum + 1 :])
-
-        r = torch.autograd.functional.jacobian(f, s[argnum], vectorize=True)
-        if vec is not None:
-            r = flatten_jacobian(r[None], 2, r.ndim - 2, vec, batched=True)[0]
-        refs.append(r)
-    return torch.stack(refs)
 
 
 def make(b, m, p, q, shared, bias_full=False, dtype=F64):
@@ -58,7 +42,7 @@ SHAPES = [(3, 2, 3, 4), (5, 3, 2, 20), (1, 4, 5, 2), (4, 17, 3, 5), (2, 16, 17, 
 @pytest.mark.parametrize("shared", [None, 0, 1], ids=["all-batched", "A-shared", "W-shared"])
 def test_closed_form_matches_reference(shape, argnum, vec, shared):
     args, dims = make(*shape, shared)
-    want = reference(args, dims, argnum, vec)
+    want = reference_jacobian(_plain, args, argnum, dims, vec=vec)
     J = jacobian(affine, *args, argnums=argnum, in_dims=dims, method="closed_form", vec=vec)
     torch.testing.assert_close(J, want, rtol=0, atol=0)
     Jt = jacobian(_plain, *args, argnums=argnum, in_dims=dims, method="closed_form", vec=vec)
@@ -75,7 +59,9 @@ def test_full_bias_is_identity(vec):
     args, dims = make(3, 4, 2, 3, None, bias_full=True)
     for f in (affine, _plain):
         J = jacobian(f, *args, argnums=2, in_dims=dims, method="closed_form", vec=vec)
-        torch.testing.assert_close(J, reference(args, dims, 2, vec), rtol=0, atol=0)
+        torch.testing.assert_close(
+            J, reference_jacobian(_plain, args, 2, dims, vec=vec), rtol=0, atol=0
+        )
 
 
 @settings(max_examples=25, deadline=None)
@@ -91,7 +77,9 @@ def test_full_bias_is_identity(vec):
 def test_closed_form_property(b, m, p, q, argnum, vec, shared):
     args, dims = make(b, m, p, q, shared)
     J = jacobian(affine, *args, argnums=argnum, in_dims=dims, method="closed_form", vec=vec)
-    torch.testing.assert_close(J, reference(args, dims, argnum, vec), rtol=0, atol=0)
+    torch.testing.assert_close(
+        J, reference_jacobian(_plain, args, argnum, dims, vec=vec), rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("func", [affine, _plain], ids=["affine", "traced"])
@@ -113,7 +101,9 @@ def test_kronecker_jacobians_take_the_writer_fast_path(monkeypatch, func, vec, a
     monkeypatch.setattr(R, "kron", spy)
     args, dims = make(4, 3, 5, 6, None)
     J = jacobian(func, *args, argnums=argnum, in_dims=dims, method="closed_form", vec=vec)
-    torch.testing.assert_close(J, reference(args, dims, argnum, vec), rtol=0, atol=0)
+    torch.testing.assert_close(
+        J, reference_jacobian(_plain, args, argnum, dims, vec=vec), rtol=0, atol=0
+    )
     assert len(calls) == 1
     # the factors handed over are A (or Wᵀ) and an identity: nothing of the output's size
     assert max(math.prod(s) for s in calls[0]) <= 4 * 6 * 5
@@ -144,7 +134,9 @@ def test_closed_form_float32_against_float64_reference():
         args, dims = make(6, 8, 8, 8, shared, dtype=torch.float32)
         J = jacobian(affine, *args, argnums=1, in_dims=dims, method="closed_form")
         assert J.dtype == torch.float32
-        torch.testing.assert_close(J.double(), reference(args, dims, 1, None), rtol=0, atol=0)
+        torch.testing.assert_close(
+            J.double(), reference_jacobian(_plain, args, 1, dims), rtol=0, atol=0
+        )
 
 
 def test_shape_table_covers_both_formulations():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import jacbatch
 from jacbatch import cli, demo
 
 
@@ -27,7 +28,7 @@ def test_demo_prints_the_article_values_and_agrees(capsys, monkeypatch):
         "All routes agree.",
     ):
         assert text in out
-    for method in ("closed_form", "jacrev", "jacfwd", "vjp", "auto"):
+    for method in (*jacbatch.methods.names(), "auto"):
         assert method in out
     assert "NO" not in out.split("agrees", 1)[1]
 

@@ -28,7 +28,7 @@ from tests._distributed_worker import run_rank, sample, tanh_affine
 from tests.conftest import assert_matches, reference_jacobian
 
 LAUNCH_TIMEOUT = 120.0
-ROUTES = ("closed_form", "jacrev", "jacfwd", "vjp", "auto")
+ROUTES = (*jacbatch.methods.names(), "auto")  # every route a caller may ask for
 HAS_NCCL = (
     torch.distributed.is_available()
     and torch.distributed.is_nccl_available()

@@ -10,7 +10,9 @@ import jacbatch
 from tests.cases import BY_NAME, CASES, Case
 from tests.conftest import DEVICES, assert_matches, reference_jacobian
 
-AUTODIFF = ["jacrev", "jacfwd", "vjp", "auto"]
+#: every route a caller may ask for; AUTODIFF: those that need no closed form (auto falls back)
+ALL_ROUTES = [*jacbatch.methods.names(), "auto"]
+AUTODIFF = [r for r in ALL_ROUTES if r != "closed_form"]
 DTYPES = [torch.float64, torch.float32]
 
 
@@ -62,7 +64,7 @@ def test_cases_without_closed_form_are_refused_cleanly(case):
 
 
 @pytest.mark.parametrize("order", ["row", "col"])
-@pytest.mark.parametrize("method", ["closed_form", *AUTODIFF])
+@pytest.mark.parametrize("method", ALL_ROUTES)
 @pytest.mark.parametrize("argnum", [0, 1, 2])
 @pytest.mark.parametrize("case_name", ["affine_qvec", "affine_mq"])
 def test_vec_orders(case_name, argnum, method, order):
@@ -108,7 +110,7 @@ def test_column_major_kronecker_forms():
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 5, 1000])
-@pytest.mark.parametrize("method", ["closed_form", *AUTODIFF])
+@pytest.mark.parametrize("method", ALL_ROUTES)
 def test_every_chunk_size_gives_the_same_result(method, chunk_size):
     case = BY_NAME["affine_qvec"] if method == "closed_form" else BY_NAME["tanh_affine"]
     in_dims = (0, None, 0)
@@ -120,7 +122,7 @@ def test_every_chunk_size_gives_the_same_result(method, chunk_size):
         assert_matches(J[a], reference_jacobian(case.func, args, a, in_dims), torch.float64)
 
 
-@pytest.mark.parametrize("method", ["closed_form", *AUTODIFF])
+@pytest.mark.parametrize("method", ALL_ROUTES)
 def test_non_contiguous_inputs_and_batch_dim_not_first(method):
     gen = torch.Generator().manual_seed(3)
     A = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen).transpose(
@@ -140,7 +142,7 @@ def test_non_contiguous_inputs_and_batch_dim_not_first(method):
         assert_matches(J[a], reference_jacobian(func, (A, W, B), a, in_dims), torch.float64)
 
 
-@pytest.mark.parametrize("method", ["closed_form", *AUTODIFF])
+@pytest.mark.parametrize("method", ALL_ROUTES)
 @pytest.mark.parametrize(
     ("B", "m", "p", "q"), [(0, 2, 3, 2), (3, 0, 3, 2), (3, 2, 0, 2), (3, 2, 3, 0), (0, 0, 0, 0)]
 )
@@ -163,7 +165,7 @@ def test_empty_batches_and_zero_sized_dims(method, B, m, p, q):
             assert_matches(Ja, ref, torch.float64)
 
 
-@pytest.mark.parametrize("method", ["closed_form", *AUTODIFF])
+@pytest.mark.parametrize("method", ALL_ROUTES)
 def test_inputs_untouched_and_result_has_no_graph(method):
     gen = torch.Generator().manual_seed(4)
     args = [torch.randn(s, dtype=torch.float64, generator=gen) for s in ((3, 2, 4), (4, 2), (2,))]
@@ -189,7 +191,7 @@ def test_int_argnums_returns_a_tensor_and_negative_argnums_work():
     assert_matches(J, reference_jacobian(case.func, args, 1, (0, 0, 0)), torch.float64)
 
 
-@pytest.mark.parametrize("method", ["closed_form", *AUTODIFF])
+@pytest.mark.parametrize("method", ALL_ROUTES)
 def test_out_buffer_is_filled_and_returned(method):
     case = BY_NAME["affine_qvec"]
     args = case.sample_args(

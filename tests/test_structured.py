@@ -26,48 +26,20 @@ from jacbatch.structured import (
     sum_jacobian,
 )
 from jacbatch.testing import tolerance
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, reference_jacobian
 
 F64 = torch.float64
 
 
 # ---------------------------------------------------------------------------------------------
-# Independent references
+# Helpers (the reference Jacobian is the shared tests/_reference.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def ref_jacobian(f, args, in_dims, argnum):
-    """Per-sample torch.autograd.functional.jacobian in float64: ``([B,] *out, *in)``."""
-    args = [a.detach().to(F64) for a in args]
-    dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
-    sizes = {a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None}
-    if not sizes:
-        return torch.autograd.functional.jacobian(f, tuple(args))[argnum]
-    (B,) = sizes
-    out = []
-    for b in range(B):
-        sample = tuple(a if d is None else a.select(d, b) for a, d in zip(args, dims, strict=True))
-        out.append(torch.autograd.functional.jacobian(f, sample)[argnum])
-    return torch.stack(out)
-
-
-def flatten(J, out_ndim, in_ndim, vec, batched):
-    """``([B,] *out, *in) -> ([B,] o, i)``, column-major by reversing each group of axes."""
-    lead = 1 if batched else 0
-    if vec is None:
-        return J
-    if vec == "col":
-        outs = [lead + k for k in reversed(range(out_ndim))]
-        ins = [lead + out_ndim + k for k in reversed(range(in_ndim))]
-        J = J.permute(*range(lead), *outs, *ins)
-    o = math.prod(J.shape[lead : lead + out_ndim])
-    return J.reshape(*J.shape[:lead], o, -1)
 
 
 def dense_flat(op_dense, batched, out_ndim, in_ndim):
     """Natural dense Jacobian -> (B, o, i) with a batch of 1 for unbatched."""
     J = op_dense if batched else op_dense.unsqueeze(0)
-    return flatten(J, out_ndim, in_ndim, "row", True)
+    return J.reshape(J.shape[0], math.prod(J.shape[1 : 1 + out_ndim]), -1)
 
 
 def plain_affine(A, W, B):
@@ -116,13 +88,9 @@ def test_to_dense_equals_closed_form_and_reference(sharing, bias2d, argnum, vec)
     closed = jacobian(affine, *args, argnums=argnum, in_dims=dims, method="closed_form", vec=vec)
     assert dense.shape == closed.shape
     assert torch.equal(dense, closed)
-    batched = dims is not None
-    ref = ref_jacobian(plain_affine, args, dims, argnum)
-    out_ndim, in_ndim = 2, ref.ndim - (1 if batched else 0) - 2
-    torch.testing.assert_close(
-        dense, flatten(ref, out_ndim, in_ndim, vec, batched), rtol=0, atol=1e-12
-    )
-    assert op.shape == tuple(ref.shape)
+    ref = reference_jacobian(plain_affine, args, argnum, dims, vec=vec)
+    torch.testing.assert_close(dense, ref, rtol=0, atol=1e-12)
+    assert op.shape == tuple(reference_jacobian(plain_affine, args, argnum, dims).shape)
     assert dense.is_contiguous() and dense.grad_fn is None
     for a, b in zip(args, before, strict=True):
         assert torch.equal(a, b)
@@ -136,7 +104,7 @@ def test_jvp_vjp_transpose_equal_dense_products(sharing, bias2d, argnum, device)
     args, dims = make_args(sharing, bias2d, device=device)
     op = structured_jacobian(affine, *args, argnums=argnum, in_dims=dims)
     batched = dims is not None
-    ref = ref_jacobian(plain_affine, [a.cpu() for a in args], dims, argnum)
+    ref = reference_jacobian(plain_affine, [a.cpu() for a in args], argnum, dims)
     in_shape = tuple(ref.shape[(3 if batched else 2) :])
     out_shape = tuple(ref.shape[(1 if batched else 0) : (3 if batched else 2)])
     Jf = dense_flat(ref, batched, 2, len(in_shape))  # (B|1, o, i)
@@ -224,7 +192,7 @@ def test_kronecker_at_kronecker_stays_kronecker_and_matches_reference():
     )
     J = check_composition(outer, inner, KroneckerJacobian)
     assert "A·R" not in repr(J) and "Wᵀ" in repr(J)
-    ref = ref_jacobian(lambda X_, A_: A_ @ X_ @ W, [X, A2], (0, 0), 0)
+    ref = reference_jacobian(lambda X_, A_: A_ @ X_ @ W, [X, A2], 0, (0, 0))
     torch.testing.assert_close(J.to_dense(), ref, rtol=0, atol=1e-12)
     assert J.nbytes <= (A2.numel() + W.numel()) * 8
 
@@ -255,7 +223,7 @@ def test_diagonal_compositions():
     D = DiagonalJacobian(1 - torch.tanh(Z) ** 2, batched=True)
     K = structured_jacobian(affine, A, W, b, argnums=1, in_dims=(0, 0, None))
     J = check_composition(D, K, ComposedJacobian)
-    ref = ref_jacobian(lambda A_, W_: torch.tanh(A_ @ W_ + b), [A, W], 0, 1)
+    ref = reference_jacobian(lambda A_, W_: torch.tanh(A_ @ W_ + b), [A, W], 1, 0)
     torch.testing.assert_close(J.to_dense(), ref, rtol=0, atol=1e-12)
     assert J.nbytes == D.nbytes + K.nbytes
     assert "Diagonal[" in repr(J) and "Kronecker[" in repr(J)
@@ -317,7 +285,7 @@ def test_permute_and_reshape_operators():
     R = IdentityJacobian((q, m), out_shape=(q * m,), dtype=F64)  # d x.reshape(-1) / dx
     assert R.T.out_shape == (q, m) and torch.equal(R.to_dense(vec="row"), torch.eye(8, dtype=F64))
     J = check_composition(P, K, ComposedJacobian)
-    ref = ref_jacobian(lambda W_, A_: (A_ @ W_ + b).T, [W, A], (0, 0), 0)
+    ref = reference_jacobian(lambda W_, A_: (A_ @ W_ + b).T, [W, A], 0, (0, 0))
     torch.testing.assert_close(J.to_dense(), ref, rtol=0, atol=1e-12)
     # a reshape next to a Kronecker or dense operator is absorbed into its shapes
     RK = check_composition(
@@ -347,8 +315,8 @@ def test_mixed_chain_of_structured_and_dense_factors():
     S = DenseJacobian(jacobian(lambda v: torch.softmax(v, -1), flat, method="jacrev"), (8,), (8,))
     J = S @ R @ P @ D @ K
     assert isinstance(J, ComposedJacobian)
-    ref = ref_jacobian(
-        lambda W_, A_: torch.softmax((torch.tanh(A_ @ W_ + b)).T.reshape(-1), -1), [W, A], (0, 0), 0
+    ref = reference_jacobian(
+        lambda W_, A_: torch.softmax((torch.tanh(A_ @ W_ + b)).T.reshape(-1), -1), [W, A], 0, (0, 0)
     )
     torch.testing.assert_close(J.to_dense(), ref, rtol=0, atol=1e-12)
     t, c = randn(Bn, p, q, seed=57), randn(Bn, 8, seed=58)
@@ -486,7 +454,7 @@ def test_float32_within_tolerance():
     args, dims = make_args("all-batched", False, dtype=torch.float32)
     op = structured_jacobian(affine, *args, argnums=0, in_dims=dims)
     rtol, atol = tolerance(torch.float32)
-    ref = ref_jacobian(plain_affine, args, dims, 0)
+    ref = reference_jacobian(plain_affine, args, 0, dims)
     torch.testing.assert_close(op.to_dense().double(), ref, rtol=rtol, atol=atol)
     assert op.dtype == torch.float32 and op.device == torch.device("cpu")
 
@@ -585,10 +553,13 @@ def test_property_random_shapes(m, p, q, Bn, shared, bias2d, argnum, vec):
     dims = tuple(None if sh else 0 for sh in shared)
     op = structured_jacobian(affine, *args, argnums=argnum, in_dims=dims)
     batched = not all(shared)
-    ref = ref_jacobian(plain_affine, args, dims, argnum)
+    ref = reference_jacobian(plain_affine, args, argnum, dims)
     in_ndim = ref.ndim - (1 if batched else 0) - 2
     torch.testing.assert_close(
-        op.to_dense(vec=vec), flatten(ref, 2, in_ndim, vec, batched), rtol=0, atol=1e-12
+        op.to_dense(vec=vec),
+        reference_jacobian(plain_affine, args, argnum, dims, vec=vec),
+        rtol=0,
+        atol=1e-12,
     )
     Jf = dense_flat(ref, batched, 2, in_ndim)
     lead = (Bn,) if batched else ()

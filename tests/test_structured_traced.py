@@ -1,7 +1,7 @@
 """structured_jacobian on traced plain torch code: TermJacobian against independent references.
 
-Every case: the operator's dense form equals ``jacbatch.jacobian`` and a per-sample
-``torch.autograd.functional.jacobian`` loop (float64) in both vec orders; ``jvp`` / ``vjp`` equal
+Every case: the operator's dense form equals ``jacbatch.jacobian`` and the shared per-sample
+``torch.autograd.functional.jacobian`` loop (float64, ``tests/_reference.py``) in both vec orders; ``jvp`` / ``vjp`` equal
 products with the dense reference; ``T`` and ``@`` agree with the dense algebra; where the
 structure exists (a diagonal times a Kronecker product, a factored MLP layer) the operator holds
 far fewer bytes than the dense Jacobian.
@@ -17,8 +17,8 @@ import torch
 
 import jacbatch
 from jacbatch import jacobian, structured_jacobian
-from jacbatch.conventions import flatten_jacobian
 from jacbatch.structured import DenseJacobian, JacobianOperator, TermJacobian
+from tests.conftest import reference_jacobian
 
 F64 = torch.float64
 TOL = {"rtol": 1e-12, "atol": 1e-12}
@@ -28,25 +28,6 @@ Bn, m, p, q, h = 3, 4, 5, 6, 7
 def rnd(*shape: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=F64)
-
-
-def reference(func, args, dims, argnum, vec):
-    """Per-sample autograd Jacobians, stacked (no batch dimension when nothing is batched)."""
-    batched = [d is not None for d in dims]
-    n = next((a.shape[0] for a, b in zip(args, batched, strict=True) if b), None)
-    refs = []
-    for i in range(n if n is not None else 1):
-        s = [a[i] if b else a for a, b in zip(args, batched, strict=True)]
-
-        def f(x, s=s):
-            return func(*s[:argnum], x, *s[argnum + 1 :])
-
-        r = torch.autograd.functional.jacobian(f, s[argnum])
-        out_ndim = r.ndim - s[argnum].ndim
-        if vec is not None:
-            r = flatten_jacobian(r[None], out_ndim, s[argnum].ndim, vec, batched=True)[0]
-        refs.append(r)
-    return torch.stack(refs) if n is not None else refs[0]
 
 
 def mlp(x, W1, W2):
@@ -193,7 +174,7 @@ def test_dense_equals_jacobian_and_reference(case) -> None:
     op = structured_jacobian(func, *args, argnums=argnum, in_dims=dims)
     assert isinstance(op, TermJacobian), op
     for vec in (None, "row", "col"):
-        want = reference(func, args, dims, argnum, vec)
+        want = reference_jacobian(func, args, argnum, dims, vec=vec)
         D = op.to_dense(vec=vec)
         assert D.shape == want.shape
         torch.testing.assert_close(D, want, **TOL)
@@ -204,7 +185,7 @@ def test_dense_equals_jacobian_and_reference(case) -> None:
 def test_jvp_vjp_match_dense_products(case) -> None:
     _, func, args, dims, argnum, _ = case
     op = structured_jacobian(func, *args, argnums=argnum, in_dims=dims)
-    Jr = reference(func, args, dims, argnum, "row")  # (B, o, i) or (o, i)
+    Jr = reference_jacobian(func, args, argnum, dims, vec="row")  # (B, o, i) or (o, i)
     lead = () if op.batch_size is None else (op.batch_size,)
     t = rnd(*lead, *op.in_shape, seed=40)
     c = rnd(*lead, *op.out_shape, seed=41)
@@ -267,7 +248,7 @@ def test_chain_of_traced_operators_stays_terms() -> None:
     outer = structured_jacobian(torch.tanh, Z)
     both = outer @ inner
     assert isinstance(both, TermJacobian)
-    want = reference(affine_tanh, (A, W, b), (0, 0, None), 1, None)
+    want = reference_jacobian(affine_tanh, (A, W, b), 1, (0, 0, None))
     torch.testing.assert_close(both.to_dense(), want, **TOL)
 
 
@@ -275,17 +256,17 @@ def test_tuple_argnums_and_untraceable_fallback() -> None:
     A, W, b = rnd(Bn, m, p, seed=63), rnd(Bn, p, q, seed=64), rnd(q, seed=65)
     dW, dA = structured_jacobian(affine_tanh, A, W, b, argnums=(1, 0), in_dims=(0, 0, None))
     torch.testing.assert_close(
-        dW.to_dense(), reference(affine_tanh, (A, W, b), (0, 0, None), 1, None), **TOL
+        dW.to_dense(), reference_jacobian(affine_tanh, (A, W, b), 1, (0, 0, None)), **TOL
     )
     torch.testing.assert_close(
-        dA.to_dense(), reference(affine_tanh, (A, W, b), (0, 0, None), 0, None), **TOL
+        dA.to_dense(), reference_jacobian(affine_tanh, (A, W, b), 0, (0, 0, None)), **TOL
     )
     # cumsum has no rule: held densely, still right
     f = lambda x: torch.cumsum(x, 0).tanh()  # noqa: E731
     x = rnd(Bn, m, seed=66)
     op = structured_jacobian(f, x)
     assert isinstance(op, DenseJacobian)
-    torch.testing.assert_close(op.to_dense(), reference(f, (x,), (0,), 0, None), **TOL)
+    torch.testing.assert_close(op.to_dense(), reference_jacobian(f, (x,), 0, (0,)), **TOL)
 
 
 def test_no_autograd_graph_and_default_dtype_float32() -> None:

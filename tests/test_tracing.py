@@ -1,6 +1,7 @@
 """The traced route end to end: realistic expressions, fallbacks, explain, caching, structure.
 
-References are written here: a per-sample ``torch.autograd.functional.jacobian`` loop in float64.
+The reference is the shared per-sample ``torch.autograd.functional.jacobian`` loop in float64
+(``tests/_reference.py``).
 """
 
 from __future__ import annotations
@@ -15,42 +16,9 @@ import jacbatch
 import jacbatch.methods.functorch as functorch_route
 from jacbatch import capture, tracing
 from jacbatch.rules import terms
+from tests.conftest import DEVICES, reference_jacobian
 
 F64 = torch.float64
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
-    ),
-]
-
-
-def reference(
-    func: Callable[..., torch.Tensor],
-    args: Sequence[torch.Tensor],
-    in_dims: Sequence[int | None],
-    argnum: int,
-) -> torch.Tensor:
-    """Per-sample autograd Jacobians in float64, stacked ``(B, *out, *in)`` (no B unbatched)."""
-    args = [a.detach().to(F64) for a in args]
-    sizes = {a.shape[d] for a, d in zip(args, in_dims, strict=True) if d is not None}
-    samples = (
-        [
-            [a if d is None else a.select(d, b) for a, d in zip(args, in_dims, strict=True)]
-            for b in range(next(iter(sizes)))
-        ]
-        if sizes
-        else [list(args)]
-    )
-    out = []
-    for s in samples:
-
-        def f(x: torch.Tensor, s: list[torch.Tensor] = s) -> torch.Tensor:
-            return func(*s[:argnum], x, *s[argnum + 1 :])
-
-        out.append(torch.autograd.functional.jacobian(f, s[argnum]))
-    return torch.stack(out) if sizes else out[0]
 
 
 def assert_matches(J: torch.Tensor, R: torch.Tensor) -> None:
@@ -188,7 +156,7 @@ def test_expression_traced_and_correct(
     assert [s.route for s in plan.steps] == ["traced"], str(plan)
     Js = jacbatch.jacobian(func, *args, argnums=argnums, in_dims=in_dims)
     for a, J in zip(argnums, Js, strict=True):
-        assert_matches(J, reference(func, args, in_dims, a))
+        assert_matches(J, reference_jacobian(func, args, a, in_dims))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -199,12 +167,11 @@ def test_devices_dtypes_and_layouts(device: str, dtype: torch.dtype) -> None:
     f = EXPRESSIONS[0][1]
     args = tuple(a.to(device=device, dtype=dtype) for a in EXPRESSIONS[0][2])
     dims = (0, None, None, None)
-    R = reference(f, args, dims, 1)
     rtol, atol = tolerance(dtype)
     for vec in (None, "row", "col"):
         J = jacbatch.jacobian(f, *args, argnums=1, in_dims=dims, vec=vec)
         assert J.device.type == device and J.dtype == dtype
-        want = R if vec is None else jacbatch.conventions.flatten_jacobian(R, 2, 2, vec, True)
+        want = reference_jacobian(f, args, 1, dims, vec=vec)
         torch.testing.assert_close(J.cpu(), want.to(dtype).cpu(), rtol=rtol, atol=atol)
 
 
@@ -212,12 +179,11 @@ def test_unbatched_and_out_buffer() -> None:
     f = EXPRESSIONS[1][1]
     A, W, b = X_[0], W1_, b1_
     J = jacbatch.jacobian(f, A, W, b, argnums=1, in_dims=None)
-    assert_matches(J, reference(f, (A, W, b), (None, None, None), 1))
+    assert_matches(J, reference_jacobian(f, (A, W, b), 1, (None, None, None)))
     out = torch.empty(B, m * q, p * q, dtype=F64)
     res = jacbatch.jacobian(f, X_, W, b, argnums=1, in_dims=(0, None, None), vec="col", out=out)
     assert res.data_ptr() == out.data_ptr()
-    R = reference(f, (X_, W, b), (0, None, None), 1)
-    assert_matches(out, jacbatch.conventions.flatten_jacobian(R, 2, 2, "col", True))
+    assert_matches(out, reference_jacobian(f, (X_, W, b), 1, (0, None, None), vec="col"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +216,7 @@ def test_fallback_is_correct_and_explained(
     assert plan.steps[0].route in ("jacrev", "jacfwd", "vjp"), str(plan)
     assert why in str(plan)
     J = jacbatch.jacobian(func, X)
-    assert_matches(J, reference(func, (X,), (0,), 0))
+    assert_matches(J, reference_jacobian(func, (X,), 0, (0,)))
     with pytest.raises(NotImplementedError, match="closed-form"):
         jacbatch.jacobian(func, X, method="closed_form")
 
@@ -258,7 +224,7 @@ def test_fallback_is_correct_and_explained(
 def test_singular_matrix_falls_back_at_run_time() -> None:
     X = torch.ones(2, 3, 3, dtype=F64)  # singular: the inverse-based det rule does not apply
     J = jacbatch.jacobian(torch.det, X)
-    assert_matches(J, reference(torch.det, (X,), (0,), 0))
+    assert_matches(J, reference_jacobian(torch.det, (X,), 0, (0,)))
     with pytest.raises(NotImplementedError, match="singular"):
         jacbatch.jacobian(torch.det, X, method="closed_form")
 
@@ -302,12 +268,12 @@ def test_trace_is_cached_and_closures_are_tracked() -> None:
     W.mul_(2)  # in place: the graph reads the same tensor, no re-trace needed
     J2 = jacbatch.jacobian(f, X_)
     assert capture.capture_count() == n0 + 2
-    assert_matches(J2, reference(f, (X_,), (0,), 0))
+    assert_matches(J2, reference_jacobian(f, (X_,), 0, (0,)))
     assert not torch.allclose(J1, J2)
     W = rnd(p, q, seed=21)  # rebinding: a lifted graph input, its new value is read
     J3 = jacbatch.jacobian(f, X_)
     assert capture.capture_count() == n0 + 2
-    assert_matches(J3, reference(f, (X_,), (0,), 0))
+    assert_matches(J3, reference_jacobian(f, (X_,), 0, (0,)))
 
 
 def test_modules_are_traced_and_parameter_swaps_retrace() -> None:
@@ -316,12 +282,12 @@ def test_modules_are_traced_and_parameter_swaps_retrace() -> None:
     model = model.double()
     plan = jacbatch.explain(model, X_)
     assert [s.route for s in plan.steps] == ["traced"], str(plan)
-    assert_matches(jacbatch.jacobian(model, X_), reference(model, (X_,), (0,), 0))
+    assert_matches(jacbatch.jacobian(model, X_), reference_jacobian(model, (X_,), 0, (0,)))
     with torch.no_grad():
         model[0].weight.mul_(3)  # in place: same graph, new values
-    assert_matches(jacbatch.jacobian(model, X_), reference(model, (X_,), (0,), 0))
+    assert_matches(jacbatch.jacobian(model, X_), reference_jacobian(model, (X_,), 0, (0,)))
     model[2].weight = torch.nn.Parameter(rnd(2, 6, seed=40))  # swapped: re-traced
-    assert_matches(jacbatch.jacobian(model, X_), reference(model, (X_,), (0,), 0))
+    assert_matches(jacbatch.jacobian(model, X_), reference_jacobian(model, (X_,), 0, (0,)))
 
 
 def test_traced_route_calls_no_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -351,7 +317,7 @@ def test_traced_route_calls_no_autograd(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_identity_and_independent_outputs() -> None:
     J = jacbatch.jacobian(lambda X, Y: X, X_, W1_, in_dims=(0, None), method="closed_form")
-    assert_matches(J, reference(lambda X, Y: X, (X_, W1_), (0, None), 0))
+    assert_matches(J, reference_jacobian(lambda X, Y: X, (X_, W1_), 0, (0, None)))
     J = jacbatch.jacobian(lambda X, Y: 2 * Y, X_, W1_, in_dims=(0, None), method="closed_form")
     assert J.shape == (B, p, q, m, p) and not J.any()
 
@@ -383,15 +349,15 @@ def test_inplace_user_code_is_functionalized() -> None:
     plan = jacbatch.explain(_inplace, X_, W1_, argnums=(0, 1), in_dims=(0, None))
     assert [s.route for s in plan.steps] == ["traced"], str(plan)
     J0, J1 = jacbatch.jacobian(_inplace, X_, W1_, argnums=(0, 1), in_dims=(0, None))
-    assert_matches(J0, reference(_inplace, (X_, W1_), (0, None), 0))
-    assert_matches(J1, reference(_inplace, (X_, W1_), (0, None), 1))
+    assert_matches(J0, reference_jacobian(_inplace, (X_, W1_), 0, (0, None)))
+    assert_matches(J1, reference_jacobian(_inplace, (X_, W1_), 1, (0, None)))
 
 
 def test_reshape_without_common_refinement_is_dense_but_correct() -> None:
     f = lambda X: torch.tanh(X.reshape(3, 2) @ X.reshape(2, 3))  # noqa: E731
     X = rnd(2, 2, 3, seed=30)
     J = jacbatch.jacobian(f, X, method="closed_form")
-    assert_matches(J, reference(f, (X,), (0,), 0))
+    assert_matches(J, reference_jacobian(f, (X,), 0, (0,)))
 
 
 def _terms(func: Callable[..., torch.Tensor], args: Sequence[torch.Tensor], dims, argnum: int):
@@ -438,5 +404,5 @@ def test_mixed_plan_traces_one_argument_and_differentiates_the_other() -> None:
     assert (plan.steps[0].route, plan.steps[0].argnums) == ("traced", (1,)), str(plan)
     assert plan.steps[1].argnums == (0,) and plan.steps[1].route != "traced"
     J0, J1 = jacbatch.jacobian(f, X_, W1_, argnums=(0, 1), in_dims=(0, None))
-    assert_matches(J0, reference(f, (X_, W1_), (0, None), 0))
-    assert_matches(J1, reference(f, (X_, W1_), (0, None), 1))
+    assert_matches(J0, reference_jacobian(f, (X_, W1_), 0, (0, None)))
+    assert_matches(J1, reference_jacobian(f, (X_, W1_), 1, (0, None)))

@@ -104,12 +104,6 @@ def op_name(op: Any) -> str:
     return str(op) if hasattr(op, "overloadpacket") else getattr(op, "__name__", repr(op))
 
 
-def covered_ops() -> list[str]:
-    """Names of every op with a rule, sorted (``"op[k]"`` for output ``k`` of a tuple result)."""
-    names = {op_name(op) + ("" if k is None else f"[{k}]") for op, k in _OPS}
-    return sorted(names)
-
-
 def letters(n: int, skip: str = "") -> str:
     """``n`` distinct einsum characters, avoiding those in ``skip``."""
     pool = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in skip]
