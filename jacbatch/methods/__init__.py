@@ -128,6 +128,25 @@ class Route:
     fallback_multiple: float = 4.0
 
 
+def plain(fn: Callable[..., list[torch.Tensor]]) -> Callable[..., list[torch.Tensor]]:
+    """A route's ``compute`` from ``fn(call, argnums, out_shape, vec, outs)``, for a route that
+    needs neither ``chunk_size`` (it does not vectorize over rows or columns) nor ``max_rows``."""
+
+    def compute(
+        call: Call,
+        argnums: Sequence[int],
+        out_shape: tuple[int, ...],
+        vec: str | None,
+        outs: Sequence[torch.Tensor | None],
+        *,
+        chunk_size: int | None = None,
+        max_rows: int | None = None,
+    ) -> list[torch.Tensor]:
+        return fn(call, argnums, out_shape, vec, outs)
+
+    return compute
+
+
 def route(name: str) -> Route:
     """The registered route called ``name`` (a plan's step name)."""
     return _BY_NAME[name]

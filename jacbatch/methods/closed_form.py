@@ -21,7 +21,7 @@ from .. import rules
 from ..call import Call
 from ..rules import write
 from ..rules.terms import keeps_graph
-from . import Route, batched_args, finish
+from . import Route, batched_args, finish, plain
 from .traced import _result
 
 
@@ -66,19 +66,6 @@ def compute(
     return results
 
 
-def _route_compute(
-    call: Call,
-    argnums: Sequence[int],
-    out_shape: tuple[int, ...],
-    vec: str | None,
-    outs: Sequence[torch.Tensor | None],
-    *,
-    chunk_size: int | None = None,
-    max_rows: int | None = None,
-) -> list[torch.Tensor]:
-    return compute(call, argnums, out_shape, vec, outs)
-
-
 #: Internal: planned ahead of tracing where a rule is registered (``method="closed_form"`` or
 #: ``"auto"``); plans name it ``closed_form``.
-ROUTE: Route = Route("closed_form", _route_compute, fallback_multiple=0.1)
+ROUTE: Route = Route("closed_form", plain(compute), fallback_multiple=0.1)

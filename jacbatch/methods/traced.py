@@ -23,7 +23,7 @@ import torch
 from .. import capture, tracing
 from ..call import Call
 from ..rules import terms, write
-from . import Route, batched_args, finish, in_transform
+from . import Route, batched_args, finish, in_transform, plain
 
 _LOCAL = threading.local()
 
@@ -217,19 +217,6 @@ def _result(
 # ---------------------------------------------------------------------------------------------
 
 
-def _route_compute(
-    call: Call,
-    argnums: Sequence[int],
-    out_shape: tuple[int, ...],
-    vec: str | None,
-    outs: Sequence[torch.Tensor | None],
-    *,
-    chunk_size: int | None = None,
-    max_rows: int | None = None,
-) -> list[torch.Tensor]:
-    return compute(call, argnums, out_shape, vec, outs)
-
-
 def _route_applies(call: Call) -> bool:
     """Every op on every differentiated argument's path has a rule, for a function a closed
     form may stand for (no random draws, no writes)."""
@@ -246,5 +233,5 @@ def _route_applies(call: Call) -> bool:
 #: fails falls back to the multiple (the closed form's own working memory is small, but the
 #: composed terms may hold intermediates: the autodiff figure stays the conservative one).
 ROUTE: Route = Route(
-    "traced", _route_compute, method="closed_form", applies=_route_applies, fallback_multiple=4.0
+    "traced", plain(compute), method="closed_form", applies=_route_applies, fallback_multiple=4.0
 )

@@ -25,6 +25,7 @@ NOTE [A None gradient is not a zero]
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -74,12 +75,14 @@ def compute(
     vec: str | None,
     outs: Sequence[torch.Tensor | None],
     *,
+    chunk_size: int | None = None,
     max_rows: int | None = None,
     per_sample: bool = False,
 ) -> list[torch.Tensor]:
     """Jacobians w.r.t. ``args[a]`` for ``a in argnums`` by ``out_numel`` backward passes.
 
-    ``max_rows`` stops after that many rows (memory estimation on meta tensors only).
+    ``chunk_size`` is accepted for the route protocol and has no effect: every pass computes
+    one row. ``max_rows`` stops after that many rows (memory estimation on meta tensors only).
     ``per_sample`` runs the forward sample by sample, never under vmap: per-sample reverse-mode
     autograd exactly (NOTE [Known torch bugs: one list, consulted by the planner]).
 
@@ -295,33 +298,9 @@ def _stacked(
     return results
 
 
-def _vjp(
-    call: Call,
-    argnums: Sequence[int],
-    out_shape: tuple[int, ...],
-    vec: str | None,
-    outs: Sequence[torch.Tensor | None],
-    *,
-    chunk_size: int | None = None,
-    max_rows: int | None = None,
-) -> list[torch.Tensor]:
-    return compute(call, argnums, out_shape, vec, outs, max_rows=max_rows)
-
-
-def _per_sample(
-    call: Call,
-    argnums: Sequence[int],
-    out_shape: tuple[int, ...],
-    vec: str | None,
-    outs: Sequence[torch.Tensor | None],
-    *,
-    chunk_size: int | None = None,
-    max_rows: int | None = None,
-) -> list[torch.Tensor]:
-    # NOTE [Known torch bugs: one list, consulted by the planner]
-    return compute(call, argnums, out_shape, vec, outs, max_rows=max_rows, per_sample=True)
-
-
-ROUTE: Route = Route("vjp", _vjp, method="vjp", fallback_multiple=1.5)
-#: Internal: per-sample reverse mode, never under vmap (the planner's answer to torch bugs).
-PER_SAMPLE: Route = Route("per_sample", _per_sample, fallback_multiple=1.5)
+ROUTE: Route = Route("vjp", compute, method="vjp", fallback_multiple=1.5)
+#: Internal: per-sample reverse mode, never under vmap (the planner's answer to torch bugs:
+#: NOTE [Known torch bugs: one list, consulted by the planner]).
+PER_SAMPLE: Route = Route(
+    "per_sample", functools.partial(compute, per_sample=True), fallback_multiple=1.5
+)
