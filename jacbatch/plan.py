@@ -65,6 +65,11 @@ class Plan:
     ops: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
     random: bool = field(default=False, repr=False, compare=False)
 
+    @property
+    def routes(self) -> str:
+        """The routes of the steps, as reports name the plan: ``"traced+vjp"``."""
+        return "+".join(s.route for s in self.steps)
+
     def __str__(self) -> str:
         batch = "no batch" if self.batch_size is None else f"B={self.batch_size}"
         lines = [f"jacobian plan ({batch}, out {self.out_shape}, in {list(self.in_shapes)}):"]

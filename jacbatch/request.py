@@ -233,11 +233,9 @@ def _estimate(
 ) -> memory.MemoryEstimate:
     """Peak memory of running ``plan`` on ``call`` (or on its first ``samples`` samples),
     simulated on meta tensors (see NOTE in :mod:`jacbatch.memory`)."""
-    itemsize = torch.empty((), dtype=call.dtype).element_size()
     B = call.batch_size if samples is None else samples
-    per_out = sum(math.prod(out_shape) * math.prod(call.sample_shape(a)) for a in call.argnums)
-    output = per_out * (B if B is not None else 1) * itemsize
-    name = "+".join(s.route for s in plan.steps)
+    output = _sample_result_bytes(call, out_shape) * (B if B is not None else 1)
+    name = plan.routes
     mcall = _meta_call(call, B)
 
     def run() -> list[torch.Tensor]:
@@ -257,6 +255,14 @@ def _estimate(
     return memory.MemoryEstimate(name, output, max(peak, output), B)
 
 
+def _sample_result_bytes(call: Call, out_shape: tuple[int, ...]) -> int:
+    """Bytes of one sample's Jacobians, summed over the differentiated arguments."""
+    itemsize = torch.empty((), dtype=call.dtype).element_size()
+    return itemsize * sum(
+        math.prod(out_shape) * math.prod(call.sample_shape(a)) for a in call.argnums
+    )
+
+
 def _fit(
     call: Call,
     plan: Plan,
@@ -269,10 +275,9 @@ def _fit(
     """Samples per batch chunk, and rows per vectorized pass, that keep working memory within
     ``budget`` (and the chunk's output too when ``count_output``)."""
     B = call.batch_size if call.batch_size is not None else 1
-    itemsize = torch.empty((), dtype=call.dtype).element_size()
-    per_out = sum(math.prod(out_shape) * math.prod(call.sample_shape(a)) for a in call.argnums)
     # Quick accept: a generous bound on any route's working memory, without simulating.
-    bound = (10 if count_output else 9) * per_out * itemsize * B + sum(a.nbytes for a in call.args)
+    per_sample = _sample_result_bytes(call, out_shape)
+    bound = (10 if count_output else 9) * per_sample * B + sum(a.nbytes for a in call.args)
     if bound <= budget or B == 0:
         return max(B, 1), chunk_size
 
@@ -334,6 +339,4 @@ def _fit_uncached(
             c = max(1, c // 2)
             if need(1, c) <= budget:
                 return 1, c
-    V.budget_too_small(
-        "jacobian", need(1, chunk_size), budget, "+".join(s.route for s in plan.steps)
-    )
+    V.budget_too_small("jacobian", need(1, chunk_size), budget, plan.routes)

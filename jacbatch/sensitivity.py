@@ -226,7 +226,7 @@ def _route(
     func: Callable[..., torch.Tensor], x: torch.Tensor, method: str, randomness: str = "error"
 ) -> str:
     """The route(s) jacobian took for ``func`` (after any fallback), e.g. ``"jacrev"``."""
-    return "+".join(s.route for s in explain(func, x, method=method, randomness=randomness).steps)
+    return explain(func, x, method=method, randomness=randomness).routes
 
 
 # ---------------------------------------------------------------------------------------------

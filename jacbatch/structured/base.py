@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -154,19 +154,7 @@ class JacobianOperator(ABC):
             ``(B, *out_shape)`` (or ``(N, *out_shape)``), or ``out_shape`` for one vector without
             a batch.
         """
-        where = f"{type(self).__name__}.jvp"
-        batched = V.check_operator_operand(
-            where,
-            "tangent",
-            tangent,
-            self.in_shape,
-            self.batch_size,
-            self.dtype,
-            self.device,
-            "input",
-        )
-        with torch.no_grad():
-            return self._apply(tangent.detach(), batched, self._matvec, self.out_shape)
+        return self._apply("jvp", "tangent", tangent, "input")
 
     def vjp(self, cotangent: torch.Tensor) -> torch.Tensor:
         """Vector-Jacobian product ``cᵀ·J`` per sample.
@@ -179,34 +167,34 @@ class JacobianOperator(ABC):
             ``(B, *in_shape)`` (or ``(N, *in_shape)``), or ``in_shape`` for one vector without
             a batch.
         """
-        where = f"{type(self).__name__}.vjp"
+        return self._apply("vjp", "cotangent", cotangent, "output")
+
+    def _apply(self, op: str, name: str, v: torch.Tensor, side: str) -> torch.Tensor:
+        """``jvp`` (``side="input"``) or ``vjp`` (``side="output"``) of ``v``, checked."""
+        forward = side == "input"
+        shape, result_shape = (
+            (self.in_shape, self.out_shape) if forward else (self.out_shape, self.in_shape)
+        )
+        fn = self._matvec if forward else self._rmatvec
         batched = V.check_operator_operand(
-            where,
-            "cotangent",
-            cotangent,
-            self.out_shape,
+            f"{type(self).__name__}.{op}",
+            name,
+            v,
+            shape,
             self.batch_size,
             self.dtype,
             self.device,
-            "output",
+            side,
         )
         with torch.no_grad():
-            return self._apply(cotangent.detach(), batched, self._rmatvec, self.in_shape)
-
-    def _apply(
-        self,
-        v: torch.Tensor,
-        batched: bool,
-        fn: Callable[[torch.Tensor], torch.Tensor],
-        result_shape: tuple[int, ...],
-    ) -> torch.Tensor:
-        if self.batch_size is None:
-            x = v.unsqueeze(0) if batched else v[None, None]  # (1, N, *shape)
-            y = fn(x)[0]
-            return (y if batched else y[0]).contiguous()
-        x = v.unsqueeze(1) if batched else v[None, None]  # (B | 1, 1, *shape)
-        y = fn(x)[:, 0]
-        return y.expand(self.batch_size, *result_shape).contiguous()
+            v = v.detach()
+            if self.batch_size is None:
+                x = v.unsqueeze(0) if batched else v[None, None]  # (1, N, *shape)
+                y = fn(x)[0]
+                return (y if batched else y[0]).contiguous()
+            x = v.unsqueeze(1) if batched else v[None, None]  # (B | 1, 1, *shape)
+            y = fn(x)[:, 0]
+            return y.expand(self.batch_size, *result_shape).contiguous()
 
     def _matmul_dense(self, X: torch.Tensor) -> torch.Tensor:
         """``op @ X`` with ``X`` ``(i,)``, ``(i, n)`` or ``(B, i, n)`` (row-major vec)."""
