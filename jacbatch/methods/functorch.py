@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -100,13 +101,18 @@ def _forward_columns(
 def compute(
     call: Call,
     argnums: Sequence[int],
-    mode: str,
-    chunk_size: int | None,
     out_shape: tuple[int, ...],
     vec: str | None,
     outs: Sequence[torch.Tensor | None],
+    *,
+    mode: str,
+    chunk_size: int | None = None,
+    max_rows: int | None = None,
 ) -> list[torch.Tensor]:
     """Jacobians w.r.t. ``args[a]`` for ``a in argnums`` with torch.func (``mode`` ``"rev"``/``"fwd"``).
+
+    ``chunk_size`` bounds the rows (``"rev"``) or columns (``"fwd"``) of one vectorized pass;
+    ``max_rows`` is part of the route protocol and unused here.
 
     Returns:
         Per argnum: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)`` (``vec``).
@@ -125,6 +131,9 @@ def compute(
             "got dual tensors (torch.autograd.forward_ad): torch does not nest forward-mode "
             "AD in forward-mode AD. Use method='jacrev', 'vjp' or 'auto'."
         )
+    if mode == "fwd":
+        # Tangents take the size of a view's whole storage: NOTE [A chunk costs what it holds].
+        call = dataclasses.replace(call, args=tuple(memory.compact(a) for a in call.args))
     args, flags, _ = batched_args(call)
     dims = tuple(0 if f else None for f in flags)
     nums = tuple(argnums)
@@ -132,6 +141,8 @@ def compute(
     with contextlib.ExitStack() as stack:
         if call.create_graph:  # see NOTE [Differentiable results] in jacbatch.methods
             stack.enter_context(torch.enable_grad())
+        if mode == "fwd":
+            stack.enter_context(_threads.FORWARD_AD)  # NOTE [First calls from several threads]
         if mode == "rev":
             fn = jacrev(call.func, argnums=nums, chunk_size=chunk_size)
             res = (
@@ -168,45 +179,16 @@ def compute(
         ]
 
 
-def _jacrev(
-    call: Call,
-    argnums: Sequence[int],
-    out_shape: tuple[int, ...],
-    vec: str | None,
-    outs: Sequence[torch.Tensor | None],
-    *,
-    chunk_size: int | None = None,
-    max_rows: int | None = None,
-) -> list[torch.Tensor]:
-    return compute(call, argnums, "rev", chunk_size, out_shape, vec, outs)
-
-
-def _jacfwd(
-    call: Call,
-    argnums: Sequence[int],
-    out_shape: tuple[int, ...],
-    vec: str | None,
-    outs: Sequence[torch.Tensor | None],
-    *,
-    chunk_size: int | None = None,
-    max_rows: int | None = None,
-) -> list[torch.Tensor]:
-    # Tangents take the size of a view's whole storage: NOTE [A chunk costs what it holds].
-    call = dataclasses.replace(call, args=tuple(memory.compact(a) for a in call.args))
-    with _threads.FORWARD_AD:  # NOTE [First calls from several threads]
-        return compute(call, argnums, "fwd", chunk_size, out_shape, vec, outs)
-
-
 def _no_state_writes(call: Call) -> bool:
     """torch.func refuses a ``func`` that writes into tensors it closes over."""
     return not (call.probe is not None and call.probe.writes_state)
 
 
 JACREV: Route = Route(
-    "jacrev", _jacrev, method="jacrev", applies=_no_state_writes, vectorized=True,
+    "jacrev", functools.partial(compute, mode="rev"), method="jacrev", applies=_no_state_writes, vectorized=True,
     fallback_multiple=3.0,
 )  # fmt: skip
 JACFWD: Route = Route(
-    "jacfwd", _jacfwd, method="jacfwd", applies=_no_state_writes, vectorized=True,
+    "jacfwd", functools.partial(compute, mode="fwd"), method="jacfwd", applies=_no_state_writes, vectorized=True,
     fallback_multiple=4.0,
 )  # fmt: skip
