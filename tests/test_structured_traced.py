@@ -10,6 +10,7 @@ far fewer bytes than the dense Jacobian.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -329,3 +330,29 @@ def test_traced_operator_composes_with_named_operators() -> None:
         assert isinstance(both, TermJacobian), both
         want = outer.to_dense(vec="row") @ inner.to_dense(vec="row")
         torch.testing.assert_close(both.to_dense(vec="row"), want, **TOL)
+
+
+@pytest.mark.parametrize("search", ["opt_einsum", "greedy"])
+def test_contraction_order_with_and_without_opt_einsum(
+    search: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Contractions of several factors agree with the reference whichever order is used: opt_einsum's
+    path search, or the greedy order used when opt_einsum is not installed."""
+    from jacbatch.rules import terms
+
+    if search == "greedy":
+        monkeypatch.setitem(sys.modules, "opt_einsum", None)  # import fails: greedy order
+    else:
+        pytest.importorskip("opt_einsum")
+    used = []
+    real = terms._greedy_path
+    monkeypatch.setattr(terms, "_greedy_path", lambda *a: used.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    S = torch.randn(5, 4, 6, generator=g, dtype=torch.float64)
+    A = torch.randn(5, 4, 7, generator=g, dtype=torch.float64)
+    x = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    # s·A·x: three factors sharing summed letters, the case where the order matters
+    got = terms.contract([(S, (1, 2)), (A, (1, 3)), (x, (3,))], [1, 2])
+    want = torch.einsum("bij,bik,bk->bij", S, A, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert bool(used) == (search == "greedy")
