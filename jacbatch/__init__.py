@@ -18,6 +18,7 @@ from .chain import chain
 from .conventions import commutation_matrix, unvec, vec
 from .functions import affine
 from .memory import MemoryEstimate
+from .prepared import PreparedJacobian, prepare
 from .streaming import iter_jacobian, save_jacobian
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "CheckReport",
     "MemoryEstimate",
     "Plan",
+    "PreparedJacobian",
     "affine",
     "chain",
     "check",
@@ -36,6 +38,7 @@ __all__ = [
     "explain",
     "iter_jacobian",
     "jacobian",
+    "prepare",
     "save_jacobian",
     "sensitivity",
     "structured_jacobian",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +104,21 @@ def _execute(call: Call, req: Request, bufs: Sequence[torch.Tensor | None]) -> l
         return _execute_steps(run, call.func, req, bufs)
 
 
+_STRICT = threading.local()
+
+
+@contextlib.contextmanager
+def strict() -> Iterator[None]:
+    """Run each step on its planned route only: no fallback to another route (a prepared
+    program must be what the plan says, or not be made; :mod:`jacbatch.prepared`)."""
+    before = getattr(_STRICT, "on", False)
+    _STRICT.on = True
+    try:
+        yield
+    finally:
+        _STRICT.on = before
+
+
 def _grad_for(call: Call) -> contextlib.AbstractContextManager[Any]:
     """Grad mode on for a differentiable result (whatever the caller's mode), else unchanged."""
     return torch.enable_grad() if call.create_graph else contextlib.nullcontext()
@@ -135,6 +151,8 @@ def _execute_steps(
         try:
             jacs = _run_step(call, sub, chunk_size, out_shape, vec, step_bufs)
         except Unsupported as err:
+            if getattr(_STRICT, "on", False):
+                raise
             # A rule does not cover these values (e.g. a singular matrix): autodiff instead.
             if method != "auto":
                 raise NotImplementedError(
@@ -144,6 +162,8 @@ def _execute_steps(
             jacs = _run_autodiff(call, todo, chunk_size, out_shape, vec, step_bufs, plan.ops)
             ran = "jacfwd"  # whichever autodiff route ran, the strictest check applies
         except (RuntimeError, NotImplementedError) as err:
+            if getattr(_STRICT, "on", False):
+                raise
             if plan.protection.writes_state and _INPLACE_ERROR in str(err) and call.batched:
                 # func writes into state autograd saved for a later sample's backward pass:
                 # each sample's Jacobian is finished before the next sample's forward pass.

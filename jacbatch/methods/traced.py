@@ -13,19 +13,38 @@ back to autodiff.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from .. import capture, tracing
 from ..call import Call
 from ..rules import terms, write
-from . import Route, batched_args, finish, in_transform, plain
+from . import Route, batched_args, being_traced, finish, in_transform, plain
 
 _LOCAL = threading.local()
+
+
+def captured_for(call: Call) -> capture.Captured:
+    """The capture this call uses (made now, or the one planning made)."""
+    return _captured(call)
+
+
+@contextlib.contextmanager
+def replaying(got: capture.Captured, lifted: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Use ``got``'s graph, with ``lifted`` as its lifted inputs, for every call in this block,
+    without asking Dynamo (a prepared program is traced with fake stand-ins:
+    :mod:`jacbatch.prepared`)."""
+    before = getattr(_LOCAL, "replay", None)
+    _LOCAL.replay = capture.Captured(got.graph, tuple(lifted))
+    try:
+        yield
+    finally:
+        _LOCAL.replay = before
 
 
 def _captured(call: Call, retry: bool = False) -> capture.Captured:
@@ -34,6 +53,9 @@ def _captured(call: Call, retry: bool = False) -> capture.Captured:
     A call on ``meta`` tensors (memory estimates) reuses the capture of the real call it was
     made from, with meta stand-ins for the lifted tensors; it never captures by itself.
     """
+    replay = getattr(_LOCAL, "replay", None)
+    if replay is not None:
+        return replay  # type: ignore[no-any-return]
     memo = getattr(_LOCAL, "memo", None)
     owner = memo[0]() if memo is not None else None
     if owner is call:
@@ -163,7 +185,8 @@ def _compute(
 ) -> list[torch.Tensor]:
     tg = traced_graph(call)
     args, _, B = batched_args(call)
-    check = None if call.device.type == "meta" else _output_check(call, args)
+    meta = call.device.type == "meta" or being_traced(args)
+    check = None if meta else _output_check(call, args)
     args = [*args, *lifted_inputs(call)]
     results = []
     if call.create_graph:
