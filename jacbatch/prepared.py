@@ -82,6 +82,7 @@ class _Entry:
     forward: bool = False  # the plan runs forward mode: the NaN policy needs one more pass
     compile_seconds: float = 0.0
     ops: int = 0
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class PreparedJacobian:
@@ -97,10 +98,17 @@ class PreparedJacobian:
         compile: whether programs are compiled with ``torch.compile``.
     """
 
-    def __init__(self, func: Callable[..., Any], options: dict[str, Any], compile: bool) -> None:
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        options: dict[str, Any],
+        compile: bool,
+        autotune: bool = False,
+    ) -> None:
         self.func = func
         self.options = options
         self.compile = compile
+        self.autotune = autotune
         self._entries: dict[Any, _Entry] = {}
         self._first: _Entry | None = None
 
@@ -116,6 +124,12 @@ class PreparedJacobian:
         """How the first prepared signature runs: ``"aten program (N ops)"``, ``"compiled
         program (N ops)"``, or ``"interpreted: <why>"``."""
         return self._entry0().why
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """With ``autotune``: seconds per call of each candidate ``method`` on the first
+        signature's example (the fastest one runs); empty otherwise."""
+        return dict(self._entry0().timings)
 
     @property
     def compile_seconds(self) -> float:
@@ -177,16 +191,67 @@ class PreparedJacobian:
     # -- preparing ----------------------------------------------------------------------------
 
     def _prepare(self, args: Sequence[torch.Tensor], key: Any) -> _Entry:
-        req = build_request(
-            "prepare", self.func, tuple(args), fit="result", **_request_options(self.options)
-        )
-        entry = _build(req, self.compile)
+        if self.autotune and self.options["method"] == "auto":
+            entry = self._tuned(args)
+        else:
+            entry = self._entry_for(args, self.options["method"])
         if len(self._entries) >= MAX_SIGNATURES:
             self._entries.pop(next(iter(self._entries)))
         self._entries[key] = entry
         if self._first is None:
             self._first = entry
         return entry
+
+    def _entry_for(self, args: Sequence[torch.Tensor], method: str) -> _Entry:
+        opts = _request_options(self.options)
+        opts["method"] = method
+        req = build_request("prepare", self.func, tuple(args), fit="result", **opts)
+        return _build(req, self.compile)
+
+    def _tuned(self, args: Sequence[torch.Tensor]) -> _Entry:
+        """NOTE [Autotuning]: every route that applies is prepared for this signature and timed
+        on the example (median of a few calls after one warm-up); the fastest is kept. The
+        timings are medians of one short run on a possibly busy machine: a close call may go
+        either way, but never to a route that is wrong, since each program was checked."""
+        from .methods import by_method, names
+
+        candidates: dict[str, _Entry] = {"auto": self._entry_for(args, "auto")}
+        call = candidates["auto"].request.call
+        for name in names():
+            applies = by_method(name).applies
+            if applies is not None and not applies(call):
+                continue
+            try:
+                candidates[name] = self._entry_for(args, name)
+            except (NotImplementedError, ValueError, RuntimeError):
+                continue
+        timings = {name: _time(self, e, args) for name, e in candidates.items()}
+        best = min(timings, key=lambda k: timings[k])
+        chosen = candidates[best]
+        chosen.timings = timings
+        chosen.why = f"{chosen.why}, autotuned: method={best!r}"
+        return chosen
+
+
+def _time(prepared: PreparedJacobian, entry: _Entry, args: Sequence[torch.Tensor]) -> float:
+    """Median seconds of one call of ``entry`` on ``args`` (5 calls after a warm-up)."""
+
+    def once() -> None:
+        with torch.no_grad():
+            if entry.program is not None:
+                entry.program(*args, *entry.lifted)
+            else:
+                from .executor import execute
+
+                execute(entry.request)
+
+    once()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[2]
 
 
 def _request_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -338,6 +403,7 @@ def prepare(
     max_memory: int | str | None = None,
     randomness: str = "error",
     compile: bool = False,
+    autotune: bool = False,
 ) -> PreparedJacobian:
     """``jacobian(func, *args, ...)`` prepared once, to be called many times.
 
@@ -354,6 +420,8 @@ def prepare(
             :func:`jacbatch.jacobian`.
         compile: compile each program with ``torch.compile`` (Inductor): slower to prepare
             (see ``compile_seconds``), faster per call where elementwise work fuses.
+        autotune: with ``method="auto"``, prepare every route that applies, time each on the
+            example and keep the fastest (``timings`` has the figures; NOTE [Autotuning]).
 
     Returns:
         A :class:`PreparedJacobian` ``J``: ``J(*args)`` has :func:`jacbatch.jacobian`'s result
@@ -370,11 +438,12 @@ def prepare(
         torch.Size([8, 4, 3])
     """
     V.check_bool("prepare", "compile", compile)
+    V.check_bool("prepare", "autotune", autotune)
     options = {
         "argnums": argnums, "in_dims": in_dims, "method": method, "vec": vec,
         "chunk_size": chunk_size, "max_memory": max_memory, "randomness": randomness,
     }  # fmt: skip
-    prepared = PreparedJacobian(func, options, compile)
+    prepared = PreparedJacobian(func, options, compile, autotune)
     key = tuple([(a.shape, a.dtype, a.device) for a in example_args if hasattr(a, "shape")])
     if len(key) != len(example_args):
         build_request("prepare", func, tuple(example_args), argnums, in_dims)  # raises

@@ -246,3 +246,25 @@ def test_compiled_program_matches_reference() -> None:
     assert J.compile_seconds > 0
     X2 = torch.randn(4, 3, dtype=torch.float64)
     assert_matches(J(X2), reference_jacobian(f, (X2,)), torch.float64)
+
+
+def test_autotune_times_every_applicable_route_and_keeps_the_fastest() -> None:
+    f, _ = _mlp_func("cpu")
+    X = torch.randn(6, 3, dtype=torch.float64)
+    J = jacbatch.prepare(f, X, autotune=True)
+    t = J.timings
+    assert {"auto", "closed_form", "jacrev", "jacfwd", "vjp"} <= set(t)
+    best = min(t, key=lambda k: t[k])
+    assert J.program.endswith(f"autotuned: method={best!r}")
+    assert_matches(J(X), reference_jacobian(f, (X,)), torch.float64)
+
+    # a function without a closed form is tuned among the autodiff routes only
+    def h(x: torch.Tensor) -> torch.Tensor:
+        return x.sort().values * x
+
+    assert not jacbatch.plan.traced_analyses(  # sort has no rule (if it gets one, pick another)
+        jacbatch.plan.normalize("t", h, (X,), 0, 0), (0,)
+    )[0].ok
+    g = jacbatch.prepare(h, X, autotune=True)
+    assert "closed_form" not in g.timings and {"jacrev", "jacfwd", "vjp"} <= set(g.timings)
+    assert_matches(g(X), reference_jacobian(h, (X,)), torch.float64)
