@@ -343,6 +343,8 @@ def _build(req: Request, compile: bool) -> _Entry:
             gm = make_fx(program, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
     except Exception as err:  # a value-dependent step, a route the trace cannot follow
         return _Entry(req, None, f"interpreted: the plan does not trace ({_first_line(err)})")
+    gm.graph.eliminate_dead_code()  # views the routes made and did not use (in-place ops stay)
+    gm.recompile()
     ops = sum(nd.op == "call_function" for nd in gm.graph.nodes)
     watched = tuple(
         t for name, t in vars(gm).items() if name.startswith("_tensor_constant")
