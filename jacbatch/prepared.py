@@ -205,7 +205,10 @@ class PreparedJacobian:
     def _entry_for(self, args: Sequence[torch.Tensor], method: str) -> _Entry:
         opts = _request_options(self.options)
         opts["method"] = method
-        req = build_request("prepare", self.func, tuple(args), fit="result", **opts)
+        # Planned for a result without a graph (the program's case); a call that needs a
+        # graph runs interpreted (see _plain).
+        with torch.no_grad():
+            req = build_request("prepare", self.func, tuple(args), fit="result", **opts)
         return _build(req, self.compile)
 
     def _tuned(self, args: Sequence[torch.Tensor]) -> _Entry:
@@ -346,9 +349,10 @@ def _build(req: Request, compile: bool) -> _Entry:
     gm.graph.eliminate_dead_code()  # views the routes made and did not use (in-place ops stay)
     gm.recompile()
     ops = sum(nd.op == "call_function" for nd in gm.graph.nodes)
-    watched = tuple(
-        t for name, t in vars(gm).items() if name.startswith("_tensor_constant")
-    ) + tuple(t for t in lifted if isinstance(t, torch.Tensor))
+    # the tensors the program reads besides its inputs: a parameter among them that requires
+    # grad (with grad mode on) makes a call need a differentiable result
+    constants = [t for t in vars(gm).values() if isinstance(t, torch.Tensor)]
+    watched = (*constants, *gm.parameters(), *gm.buffers(), *lifted)
     run: Callable[..., Any] = gm
     seconds = 0.0
     if compile:

@@ -268,3 +268,18 @@ def test_autotune_times_every_applicable_route_and_keeps_the_fastest() -> None:
     g = jacbatch.prepare(h, X, autotune=True)
     assert "closed_form" not in g.timings and {"jacrev", "jacfwd", "vjp"} <= set(g.timings)
     assert_matches(g(X), reference_jacobian(h, (X,)), torch.float64)
+
+
+def test_module_prepared_with_grad_on_runs_its_program_under_no_grad() -> None:
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    X = torch.randn(4, 3, dtype=torch.float64)
+    J = jacbatch.prepare(net, X)  # grad mode on, parameters require grad
+    assert J.program.startswith("aten program"), J.program
+    calls = []
+    real = J._interpreted
+    J._interpreted = lambda *a, **k: calls.append(1) or real(*a, **k)  # type: ignore[method-assign]
+    with torch.no_grad():
+        assert_matches(J(X), reference_jacobian(net, (X,)), torch.float64)
+    assert not calls  # the program ran
+    assert J(X).requires_grad and calls  # with grad on, interpreted: a differentiable result
