@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from ._state import Bindings, Guard
 
@@ -74,6 +75,9 @@ class ProbeResult:
         reads_grad: some op read a tensor that requires grad (one ``func`` closes over).
         forward_blind: some op ran with grad mode off but forward-mode AD on (``no_grad``
             inside ``func``): forward mode would not see that stop-gradient.
+        custom_function: ``func`` called a custom ``torch.autograd.Function``, whose
+            ``backward`` (not its forward's ops) defines the derivative (NOTE [Custom
+            autograd.Functions]).
     """
 
     out: Any
@@ -85,6 +89,7 @@ class ProbeResult:
     writes_state: bool = False
     reads_grad: bool = False
     forward_blind: bool = False
+    custom_function: bool = False
 
 
 class _Observe(Guard):
@@ -119,14 +124,53 @@ def _requires_grad(a: Any) -> bool:
     return False
 
 
+# NOTE [Custom autograd.Functions]
+#     A custom ``torch.autograd.Function`` defines its derivative by its ``backward`` (a
+#     straight-through estimator, a clipped or rescaled gradient), not by the ops of its
+#     ``forward``. Dynamo captures a call made without grad-requiring inputs as the forward's ops
+#     alone, so a closed form composed from the traced graph, or autodiff of that graph, would
+#     differentiate the forward: a silently wrong Jacobian. torch.func's transforms and autograd
+#     honour the ``backward``. A ``Function``'s forward runs with grad mode off, so only when the
+#     probe saw an op run with grad off does it look further: ``func`` runs once more on
+#     grad-requiring copies of the inputs, and its output's autograd graph is searched for a
+#     ``Function``'s node. Such a function (or one whose second run fails: it cannot be told
+#     apart) gets neither the traced closed form nor a program over its graph.
+
+
+def _calls_custom_function(func: Callable[..., Any], xs: Sequence[torch.Tensor]) -> bool:
+    """Whether ``func``'s output graph holds a custom ``autograd.Function``'s node (run under
+    the probe's guard, which undoes any state it writes)."""
+    try:
+        ys = [x.detach().requires_grad_() if x.is_floating_point() else x for x in xs]
+        out = func(*ys)
+    except Exception:
+        return True  # cannot tell: the conservative answer
+    stack = [t.grad_fn for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return True
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return False
+
+
 def _run(func: Callable[..., Any], inputs: Sequence[torch.Tensor], on_meta: bool) -> ProbeResult:
     xs = list(inputs)
     versions = [x._version for x in xs]
     mode = _Observe(xs)
     bindings = Bindings(func)
+    custom = False
     try:
         with mode:
             out = func(*xs)
+            if mode.grad_disabled:  # NOTE [Custom autograd.Functions]
+                reads_grad = mode.reads_grad  # the copies' requires_grad is not func's
+                custom = _calls_custom_function(func, xs)
+                mode.reads_grad = reads_grad
     finally:
         writes_state = mode.wrote or bindings.changed()
         mode.restore()
@@ -142,6 +186,7 @@ def _run(func: Callable[..., Any], inputs: Sequence[torch.Tensor], on_meta: bool
         writes_state,
         mode.reads_grad,
         mode.forward_blind,
+        custom,
     )
 
 

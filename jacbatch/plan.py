@@ -298,6 +298,8 @@ def untraceable(probe: _probe.ProbeResult | None) -> str | None:
         return "writes into tensors that exist before the call (state)"
     if probe.mutated:
         return f"writes into its arguments {list(probe.mutated)}"
+    if probe.custom_function:  # NOTE [Custom autograd.Functions] in jacbatch._probe
+        return "calls a custom torch.autograd.Function (its backward defines the derivative)"
     return None
 
 

@@ -57,7 +57,7 @@ from torch.autograd import forward_ad
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import _validation as V
-from . import executor
+from . import capture, executor
 from .methods import traced
 from .plan import Plan
 from .request import Request, build_request
@@ -304,19 +304,24 @@ def _why_interpreted(req: Request) -> str | None:
     return None
 
 
-def _build(req: Request, compile: bool) -> _Entry:
+def _build(req: Request, compile: bool, over_graph: Any = None) -> _Entry:
     """Trace ``req``'s plan into a program (NOTE [Prepared Jacobians: one aten program per
-    signature]), or say why it runs interpreted."""
+    signature]), or say why it runs interpreted.
+
+    ``over_graph``: a :class:`~jacbatch.capture.Captured` whose lifted tensors become program
+    inputs for every route (the autodiff routes then differentiate its aten graph rather than
+    ``func``), and the program also returns the graph's output for the first sample (NOTE
+    [Repeated plain calls] in :mod:`jacbatch.repeated`).
+    """
     why = _why_interpreted(req)
     if why is not None:
         return _Entry(req, None, f"interpreted: {why}")
     call = req.call
     n = len(call.args)
-    captured = None
-    lifted: tuple[torch.Tensor, ...] = ()
-    if any(s.route == "traced" for s in req.plan.steps):
+    captured = over_graph
+    if captured is None and any(s.route == "traced" for s in req.plan.steps):
         captured = traced.captured_for(call)
-        lifted = captured.lifted
+    lifted: tuple[torch.Tensor, ...] = () if captured is None else tuple(captured.lifted)
     forward = any(s.route == "jacfwd" for s in req.plan.steps)
     summed = [True] * len(call.argnums)
     for s in req.plan.steps:
@@ -328,20 +333,28 @@ def _build(req: Request, compile: bool) -> _Entry:
     run_call = dataclasses.replace(call, create_graph=True) if compile else call
 
     def program(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        sub = dataclasses.replace(run_call, args=tuple(xs[:n]))
-        replay = traced.replaying(captured, xs[n:]) if captured is not None else None
+        args, lift = tuple(xs[:n]), xs[n:]
+        sub = dataclasses.replace(run_call, args=args)
+        if over_graph is not None:
+            sub = dataclasses.replace(sub, func=graph_function(over_graph.graph, lift))
+        replay = traced.replaying(captured, lift) if captured is not None else None
         with replay if replay is not None else contextlib.nullcontext(), executor.strict():
             jacs = executor._execute(sub, req, [None] * len(call.argnums))
-        total = sum(x.sum() for x in xs[:n] if x.dtype.is_floating_point)
+        total = sum(x.sum() for x in args if x.dtype.is_floating_point)
         for J, s in zip(jacs, summed, strict=True):
             if s:
                 total = total + J.sum()
         flag = torch.isfinite(torch.as_tensor(total))
-        return (*jacs, flag)
+        if over_graph is None:
+            return (*jacs, flag)
+        first = [a.select(d, 0) if d is not None else a for a, d in zip(args, call.in_dims)]
+        return (*jacs, sub.func(*first), flag)
 
     examples = tuple(call.args) + lifted
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        # make_fx sets a process-wide "FX is tracing" flag that makes Dynamo refuse to
+        # capture in other threads: trace under the capture lock.
+        with capture._LOCK, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             gm = make_fx(program, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
     except Exception as err:  # a value-dependent step, a route the trace cannot follow
@@ -371,6 +384,21 @@ def _build(req: Request, compile: bool) -> _Entry:
     return entry
 
 
+def graph_function(graph: Any, lifted: Sequence[torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``func`` as its traced aten graph (:class:`~jacbatch.tracing.TracedGraph`), with
+    ``lifted`` as the values of the tensors it reads besides its arguments."""
+    gm, inputs = graph.gm, graph.inputs
+
+    def f(*args: torch.Tensor) -> torch.Tensor:
+        vals = [*args, *lifted]
+        if inputs is not None:
+            vals = [vals[i] for i in inputs]
+        out = gm(*vals)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    return f
+
+
 def _agrees(entry: _Entry, examples: Sequence[torch.Tensor]) -> bool:
     """Run the program on the example and compare with the interpreted plan."""
     req = entry.request
@@ -381,7 +409,7 @@ def _agrees(entry: _Entry, examples: Sequence[torch.Tensor]) -> bool:
         want = executor._execute(call, req, [None] * len(call.argnums))
     if not bool(got[-1]):
         return True  # the example itself is not finite: the NaN policy handles such calls
-    for G, W in zip(got[:-1], want, strict=True):
+    for G, W in zip(got[: len(want)], want, strict=True):
         if G.shape != W.shape or G.dtype != W.dtype:
             return False
         if G.numel() == 0:

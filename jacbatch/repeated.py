@@ -1,0 +1,171 @@
+"""Repeated plain calls: :func:`jacbatch.jacobian` called again with the same function and
+signature runs a program, after the same checks the full call would make.
+
+NOTE [Repeated plain calls]
+    ``jacobian(func, X)`` inside a loop pays, on every call, the validation, the probe of
+    ``func``, planning and the budget (0.5-1 ms), while the answer to all of it only changes
+    when ``func`` does. Whether ``func`` changed is what Dynamo's guards decide for the traced
+    route already (NOTE [Why Dynamo decides when to re-trace] in :mod:`jacbatch.capture`): the
+    captured graph object is the same exactly when no guard failed, that is, when ``func``'s
+    code, the globals, closures and attributes it reads, a module's ``training`` flag and the
+    shapes, dtypes and ``requires_grad`` of the tensors it reads are as they were. So:
+
+    1. A call is keyed by ``func`` (weakly) and its signature: the arguments' shapes, dtypes,
+       devices and every option. The full path runs; after it, the key's count goes up.
+    2. On the :data:`HOT_CALLS`-th full call with one key, if ``func`` was captured, its plan
+       runs on the whole batch without protections, randomness or a graph, and the probe saw no
+       grad-mode switch inside ``func``, the plan is traced into a program over the captured
+       aten graph (:func:`jacbatch.prepared._build` with ``over_graph``): the tensors ``func``
+       reads are program inputs (their current values are passed on every call, so rebinding a
+       global or attribute is seen), and the autodiff routes differentiate the aten graph. The
+       program is checked against the full path's result on that call.
+    3. A later call with the key, in a context that needs no differentiable result, asks Dynamo
+       for the capture (its guards run); only if it returns the very graph the program was made
+       from does the program run, with the lifted tensors' current values. The program also
+       returns the graph's output for the first sample, which is compared with ``func`` run for
+       real on that sample, the value check of NOTE [The value check] in
+       :mod:`jacbatch.methods.traced` (Dynamo does not guard a method replaced on a class). A
+       non-finite flag, another graph or a different value sends the call down the full path,
+       which recomputes, re-captures or falls back as it always does.
+
+    The cost of a repeated call is then Dynamo's guard check, the program, and one per-sample
+    forward pass of ``func``. What the full path decides from free memory (the budget) was
+    decided when the program was made, for a batch that fitted whole then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import capture
+from .methods import traced
+from .prepared import _build, _enforce_forward, _Entry, _plain
+from .request import Request
+
+#: A key is prepared on this many full calls (a function called twice is often just called
+#: twice; preparing costs about a hundred full calls' worth of tracing).
+HOT_CALLS = 3
+
+
+@dataclasses.dataclass
+class _Seen:
+    count: int = 0
+    entry: _Entry | None = None
+    graph: Any = None
+    refused: str | None = None
+
+
+_SEEN: weakref.WeakKeyDictionary[Any, dict[Any, _Seen]] = weakref.WeakKeyDictionary()
+
+
+def _key(args: Sequence[Any], options: tuple[Any, ...]) -> Any:
+    try:
+        key = (tuple([(a.shape, a.dtype, a.device) for a in args]), options)
+        hash(key)
+    except (AttributeError, TypeError):
+        return None
+    return key
+
+
+def _table(func: Callable[..., Any]) -> dict[Any, _Seen] | None:
+    try:
+        return _SEEN.setdefault(func, {})
+    except TypeError:  # not weakly referenceable
+        return None
+
+
+def run(func: Callable[..., Any], args: Sequence[Any], options: tuple[Any, ...]) -> Any:
+    """The Jacobian(s) by the key's program, or ``None`` for the full path (see NOTE
+    [Repeated plain calls])."""
+    try:
+        table = _SEEN.get(func)
+    except TypeError:  # not weakly referenceable
+        return None
+    if table is None:
+        return None
+    key = _key(args, options)
+    seen = table.get(key) if key is not None else None
+    if seen is None or seen.entry is None or not _plain(args, ()):
+        return None
+    entry = seen.entry
+    assert entry.program is not None
+    call = entry.request.call
+    got = capture.capture(
+        func,
+        [call.sample_shape(i) for i in range(len(call.args))],
+        call.dtype,
+        call.device,
+        [d is not None for d in call.in_dims],
+    )
+    if got.graph is not seen.graph:  # a guard failed: func changed; the full path decides
+        seen.entry, seen.graph, seen.count = None, None, 0
+        return None
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        if any(t.requires_grad for t in got.lifted):
+            return None  # a differentiable result
+    res = entry.program(*args, *got.lifted)
+    if not bool(res[-1]):
+        return None  # a non-finite value: the NaN policy, on the full path
+    k = len(call.argnums)
+    now = dataclasses.replace(call, args=tuple(args))
+    moved = [now.moved(i) for i in range(len(args))]
+    try:
+        traced._output_check(now, moved)(res[k].unsqueeze(0))
+    except traced._Stale:
+        seen.entry, seen.graph, seen.count = None, None, 0
+        return None  # the full path re-captures
+    jacs = list(res[:k])
+    if entry.forward:
+        _enforce_forward(now, entry.request, jacs)
+    return tuple(jacs) if call.tuple_argnums else jacs[0]
+
+
+def record(
+    func: Callable[..., Any], args: Sequence[Any], options: tuple[Any, ...], req: Request
+) -> None:
+    """Count a full call; on the :data:`HOT_CALLS`-th, prepare its program."""
+    table = _table(func)
+    key = _key(args, options)
+    if table is None or key is None:
+        return
+    seen = table.setdefault(key, _Seen())
+    seen.count += 1
+    if seen.entry is not None or seen.refused is not None or seen.count < HOT_CALLS:
+        return
+    if req.call.create_graph:
+        return  # this call needs a graph; a later one may not
+    seen.refused = _refusal(req)
+    if seen.refused is not None:
+        return
+    got = traced.captured_for(req.call)
+    if got.graph.gm is None:
+        seen.refused = "not captured"
+        return
+    entry = _build(req, False, over_graph=got)
+    if entry.program is None:
+        seen.refused = entry.why
+        return
+    seen.entry, seen.graph = entry, got.graph
+
+
+def _refusal(req: Request) -> str | None:
+    call = req.call
+    if call.batch_size == 0 or call.device.type == "meta":
+        return "nothing to run"
+    probe = call.probe
+    if probe is None or probe.grad_disabled or probe.custom_function:
+        return "func switches grad mode inside (no_grad, a custom autograd.Function)"
+    return None
+
+
+def forget_all() -> None:
+    """Drop every program (tests, and after changing torch's global settings)."""
+    _SEEN.clear()
+
+
+__all__ = ["HOT_CALLS", "forget_all", "record", "run"]

@@ -1,0 +1,215 @@
+"""Repeated plain calls (NOTE [Repeated plain calls] in :mod:`jacbatch.repeated`): after
+``HOT_CALLS`` full calls a key runs its program, and every change the full path would see
+between calls is still seen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import jacbatch
+from jacbatch import repeated
+from jacbatch import request as request_module
+from tests.conftest import assert_matches, reference_jacobian
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _fresh() -> None:
+    repeated.forget_all()
+
+
+class _Counter:
+    """Counts full calls (requests built by jacobian)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.n = 0
+        real = request_module.build_request
+
+        def counting(*a, **k):
+            self.n += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(jacbatch.api, "build_request", counting)
+
+
+def _hot(f, *args, **kw):
+    for _ in range(repeated.HOT_CALLS):
+        jacbatch.jacobian(f, *args, **kw)
+
+
+@pytest.mark.parametrize("method", ["auto", "closed_form", "jacrev", "jacfwd", "vjp"])
+def test_hot_key_runs_its_program(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    W = torch.randn(5, 3, dtype=F64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(W @ x) * x.sum()
+
+    X = torch.randn(6, 3, dtype=F64)
+    _hot(f, X, method=method)
+    seen = next(iter(repeated._SEEN[f].values()))
+    assert seen.entry is not None, seen.refused
+    counter = _Counter(monkeypatch)
+    X2 = torch.randn(6, 3, dtype=F64)
+    got = jacbatch.jacobian(f, X2, method=method)
+    assert counter.n == 0  # no request built: the program ran
+    assert_matches(got, reference_jacobian(f, (X2,)), F64)
+
+
+G = torch.randn(4, 3, dtype=F64)
+
+
+def _uses_global(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(G @ x)
+
+
+def test_rebinding_a_global_is_seen() -> None:
+    global G
+    X = torch.randn(5, 3, dtype=F64)
+    _hot(_uses_global, X)
+    G = torch.randn(4, 3, dtype=F64)  # same shape, new tensor
+    assert_matches(jacbatch.jacobian(_uses_global, X), reference_jacobian(_uses_global, (X,)), F64)
+    with torch.no_grad():
+        G.mul_(3.0)  # in place
+    assert_matches(jacbatch.jacobian(_uses_global, X), reference_jacobian(_uses_global, (X,)), F64)
+
+
+def test_closure_attribute_module_surgery_and_train_eval() -> None:
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(0.0), nn.Linear(6, 2)).double()
+    X = torch.randn(4, 3, dtype=F64)
+    with torch.no_grad():
+        _hot(net, X)
+        net[1] = nn.Sigmoid()  # module surgery
+        assert_matches(jacbatch.jacobian(net, X), reference_jacobian(net, (X,)), F64)
+        net[0].weight = nn.Parameter(torch.randn(6, 3, dtype=F64))  # attribute rebinding
+        assert_matches(jacbatch.jacobian(net, X), reference_jacobian(net, (X,)), F64)
+        net.eval()
+        assert_matches(jacbatch.jacobian(net, X), reference_jacobian(net, (X,)), F64)
+
+    scale = [2.0]
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x**2 * scale[0]
+
+    _hot(f, X)
+    scale[0] = -5.0  # a container the function reads
+    assert_matches(jacbatch.jacobian(f, X), reference_jacobian(f, (X,)), F64)
+
+
+def test_method_replaced_on_the_class_is_caught_by_the_value_check() -> None:
+    class Act(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(x)
+
+    act = Act()
+    net = nn.Sequential(nn.Linear(3, 3).double(), act)
+    X = torch.randn(4, 3, dtype=F64)
+    with torch.no_grad():
+        _hot(net, X)
+        Act.forward = lambda self, x: torch.sin(x) * 2  # type: ignore[method-assign]
+        assert_matches(jacbatch.jacobian(net, X), reference_jacobian(net, (X,)), F64)
+
+
+def test_code_replaced() -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x.exp()
+
+    def g(x: torch.Tensor) -> torch.Tensor:
+        return x.cos()
+
+    X = torch.randn(4, 3, dtype=F64)
+    _hot(f, X)
+    f.__code__ = g.__code__
+    assert_matches(jacbatch.jacobian(f, X), reference_jacobian(g, (X,)), F64)
+
+
+def test_contexts_on_a_hot_key() -> None:
+    W = torch.randn(3, 3, dtype=F64, requires_grad=True)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(W @ x)
+
+    X = torch.randn(4, 3, dtype=F64)
+    with torch.no_grad():
+        _hot(f, X)
+        assert not jacbatch.jacobian(f, X).requires_grad
+    with torch.inference_mode():
+        got = jacbatch.jacobian(f, X)
+    assert_matches(got, reference_jacobian(f, (X,)), F64)
+    # grad on and W requires grad: a differentiable result, as the full path gives
+    J = jacbatch.jacobian(f, X)
+    assert J.requires_grad
+    (gW,) = torch.autograd.grad(J.sum(), W)
+    assert gW.abs().sum() > 0
+    # inside torch.func.grad: the transform sees through
+    g = torch.func.grad(lambda x: jacbatch.jacobian(f, x).sum())(X)
+    Xg = X.clone().requires_grad_()
+    ref = torch.autograd.grad(reference_jacobian(f, (Xg,), create_graph=True).sum(), Xg)[0]
+    torch.testing.assert_close(g, ref)
+
+
+def test_non_finite_values_on_a_hot_key() -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > 0, torch.sqrt(x), torch.zeros_like(x)) * x.sum()
+
+    X = torch.rand(5, 3, dtype=F64) + 0.1
+    for method in ("auto", "jacfwd"):
+        _hot(f, X, method=method)
+        Xn = X.clone()
+        Xn[2, 0] = -1.0  # sqrt of a negative: NaN intermediate masked by where
+        Xn[3, 1] = float("nan")
+        got = jacbatch.jacobian(f, Xn, method=method)
+        torch.testing.assert_close(got, reference_jacobian(f, (Xn,)), equal_nan=True)
+
+
+def test_custom_autograd_function_is_never_differentiated_through_its_graph() -> None:
+    class Clip(torch.autograd.Function):
+        @staticmethod
+        def forward(x):  # type: ignore[override]
+            return x.clamp(-1, 1)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):  # type: ignore[override]
+            pass
+
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[override]
+            return g  # straight-through
+
+        @staticmethod
+        def vmap(info, in_dims, x):  # type: ignore[override]
+            return Clip.apply(x), in_dims[0]
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return Clip.apply(x * 3)
+
+    X = torch.randn(4, 3, dtype=F64)
+    ref = reference_jacobian(f, (X,))
+    assert ref.abs().sum() > 0 and (ref == 3.0).sum() == 12  # the straight-through gradient
+    for method in ("auto", "jacrev"):
+        for _ in range(repeated.HOT_CALLS + 2):
+            J = jacbatch.jacobian(f, X, method=method)
+        assert_matches(J, ref, F64)
+
+
+def test_old_style_custom_function_through_auto() -> None:
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[override]
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[override]
+            return g * 5  # not the forward's derivative, on purpose
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return Scale.apply(x).sin()
+
+    X = torch.randn(3, 2, dtype=F64)
+    ref = reference_jacobian(f, (X,))
+    for _ in range(repeated.HOT_CALLS + 1):
+        assert_matches(jacbatch.jacobian(f, X), ref, F64)
+    assert "custom torch.autograd.Function" in str(jacbatch.explain(f, X))
