@@ -156,7 +156,7 @@ def jacobian(
     if plain:  # NOTE [Repeated plain calls]
         result = repeated.run(func, args, options)
         if result is not None:
-            return result  # type: ignore[no-any-return]
+            return result
     req = build_request(
         "jacobian", func, args, argnums, in_dims, method=method, vec=vec,
         chunk_size=chunk_size, randomness=randomness, create_graph=create_graph, out=out,

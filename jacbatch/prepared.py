@@ -347,7 +347,8 @@ def _build(req: Request, compile: bool, over_graph: Any = None) -> _Entry:
         flag = torch.isfinite(torch.as_tensor(total))
         if over_graph is None:
             return (*jacs, flag)
-        first = [a.select(d, 0) if d is not None else a for a, d in zip(args, call.in_dims)]
+        dims = call.in_dims
+        first = [a.select(d, 0) if d is not None else a for a, d in zip(args, dims, strict=True)]
         return (*jacs, sub.func(*first), flag)
 
     examples = tuple(call.args) + lifted

@@ -105,9 +105,9 @@ def run(func: Callable[..., Any], args: Sequence[Any], options: tuple[Any, ...])
     if got.graph is not seen.graph:  # a guard failed: func changed; the full path decides
         seen.entry, seen.graph, seen.count = None, None, 0
         return None
-    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
-        if any(t.requires_grad for t in got.lifted):
-            return None  # a differentiable result
+    grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    if grad and any(t.requires_grad for t in got.lifted):
+        return None  # a differentiable result
     res = entry.program(*args, *got.lifted)
     if not bool(res[-1]):
         return None  # a non-finite value: the NaN policy, on the full path

@@ -55,7 +55,7 @@ def _captured(call: Call, retry: bool = False) -> capture.Captured:
     """
     replay = getattr(_LOCAL, "replay", None)
     if replay is not None:
-        return replay  # type: ignore[no-any-return]
+        return replay
     memo = getattr(_LOCAL, "memo", None)
     owner = memo[0]() if memo is not None else None
     if owner is call:
