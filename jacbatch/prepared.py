@@ -57,7 +57,7 @@ from torch.autograd import forward_ad
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import _validation as V
-from . import capture, executor
+from . import capture, executor, tracing
 from .methods import traced
 from .plan import Plan
 from .request import Request, build_request
@@ -163,7 +163,7 @@ class PreparedJacobian:
         if entry is None:
             entry = self._prepare(args, key)
         if entry.program is None or not _plain(args, entry.watched):
-            return self._interpreted(args, out, entry)
+            return self._interpreted(args, out)
         res = entry.program(*args, *entry.lifted)
         if not bool(res[-1]):  # a non-finite value: the NaN policy recomputes those samples
             return self._interpreted(args, out)
@@ -182,7 +182,6 @@ class PreparedJacobian:
         self,
         args: Sequence[Any],
         out: torch.Tensor | tuple[torch.Tensor, ...] | None,
-        entry: _Entry | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         from .api import jacobian
 
@@ -203,7 +202,7 @@ class PreparedJacobian:
         return entry
 
     def _entry_for(self, args: Sequence[torch.Tensor], method: str) -> _Entry:
-        opts = _request_options(self.options)
+        opts = dict(self.options)
         opts["method"] = method
         # Planned for a result without a graph (the program's case); a call that needs a
         # graph runs interpreted (see _plain).
@@ -255,13 +254,6 @@ def _time(prepared: PreparedJacobian, entry: _Entry, args: Sequence[torch.Tensor
         once()
         times.append(time.perf_counter() - start)
     return sorted(times)[2]
-
-
-def _request_options(options: dict[str, Any]) -> dict[str, Any]:
-    opts = dict(options)
-    argnums = opts.pop("argnums")
-    in_dims = opts.pop("in_dims")
-    return {"argnums": argnums, "in_dims": in_dims, **opts}
 
 
 def _plain(args: Sequence[torch.Tensor], watched: Sequence[torch.Tensor]) -> bool:
@@ -359,7 +351,9 @@ def _build(req: Request, compile: bool, over_graph: Any = None) -> _Entry:
             warnings.simplefilter("ignore")
             gm = make_fx(program, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
     except Exception as err:  # a value-dependent step, a route the trace cannot follow
-        return _Entry(req, None, f"interpreted: the plan does not trace ({_first_line(err)})")
+        return _Entry(
+            req, None, f"interpreted: the plan does not trace ({tracing._first_line(err)})"
+        )
     gm.graph.eliminate_dead_code()  # views the routes made and did not use (in-place ops stay)
     gm.recompile()
     ops = sum(nd.op == "call_function" for nd in gm.graph.nodes)
@@ -376,7 +370,9 @@ def _build(req: Request, compile: bool, over_graph: Any = None) -> _Entry:
             with torch.no_grad():
                 run(*examples)
         except Exception as err:
-            return _Entry(req, None, f"interpreted: torch.compile failed ({_first_line(err)})")
+            return _Entry(
+                req, None, f"interpreted: torch.compile failed ({tracing._first_line(err)})"
+            )
         seconds = time.perf_counter() - start
     kind = "compiled program" if compile else "aten program"
     entry = _Entry(req, run, f"{kind} ({ops} ops)", lifted, watched, forward, seconds, ops)
@@ -420,11 +416,6 @@ def _agrees(entry: _Entry, examples: Sequence[torch.Tensor]) -> bool:
         if not bool(((G - W).abs() <= _AGREE_ULPS * eps * max(1.0, scale)).all()):
             return False
     return True
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:200]
 
 
 def prepare(
