@@ -131,8 +131,13 @@ def identity(ctx: OpContext, i: int, scale: float | torch.Tensor = 1.0) -> list[
     return [ctx.term(scale, "", o, broadcast_letters(o, ctx.in_shape(i), ctx.out_shape), i)]
 
 
+from . import conv as _conv  # noqa: E402,F401
 from . import elementwise as _elementwise  # noqa: E402,F401
+from . import indexing as _indexing  # noqa: E402,F401
 from . import linalg as _linalg  # noqa: E402,F401
 from . import linear as _linear  # noqa: E402,F401
+from . import norm as _norm  # noqa: E402,F401
 from . import reductions as _reductions  # noqa: E402,F401
+from . import scan as _scan  # noqa: E402,F401
+from . import shifts as _shifts  # noqa: E402,F401
 from . import softmax as _softmax  # noqa: E402,F401
