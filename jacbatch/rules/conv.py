@@ -89,8 +89,8 @@ def convolution(ctx: OpContext, i: int) -> list[Term]:
         _selection(Pn[a], Kn[a], Qn[a], stride[a], dilation[a], padding[a], transposed, ctx.out)
         for a in range(nsp)
     ]
-    # integer einsum letters: z batch, n, o, c, o2, then p, k, q per spatial axis
-    Z, N, O, C, O2 = 0, 1, 2, 3, 4
+    # integer einsum letters: z batch, n, o, c, then p, k, q per spatial axis
+    Z, N, O, C = 0, 1, 2, 3
     p = [5 + 3 * a for a in range(nsp)]
     k = [6 + 3 * a for a in range(nsp)]
     q = [7 + 3 * a for a in range(nsp)]
@@ -105,11 +105,11 @@ def convolution(ctx: OpContext, i: int) -> list[Term]:
         if size > DENSE_LIMIT:
             raise Unsupported(f"a convolution Jacobian factor of {size} elements")
         Wb = _spread(w, cout, cin, groups, transposed)
-        F = torch.einsum(Wb, [Z, O, C, *k], *sel_ops, [Z, O, *p, C, *q])  # type: ignore[arg-type]
+        F = torch.einsum(Wb, [Z, O, C, *k], *sel_ops, [Z, O, *p, C, *q])
         return [ctx.term(F, L.o + L.p + L.c + L.q, L.out, L.inp, 0)]
     if i != 1:
         raise Unsupported("the convolution's parameters have no derivative")
-    U = torch.einsum(x, [Z, N, C, *q], *sel_ops, [Z, N, C, *p, *k])  # type: ignore[arg-type]
+    U = torch.einsum(x, [Z, N, C, *q], *sel_ops, [Z, N, C, *p, *k])
     if not transposed:
         wl = L.o + L.c + L.k  # weight (cout, cg, *k)
         if groups == 1:

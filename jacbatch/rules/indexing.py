@@ -137,10 +137,8 @@ def index(ctx: OpContext, i: int) -> list[Term]:
     s = letters(len(bshape), skip=inp)
     rest = [inp[k] for k in range(n) if k not in pos]
     adjacent = pos == list(range(pos[0], pos[-1] + 1))
-    if adjacent:
-        out = inp[: pos[0]] + s + inp[pos[-1] + 1 :]
-    else:
-        out = s + "".join(rest)
+    # adjacent indexed axes are replaced in place, others moved to the front (as numpy)
+    out = inp[: pos[0]] + s + inp[pos[-1] + 1 :] if adjacent else s + "".join(rest)
     if len(out) != len(ctx.out_shape):
         raise Unsupported("advanced indexing with an unexpected result shape")
     factors = []
@@ -161,7 +159,7 @@ def embedding(ctx: OpContext, i: int) -> list[Term]:
     freq = ctx.args[3] if len(ctx.args) > 3 else ctx.kwargs.get("scale_grad_by_freq", False)
     if freq:
         raise Unsupported("embedding with scale_grad_by_freq")
-    num, dim = ctx.in_shape(0)
+    num, _ = ctx.in_shape(0)
     idx = _index_tensor(ctx, 1)
     oh = onehot(idx, num, ctx.out.dtype)
     if pad is not None and pad >= 0:

@@ -153,8 +153,10 @@ def _batch_norm(ctx: OpContext, i: int, training: bool, eps: float) -> list[Term
         rm, rv = ctx.args[3], ctx.args[4]
         if rm is None or rv is None:
             raise Unsupported("batch norm in evaluation without running statistics")
-        r = torch.rsqrt(_aligned(rv, [1], n) + eps)  # type: ignore[operator]
-        xhat = (x - _aligned(rm, [1], n)) * r
+        rma, rva = _aligned(rm, [1], n), _aligned(rv, [1], n)
+        assert rma is not None and rva is not None
+        r = torch.rsqrt(rva + eps)
+        xhat = (x - rma) * r
     if i == 0:
         g = r if w is None else w * r  # broadcast axes: letters the factor ignores
         if not training:
