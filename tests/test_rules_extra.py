@@ -214,7 +214,106 @@ CASES: list[tuple[Case, str]] = [
         ),
         "convolution",
     ),
+    # more elementwise maps
+    *(
+        (Case(f"unary_{n}", fn, _shape(3, 4), positive=pos), rule)
+        for n, fn, pos, rule in [
+            ("asin", lambda x: torch.asin(x - 1), True, "elementwise_asin"),
+            ("acos", lambda x: torch.acos(x - 1), True, "elementwise_acos"),
+            ("asinh", torch.asinh, False, "elementwise_asinh"),
+            ("acosh", lambda x: torch.acosh(x + 1), True, "elementwise_acosh"),
+            ("atanh", lambda x: torch.atanh(x - 1), True, "elementwise_atanh"),
+            ("log2", torch.log2, True, "elementwise_log2"),
+            ("log10", torch.log10, True, "elementwise_log10"),
+            ("exp2", torch.exp2, False, "elementwise_exp2"),
+            ("erfc", torch.erfc, False, "elementwise_erfc"),
+            ("erfinv", lambda x: torch.erfinv(x - 1), True, "elementwise_erfinv"),
+            ("lgamma", torch.lgamma, True, "elementwise_lgamma"),
+            ("digamma", torch.digamma, True, "elementwise_digamma"),
+            ("i0", torch.i0, False, "elementwise_i0"),
+            ("deg2rad", torch.deg2rad, False, "elementwise_deg2rad"),
+            ("rad2deg", torch.rad2deg, False, "elementwise_rad2deg"),
+            ("frac", torch.frac, False, "elementwise_frac"),
+            ("nan_to_num", torch.nan_to_num, False, "elementwise_nan_to_num"),
+            ("sinc", torch.sinc, False, "elementwise_sinc"),
+            ("mish", F.mish, False, "elementwise_mish"),
+            ("hardsigmoid", lambda x: F.hardsigmoid(4 * x), False, "elementwise_hardsigmoid"),
+            ("hardswish", lambda x: F.hardswish(4 * x), False, "elementwise_hardswish"),
+            ("floor", lambda x: x.floor() * x, False, "piecewise_constant"),
+            ("round", lambda x: torch.round(x, decimals=1) + x, False, "piecewise_constant"),
+            ("sign", lambda x: torch.sign(x) * x, False, "piecewise_constant"),
+            ("logsigmoid", F.logsigmoid, False, "log_sigmoid"),
+            ("polygamma", lambda x: torch.polygamma(2, x), True, "polygamma"),
+            ("mvlgamma", lambda x: torch.mvlgamma(x + 2, 3), True, "mvlgamma"),
+            ("logit", lambda x: torch.logit(x - 0.5), True, "logit"),
+            ("logit_eps", lambda x: torch.logit(x - 0.5, eps=0.2), True, "logit"),
+            ("elu", lambda x: F.elu(x, 1.5), False, "elu"),
+            ("selu", F.selu, False, "elu"),
+            ("celu", lambda x: F.celu(x, 2.0), False, "celu"),
+            ("hardtanh", lambda x: F.hardtanh(x, -0.5, 0.7), False, "hardtanh"),
+            ("threshold", lambda x: F.threshold(x, 0.1, 2.0), False, "threshold"),
+            ("hardshrink", lambda x: F.hardshrink(x, 0.3), False, "shrink"),
+            ("softshrink", lambda x: F.softshrink(x, 0.3), False, "shrink"),
+            ("add_scalar", lambda x: torch.ops.aten.add.Scalar(x, 2.5), False, "add_scalar"),
+            ("mul_scalar", lambda x: torch.ops.aten.mul.Scalar(x, 2.5), False, "mul_scalar"),
+            ("div_scalar", lambda x: torch.ops.aten.div.Scalar(x, 4.0), False, "div_scalar"),
+            ("clamp_min", lambda x: x.clamp_min(0.1), False, "clamp_min"),
+            ("clamp_max", lambda x: x.clamp_max(0.1), False, "clamp_max"),
+        ]
+    ),
+    *(
+        (Case(f"binary_{n}", fn, lambda m, p, q: [(3, 4), (4,)], (0, 1), positive=pos), rule)
+        for n, fn, pos, rule in [
+            ("rsub", lambda X, Y: torch.rsub(X, Y, alpha=2), False, "rsub_tensor"),
+            ("clamp_min", torch.clamp_min, False, "clamp_min_tensor"),
+            ("clamp_max", torch.clamp_max, False, "clamp_max_tensor"),
+            ("logaddexp", torch.logaddexp, False, "logaddexp"),
+            ("logaddexp2", torch.logaddexp2, False, "logaddexp2"),
+            ("atan2", torch.atan2, False, "atan2"),
+            ("hypot", torch.hypot, False, "hypot"),
+            ("xlogy", torch.xlogy, True, "xlogy"),
+            ("fmax", torch.fmax, False, "fmax"),
+            ("fmin_ties", lambda X, Y: torch.fmin(X, X.detach() * 0 + Y), False, "fmin"),
+            ("copysign", torch.copysign, False, "copysign"),
+            ("fmod", torch.fmod, True, "fmod"),
+            ("remainder", torch.remainder, False, "remainder"),
+            ("lerp", lambda X, Y: torch.lerp(X, Y, 0.3), False, "lerp"),
+            (
+                "div_floor",
+                lambda X, Y: torch.div(X, Y, rounding_mode="floor") + X,
+                True,
+                "piecewise_constant",
+            ),
+        ]
+    ),
+    (
+        Case("lerp_tensor", torch.lerp, lambda m, p, q: [(3, 4), (4,), (3, 1)], (0, 1, 2)),
+        "lerp",
+    ),
+    (
+        Case(
+            "addcmul",
+            lambda S, T, U: torch.addcmul(S, T, U, value=0.5),
+            lambda m, p, q: [(3, 4), (4,), (3, 1)],
+            (0, 1, 2),
+        ),
+        "addcmul",
+    ),
+    (
+        Case(
+            "addcdiv",
+            lambda S, T, U: torch.addcdiv(S, T, U, value=0.5),
+            lambda m, p, q: [(3, 4), (4,), (3, 1)],
+            (0, 1, 2),
+            positive=True,
+        ),
+        "div",  # addcdiv is decomposed when traced
+    ),
 ]
+
+
+#: autograd's hardsigmoid kernel multiplies by 1/6 rounded to float32; the rule uses 1/6
+LOOSE = {"unary_hardsigmoid": 1e-7}
 
 
 def _batchings(case: Case) -> list[str]:
@@ -239,6 +338,8 @@ def test_rule_matches_autograd(case: Case, mode: str) -> None:
         J = jacbatch.jacobian(case.func, *args, argnums=a, in_dims=dims, method="closed_form")
         R = reference_jacobian(case.func, args, a, dims)
         rtol, atol = tolerance(F64)
+        if case.name in LOOSE:
+            rtol = atol = LOOSE[case.name]
         torch.testing.assert_close(J, R, rtol=rtol, atol=atol * max(1.0, float(R.abs().max())))
 
 

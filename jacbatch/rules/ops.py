@@ -137,6 +137,7 @@ from . import indexing as _indexing  # noqa: E402,F401
 from . import linalg as _linalg  # noqa: E402,F401
 from . import linear as _linear  # noqa: E402,F401
 from . import norm as _norm  # noqa: E402,F401
+from . import pointwise as _pointwise  # noqa: E402,F401
 from . import reductions as _reductions  # noqa: E402,F401
 from . import scan as _scan  # noqa: E402,F401
 from . import shifts as _shifts  # noqa: E402,F401
