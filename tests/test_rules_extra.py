@@ -309,6 +309,22 @@ CASES: list[tuple[Case, str]] = [
         ),
         "div",  # addcdiv is decomposed when traced
     ),
+    # picking by value
+    (Case("max_all_ties", lambda X: torch.cat([X, X]).max(), _shape(3, 4)), "max_all"),
+    (Case("min_all", lambda X: X.min(), _shape(3, 4)), "max_all"),
+    (Case("median_all", lambda X: X.median(), _shape(3, 3)), "max_all"),
+    (Case("amax_ties", lambda X: torch.cat([X, X], 1).amax(1), _shape(3, 4)), "amax"),
+    (Case("amin_keep", lambda X: X.amin((0, 2), keepdim=True), _shape(2, 3, 2)), "amax"),
+    (Case("max_dim", lambda X: X.max(1).values, _shape(3, 4)), "max_dim"),
+    (Case("min_dim_keep", lambda X: X.min(0, keepdim=True).values, _shape(3, 4)), "max_dim"),
+    (Case("median_dim", lambda X: X.median(-1).values, _shape(3, 5)), "max_dim"),
+    (Case("sort", lambda X: X.sort(0, descending=True).values, _shape(4, 3)), "sort"),
+    (Case("topk", lambda X: X.topk(2, 1).values, _shape(3, 4)), "topk"),
+    (Case("topk_smallest", lambda X: X.topk(3, 0, largest=False).values, _shape(4, 2)), "topk"),
+    (Case("kthvalue", lambda X: X.kthvalue(2, 1).values, _shape(3, 4)), "kthvalue"),
+    (Case("var_mean", lambda X: sum(torch.var_mean(X, 1)), _shape(3, 4)), "var"),
+    (Case("std_mean", lambda X: sum(torch.std_mean(X, 0, keepdim=True)), _shape(3, 4)), "std"),
+    (Case("std", lambda X: torch.std(X, (0, 1), correction=0), _shape(3, 4, 2)), "std"),
 ]
 
 
@@ -382,3 +398,15 @@ def test_float32(case: Case) -> None:
         assert J.dtype == torch.float32
         rtol, atol = tolerance(torch.float32)
         torch.testing.assert_close(J.double(), R, rtol=rtol, atol=atol)
+
+
+def test_ties_fall_back() -> None:
+    """The index a kernel returns for tied values is arbitrary: closed forms refuse, auto agrees."""
+    X = torch.randn(2, 3, 4, dtype=F64)
+
+    def f(X: torch.Tensor) -> torch.Tensor:
+        return torch.cat([X, X], 1).max(1).values
+
+    with pytest.raises(NotImplementedError, match="tied values"):
+        jacbatch.jacobian(f, X, method="closed_form")
+    torch.testing.assert_close(jacbatch.jacobian(f, X), reference_jacobian(f, [X]))

@@ -110,31 +110,16 @@ def layer_norm(ctx: OpContext, i: int) -> list[Term]:
     raise Unsupported("layer_norm w.r.t. this argument")
 
 
-def _layer_norm_stat(ctx: OpContext) -> tuple[int, str, str, torch.Tensor, torch.Tensor]:
-    shape = ctx.in_shape(0)
-    n, k = len(shape), len(ctx.args[1])
-    xhat, r = _stats(ctx.args[0], list(range(1 + n - k, 1 + n)), float(ctx.args[4]))
-    inp = letters(n)
-    out = inp[: n - k] + letters(k, skip=inp)  # the kept size-1 axes get letters of their own
-    return math.prod(shape[n - k :]), inp, out, xhat, r
-
-
 @register_op(aten.native_layer_norm.default, output=1)
-def layer_norm_mean(ctx: OpContext, i: int) -> list[Term]:
-    """The mean layer norm returns: ``1 / N`` over the normalized axes."""
-    if i != 0:
-        return []
-    N, inp, out, _, _ = _layer_norm_stat(ctx)
-    return [ctx.term(1.0 / N, "", out, inp, 0)]
-
-
 @register_op(aten.native_layer_norm.default, output=2)
-def layer_norm_rstd(ctx: OpContext, i: int) -> list[Term]:
-    """The ``1/√(σ² + ε)`` layer norm returns: ``-r² x̂ / N``."""
-    if i != 0:
-        return []
-    N, inp, out, xhat, r = _layer_norm_stat(ctx)
-    return [ctx.term(-(r * r) * xhat / N, inp, out, inp, 0)]
+@register_op(aten.native_group_norm.default, output=1)
+@register_op(aten.native_group_norm.default, output=2)
+@register_op(aten.native_batch_norm.default, output=1)
+@register_op(aten.native_batch_norm.default, output=2)
+def saved_statistics(ctx: OpContext, i: int) -> list[Term]:
+    """The mean and ``1/σ`` a normalization returns for its backward: autograd declares them
+    not differentiable (a zero derivative), and every route must agree with autograd."""
+    return []
 
 
 def _batch_norm(ctx: OpContext, i: int, training: bool, eps: float) -> list[Term]:

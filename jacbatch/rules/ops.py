@@ -140,5 +140,6 @@ from . import norm as _norm  # noqa: E402,F401
 from . import pointwise as _pointwise  # noqa: E402,F401
 from . import reductions as _reductions  # noqa: E402,F401
 from . import scan as _scan  # noqa: E402,F401
+from . import selection as _selection  # noqa: E402,F401
 from . import shifts as _shifts  # noqa: E402,F401
 from . import softmax as _softmax  # noqa: E402,F401
