@@ -39,6 +39,14 @@ def _zeros_in(X: torch.Tensor) -> torch.Tensor:
     return torch.where(X > 0, X, 0.0)
 
 
+def _setitem(X: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``X`` with rows 1 and 2 replaced by ``S`` (in-place assignment, functionalized when
+    traced into ``slice_scatter``)."""
+    Y = X.clone()
+    Y[1:3] = S
+    return Y
+
+
 def _shape(*s: int):
     return lambda m, p, q: [s]
 
@@ -325,6 +333,49 @@ CASES: list[tuple[Case, str]] = [
     (Case("var_mean", lambda X: sum(torch.var_mean(X, 1)), _shape(3, 4)), "var"),
     (Case("std_mean", lambda X: sum(torch.std_mean(X, 0, keepdim=True)), _shape(3, 4)), "std"),
     (Case("std", lambda X: torch.std(X, (0, 1), correction=0), _shape(3, 4, 2)), "std"),
+    # rearrangements
+    (Case("split", lambda X: X.split(2, 1)[1] * X.split(2, 1)[0], _shape(3, 4)), "split"),
+    (Case("split_sizes", lambda X: X.split([1, 3], 0)[1], _shape(4, 2)), "split"),
+    (Case("chunk_last", lambda X: X.chunk(3, -1)[2], _shape(2, 5)), "split"),
+    (Case("unbind", lambda X: X.unbind(1)[2], _shape(3, 4)), "unbind"),
+    (Case("diagonal", lambda X: X.diagonal(1, 0, 2), _shape(3, 2, 4)), "diagonal"),
+    (Case("diagonal_neg", lambda X: torch.diagonal(X, -1), _shape(4, 3)), "diagonal"),
+    (Case("diag_embed", lambda X: torch.diag_embed(X, 1, 0, 2), _shape(2, 3)), "diag_embed"),
+    (
+        Case(
+            "diagonal_scatter",
+            lambda X, S: torch.diagonal_scatter(X, S, -1),
+            lambda m, p, q: [(4, 3), (3,)],
+            (0, 1),
+        ),
+        "diagonal_scatter",
+    ),
+    (
+        Case(
+            "select_scatter",
+            lambda X, S: torch.select_scatter(X, S, 1, -1),
+            lambda m, p, q: [(3, 4), (3,)],
+            (0, 1),
+        ),
+        "select_scatter",
+    ),
+    (
+        Case(
+            "setitem_slice", lambda X, S: _setitem(X, S), lambda m, p, q: [(4, 3), (2, 3)], (0, 1)
+        ),
+        "slice_scatter",
+    ),
+    (
+        Case(
+            "slice_scatter_step",
+            lambda X, S: torch.slice_scatter(X, S, 0, 1, 4, 2),
+            lambda m, p, q: [(4, 3), (2, 3)],
+            (0, 1),
+        ),
+        "slice_scatter",
+    ),
+    (Case("repeat", lambda X: X.repeat(2, 1, 3), _shape(2, 3)), "repeat"),
+    (Case("unfold", lambda X: X.unfold(1, 3, 2), _shape(2, 7)), "unfold"),
 ]
 
 

@@ -134,6 +134,7 @@ def identity(ctx: OpContext, i: int, scale: float | torch.Tensor = 1.0) -> list[
 from . import conv as _conv  # noqa: E402,F401
 from . import elementwise as _elementwise  # noqa: E402,F401
 from . import indexing as _indexing  # noqa: E402,F401
+from . import layout as _layout  # noqa: E402,F401
 from . import linalg as _linalg  # noqa: E402,F401
 from . import linear as _linear  # noqa: E402,F401
 from . import norm as _norm  # noqa: E402,F401
