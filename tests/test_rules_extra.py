@@ -30,6 +30,7 @@ SIDX = torch.tensor([[4, 1], [0, 3]])  # (2, 2): unique per row, writes into (3,
 DUP = torch.tensor([[0, 1, 1], [2, 1, 0], [0, 0, 2]])  # (3, 3), repeated along dim 0
 EMB = torch.tensor([[1, 4, 1], [0, 3, 2]])
 MASK = torch.tensor([[True, False, True, False], [False, False, True, True], [True] * 4])
+TGT = torch.tensor([1, 0, 2, 1])
 RM = torch.tensor([0.3, -0.2, 0.1], dtype=F64)
 RV = torch.tensor([1.5, 0.7, 2.0], dtype=F64)
 
@@ -376,6 +377,75 @@ CASES: list[tuple[Case, str]] = [
     ),
     (Case("repeat", lambda X: X.repeat(2, 1, 3), _shape(2, 3)), "repeat"),
     (Case("unfold", lambda X: X.unfold(1, 3, 2), _shape(2, 7)), "unfold"),
+    # fused products, cross product, negative log-likelihood
+    (
+        Case(
+            "addmv",
+            lambda s, M, v: torch.addmv(s, M, v, beta=0.5, alpha=2.0),
+            lambda m, p, q: [(3,), (3, 4), (4,)],
+            (0, 1, 2),
+        ),
+        "addmv",
+    ),
+    (
+        Case(
+            "addr",
+            lambda s, u, v: torch.addr(s, u, v, alpha=2.0),
+            lambda m, p, q: [(1, 4), (3,), (4,)],
+            (0, 1, 2),
+        ),
+        "addr",
+    ),
+    (
+        Case(
+            "baddbmm",
+            lambda s, X, Y: torch.baddbmm(s, X, Y, beta=2.0, alpha=0.5),
+            lambda m, p, q: [(2, 3, 4), (2, 3, 2), (2, 2, 4)],
+            (0, 1, 2),
+        ),
+        "baddbmm",
+    ),
+    (
+        Case(
+            "addbmm",
+            lambda s, X, Y: torch.addbmm(s, X, Y, alpha=0.5),
+            lambda m, p, q: [(3, 4), (2, 3, 2), (2, 2, 4)],
+            (0, 1, 2),
+        ),
+        "addbmm",
+    ),
+    (Case("vdot", torch.vdot, lambda m, p, q: [(4,), (4,)], (0, 1)), "dot"),
+    (
+        Case(
+            "cross",
+            lambda a, b: torch.linalg.cross(a, b, dim=0),
+            lambda m, p, q: [(3, 2, 4), (3, 1, 4)],
+            (0, 1),
+        ),
+        "cross",
+    ),
+    (
+        Case(
+            "cross_bcast",
+            lambda a, b: torch.linalg.cross(a, b),
+            lambda m, p, q: [(2, 3), (1, 3)],
+            (0, 1),
+        ),
+        "cross",
+    ),
+    (Case("nll_sum", lambda X: F.nll_loss(X, TGT, reduction="sum"), _shape(4, 3)), "nll_loss"),
+    (
+        Case(
+            "nll_none", lambda X: F.nll_loss(X, TGT, reduction="none", ignore_index=2), _shape(4, 3)
+        ),
+        "nll_loss",
+    ),
+    (
+        Case("nll_mean_weight", lambda X, w: F.nll_loss(X, TGT, w), lambda m, p, q: [(4, 3), (3,)]),
+        "nll_loss",
+    ),
+    (Case("nll_1d", lambda x: F.nll_loss(x, TGT[0]), _shape(3)), "nll_loss"),
+    (Case("cross_entropy", lambda X: F.cross_entropy(X, TGT), _shape(4, 3)), "nll_loss"),
 ]
 
 
