@@ -446,6 +446,82 @@ CASES: list[tuple[Case, str]] = [
     ),
     (Case("nll_1d", lambda x: F.nll_loss(x, TGT[0]), _shape(3)), "nll_loss"),
     (Case("cross_entropy", lambda X: F.cross_entropy(X, TGT), _shape(4, 3)), "nll_loss"),
+    # pooling and resampling
+    (Case("avg_pool2d", lambda X: F.avg_pool2d(X, 2), _shape(2, 4, 5)), "avg_pool2d"),
+    (
+        Case(
+            "avg_pool2d_pad",
+            lambda X: F.avg_pool2d(X, 3, 2, 1, ceil_mode=True, count_include_pad=False),
+            _shape(1, 2, 5, 4),
+        ),
+        "avg_pool2d",
+    ),
+    (
+        Case(
+            "avg_pool2d_div", lambda X: F.avg_pool2d(X, (2, 1), divisor_override=3), _shape(2, 4, 3)
+        ),
+        "avg_pool2d",
+    ),
+    (Case("avg_pool1d", lambda X: F.avg_pool1d(X, 3, 2, 1), _shape(2, 6)), "avg_pool2d"),
+    (Case("avg_pool3d", lambda X: F.avg_pool3d(X, 2, 1), _shape(1, 3, 3, 4)), "avg_pool3d"),
+    (
+        Case("adaptive_avg_pool2d", lambda X: F.adaptive_avg_pool2d(X, (3, 2)), _shape(2, 5, 4)),
+        "adaptive_avg_pool2d",
+    ),
+    (
+        Case("adaptive_avg_pool1d", lambda X: F.adaptive_avg_pool1d(X, 4), _shape(2, 7)),
+        "adaptive_avg_pool2d",
+    ),
+    (Case("max_pool2d", lambda X: F.max_pool2d(X, 2, 1, 1), _shape(2, 3, 4)), "max_pool2d"),
+    (Case("max_pool1d_dil", lambda X: F.max_pool1d(X, 2, dilation=2), _shape(2, 6)), "max_pool2d"),
+    (Case("max_pool3d", lambda X: F.max_pool3d(X, 2), _shape(1, 2, 4, 2, 3)), "max_pool3d"),
+    (
+        Case("adaptive_max_pool2d", lambda X: F.adaptive_max_pool2d(X, (2, 3)), _shape(2, 4, 5)),
+        "adaptive_max_pool2d",
+    ),
+    (Case("nearest", lambda X: F.interpolate(X, scale_factor=2), _shape(1, 2, 3, 2)), "resample"),
+    (
+        Case(
+            "nearest_exact",
+            lambda X: F.interpolate(X, size=5, mode="nearest-exact"),
+            _shape(1, 2, 3),
+        ),
+        "resample",
+    ),
+    (
+        Case(
+            "bilinear", lambda X: F.interpolate(X, size=(4, 5), mode="bilinear"), _shape(1, 2, 3, 2)
+        ),
+        "resample",
+    ),
+    (
+        Case(
+            "bicubic_corners",
+            lambda X: F.interpolate(X, scale_factor=1.5, mode="bicubic", align_corners=True),
+            _shape(1, 1, 3, 4),
+        ),
+        "resample",
+    ),
+    (
+        Case("linear_down", lambda X: F.interpolate(X, size=3, mode="linear"), _shape(2, 1, 5)),
+        "resample",
+    ),
+    (
+        Case(
+            "trilinear",
+            lambda X: F.interpolate(X, scale_factor=2, mode="trilinear"),
+            _shape(1, 1, 2, 2, 2),
+        ),
+        "resample",
+    ),
+    (
+        Case(
+            "bilinear_aa",
+            lambda X: F.interpolate(X, size=(2, 3), mode="bilinear", antialias=True),
+            _shape(1, 1, 5, 6),
+        ),
+        "resample",
+    ),
 ]
 
 

@@ -139,6 +139,7 @@ from . import linalg as _linalg  # noqa: E402,F401
 from . import linear as _linear  # noqa: E402,F401
 from . import norm as _norm  # noqa: E402,F401
 from . import pointwise as _pointwise  # noqa: E402,F401
+from . import pool as _pool  # noqa: E402,F401
 from . import products as _products  # noqa: E402,F401
 from . import reductions as _reductions  # noqa: E402,F401
 from . import scan as _scan  # noqa: E402,F401
