@@ -522,6 +522,53 @@ CASES: list[tuple[Case, str]] = [
         ),
         "resample",
     ),
+    # constants, gated and parametric activations, p-norms, block diagonals
+    (
+        Case("zeros_like", lambda X: torch.ones_like(X) * X + torch.zeros_like(X), _shape(2, 3)),
+        "constant_like",
+    ),
+    (Case("new_full", lambda X: X.new_full((2, 3), 2.0) * X, _shape(2, 3)), "constant_like"),
+    (Case("glu", lambda X: F.glu(X, 0), _shape(4, 3)), "glu"),
+    (
+        Case("prelu", lambda X, w: F.prelu(X, w), lambda m, p, q: [(2, 3, 4), (3,)], (0, 1)),
+        "prelu",
+    ),
+    (
+        Case(
+            "pairwise_distance",
+            lambda X, Y: F.pairwise_distance(X, Y),
+            lambda m, p, q: [(3, 4), (3, 4)],
+            (0, 1),
+        ),
+        "p_norm",
+    ),
+    (
+        Case(
+            "pairwise_distance_1",
+            lambda X, Y: F.pairwise_distance(X, Y, p=1.0, keepdim=True),
+            lambda m, p, q: [(3, 4), (3, 4)],
+            (0, 1),
+        ),
+        "p_norm",
+    ),
+    (
+        Case(
+            "pairwise_distance_3",
+            lambda X, Y: F.pairwise_distance(X, Y, p=3.0, keepdim=True),
+            lambda m, p, q: [(3, 4), (3, 4)],
+            (0, 1),
+        ),
+        "p_norm",
+    ),
+    (
+        Case(
+            "block_diag",
+            lambda X, Y: torch.block_diag(X, Y, X),
+            lambda m, p, q: [(2, 3), (1, 2)],
+            (0, 1),
+        ),
+        "block_diag",
+    ),
 ]
 
 

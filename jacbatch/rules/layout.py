@@ -262,3 +262,19 @@ def copy(ctx: OpContext, i: int) -> list[Term]:
     if src.dtype != ctx.out.dtype:
         raise Unsupported("copy with a dtype cast")
     return identity(ctx, 1)
+
+
+@register_op(aten.block_diag.default)
+def block_diag(ctx: OpContext, i: int) -> list[Term]:
+    """``block_diag(*xs)`` w.r.t. ``xs[i]`` (2-d): the identity shifted to its block, as two
+    0/1 factors (rows and columns)."""
+    shapes = ctx.list_shapes
+    if any(len(s) != 2 for s in shapes):
+        raise Unsupported("block_diag of tensors that are not matrices")
+    r0 = sum(s[0] for s in shapes[:i])
+    c0 = sum(s[1] for s in shapes[:i])
+    (R, C), (m, n) = ctx.out_shape, shapes[i]
+    x = ctx.out
+    Sr = source_map(torch.arange(R, device=x.device) - r0, m, x)
+    Sc = source_map(torch.arange(C, device=x.device) - c0, n, x)
+    return [terms.from_factors([(Sr, "ai"), (Sc, "bj")], "ab", "ij", ctx.out_shape, (m, n), x)]

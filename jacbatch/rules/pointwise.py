@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import terms
 from .ops import OpContext, broadcast_letters, identity, letters, register_op
 from .terms import Term, Unsupported
 
@@ -353,3 +354,51 @@ def addcmul(ctx: OpContext, i: int) -> list[Term]:
         return identity(ctx, 0)
     v = _num(ctx, 3, "value", 1.0)
     return _binary(ctx, i, v * ctx.aligned(3 - i))
+
+
+@register_op(
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.full_like.default,
+    aten.empty_like.default,
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_full.default,
+    aten.new_empty.default,
+)
+def constant_like(ctx: OpContext, i: int) -> list[Term]:
+    """``zeros_like(x)``, ``x.new_full(..)`` ...: values that do not depend on ``x``: zero."""
+    return []
+
+
+@register_op(aten.glu.default)
+def glu(ctx: OpContext, i: int) -> list[Term]:
+    """``glu(x, dim) = a σ(b)`` for the halves ``a``, ``b`` of ``x`` along ``dim``: ``σ(b)`` on
+    ``a``'s half and ``a σ(b) (1 - σ(b))`` on ``b``'s, each a diagonal times the 0/1 map
+    from the output's axis to that half."""
+    shape = ctx.in_shape(0)
+    n = len(shape)
+    d = int(_num(ctx, 1, "dim", -1)) % n
+    h = shape[d] // 2
+    x = ctx.args[0]
+    a, b = x.narrow(1 + d, 0, h), x.narrow(1 + d, h, h)
+    s = torch.sigmoid(b)
+    o = letters(n)
+    c = letters(1, skip=o)
+    inp = o[:d] + c + o[d + 1 :]
+    res = []
+    for k, g in ((0, s), (1, a * s * (1 - s))):
+        S = torch.zeros(1, h, 2 * h, dtype=x.dtype, device=x.device)
+        S[0, torch.arange(h), k * h + torch.arange(h)] = 1
+        res.append(terms.from_factors([(g, o), (S, o[d] + c)], o, inp, ctx.out_shape, shape, x))
+    return res
+
+
+@register_op(aten._prelu_kernel.default)
+def prelu(ctx: OpContext, i: int) -> list[Term]:
+    """``prelu(x, w)``: 1 for ``x > 0``, else ``w``; w.r.t. ``w``: ``x`` where ``x <= 0``."""
+    x, w = ctx.aligned(0), ctx.aligned(1)
+    pos = x > 0
+    if i == 0:
+        return _binary(ctx, 0, torch.where(pos, torch.ones_like(w * x), w))
+    return _binary(ctx, 1, torch.where(pos, torch.zeros_like(x), x))

@@ -161,3 +161,25 @@ def std(ctx: OpContext, i: int) -> list[Term]:
     count = reductions._count(ctx, red) - c
     g = torch.where(s == 0, torch.zeros_like(x), (x - mean) / (count * s))
     return [ctx.term(g, inp, out, inp, 0)]
+
+
+@register_op(aten.norm.ScalarOpt_dim, aten.norm.Scalar)
+def p_norm(ctx: OpContext, i: int) -> list[Term]:
+    """``‖x‖_p`` over ``dims`` for ``p = 1`` (``sign(x)``), ``p = 2`` (``x / ‖x‖``) or
+    ``p > 2`` (``x |x|^(p-2) / ‖x‖^(p-1)``), 0 where the norm is 0 (as autograd); other orders
+    are not covered."""
+    p = ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("p", 2)
+    p = 2.0 if p is None else float(p)
+    dims = _arg(ctx, 2, "dim", None)
+    keepdim = bool(_arg(ctx, 3, "keepdim", False))
+    out, inp, red = reductions._reduced(ctx, dims, keepdim)
+    x = ctx.args[0]
+    nrm = reductions._restore(ctx, ctx.out, red, keepdim)
+    if p == 1:
+        g = torch.sign(x)
+    elif p == 2 or p > 2:
+        g = x * x.abs().pow(p - 2) / nrm.pow(p - 1)
+        g = torch.where(nrm == 0, torch.zeros_like(g), g)
+    else:
+        raise Unsupported(f"a norm of order {p}")
+    return [ctx.term(g, inp, out, inp, 0)]
