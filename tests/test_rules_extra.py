@@ -654,3 +654,33 @@ def test_ties_fall_back() -> None:
     with pytest.raises(NotImplementedError, match="tied values"):
         jacbatch.jacobian(f, X, method="closed_form")
     torch.testing.assert_close(jacbatch.jacobian(f, X), reference_jacobian(f, [X]))
+
+
+KINKS = {
+    "hardtanh": F.hardtanh,
+    "relu6": F.relu6,
+    "hardsigmoid": F.hardsigmoid,
+    "hardswish": F.hardswish,
+    "elu": F.elu,
+    "celu": F.celu,
+    "selu": F.selu,
+    "threshold": lambda x: F.threshold(x, 0.5, 2.0),
+    "hardshrink": lambda x: F.hardshrink(x, 0.5),
+    "softshrink": lambda x: F.softshrink(x, 0.5),
+    "clamp_min": lambda x: x.clamp_min(0.5),
+    "clamp_max": lambda x: x.clamp_max(0.5),
+    "sinc": torch.sinc,
+    "nan_to_num": torch.nan_to_num,
+    "logsigmoid": F.logsigmoid,
+}
+
+
+@pytest.mark.parametrize("name", list(KINKS))
+def test_kinks_and_nan_follow_autograd(name: str) -> None:
+    """At the kinks, the bounds and NaN, the piecewise rules take autograd's value."""
+    f = KINKS[name]
+    x = torch.tensor([[float("nan"), 0.0, -3.0, 3.0, 1.0, -1.0, 0.5, -0.5]], dtype=F64)
+    J = jacbatch.jacobian(f, x, method="closed_form")
+    torch.testing.assert_close(
+        J, reference_jacobian(f, [x]), rtol=1e-12, atol=1e-12, equal_nan=True
+    )

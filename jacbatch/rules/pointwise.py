@@ -172,10 +172,10 @@ def celu(ctx: OpContext, i: int) -> list[Term]:
 
 @register_op(aten.hardtanh.default)
 def hardtanh(ctx: OpContext, i: int) -> list[Term]:
-    """``hardtanh(x, lo, hi)``: 1 strictly inside ``(lo, hi)``."""
+    """``hardtanh(x, lo, hi)``: 1 strictly inside ``(lo, hi)`` (and at NaN, as autograd)."""
     x = ctx.args[0]
     lo, hi = _num(ctx, 1, "min_val", -1.0), _num(ctx, 2, "max_val", 1.0)
-    return _diagonal(ctx, _mask((x > lo) & (x < hi), x))
+    return _diagonal(ctx, _mask(~((x <= lo) | (x >= hi)), x))
 
 
 @register_op(aten.threshold.default)
