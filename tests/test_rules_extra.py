@@ -30,6 +30,8 @@ SIDX = torch.tensor([[4, 1], [0, 3]])  # (2, 2): unique per row, writes into (3,
 DUP = torch.tensor([[0, 1, 1], [2, 1, 0], [0, 0, 2]])  # (3, 3), repeated along dim 0
 EMB = torch.tensor([[1, 4, 1], [0, 3, 2]])
 MASK = torch.tensor([[True, False, True, False], [False, False, True, True], [True] * 4])
+BCE_T = torch.tensor([[0.0, 1.0, 0.3, 1.0]] * 3, dtype=F64)
+BCE_W = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=F64).expand(3, 4)
 TGT = torch.tensor([1, 0, 2, 1])
 RM = torch.tensor([0.3, -0.2, 0.1], dtype=F64)
 RV = torch.tensor([1.5, 0.7, 2.0], dtype=F64)
@@ -568,6 +570,41 @@ CASES: list[tuple[Case, str]] = [
             (0, 1),
         ),
         "block_diag",
+    ),
+    (
+        Case(
+            "clamp_tensor",
+            lambda X, lo, hi: torch.clamp(X, lo, hi),
+            lambda m, p, q: [(3, 4), (4,), (3, 1)],
+            (0, 1, 2),
+        ),
+        "clamp_tensor",
+    ),
+    (
+        Case(
+            "clamp_tensor_min",
+            lambda X, lo: torch.clamp(X, lo),
+            lambda m, p, q: [(3, 4), (4,)],
+            (0, 1),
+        ),
+        "clamp_tensor",
+    ),
+    (
+        Case(
+            "bce",
+            lambda X, T: F.binary_cross_entropy(torch.sigmoid(X), torch.sigmoid(T)),
+            lambda m, p, q: [(3, 4), (3, 4)],
+            (0, 1),
+        ),
+        "binary_cross_entropy",
+    ),
+    (
+        Case(
+            "bce_weight_none",
+            lambda X: F.binary_cross_entropy(torch.sigmoid(X), BCE_T, BCE_W, reduction="none"),
+            _shape(3, 4),
+        ),
+        "binary_cross_entropy",
     ),
 ]
 

@@ -402,3 +402,26 @@ def prelu(ctx: OpContext, i: int) -> list[Term]:
     if i == 0:
         return _binary(ctx, 0, torch.where(pos, torch.ones_like(w * x), w))
     return _binary(ctx, 1, torch.where(pos, torch.zeros_like(x), x))
+
+
+@register_op(aten.clamp.Tensor)
+def clamp_tensor(ctx: OpContext, i: int) -> list[Term]:
+    """``clamp(x, lo, hi)`` with tensor bounds: ``x`` where ``lo <= x <= hi``; ``lo`` where
+    ``x < lo < hi``; ``hi`` where ``x > hi`` or ``hi < lo`` (autograd's split)."""
+    x = ctx.aligned(0)
+    lo = ctx.aligned(1) if ctx.args[1] is not None else None
+    hi = ctx.aligned(2) if len(ctx.args) > 2 and ctx.args[2] is not None else None
+    if i == 0:
+        keep = torch.ones_like(x, dtype=torch.bool)
+        if lo is not None:
+            keep = keep & (x >= lo)
+        if hi is not None:
+            keep = keep & (x <= hi)
+        return _binary(ctx, 0, _mask(keep, ctx.out))
+    if i == 1:
+        assert lo is not None
+        m = x < lo if hi is None else (x < lo) & (lo < hi)
+        return _binary(ctx, 1, _mask(m, ctx.out))
+    assert hi is not None
+    m = x > hi if lo is None else (x > hi) | (hi < lo)
+    return _binary(ctx, 2, _mask(m, ctx.out))

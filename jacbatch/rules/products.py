@@ -142,3 +142,30 @@ def nll_loss(ctx: OpContext, i: int) -> list[Term]:
 def nll_loss_total_weight(ctx: OpContext, i: int) -> list[Term]:
     """The total weight ``nll_loss`` returns: not differentiable (autograd)."""
     return []
+
+
+@register_op(aten.binary_cross_entropy.default)
+def binary_cross_entropy(ctx: OpContext, i: int) -> list[Term]:
+    """``-w (t log x + (1 - t) log(1 - x))``, per entry or summed or averaged: for ``x``
+    ``w (x - t) / max(x (1 - x), 1e-12)`` (autograd's guard), for ``t``
+    ``w (log(1 - x) - log x)``."""
+    x, t = ctx.args[0], ctx.args[1]
+    w = ctx.args[2] if len(ctx.args) > 2 else ctx.kwargs.get("weight")
+    reduction = int(ctx.args[3] if len(ctx.args) > 3 else ctx.kwargs.get("reduction", 1))
+    shape = ctx.in_shape(0)
+    if ctx.in_shape(1) != shape or (w is not None and tuple(w.shape[1:]) != shape):
+        raise Unsupported("binary_cross_entropy with broadcasting")
+    if i == 0:
+        g = (x - t) / torch.clamp_min((1 - x) * x, 1e-12)
+    elif i == 1:
+        g = torch.log1p(-x) - torch.log(x)
+    else:
+        raise Unsupported("binary_cross_entropy w.r.t. its weight")
+    if w is not None:
+        g = g * w
+    if reduction == 1:
+        g = g / max(1, x[0].numel())
+    elif reduction not in (0, 2):
+        raise Unsupported(f"binary_cross_entropy reduction {reduction}")
+    inp = letters(len(shape))
+    return [ctx.term(g, inp, inp if reduction == 0 else "", inp, i)]
