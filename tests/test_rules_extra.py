@@ -721,3 +721,26 @@ def test_kinks_and_nan_follow_autograd(name: str) -> None:
     torch.testing.assert_close(
         J, reference_jacobian(f, [x]), rtol=1e-12, atol=1e-12, equal_nan=True
     )
+
+
+def test_saved_statistics() -> None:
+    """Layer and batch norm's saved mean and 1/σ are not differentiable in autograd (zero);
+    group norm's depend on what else is differentiated there, so they are refused."""
+    X = torch.randn(2, 2, 6, 3, dtype=F64)
+    w, b = torch.randn(6, dtype=F64), torch.randn(6, dtype=F64)
+    for k in (1, 2):
+
+        def ln(x: torch.Tensor, k: int = k) -> torch.Tensor:
+            return torch.ops.aten.native_layer_norm(x, [3], w[:3], b[:3], 1e-5)[k]
+
+        def bn(x: torch.Tensor, k: int = k) -> torch.Tensor:
+            return torch.ops.aten.native_batch_norm(x, w, b, None, None, True, 0.1, 1e-5)[k]
+
+        def gn(x: torch.Tensor, k: int = k) -> torch.Tensor:
+            return torch.ops.aten.native_group_norm(x, w, b, 2, 6, 3, 3, 1e-5)[k]
+
+        for f in (ln, bn):
+            J = jacbatch.jacobian(f, X, method="closed_form")
+            torch.testing.assert_close(J, reference_jacobian(f, [X]), rtol=0, atol=0)
+        with pytest.raises(NotImplementedError):
+            jacbatch.jacobian(gn, X, method="closed_form")

@@ -112,13 +112,14 @@ def layer_norm(ctx: OpContext, i: int) -> list[Term]:
 
 @register_op(aten.native_layer_norm.default, output=1)
 @register_op(aten.native_layer_norm.default, output=2)
-@register_op(aten.native_group_norm.default, output=1)
-@register_op(aten.native_group_norm.default, output=2)
 @register_op(aten.native_batch_norm.default, output=1)
 @register_op(aten.native_batch_norm.default, output=2)
 def saved_statistics(ctx: OpContext, i: int) -> list[Term]:
-    """The mean and ``1/σ`` a normalization returns for its backward: autograd declares them
-    not differentiable (a zero derivative), and every route must agree with autograd."""
+    """The mean and ``1/σ`` layer and batch norm return for their backward: autograd declares
+    them not differentiable (a zero derivative), and every route must agree with autograd.
+
+    (Group norm's are differentiable in autograd only where its first output's gradient is
+    also defined, so they have no rule: no closed form can agree with both answers.)"""
     return []
 
 
