@@ -6,6 +6,10 @@ Usage (from the repository root)::
     python bench/opinfo_sweep.py --write         # also rewrite bench/opinfo_sweep.md
     python bench/opinfo_sweep.py --samples 1 --variants shared
 
+It also prints the closed-form share: cases, and ops whose every case agrees through
+``method="closed_form"`` (the traced rules), of the ops with a compared case; ``--write`` keeps
+the previous file's share beside the new one.
+
 Outcomes: ``agree`` with per-sample ``torch.autograd.functional.jacobian``; ``workaround``:
 agrees through a known torch bug's replacement route (jacbatch/_torch_bugs.py); ``refused``:
 a clear error (jacbatch's own, or torch's "not implemented" from forward AD / vmap);
@@ -38,10 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()
     ops = _opinfo.swept_ops()
-    counts, notable = _opinfo.sweep(a.samples, variants, ops=ops)
+    counts: dict[str, Counter[str]] = {r: Counter() for r in _opinfo.ROUTES}
+    notable: list[tuple[str, str, str, str]] = []
+    closed: list[bool] = []  # per op with a compared case: every case agrees through closed_form
+    for op in ops:
+        c, nb = _opinfo.sweep(a.samples, variants, ops=[op])
+        for r, cr in c.items():
+            counts[r].update(cr)
+        notable += nb
+        cf = c.get("closed_form", Counter())
+        if sum(cf.values()):
+            closed.append(cf["agree"] == sum(cf.values()))
     seconds = time.perf_counter() - t0
     table = _opinfo.table(counts)
+    share = closed_form_share(counts, closed)
     print(table)
+    print(share)
     print(
         f"{len(ops)} OpInfos, {a.samples} sample(s) each, variants {', '.join(variants)}: "
         f"{seconds:.0f} s"
@@ -50,12 +66,39 @@ def main(argv: list[str] | None = None) -> int:
         if outcome in ("wrong", "error"):
             print(f"{outcome}: {name} {route}: {detail}")
     if a.write:
-        _write(table, notable, len(ops), a.samples, variants, seconds)
+        _write(table, share, notable, len(ops), a.samples, variants, seconds)
     return 1 if any(c["wrong"] for c in counts.values()) else 0
+
+
+#: The line of the closed-form share in bench/opinfo_sweep.md (the previous run is read back).
+SHARE_PREFIX = "**closed_form share**"
+
+
+def closed_form_share(counts: dict[str, Counter[str]], closed: list[bool]) -> str:
+    """The closed-form share per case and per op: ops whose every compared case agrees through
+    ``method="closed_form"``, of the ops with a compared case."""
+    cf = counts.get("closed_form", Counter())
+    total = sum(cf.values())
+    return (
+        f"{SHARE_PREFIX}: {cf['agree']} of {total} cases ({100 * cf['agree'] / max(total, 1):.1f} %); "
+        f"{sum(closed)} of {len(closed)} ops ({100 * sum(closed) / max(len(closed), 1):.1f} %) "
+        "with every case in closed form"
+    )
+
+
+def _previous_share() -> str | None:
+    md = ROOT / "bench" / "opinfo_sweep.md"
+    if not md.exists():
+        return None
+    for line in md.read_text().splitlines():
+        if line.startswith(SHARE_PREFIX):
+            return line[len(SHARE_PREFIX) + 2 :].split(" (previous run")[0]
+    return None
 
 
 def _write(
     table: str,
+    share: str,
     notable: list[tuple[str, str, str, str]],
     n_ops: int,
     samples: int,
@@ -67,6 +110,9 @@ def _write(
         if outcome in by_kind:
             key = detail.split(";")[0] if outcome == "workaround" else detail[:110]
             by_kind[outcome][f"{route}: {key}"] += 1
+    previous = _previous_share()
+    if previous is not None:
+        share += f" (previous run of this file: {previous})"
     lines = [
         "# OpInfo sweep",
         "",
@@ -79,6 +125,8 @@ def _write(
         "Cases whose reference torch itself cannot compute are not counted.",
         "",
         table,
+        "",
+        share,
         "",
         "- **agree**: equal to the reference (rtol = atol = 1e-7, NaN where it has NaN);",
         "- **workaround**: equal, through the route a known torch bug makes jacbatch use "

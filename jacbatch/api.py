@@ -193,10 +193,10 @@ def explain(
 
         Plain torch code is traced; the notes say which op rule each node matched:
 
-        >>> print(explain(lambda x: torch.cumsum(x, 0).tanh(), torch.ones(4, 3)))
+        >>> print(explain(lambda x: torch.special.erfcx(x).tanh(), torch.ones(4, 3)))
         jacobian plan (B=4, out (3,), in [(3,)]):
-          argnums (0,): jacrev — no closed form (cumsum (aten.cumsum.default) has no rule); reverse mode: 3 output elements <= 3 input elements
-          note: argnum 0: cumsum = aten.cumsum.default: no closed-form rule for this op
+          argnums (0,): jacrev — no closed form (special_erfcx (aten.special_erfcx.default) has no rule); reverse mode: 3 output elements <= 3 input elements
+          note: argnum 0: special_erfcx = aten.special_erfcx.default: no closed-form rule for this op
           note: argnum 0: tanh = aten.tanh.default -> rule elementwise_tanh
     """
     req = build_request(

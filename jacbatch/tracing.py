@@ -200,6 +200,11 @@ class TracedGraph:
                 )
                 failure = failure or f"{n.name} ({name}) uses a value read with .item()"
                 continue
+            if isinstance(val, torch.Tensor) and not all(isinstance(d, int) for d in val.shape):
+                # e.g. x[mask]: a shape that depends on the values, not one per batch
+                notes.append(NodeNote(n.name, name, None, "its shape depends on the values"))
+                failure = failure or f"{n.name} ({name}) has a data-dependent shape"
+                continue
             if isinstance(val, torch.Tensor) and val.dtype != x.meta["val"].dtype:
                 # e.g. a complex intermediate (fft, .to(complex)): no rule follows it
                 notes.append(NodeNote(n.name, name, None, f"changes the dtype to {val.dtype}"))

@@ -18,8 +18,8 @@ class Spy:
 
     def __call__(self, *xs):
         self.calls += 1
-        # cumsum has no closed-form rule, so method="closed_form" has nothing to trace into
-        return sum(x.reshape(-1).cumsum(0)[-1] for x in xs)
+        # erfcx has no closed-form rule, so method="closed_form" has nothing to trace into
+        return sum(torch.special.erfcx(x.reshape(-1))[-1] for x in xs)
 
 
 @pytest.mark.parametrize(

@@ -131,8 +131,18 @@ def identity(ctx: OpContext, i: int, scale: float | torch.Tensor = 1.0) -> list[
     return [ctx.term(scale, "", o, broadcast_letters(o, ctx.in_shape(i), ctx.out_shape), i)]
 
 
+from . import conv as _conv  # noqa: E402,F401
 from . import elementwise as _elementwise  # noqa: E402,F401
+from . import indexing as _indexing  # noqa: E402,F401
+from . import layout as _layout  # noqa: E402,F401
 from . import linalg as _linalg  # noqa: E402,F401
 from . import linear as _linear  # noqa: E402,F401
+from . import norm as _norm  # noqa: E402,F401
+from . import pointwise as _pointwise  # noqa: E402,F401
+from . import pool as _pool  # noqa: E402,F401
+from . import products as _products  # noqa: E402,F401
 from . import reductions as _reductions  # noqa: E402,F401
+from . import scan as _scan  # noqa: E402,F401
+from . import selection as _selection  # noqa: E402,F401
+from . import shifts as _shifts  # noqa: E402,F401
 from . import softmax as _softmax  # noqa: E402,F401
