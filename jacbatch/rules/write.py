@@ -228,11 +228,31 @@ def write(terms: Sequence[Term], Y: torch.Tensor) -> torch.Tensor:
             Z = Z.unsqueeze(1 + p2)
             torch.mul(Z.expand(Y.shape[0], *Z.shape[1:]), I, out=Y)
             return Y
-    return _scatter([collapse(t, t.out + t.inp) for t in terms], Y, [t.out + t.inp for t in terms])
+    # Several terms: one that covers every entry (no delta) is written first, the others are
+    # added into their diagonal views, each product formed in the add (addcmul), not before it.
+    order_ = sorted(range(len(terms)), key=lambda k: _has_delta(terms[k]))
+    first = True
+    if _has_delta(terms[order_[0]]):
+        Y.zero_()
+        first = False
+    for k in order_:
+        term = terms[k]
+        D, letters = _diagonal_view(Y, term.out + term.inp)
+        _product(list(term.factors), term, letters, D, add=not first)
+        first = False
+    return Y
 
 
-def _product(fs: list[Factor], term: Term, order: Sequence[int], D: torch.Tensor) -> None:
-    """Write ``term.scale · Π fs`` into ``D`` (letters ``order``, one distinct letter per axis).
+def _has_delta(term: Term) -> bool:
+    axes = term.out + term.inp
+    return len(set(axes)) != len(axes)
+
+
+def _product(
+    fs: list[Factor], term: Term, order: Sequence[int], D: torch.Tensor, add: bool = False
+) -> None:
+    """Write (``add``: add) ``term.scale · Π fs`` into ``D`` (letters ``order``, one distinct
+    letter per axis).
 
     NOTE [Writing a product of factors once]
         No letter is summed, so the product is an outer product: factors are multiplied pairwise
@@ -248,7 +268,7 @@ def _product(fs: list[Factor], term: Term, order: Sequence[int], D: torch.Tensor
         else:
             fs = [(torch.full((1,), term.scale, dtype=D.dtype, device=D.device), ())]
     if not fs:
-        D.fill_(1)
+        D.add_(1) if add else D.fill_(1)
         return
     pos = {x: k for k, x in enumerate(order)}
     while len(fs) > 2:
@@ -266,10 +286,12 @@ def _product(fs: list[Factor], term: Term, order: Sequence[int], D: torch.Tensor
         fs = [f for k, f in enumerate(fs) if k not in (a, b)] + [merged]
     if len(fs) == 1:
         T, t = fs[0]
-        D.copy_(_aligned(T, t, order, D.shape))
+        A = _aligned(T, t, order, D.shape)
+        D.add_(A) if add else D.copy_(A)
         return
     (X1, l1), (X2, l2) = fs
-    torch.mul(_aligned(X1, l1, order, D.shape), _aligned(X2, l2, order, D.shape), out=D)
+    A1, A2 = _aligned(X1, l1, order, D.shape), _aligned(X2, l2, order, D.shape)
+    D.addcmul_(A1, A2) if add else torch.mul(A1, A2, out=D)
 
 
 def _scatter(
