@@ -115,9 +115,10 @@ class Choice:
             other = f"reverse {_flop(self.reverse * b)}"
         elif self.order == "reverse":
             what = "reverse accumulation"
+            other = f"forward {_flop(self.forward * b)}"
             if len(self.shared) > 1:
                 what += " (one pass for argnums " + ", ".join(map(str, self.shared)) + ")"
-            other = f"forward {_flop(self.forward * b)}"
+                other += " for this argnum"
         else:
             assert self.cut is not None
             what = f"forward to {self.cut.name} {tuple(_shape(self.cut))}, reverse from the output"
