@@ -139,7 +139,12 @@ def _flop(x: float) -> str:
 
 
 def _shape(n: torch.fx.Node) -> tuple[int, ...]:
-    return tuple(int(d) for d in n.meta["val"].shape)
+    """The per-sample shape of a traced node (read once, kept with the node)."""
+    got = n.meta.get("jacbatch_shape")
+    if got is None:
+        got = tuple(int(d) for d in n.meta["val"].shape)
+        n.meta["jacbatch_shape"] = got
+    return got  # type: ignore[no-any-return]
 
 
 def _numel(n: torch.fx.Node) -> int:
@@ -361,14 +366,22 @@ def _context(s: _Step, values: Mapping[torch.fx.Node, torch.Tensor]) -> op_rules
         kwargs={k: _value(v, values) for k, v in s.src.kwargs.items()},
         out=values[s.node],
         out_shape=_shape(s.node),
-        shapes=tuple(
+        shapes=_arg_shapes(s.src),
+        list_shapes=tuple(_shape(a) for a in s.src.args[0]) if s.listed else (),
+    )
+
+
+def _arg_shapes(src: torch.fx.Node) -> tuple[tuple[int, ...] | None, ...]:
+    got = src.meta.get("jacbatch_arg_shapes")
+    if got is None:
+        got = tuple(
             _shape(a)
             if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
             else None
-            for a in s.src.args
-        ),
-        list_shapes=tuple(_shape(a) for a in s.src.args[0]) if s.listed else (),
-    )
+            for a in src.args
+        )
+        src.meta["jacbatch_arg_shapes"] = got
+    return got  # type: ignore[no-any-return]
 
 
 def _value(a: Any, values: Mapping[torch.fx.Node, torch.Tensor]) -> Any:
