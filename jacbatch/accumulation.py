@@ -144,7 +144,7 @@ def _shape(n: torch.fx.Node) -> tuple[int, ...]:
     if got is None:
         got = tuple(int(d) for d in n.meta["val"].shape)
         n.meta["jacbatch_shape"] = got
-    return got  # type: ignore[no-any-return]
+    return got
 
 
 def _numel(n: torch.fx.Node) -> int:
@@ -164,14 +164,14 @@ _ROWWISE = {"_softmax", "_log_softmax", "softmax", "log_softmax"}
 def _fan_in(s: _Step, u: torch.fx.Node) -> int:
     """How many entries of operand ``u`` one entry of the step's output reads (the NOTE)."""
     name = getattr(getattr(s.op, "overloadpacket", s.op), "__name__", "")
-    args = s.src.args
+    args: tuple[Any, ...] = tuple(s.src.args)
     if name in _MATMUL or name in _ADDMM:
         left = args[1] if name in _ADDMM else args[0]
         if name in _ADDMM and u is args[0]:
             return 1
-        shape = left.meta["val"].shape if isinstance(left, torch.fx.Node) else ()
+        shape = _shape(left) if isinstance(left, torch.fx.Node) else ()
         return int(shape[-1]) if len(shape) else 1
-    if name in _ROWWISE:
+    if name in _ROWWISE and len(args) > 1:
         shape = _shape(s.node)
         return int(shape[int(args[1]) % len(shape)]) if shape else 1
     if "linalg" in name:
@@ -305,9 +305,10 @@ def choose(analyses: Mapping[int, Analysis], order: str = "auto") -> dict[int, C
     if rev_set:
         out = analyses[rev_set[0]].out
         assert out is not None
-        steps = _union([analyses[a] for a in rev_set])
-        shared_cost = sum(_reverse_costs(steps, out)) + sum(
-            _numel(out) * _numel(analyses[a].x) for a in rev_set  # type: ignore[arg-type]
+        union = _union([analyses[a] for a in rev_set])
+        xs = [x for x in (analyses[a].x for a in rev_set) if x is not None]
+        shared_cost = sum(_reverse_costs(union, out)) + float(
+            sum(_numel(out) * _numel(x) for x in xs)
         )
     result: dict[int, Choice] = {}
     for a, an in analyses.items():
@@ -367,8 +368,12 @@ def _context(s: _Step, values: Mapping[torch.fx.Node, torch.Tensor]) -> op_rules
         out=values[s.node],
         out_shape=_shape(s.node),
         shapes=_arg_shapes(s.src),
-        list_shapes=tuple(_shape(a) for a in s.src.args[0]) if s.listed else (),
+        list_shapes=_list_shapes(s.src.args[0]) if s.listed else (),
     )
+
+
+def _list_shapes(xs: Any) -> tuple[tuple[int, ...], ...]:
+    return tuple(_shape(a) for a in xs)
 
 
 def _arg_shapes(src: torch.fx.Node) -> tuple[tuple[int, ...] | None, ...]:
@@ -381,7 +386,7 @@ def _arg_shapes(src: torch.fx.Node) -> tuple[tuple[int, ...] | None, ...]:
             for a in src.args
         )
         src.meta["jacbatch_arg_shapes"] = got
-    return got  # type: ignore[no-any-return]
+    return got
 
 
 def _value(a: Any, values: Mapping[torch.fx.Node, torch.Tensor]) -> Any:

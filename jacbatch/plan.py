@@ -395,7 +395,9 @@ def make_plan(
             forward_ok=forward_ok(call),
         )
         notes = _node_notes(analyses)
-        notes += traced.order_notes(call, [a for s in steps if s.route == "traced" for a in s.argnums])
+        notes += traced.order_notes(
+            call, [a for s in steps if s.route == "traced" for a in s.argnums]
+        )
     elif method == "closed_form":
         analyses = traced_analyses(call, call.argnums, retry=True)
         for a, an in analyses.items():

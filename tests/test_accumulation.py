@@ -34,7 +34,12 @@ W1, c1, W2, c2 = rnd(5, 6, seed=2), rnd(6, seed=3), rnd(6, 3, seed=4), rnd(3, se
 Y = rnd(B, 4, 2, seed=6)
 S = rnd(B, 3, 3, seed=7)
 Wq, Wk, Wv = rnd(5, 5, seed=8), rnd(5, 5, seed=9), rnd(5, 5, seed=10)
-V1, V2, V3, V4 = rnd(16, 16, seed=11), rnd(16, 1, seed=12), rnd(1, 16, seed=13), rnd(16, 16, seed=14)
+V1, V2, V3, V4 = (
+    rnd(16, 16, seed=11),
+    rnd(16, 1, seed=12),
+    rnd(1, 16, seed=13),
+    rnd(16, 16, seed=14),
+)
 Xv = rnd(B, 4, 16, seed=15)
 W7, W3 = rnd(7, 3, seed=20), rnd(3, 3, seed=21)
 
@@ -59,7 +64,13 @@ def bottleneck(x: torch.Tensor) -> torch.Tensor:
 
 # (id, func, args, in_dims, argnums)
 CASES: list[
-    tuple[str, Callable[..., torch.Tensor], tuple[torch.Tensor, ...], tuple[int | None, ...], tuple[int, ...]]
+    tuple[
+        str,
+        Callable[..., torch.Tensor],
+        tuple[torch.Tensor, ...],
+        tuple[int | None, ...],
+        tuple[int, ...],
+    ]
 ] = [
     ("mlp_weights", mlp, (X, W1, c1, W2), (0, None, None, None), (1, 2, 3)),
     ("mlp_input", mlp, (X, W1, c1, W2), (0, None, None, None), (0,)),
@@ -67,17 +78,19 @@ CASES: list[
     ("fan_out", fan_out, (X, W1), (0, None), (0, 1)),
     (
         "cat_stack",
-        lambda x, y: torch.stack([torch.cat([x, torch.tanh(y)], -1), torch.cat([y, x], -1)], 1)
-        .sum(1)
-        @ W7,
+        lambda x, y: (
+            torch.stack([torch.cat([x, torch.tanh(y)], -1), torch.cat([y, x], -1)], 1).sum(1) @ W7
+        ),
         (X, Y),
         (0, 0),
         (0, 1),
     ),
     (
         "getitem_and_zero",
-        lambda s, w: torch.linalg.slogdet(s @ s.mT + torch.eye(3, dtype=F64))[1] * (s * w).sum()
-        + torch.linalg.slogdet(s)[0],
+        lambda s, w: (
+            torch.linalg.slogdet(s @ s.mT + torch.eye(3, dtype=F64))[1] * (s * w).sum()
+            + torch.linalg.slogdet(s)[0]
+        ),
         (S, W3),
         (0, None),
         (0, 1),
@@ -89,7 +102,9 @@ CASES: list[
 
 
 @pytest.mark.parametrize("order", ORDERS)
-@pytest.mark.parametrize(("func", "args", "in_dims", "argnums"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("func", "args", "in_dims", "argnums"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_every_order_gives_the_reference(
     order: str,
     func: Callable[..., torch.Tensor],
@@ -117,7 +132,9 @@ def test_every_order_differentiable_result(order: str) -> None:
     assert J.requires_grad
 
 
-def _orders(func: Callable[..., torch.Tensor], args, argnums, in_dims) -> dict[int, accumulation.Choice]:
+def _orders(
+    func: Callable[..., torch.Tensor], args, argnums, in_dims
+) -> dict[int, accumulation.Choice]:
     call = normalize_call("t", func, tuple(args), argnums, in_dims)
     return tracing.orders(traced.traced_graph(call), call.argnums)
 

@@ -81,7 +81,9 @@ def addmm(ctx: OpContext, i: int) -> list[Term]:
 def _scaled(term: Term, c: float) -> Term:
     if c == 1:
         return term
-    return Term(term.factors, term.out, term.inp, term.sizes, term.scale * float(c), term.dtype, term.device)
+    return Term(
+        term.factors, term.out, term.inp, term.sizes, term.scale * float(c), term.dtype, term.device
+    )
 
 
 @register_op(aten.permute.default)

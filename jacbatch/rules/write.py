@@ -237,8 +237,8 @@ def write(terms: Sequence[Term], Y: torch.Tensor) -> torch.Tensor:
         first = False
     for k in order_:
         term = terms[k]
-        D, letters = _diagonal_view(Y, term.out + term.inp)
-        _product(list(term.factors), term, letters, D, add=not first)
+        D, seen = _diagonal_view(Y, term.out + term.inp)
+        _product(list(term.factors), term, seen, D, add=not first)
         first = False
     return Y
 
