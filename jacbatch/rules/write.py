@@ -181,14 +181,17 @@ def write(terms: Sequence[Term], Y: torch.Tensor) -> torch.Tensor:
     """Write ``Σ terms`` into ``Y (B, *out_sizes, *in_sizes)`` (any strides); returns ``Y``.
 
     NOTE [Writing a lettered Jacobian once]
-        A single Kronecker term goes to :func:`kron`. Otherwise the factors of each term are
-        multiplied out (their product over the letters they hold, the size of the term's
-        nonzeros at most). A term with no shared letters is then one broadcasting copy. A single
-        term with a delta (a letter on two axes) is written as one broadcast multiply
-        ``Y = Z ⊙ I_n`` where ``Z`` (``n`` times smaller than ``Y``) is the term with the second
-        axis of its largest delta letter removed, so each entry of ``Y`` is written exactly once,
-        like an allocate-and-fill. Otherwise ``Y`` is zeroed and every term is added into its
-        diagonal view (only its nonzeros are touched).
+        A single Kronecker term goes to :func:`kron`. Otherwise the result is written through
+        strided views of ``Y`` (whatever its vec order), never formed elsewhere and copied or
+        permuted in. A single term with no shared letter is its factors' product written once
+        (NOTE [Writing a product of factors once]). A single term with one delta (a letter on
+        two axes) is the same with the delta as an identity factor ``I_n`` over a second
+        letter, so each entry of ``Y`` is written exactly once, like an allocate-and-fill (more
+        deltas: the term is formed ``n`` times smaller than ``Y`` and multiplied by ``I_n``
+        into it). Several terms: one with no delta (it covers every entry) is written first,
+        or ``Y`` is zeroed when all have deltas; every other term is added into its diagonal
+        view (only its nonzeros are touched), its last product formed inside the add
+        (``addcmul_``), so no term is materialized before it is added.
     """
     if not terms:
         return Y.zero_()
