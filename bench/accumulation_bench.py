@@ -6,9 +6,10 @@ Each CHECKOUT (default: this one) is a directory holding a ``jacbatch`` package;
 checkout before a change with the one after gives a before/after table. Every round runs one
 fresh process per checkout (order alternating between rounds) with ``torch.set_num_threads(1)``;
 each process warms every case up, then times jacbatch ``method="closed_form"`` and
-``torch.func.vmap(torch.func.jacrev)`` interleaved, ``reps`` times each, and reports medians.
-The table gives the median over rounds. Orientation only: on a shared machine the spread
-between rounds is large.
+``torch.func.vmap(torch.func.jacrev)`` interleaved, ``reps`` times each, and reports medians of
+wall-clock time and of the calling thread's CPU time (``time.thread_time``; with one torch
+thread it is the work itself, less sensitive to other processes on a loaded machine). The table
+gives the median over rounds. Orientation only: on a shared machine the spread is large.
 
 The cases (float32):
 
@@ -84,11 +85,15 @@ cases["attention d/dX B=64 16x32"] = (
 res = {}
 for name, (ours, theirs, reps) in cases.items():
     ours(); ours(); theirs(); theirs()
-    a, b = [], []
+    got = {"jacbatch": [], "vmap(jacrev)": [], "jacbatch cpu": [], "vmap(jacrev) cpu": []}
     for _ in range(reps):
-        t0 = time.perf_counter(); ours(); a.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); theirs(); b.append(time.perf_counter() - t0)
-    res[name] = {"jacbatch": statistics.median(a), "vmap(jacrev)": statistics.median(b)}
+        for key, fn in (("jacbatch", ours), ("vmap(jacrev)", theirs)):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            c1, t1 = time.thread_time(), time.perf_counter()
+            got[key].append(t1 - t0)
+            got[key + " cpu"].append(c1 - c0)
+    res[name] = {k: statistics.median(v) for k, v in got.items()}
 print(json.dumps(res))
 """
 
@@ -115,20 +120,16 @@ def main() -> None:
             runs[c].append(run(c))
     cases = list(runs[a.checkouts[0]][0])
     table: dict[str, dict[str, dict[str, float]]] = {}
-    head = "| case | " + " | ".join(
-        f"{Path(c).name} jacbatch ms | {Path(c).name} vmap(jacrev) ms" for c in a.checkouts
-    )
+    keys = ("jacbatch", "vmap(jacrev)", "jacbatch cpu", "vmap(jacrev) cpu")
+    head = "| case | " + " | ".join(f"{Path(c).name} {k} ms" for c in a.checkouts for k in keys)
     print(head + " |")
-    print("|---|" + "---:|" * (2 * len(a.checkouts)))
+    print("|---|" + "---:|" * (len(keys) * len(a.checkouts)))
     for case in cases:
         cells = []
         for c in a.checkouts:
-            med = {
-                k: statistics.median(run_[case][k] for run_ in runs[c])
-                for k in ("jacbatch", "vmap(jacrev)")
-            }
+            med = {k: statistics.median(run_[case][k] for run_ in runs[c]) for k in keys}
             table.setdefault(case, {})[c] = med
-            cells += [f"{1e3 * med['jacbatch']:.2f}", f"{1e3 * med['vmap(jacrev)']:.2f}"]
+            cells += [f"{1e3 * med[k]:.2f}" for k in keys]
         print(f"| {case} | " + " | ".join(cells) + " |")
     if a.json:
         Path(a.json).write_text(json.dumps({"runs": runs, "medians": table}, indent=1))
