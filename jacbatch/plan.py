@@ -397,6 +397,9 @@ def make_plan(
             forward_ok=forward_ok(call),
         )
         notes = _node_notes(analyses)
+        notes += traced.order_notes(
+            call, [a for s in steps if s.route == "traced" for a in s.argnums]
+        )
     elif method == "closed_form":
         analyses = traced_analyses(call, call.argnums, retry=True)
         for a, an in analyses.items():
@@ -415,7 +418,7 @@ def make_plan(
             )
             if st is not None
         )
-        notes = _node_notes(analyses)
+        notes = _node_notes(analyses) + traced.order_notes(call, tuple(analyses))
     else:
         steps = (Step(by_method(method).name, call.argnums, "requested"),)
     notes += _protection_notes(protection)

@@ -28,6 +28,7 @@ their current values are used on every call. :func:`trace` traces a function dir
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,8 +37,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from . import accumulation
 from .rules import ops as op_rules
-from .rules import terms
 from .rules.terms import Term, Unsupported
 
 
@@ -121,6 +122,9 @@ class TracedGraph:
     _analyses: dict[int, Analysis] = field(default_factory=dict)
     _evaluators: dict[tuple[str, ...], Callable[..., Any]] = field(default_factory=dict)
     _batch_deps: set[torch.fx.Node] | None = None
+    _orders: dict[tuple[tuple[int, ...], str], dict[int, accumulation.Choice]] = field(
+        default_factory=dict
+    )
 
     # -- analysis ------------------------------------------------------------------------------
 
@@ -313,7 +317,7 @@ def _nested_nodes(xs: Any) -> list[torch.fx.Node]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward accumulation of lettered terms (the chain rule over the graph)
+# Accumulation of lettered terms (the chain rule over the graph, jacbatch.accumulation)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -333,54 +337,63 @@ def needed_nodes(an: Analysis) -> list[torch.fx.Node]:
 
 
 def accumulate(
-    an: Analysis, values: dict[torch.fx.Node, torch.Tensor], like: torch.Tensor
+    an: Analysis,
+    values: dict[torch.fx.Node, torch.Tensor],
+    like: torch.Tensor,
+    order: str = "forward",
 ) -> list[Term]:
     """The Jacobian of the output w.r.t. the analysed argument, as lettered terms.
 
-    Forward accumulation: starting from the identity on the argument, each node's Jacobian is
-    ``Σ_i L_i ∘ J_(operand i)`` (:func:`terms.chain_rule_sums`); factors stay separate and
-    deltas are never expanded (NOTE [Lettered Jacobian terms]).
+    ``order``: ``"forward"`` (from the identity on the argument, each node's Jacobian is
+    ``Σ_i L_i ∘ J_(operand i)``), ``"reverse"``, ``"cut"`` or ``"auto"`` (chosen from the
+    shapes): NOTE [Choosing the elimination order] in :mod:`jacbatch.accumulation`. Factors
+    stay separate and deltas are never expanded (NOTE [Lettered Jacobian terms]).
     """
     assert an.ok and an.out is not None
-    if an.x is None:  # the argument is not read: zero
-        return []
-    xs = _shape(an.x)
-    idx = "".join(op_rules.letters(len(xs)))
-    J: dict[torch.fx.Node, list[Term]] = {an.x: [terms.make(1.0, "", idx, idx, xs, xs, like)]}
-    for s in an.steps:
-        ctx = op_rules.OpContext(
-            args=tuple(_value(a, values) for a in s.src.args),
-            kwargs={k: _value(v, values) for k, v in s.src.kwargs.items()},
-            out=values[s.node],
-            out_shape=_shape(s.node),
-            shapes=tuple(
-                _shape(a)
-                if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
-                else None
-                for a in s.src.args
-            ),
-            list_shapes=_list_shapes(s.src.args[0]) if s.listed else (),
-        )
-        acc: list[Term] = []
-        for i, u in s.operands:
-            Ju = J.get(u)
-            if not Ju:
-                continue
-            acc.extend(terms.chain_rule_sums(s.rule(ctx, i), Ju))
-        J[s.node] = terms.merge(acc)
-    return J.get(an.out, [])
+    choices = accumulation.choose({0: an}, order)
+    return accumulation.compose({0: an}, choices, values, {0: like})[0]
 
 
-def _list_shapes(xs: Any) -> tuple[tuple[int, ...], ...]:
-    return tuple(_shape(a) for a in xs)
+def orders(tg: TracedGraph, argnums: Sequence[int]) -> dict[int, accumulation.Choice]:
+    """The elimination order per argnum (cached with the graph unless one is forced).
+
+    Raises Unsupported where an argnum's path has no closed form.
+    """
+    forced = accumulation.current_order()
+    key = (tuple(argnums), forced)
+    got = tg._orders.get(key)
+    if got is None:
+        analyses = {}
+        for a in argnums:
+            an = tg.analysis(a)
+            if not an.ok:
+                raise Unsupported(an.reason)
+            analyses[a] = an
+        got = accumulation.choose(analyses, forced)
+        tg._orders[key] = got
+    return got
 
 
-def _value(a: Any, values: dict[torch.fx.Node, torch.Tensor]) -> Any:
-    return torch.fx.node.map_arg(a, lambda n: values[n] if n in values else _const(n))
+def estimated_cost(tg: TracedGraph, argnums: Sequence[int], B: int) -> float:
+    """Estimated FLOPs of the traced closed form for a call: composing the Jacobians w.r.t.
+    ``argnums`` in their chosen orders and writing them, for ``B`` samples (``B = 0`` or no
+    batch counts as one sample).
 
+    A dense estimate from the per-sample shapes (NOTE [Choosing the elimination order] in
+    :mod:`jacbatch.accumulation`), one FLOP per multiply-add, the write of the
+    ``(B, *out_shape, *in_shape)`` result counted as one per entry: an upper bound that
+    lettered terms usually beat, meant for comparing orders and routes. ``inf`` where some
+    argnum's path has no closed form. Cheap after the first call for a graph (cached).
 
-def _const(n: torch.fx.Node) -> Any:
-    raise Unsupported(f"value of {n.name} is not available")
+    Example (``tg`` from :func:`jacbatch.methods.traced.traced_graph`)::
+
+        flops = estimated_cost(tg, (1, 3), B=256)
+    """
+    try:
+        choices = orders(tg, argnums)
+    except Unsupported:
+        return math.inf
+    return accumulation.total_cost(choices) * max(1, B)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,26 +486,32 @@ def jacobian_terms(
     of the graph's lifted inputs (:attr:`jacbatch.capture.Captured.lifted`). The graph is
     evaluated once for every argnum together.
     """
-    analyses = []
-    for a in argnums:
-        an = tg.analysis(a)
-        if not an.ok:
-            raise Unsupported(an.reason)
-        analyses.append(an)
-    needed = list(dict.fromkeys(n for an in analyses for n in needed_nodes(an)))
+    choices = orders(tg, argnums)
+    analyses = {a: tg.analysis(a) for a in argnums}
+    needed = list(dict.fromkeys(n for an in analyses.values() for n in needed_nodes(an)))
     try:
         values = tg.evaluate(needed, args, B) if needed else {}
     except Exception as err:  # e.g. random ops under vmap: autodiff decides what to do
         raise Unsupported(f"evaluating the traced graph failed ({_first_line(err)})") from err
-    out = analyses[0].out
+    out = analyses[argnums[0]].out if argnums else None
     if check is not None and out is not None and out in values:
         check(values[out])
     try:
-        return [accumulate(an, values, args[a]) for an, a in zip(analyses, argnums, strict=True)]
+        got = accumulation.compose(analyses, choices, values, {a: args[a] for a in argnums})
     except Unsupported:
         raise
     except Exception as err:  # e.g. random ops under vmap: autodiff decides what to do
         raise Unsupported(f"evaluating the traced graph failed ({_first_line(err)})") from err
+    return [got[a] for a in argnums]
 
 
-__all__ = ["NodeNote", "TracedGraph", "jacobian_terms", "to_aten", "trace"]
+__all__ = [
+    "NodeNote",
+    "TracedGraph",
+    "accumulate",
+    "estimated_cost",
+    "jacobian_terms",
+    "orders",
+    "to_aten",
+    "trace",
+]

@@ -237,6 +237,29 @@ def _result(
     return Y, rev.permute(*perm)
 
 
+def order_notes(call: Call, argnums: Sequence[int]) -> tuple[str, ...]:
+    """Plan notes: per argnum of ``argnums`` traced into rules, the elimination order chosen
+    and its estimate (NOTE [Choosing the elimination order] in :mod:`jacbatch.accumulation`),
+    e.g. ``"argnum 1: reverse accumulation, est. 1.2 MFLOP (forward 9.8 MFLOP)"``."""
+    if not argnums or in_transform(call.args):
+        return ()
+    tg = traced_graph(call)
+    todo = [a for a in argnums if tg.analysis(a).ok]
+    if not todo:
+        return ()
+    choices = tracing.orders(tg, todo)
+    B = call.batch_size or 1
+    return tuple(f"argnum {a}: {choices[a].describe(B)}" for a in todo)
+
+
+def estimated_cost(call: Call, argnums: Sequence[int]) -> float:
+    """Estimated FLOPs of this route for ``call`` w.r.t. ``argnums`` (``inf`` where it does not
+    apply): :func:`jacbatch.tracing.estimated_cost` on the call's traced graph."""
+    if in_transform(call.args):
+        return math.inf
+    return tracing.estimated_cost(traced_graph(call), argnums, call.batch_size or 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # The route (NOTE [Routes: one protocol, one registry] in jacbatch.methods)
 # ---------------------------------------------------------------------------------------------

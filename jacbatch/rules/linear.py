@@ -72,9 +72,18 @@ def addmm(ctx: OpContext, i: int) -> list[Term]:
     if i == 0:
         return identity(ctx, 0, beta)
     X, Y = ctx.args[1], ctx.args[2]
+    # alpha is a number: it goes into the term's scale, never multiplied into a copy of X or Y
     if i == 1:
-        return [ctx.term(alpha * Y, "lj", "ij", "il", 1)]
-    return [ctx.term(alpha * X, "ik", "ij", "kj", 2)]
+        return [_scaled(ctx.term(Y, "lj", "ij", "il", 1), alpha)]
+    return [_scaled(ctx.term(X, "ik", "ij", "kj", 2), alpha)]
+
+
+def _scaled(term: Term, c: float) -> Term:
+    if c == 1:
+        return term
+    return Term(
+        term.factors, term.out, term.inp, term.sizes, term.scale * float(c), term.dtype, term.device
+    )
 
 
 @register_op(aten.permute.default)

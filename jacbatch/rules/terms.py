@@ -406,13 +406,27 @@ def normalize(
 
 
 def _free_merges(fs: list[Factor]) -> list[Factor]:
-    """Multiply a factor into another whose letters (and batch) contain its own: no growth."""
+    """Multiply a factor into another whose letters (and batch) contain its own: no growth.
+
+    Of the factors that could take it, the smallest does (a per-sample scalar or a diagonal is
+    multiplied into the smallest factor holding its letters, never into a large one when a
+    small one will do: that product is a copy of the factor it goes into).
+    """
     changed = True
     while changed and len(fs) > 1:
         changed = False
-        for a, b in itertools.permutations(range(len(fs)), 2):
-            (Ta, la), (Tb, lb) = fs[a], fs[b]
-            if set(la) <= set(lb) and (Ta.shape[0] == 1 or Tb.shape[0] != 1):
+        for a in range(len(fs)):
+            Ta, la = fs[a]
+            fits = [
+                b
+                for b in range(len(fs))
+                if b != a
+                and set(la) <= set(fs[b][1])
+                and (Ta.shape[0] == 1 or fs[b][0].shape[0] != 1)
+            ]
+            if fits:
+                b = min(fits, key=lambda k: fs[k][0].numel())
+                Tb, lb = fs[b]
                 merged = (_einsum([(Tb, lb), (Ta, la)], lb), lb)
                 fs = [f for k, f in enumerate(fs) if k not in (a, b)] + [merged]
                 changed = True

@@ -41,11 +41,12 @@ NOTE [Writing a batched Kronecker product at the memory-write limit]
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from .terms import Term, collapse, dense_factor, refined
+from .terms import Factor, Term, _einsum, collapse, dense_factor, fresh, refined
 
 #: Below this many columns of the inner factor, the broadcast multiply's innermost loop is too
 #: short; see NOTE [Writing a batched Kronecker product at the memory-write limit].
@@ -180,14 +181,17 @@ def write(terms: Sequence[Term], Y: torch.Tensor) -> torch.Tensor:
     """Write ``Σ terms`` into ``Y (B, *out_sizes, *in_sizes)`` (any strides); returns ``Y``.
 
     NOTE [Writing a lettered Jacobian once]
-        A single Kronecker term goes to :func:`kron`. Otherwise the factors of each term are
-        multiplied out (their product over the letters they hold, the size of the term's
-        nonzeros at most). A term with no shared letters is then one broadcasting copy. A single
-        term with a delta (a letter on two axes) is written as one broadcast multiply
-        ``Y = Z ⊙ I_n`` where ``Z`` (``n`` times smaller than ``Y``) is the term with the second
-        axis of its largest delta letter removed, so each entry of ``Y`` is written exactly once,
-        like an allocate-and-fill. Otherwise ``Y`` is zeroed and every term is added into its
-        diagonal view (only its nonzeros are touched).
+        A single Kronecker term goes to :func:`kron`. Otherwise the result is written through
+        strided views of ``Y`` (whatever its vec order), never formed elsewhere and copied or
+        permuted in. A single term with no shared letter is its factors' product written once
+        (NOTE [Writing a product of factors once]). A single term with one delta (a letter on
+        two axes) is the same with the delta as an identity factor ``I_n`` over a second
+        letter, so each entry of ``Y`` is written exactly once, like an allocate-and-fill (more
+        deltas: the term is formed ``n`` times smaller than ``Y`` and multiplied by ``I_n``
+        into it). Several terms: one with no delta (it covers every entry) is written first,
+        or ``Y`` is zeroed when all have deltas; every other term is added into its diagonal
+        view (only its nonzeros are touched), its last product formed inside the add
+        (``addcmul_``), so no term is materialized before it is added.
     """
     if not terms:
         return Y.zero_()
@@ -198,14 +202,8 @@ def write(terms: Sequence[Term], Y: torch.Tensor) -> torch.Tensor:
             return Y
         if len(set(axes)) == len(axes):
             D, order = _diagonal_view(Y, axes)
-            if len(term.factors) == 2 and term.scale == 1.0:  # the product, written once
-                (X1, l1), (X2, l2) = term.factors
-                torch.mul(_aligned(X1, l1, order, D.shape), _aligned(X2, l2, order, D.shape), out=D)
-                return Y
-            T, t = collapse(term, order)
-            D.copy_(_aligned(T, t, order, D.shape))
+            _product(list(term.factors), term, order, D)
             return Y
-        T, t = collapse(term, axes)
         twice = [x for x in dict.fromkeys(axes) if axes.count(x) == 2]
         if twice:
             star = max(twice, key=lambda x: term.sizes[x])
@@ -213,21 +211,90 @@ def write(terms: Sequence[Term], Y: torch.Tensor) -> torch.Tensor:
             p2 = axes.index(star, p1 + 1)
             rest = axes[:p2] + axes[p2 + 1 :]
             n = term.sizes[star]
+            if len(set(rest)) == len(rest):
+                # the delta as an identity factor over a second letter: then no letter is
+                # shared and the product is written once (deltas only: one broadcast copy)
+                star2 = fresh()
+                eye = torch.eye(n, dtype=Y.dtype, device=Y.device)[None]
+                sizes = {**term.sizes, star2: n}
+                letters = (*axes[:p2], star2, *axes[p2 + 1 :])
+                D, order = _diagonal_view(Y, letters)
+                fs = [*term.factors, (eye, (star, star2))]
+                _product(fs, Term((), (), (), sizes, term.scale, Y.dtype, Y.device), order, D)
+                return Y
+            T, t = collapse(term, axes)
             eye_shape = [1] * Y.ndim
             eye_shape[1 + p1] = eye_shape[1 + p2] = n
             I = torch.eye(n, dtype=Y.dtype, device=Y.device).reshape(eye_shape)
-            if not term.factors and len(set(rest)) == len(rest):  # deltas only: one copy
-                Y.copy_((I if term.scale == 1.0 else I * term.scale).expand(Y.shape))
-                return Y
             zshape = Y.shape[: 1 + p2] + Y.shape[2 + p2 :]
-            if len(set(rest)) == len(rest):  # the factor itself, broadcast: no copy
-                Z = _aligned(T, t, rest, (T.shape[0], *zshape[1:]))
-            else:
-                Z = _scatter([(T, t)], torch.empty(zshape, dtype=Y.dtype, device=Y.device), [rest])
+            Z = _scatter([(T, t)], torch.empty(zshape, dtype=Y.dtype, device=Y.device), [rest])
             Z = Z.unsqueeze(1 + p2)
             torch.mul(Z.expand(Y.shape[0], *Z.shape[1:]), I, out=Y)
             return Y
-    return _scatter([collapse(t, t.out + t.inp) for t in terms], Y, [t.out + t.inp for t in terms])
+    # Several terms: one that covers every entry (no delta) is written first, the others are
+    # added into their diagonal views, each product formed in the add (addcmul), not before it.
+    order_ = sorted(range(len(terms)), key=lambda k: _has_delta(terms[k]))
+    first = True
+    if _has_delta(terms[order_[0]]):
+        Y.zero_()
+        first = False
+    for k in order_:
+        term = terms[k]
+        D, seen = _diagonal_view(Y, term.out + term.inp)
+        _product(list(term.factors), term, seen, D, add=not first)
+        first = False
+    return Y
+
+
+def _has_delta(term: Term) -> bool:
+    axes = term.out + term.inp
+    return len(set(axes)) != len(axes)
+
+
+def _product(
+    fs: list[Factor], term: Term, order: Sequence[int], D: torch.Tensor, add: bool = False
+) -> None:
+    """Write (``add``: add) ``term.scale · Π fs`` into ``D`` (letters ``order``, one distinct
+    letter per axis).
+
+    NOTE [Writing a product of factors once]
+        No letter is summed, so the product is an outer product: factors are multiplied pairwise
+        (always the pair with the smallest result, the scale into the smallest factor) until two
+        are left, and their broadcast product goes straight into ``D``, each entry written once.
+        Forming the whole product first and copying it in would write the result twice.
+    """
+    sizes = term.sizes
+    if term.scale != 1.0:
+        if fs:
+            k = min(range(len(fs)), key=lambda i: fs[i][0].numel())
+            fs[k] = (fs[k][0] * term.scale, fs[k][1])
+        else:
+            fs = [(torch.full((1,), term.scale, dtype=D.dtype, device=D.device), ())]
+    if not fs:
+        D.add_(1) if add else D.fill_(1)
+        return
+    pos = {x: k for k, x in enumerate(order)}
+    while len(fs) > 2:
+        best: tuple[int, int, int] | None = None
+        for a in range(len(fs)):
+            for b in range(a + 1, len(fs)):
+                (Ta, la), (Tb, lb) = fs[a], fs[b]
+                n = max(Ta.shape[0], Tb.shape[0]) * math.prod(sizes[x] for x in set(la) | set(lb))
+                if best is None or n < best[0]:
+                    best = (n, a, b)
+        assert best is not None
+        _, a, b = best
+        keep = tuple(sorted(set(fs[a][1]) | set(fs[b][1]), key=pos.__getitem__))
+        merged = (_einsum([fs[a], fs[b]], keep), keep)
+        fs = [f for k, f in enumerate(fs) if k not in (a, b)] + [merged]
+    if len(fs) == 1:
+        T, t = fs[0]
+        A = _aligned(T, t, order, D.shape)
+        D.add_(A) if add else D.copy_(A)
+        return
+    (X1, l1), (X2, l2) = fs
+    A1, A2 = _aligned(X1, l1, order, D.shape), _aligned(X2, l2, order, D.shape)
+    D.addcmul_(A1, A2) if add else torch.mul(A1, A2, out=D)
 
 
 def _scatter(
