@@ -62,7 +62,7 @@ import torch
 from torch.func import jvp, vmap
 
 from ..call import Call
-from . import Route, finish, in_transform, usable
+from . import Route, finish, usable
 
 # Per function, per in_dims: the per-sample wrapper (NOTE [Batched functions: one call, two views]).
 _WRAPPERS: weakref.WeakKeyDictionary[Any, dict[tuple[int | None, ...], Callable[..., Any]]] = (
@@ -164,13 +164,14 @@ def _reverse(
         args, B = _inputs(call)
         if not graph:
             args = [a.detach() for a in args]
-        for a in argnums:
-            if not graph or (not args[a].requires_grad and not in_transform(call.args)):
-                args[a] = args[a].detach().requires_grad_(True)
+        if not graph:
+            for a in argnums:
+                args[a] = args[a].requires_grad_(True)
         primals = [args[a] for a in argnums]
 
-        if graph and in_transform(call.args):
-            # torch.func composes with outer transforms (fresh leaves are not allowed there)
+        if graph:
+            # torch.func.vjp at the caller's tensors composes with autograd and with outer
+            # transforms (where fresh leaves are not allowed), as the vjp route's graph path
             def f(*xs: torch.Tensor) -> torch.Tensor:
                 full = list(args)
                 for a, x in zip(argnums, xs, strict=True):
@@ -204,7 +205,8 @@ def _reverse(
         numels = [math.prod(call.sample_shape(a)) for a in argnums]
         rows_run = O if max_rows is None else min(O, max_rows)
         step = max(1, min(chunk_size or rows_run, rows_run)) if vectorize else 1
-        live = Y.requires_grad and B > 0 and O > 0
+        # (under torch.func.vjp, Y's requires_grad says nothing about the transform's levels)
+        live = (graph or Y.requires_grad) and B > 0 and O > 0
         parts: list[list[torch.Tensor]] = [[] for _ in argnums]
         batched_idx = [i for i, d in enumerate(dims) if d is not None]
         shared_idx = [i for i, d in enumerate(dims) if d is None]
