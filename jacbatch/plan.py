@@ -479,14 +479,17 @@ def _batched_steps(
                 V.no_rule_error(
                     "jacobian", call.func, a, rules.available(), f"Tracing it: {an.reason}."
                 )
-        return (
-            Step("traced", call.argnums, "requested (closed form from the traced graph)"),
-        ), (*_node_notes(analyses), note)
+        return (Step("traced", call.argnums, "requested (closed form from the traced graph)"),), (
+            *_node_notes(analyses),
+            note,
+        )
     why = untraceable(probe)
-    if why is not None:
-        analyses: dict[int, Any] = {a: _Untraced(f"func {why}") for a in call.argnums}
-    else:
-        analyses = traced_analyses(call, call.argnums)
+    found: dict[int, Any] = (
+        {a: _Untraced(f"func {why}") for a in call.argnums}
+        if why is not None
+        else traced_analyses(call, call.argnums)
+    )
+    analyses = found
     with_trace = tuple(a for a in call.argnums if analyses[a].ok)
     without = [a for a in call.argnums if a not in with_trace]
     steps = []

@@ -25,7 +25,9 @@ def one(func, in_dims):
     """The per-sample function of a batched ``func`` (the reference's view of it)."""
 
     def f(*xs):
-        return func(*(x if d is None else x.unsqueeze(d) for x, d in zip(xs, in_dims))).squeeze(0)
+        return func(
+            *(x if d is None else x.unsqueeze(d) for x, d in zip(xs, in_dims, strict=True))
+        ).squeeze(0)
 
     return f
 
@@ -67,7 +69,11 @@ def test_auto_routes():
     assert [s.route for s in wide.steps] == ["batched_rev"]
     tall = jacbatch.explain(lambda x: torch.cumsum(x.repeat(1, 3), 1), X, batched=True)
     assert [s.route for s in tall.steps] == ["batched_fwd"]
-    for method, name in [("jacrev", "batched_rev"), ("jacfwd", "batched_fwd"), ("vjp", "batched_vjp")]:
+    for method, name in [
+        ("jacrev", "batched_rev"),
+        ("jacfwd", "batched_fwd"),
+        ("vjp", "batched_vjp"),
+    ]:
         assert jacbatch.explain(mlp(), X, batched=True, method=method).steps[0].route == name
 
 
@@ -90,11 +96,15 @@ def test_shared_arguments_tuple_argnums(method):
     refs = reference_jacobian(one(shared, DIMS), ARGS, argnums, DIMS)
     if method == "closed_form":  # cumsum: no closed form
         with pytest.raises(NotImplementedError):
-            jacbatch.jacobian(shared, *ARGS, argnums=argnums, in_dims=DIMS, batched=True, method=method)
+            jacbatch.jacobian(
+                shared, *ARGS, argnums=argnums, in_dims=DIMS, batched=True, method=method
+            )
         return
-    Js = jacbatch.jacobian(shared, *ARGS, argnums=argnums, in_dims=DIMS, batched=True, method=method)
+    Js = jacbatch.jacobian(
+        shared, *ARGS, argnums=argnums, in_dims=DIMS, batched=True, method=method
+    )
     assert isinstance(Js, tuple) and len(Js) == 4
-    for J, ref in zip(Js, refs):
+    for J, ref in zip(Js, refs, strict=True):
         assert_matches(J, ref, F64)
 
 
@@ -106,7 +116,9 @@ def test_batch_dimension_not_first(method):
     x, w = torch.randn(3, 5, dtype=F64), torch.randn(2, 3, dtype=F64)
     for argnums in (0, 1):
         ref = reference_jacobian(one(f, (1, None)), (x, w), argnums, (1, None))
-        J = jacbatch.jacobian(f, x, w, argnums=argnums, in_dims=(1, None), batched=True, method=method)
+        J = jacbatch.jacobian(
+            f, x, w, argnums=argnums, in_dims=(1, None), batched=True, method=method
+        )
         assert_matches(J, ref, F64)
 
 
@@ -173,6 +185,18 @@ def test_iter_save_and_estimate(tmp_path):
     assert est.output_bytes == ref.numel() * 8
 
 
+@pytest.mark.parametrize("method", ["auto", "jacrev", "jacfwd", "vjp"])
+def test_out_buffer_and_batch_chunks(method):
+    net = no_rule_mlp()
+    ref = reference_jacobian(one(net, (0,)), (X,), vec="col")
+    out = torch.empty(6, 4, 5, dtype=F64)
+    got = jacbatch.jacobian(net, X, batched=True, method=method, vec="col", out=out)
+    assert got is out
+    assert_matches(out, ref, F64)
+    chunked = jacbatch.jacobian(net, X, batched=True, method=method, vec="col", max_memory="1KiB")
+    assert_matches(chunked, ref, F64)
+
+
 def test_mutating_func_gets_copies():
     def f(x):
         x.mul_(2)  # writes into its argument
@@ -187,7 +211,7 @@ def test_mutating_func_gets_copies():
 
 def test_bad_inputs():
     net = mlp()
-    with pytest.raises(ValueError, match="batched=True.*in_dims"):
+    with pytest.raises(ValueError, match=r"batched=True.*in_dims"):
         jacbatch.jacobian(net, X, in_dims=None, batched=True)
     with pytest.raises(TypeError, match="batched"):
         jacbatch.jacobian(net, X, batched=1)  # type: ignore[arg-type]

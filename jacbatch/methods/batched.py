@@ -132,7 +132,9 @@ def _evaluate(call: Call, args: Sequence[torch.Tensor], B: int, out_shape: tuple
     return check_output(call.batched_func(*xs), B, out_shape)
 
 
-def _to_rows(g: torch.Tensor | None, d: int, n: int, like: torch.Tensor, numel: int) -> torch.Tensor:
+def _to_rows(
+    g: torch.Tensor | None, d: int, n: int, like: torch.Tensor, numel: int
+) -> torch.Tensor:
     """Gradients ``(n, *arg_shape)`` (batch at ``d + 1``) as ``(B, n, in_numel)``."""
     B = like.shape[0]
     if g is None:  # no path from this argument to the output
@@ -176,10 +178,10 @@ def _reverse(
                 full = list(args)
                 for a, x in zip(argnums, xs, strict=True):
                     full[a] = x
-                return _evaluate(call, full, B, out_shape)  # type: ignore[no-any-return]
+                return _evaluate(call, full, B, out_shape)
 
             with torch.enable_grad():
-                Y, pull = torch.func.vjp(f, *primals)
+                Y, pull = torch.func.vjp(f, *primals)[:2]
 
             def many(V: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
                 return tuple(vmap(pull)(V))
@@ -262,7 +264,9 @@ def _reverse(
             if not graph:
                 J = J.detach()
             in_shape = call.sample_shape(a)
-            results.append(finish(J.reshape(B, *out_shape, *in_shape), len(out_shape), len(in_shape), vec, buf))
+            results.append(
+                finish(J.reshape(B, *out_shape, *in_shape), len(out_shape), len(in_shape), vec, buf)
+            )
         return results
 
 
@@ -293,57 +297,67 @@ def _forward(
     args, B = _inputs(call)
     if not graph:
         args = [a.detach() for a in args]
-    O = math.prod(out_shape)
     results = []
     for a, buf in zip(argnums, outs, strict=True):
-        x, d = args[a], call.in_dims[a]
         in_shape = call.sample_shape(a)
-        n_in = math.prod(in_shape)
-
-        def f(xa: torch.Tensor, a: int = a) -> torch.Tensor:
-            full = list(args)
-            full[a] = xa
-            return _evaluate(call, full, B, out_shape)  # type: ignore[no-any-return]
-
-        def tangents(j0: int, n: int, x: torch.Tensor = x, d: int | None = d) -> torch.Tensor:
-            """``(n, *x.shape)``: one-hot at ``j0 + c`` in every sample."""
-            lead = (B,) if d is not None else ()
-            T = torch.zeros(n, *lead, n_in, dtype=x.dtype, device=x.device)
-            T[torch.arange(n), ..., torch.arange(j0, j0 + n)] = 1
-            T = T.view(n, *lead, *in_shape)
-            return T.movedim(1, d + 1) if d is not None else T
-
-        step = max(1, min(chunk_size or n_in, n_in)) if n_in else 1
-        cols: list[torch.Tensor] = []
-        vectorize = True
-        for j0 in range(0, n_in if B > 0 else 0, step):
-            n = min(step, n_in - j0)
-            T = tangents(j0, n)
-            dY = None
-            if vectorize and n > 1:
-                try:
-                    dY = vmap(lambda t: jvp(f, (x,), (t,))[1])(T)
-                except (RuntimeError, NotImplementedError, ValueError, TypeError):
-                    vectorize = False
-            if dY is None:
-                dY = torch.stack([jvp(f, (x,), (t,))[1] for t in T])
-            cols.append(dY.reshape(n, B, O))
-        if cols:
-            J = torch.cat(cols).permute(1, 2, 0)  # (B, O, n_in)
-        else:
-            J = torch.zeros(B, O, n_in, dtype=call.dtype, device=call.device)
+        J = _columns(call, args, a, B, out_shape, chunk_size)
         if not graph:
             J = J.detach()
-        results.append(finish(J.reshape(B, *out_shape, *in_shape), len(out_shape), len(in_shape), vec, buf))
+        results.append(
+            finish(J.reshape(B, *out_shape, *in_shape), len(out_shape), len(in_shape), vec, buf)
+        )
     return results
 
 
-REVERSE: Route = Route(
-    "batched_rev", _reverse, vectorized=True, fallback_multiple=3.0
-)
-FORWARD: Route = Route(
-    "batched_fwd", _forward, vectorized=True, fallback_multiple=4.0
-)
+def _columns(
+    call: Call,
+    args: Sequence[torch.Tensor],
+    a: int,
+    B: int,
+    out_shape: tuple[int, ...],
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """``(B, out_numel, in_numel)``: the columns for argument ``a``, ``chunk_size`` ``jvp``s
+    under one ``vmap`` over tangents (one by one where that fails)."""
+    x, d = args[a], call.in_dims[a]
+    in_shape = call.sample_shape(a)
+    n_in, O = math.prod(in_shape), math.prod(out_shape)
+    lead = (B,) if d is not None else ()
+
+    def f(xa: torch.Tensor) -> torch.Tensor:
+        full = list(args)
+        full[a] = xa
+        return _evaluate(call, full, B, out_shape)
+
+    def push(t: torch.Tensor) -> torch.Tensor:
+        return jvp(f, (x,), (t,))[1]
+
+    step = max(1, min(chunk_size or n_in, n_in)) if n_in else 1
+    cols: list[torch.Tensor] = []
+    vectorize = True
+    for j0 in range(0, n_in if B > 0 else 0, step):
+        n = min(step, n_in - j0)
+        # (n, *x.shape): one-hot at j0 + c in every sample (no batch for a shared argument)
+        T = torch.zeros(n, *lead, n_in, dtype=x.dtype, device=x.device)
+        T[torch.arange(n), ..., torch.arange(j0, j0 + n)] = 1
+        T = T.view(n, *lead, *in_shape)
+        T = T.movedim(1, d + 1) if d is not None else T
+        dY = None
+        if vectorize and n > 1:
+            try:
+                dY = vmap(push)(T)
+            except (RuntimeError, NotImplementedError, ValueError, TypeError):
+                vectorize = False  # vmap over these tangents fails: one jvp at a time
+        if dY is None:
+            dY = torch.stack([push(t) for t in T])
+        cols.append(dY.reshape(n, B, O))
+    if not cols:
+        return torch.zeros(B, O, n_in, dtype=call.dtype, device=call.device)
+    return torch.cat(cols).permute(1, 2, 0)
+
+
+REVERSE: Route = Route("batched_rev", _reverse, vectorized=True, fallback_multiple=3.0)
+FORWARD: Route = Route("batched_fwd", _forward, vectorized=True, fallback_multiple=4.0)
 LOOP: Route = Route(
     "batched_vjp", functools.partial(_reverse, vectorize=False), fallback_multiple=1.5
 )
