@@ -135,7 +135,7 @@ def affected(
     for J in jacs if method != "closed_form" else ():
         if not _finite(J):
             bad |= ~torch.isfinite(J.detach().reshape(B, -1)).all(1)
-    if method == "jacfwd" and not random and not bool(bad.all()):
+    if method in ("jacfwd", "batched_fwd") and not random and not bool(bad.all()):
         copies = [a.detach().clone() for a in args]  # func may write into its arguments
         bad |= _intermediates(call, copies, batched, B).to(bad.device)
     return bad

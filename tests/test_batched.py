@@ -148,6 +148,19 @@ def test_create_graph(method):
     torch.testing.assert_close(g, gr)
 
 
+@pytest.mark.parametrize("method", ["auto", "jacrev", "jacfwd", "vjp"])
+def test_inside_a_torch_func_transform(method):
+    net = mlp()
+
+    def penalty(x):  # a Jacobian penalty, differentiated by torch.func.grad
+        return jacbatch.jacobian(net, x, batched=True, method=method).pow(2).sum()
+
+    xr = X.clone().requires_grad_(True)
+    ref = reference_jacobian(one(net, (0,)), (xr,), create_graph=True)
+    (gr,) = torch.autograd.grad(ref.pow(2).sum(), xr)
+    torch.testing.assert_close(torch.func.grad(penalty)(X), gr)
+
+
 def test_hessian_through_nested_calls():
     def grad_of(x):  # (B, 5) -> (B, 5): the per-sample gradient of sum(sin(x)^2 * x)
         return jacbatch.jacobian(lambda y: (y.sin() ** 2 * y).sum(1), x, batched=True)
@@ -195,6 +208,19 @@ def test_out_buffer_and_batch_chunks(method):
     assert_matches(out, ref, F64)
     chunked = jacbatch.jacobian(net, X, batched=True, method=method, vec="col", max_memory="1KiB")
     assert_matches(chunked, ref, F64)
+
+
+@pytest.mark.parametrize("method", ["auto", "jacrev", "jacfwd", "vjp"])
+def test_non_finite_values_follow_per_sample_reverse_mode(method):
+    def f(x):  # sqrt of a negative entry is NaN; where hides it from forward mode only
+        return torch.where(x > 0, x.abs().sqrt() * torch.sqrt(x), x).cumsum(1)
+
+    x = X.clone()
+    x[1, 2] = -1.0
+    ref = reference_jacobian(one(f, (0,)), (x,))
+    J = jacbatch.jacobian(f, x, batched=True, method=method)
+    assert ref.isnan().any()
+    torch.testing.assert_close(J, ref, equal_nan=True)
 
 
 def test_mutating_func_gets_copies():

@@ -96,6 +96,9 @@ def per_sample(func: Callable[..., Any], in_dims: tuple[int | None, ...]) -> Cal
         return y.squeeze(0)
 
     functools.update_wrapper(sample, func)
+    name = getattr(func, "__name__", type(func).__name__)  # a module: its class, in messages
+    sample.__name__ = name
+    sample.__qualname__ = getattr(func, "__qualname__", name)
     sample.__wrapped__ = func  # type: ignore[attr-defined]
     cache[in_dims] = sample
     return sample
