@@ -86,7 +86,15 @@ def _intermediates(
     with torch.no_grad():
         try:
             with watch:
-                torch.func.vmap(call.func, in_dims=dims)(*args)
+                if call.batched_func is not None:  # batched=True: one call on the whole batch
+                    call.batched_func(
+                        *(
+                            x if d is None else x.movedim(0, d)
+                            for x, d in zip(args, call.in_dims, strict=True)
+                        )
+                    )
+                else:
+                    torch.func.vmap(call.func, in_dims=dims)(*args)
             if not watch.seen:
                 return torch.zeros(B, dtype=torch.bool)
         except Exception:  # vmap rejects it: look sample by sample
