@@ -469,7 +469,7 @@ def _batched_steps(
             "or write func for one sample (batched=False)."
         )
     note = "func maps a batch to a batch (batched=True): samples are taken to be independent"
-    if method in by_method_names_batched():
+    if method in batched_routes.BY_METHOD:
         name = batched_routes.BY_METHOD[method]
         return (Step(name, call.argnums, "requested (batched function)"),), (note,)
     if method == "closed_form":
@@ -527,11 +527,6 @@ def _batched_steps(
             )
         )
     return tuple(steps), (*_node_notes(analyses), note)
-
-
-def by_method_names_batched() -> tuple[str, ...]:
-    """The ``method`` names that map to a batched route."""
-    return tuple(batched_routes.BY_METHOD)
 
 
 def _finish_plan(
