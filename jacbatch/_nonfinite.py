@@ -86,7 +86,15 @@ def _intermediates(
     with torch.no_grad():
         try:
             with watch:
-                torch.func.vmap(call.func, in_dims=dims)(*args)
+                if call.batched_func is not None:  # batched=True: one call on the whole batch
+                    call.batched_func(
+                        *(
+                            x if d is None else x.movedim(0, d)
+                            for x, d in zip(args, call.in_dims, strict=True)
+                        )
+                    )
+                else:
+                    torch.func.vmap(call.func, in_dims=dims)(*args)
             if not watch.seen:
                 return torch.zeros(B, dtype=torch.bool)
         except Exception:  # vmap rejects it: look sample by sample
@@ -135,7 +143,7 @@ def affected(
     for J in jacs if method != "closed_form" else ():
         if not _finite(J):
             bad |= ~torch.isfinite(J.detach().reshape(B, -1)).all(1)
-    if method == "jacfwd" and not random and not bool(bad.all()):
+    if method in ("jacfwd", "batched_fwd") and not random and not bool(bad.all()):
         copies = [a.detach().clone() for a in args]  # func may write into its arguments
         bad |= _intermediates(call, copies, batched, B).to(bad.device)
     return bad

@@ -50,6 +50,7 @@ def jacobian(
     progress: bool | None = None,
     randomness: str = "error",
     create_graph: bool = False,
+    batched: bool = False,
 ) -> torch.Tensor: ...
 
 
@@ -67,6 +68,7 @@ def jacobian(
     progress: bool | None = None,
     randomness: str = "error",
     create_graph: bool = False,
+    batched: bool = False,
 ) -> tuple[torch.Tensor, ...]: ...
 
 
@@ -83,6 +85,7 @@ def jacobian(
     progress: bool | None = None,
     randomness: str = "error",
     create_graph: bool = False,
+    batched: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Full Jacobian of ``func`` w.r.t. ``args[argnums]``, for one input or a batch of inputs.
 
@@ -133,6 +136,15 @@ def jacobian(
             ``jacobian`` runs inside a torch.func transform (``grad``, ``vjp``, ``jacrev``,
             ``jacfwd``, ``vmap``), so ``jacobian(lambda x: jacobian(f, x), X)`` is the Hessian.
             Under ``torch.inference_mode()`` nothing is differentiable.
+        batched: ``func`` already maps a batch to a batch of independent samples (an
+            ``nn.Module``, a forward-kinematics chain): ``func(*args)`` takes the arguments as
+            given (batch along ``in_dims``) and returns ``(B, *out_shape)``. The result is the
+            same as for the per-sample function; it is computed from whole-batch evaluations
+            (one backward pass per output element for the whole batch, or one ``jvp`` per input
+            element), without ``vmap`` over the samples. Independence is the caller's
+            declaration: a ``func`` that mixes samples (a train-mode BatchNorm) gives wrong
+            rows. See NOTE [Batched functions: one call, two views] in
+            :mod:`jacbatch.methods.batched`.
 
     Returns:
         ``(B, *out_shape, *in_shape)`` (no ``B`` without a batch), or ``(B, out_numel,
@@ -160,7 +172,7 @@ def jacobian(
     req = build_request(
         "jacobian", func, args, argnums, in_dims, method=method, vec=vec,
         chunk_size=chunk_size, randomness=randomness, create_graph=create_graph, out=out,
-        max_memory=max_memory, progress=progress,
+        max_memory=max_memory, progress=progress, batched=batched,
     )  # fmt: skip
     result = execute(req)
     if plain:
@@ -175,12 +187,13 @@ def explain(
     in_dims: int | tuple[int | None, ...] | None = 0,
     method: str = "auto",
     randomness: str = "error",
+    batched: bool = False,
 ) -> Plan:
     """Say which route :func:`jacobian` would run for this call, and why, without running it.
 
     Args:
-        func, args, argnums, in_dims, method, randomness: as in :func:`jacobian` (a random
-            ``func`` under ``randomness="error"`` raises as :func:`jacobian` would).
+        func, args, argnums, in_dims, method, randomness, batched: as in :func:`jacobian` (a
+            random ``func`` under ``randomness="error"`` raises as :func:`jacobian` would).
 
     Returns:
         A :class:`Plan`; ``str(plan)`` is a readable summary.
@@ -200,8 +213,9 @@ def explain(
           note: argnum 0: tanh = aten.tanh.default -> rule elementwise_tanh
     """
     req = build_request(
-        "explain", func, args, argnums, in_dims, method=method, randomness=randomness, fit=None
-    )
+        "explain", func, args, argnums, in_dims, method=method, randomness=randomness,
+        batched=batched, fit=None,
+    )  # fmt: skip
     return req.plan
 
 
@@ -214,6 +228,7 @@ def estimate_memory(
     vec: str | None = None,
     chunk_size: int | None = None,
     randomness: str = "error",
+    batched: bool = False,
 ) -> memory.MemoryEstimate:
     """Preflight: the result's bytes and the route's peak working bytes, from shapes alone.
 
@@ -222,7 +237,7 @@ def estimate_memory(
     evaluated once on the first sample, to learn its output shape.
 
     Args:
-        func, args, argnums, in_dims, method, vec, chunk_size, randomness: as in
+        func, args, argnums, in_dims, method, vec, chunk_size, randomness, batched: as in
             :func:`jacobian`.
 
     Returns:
@@ -237,7 +252,7 @@ def estimate_memory(
     """
     req = build_request(
         "estimate_memory", func, args, argnums, in_dims, method=method, vec=vec,
-        chunk_size=chunk_size, randomness=randomness, fit=None,
+        chunk_size=chunk_size, randomness=randomness, batched=batched, fit=None,
     )  # fmt: skip
     return estimate(req)
 

@@ -28,6 +28,9 @@ class Call:
             set by :func:`jacbatch.jacobian` from ``jacbatch.methods.needs_graph``.
         probe: what one probe run of ``func`` showed (:class:`jacbatch._probe.ProbeResult`),
             ``None`` until probed.
+        batched_func: with ``jacobian(..., batched=True)``, the caller's batched function;
+            ``func`` is then its per-sample view (NOTE [Batched functions: one call, two views]
+            in :mod:`jacbatch.methods.batched`). ``None`` for a per-sample ``func``.
     """
 
     func: Callable[..., Any]
@@ -41,6 +44,7 @@ class Call:
     randomness: str = "error"
     create_graph: bool = False
     probe: Any = None
+    batched_func: Callable[..., Any] | None = None
 
     @property
     def batched(self) -> bool:

@@ -258,6 +258,9 @@ def _run_autodiff(
     avoiding the known torch bugs of ``ops``."""
     n_in = sum(math.prod(call.sample_shape(a)) for a in argnums)
     mode, reason = choose_autodiff(n_in, math.prod(out_shape), forward_ok(call))
+    if call.batched_func is not None:  # a batched func: its own routes (jacbatch.methods.batched)
+        mode = "batched_fwd" if mode == "jacfwd" else "batched_rev"
+        return _run_step(call, Step(mode, argnums, reason), chunk_size, out_shape, vec, bufs)
     mode, _ = _torch_bugs.replacement(ops, mode)
     if call.func not in VMAP_REJECTED and mode != "per_sample":
         try:

@@ -19,6 +19,7 @@ import torch
 from . import _probe, _state, _torch_bugs, rules
 from . import _validation as V
 from .call import Call
+from .methods import batched as batched_routes
 from .methods import by_method, has_tangents, in_transform, needs_graph, traced
 
 # Functions whose forward vmap rejected once: "auto" goes straight to the vjp route for them.
@@ -210,10 +211,27 @@ def normalize(
     argnums: object,
     in_dims: object,
     randomness: object = "error",
+    batched: object = False,
 ) -> Call:
-    """:func:`~jacbatch._validation.normalize_call` plus the ``randomness`` option."""
+    """:func:`~jacbatch._validation.normalize_call` plus the ``randomness`` and ``batched``
+    options (``batched=True``: ``func`` becomes its per-sample view and ``batched_func`` the
+    caller's function, NOTE [Batched functions: one call, two views] in
+    :mod:`jacbatch.methods.batched`)."""
     call = V.normalize_call(where, func, args, argnums, in_dims)
     randomness = V.check_randomness(where, randomness)
+    if V.check_bool(where, "batched", batched):
+        if call.batch_size is None:
+            raise ValueError(
+                f"{where}: expected at least one batched argument with batched=True (func maps "
+                f"a batch to a batch), got in_dims={in_dims!r} with no batched argument. Give "
+                f"in_dims the batch dimension of the batched arguments, or pass batched=False."
+            )
+        return dataclasses.replace(
+            call,
+            func=batched_routes.per_sample(call.func, call.in_dims),
+            batched_func=call.func,
+            randomness=randomness,
+        )
     return (
         call if randomness == call.randomness else dataclasses.replace(call, randomness=randomness)
     )
@@ -363,6 +381,9 @@ def make_plan(
         method = "auto"
     notes: tuple[str, ...] = ()
     protection = protection_of(call, probe)
+    if call.batched_func is not None:
+        steps, notes = _batched_steps(call, method, out_shape, in_shapes, probe)
+        return _finish_plan(steps, call, out_shape, in_shapes, notes, protection, probe)
     why = untraceable(probe)
     if why is not None and method in ("auto", "closed_form"):
         todo = [a for a in call.argnums if not registered(call.func, a)]
@@ -423,6 +444,94 @@ def make_plan(
         steps = (Step(by_method(method).name, call.argnums, "requested"),)
     notes += _protection_notes(protection)
     return _finish_plan(steps, call, out_shape, in_shapes, notes, protection, probe)
+
+
+def _batched_steps(
+    call: Call,
+    method: str,
+    out_shape: tuple[int, ...],
+    in_shapes: tuple[tuple[int, ...], ...],
+    probe: _probe.ProbeResult,
+) -> tuple[tuple[Step, ...], tuple[str, ...]]:
+    """The steps for a batched ``func`` (``batched=True``; :mod:`jacbatch.methods.batched`).
+
+    ``closed_form``: the traced route on the per-sample view; ``auto``: that where it traces,
+    else the sum trick (reverse) when ``out_numel <= in_numel``, else batched tangents
+    (forward), and forward mode for a shared argument where forward mode is right;
+    ``jacrev``/``jacfwd``/``vjp``: the batched reverse, forward and row-by-row routes.
+    """
+    if probe.random:
+        raise ValueError(
+            "jacobian: expected a func that draws no random numbers with batched=True, got one "
+            "that does. Its Jacobian is that of one realization only when every row sees the "
+            "same draw; write func for one sample (batched=False) and pass randomness=."
+        )
+    if probe.writes_state:
+        raise ValueError(
+            "jacobian: expected a func that writes into no tensor it closes over with "
+            "batched=True, got one that does (e.g. a train-mode BatchNorm's running "
+            "statistics, which also mixes the samples of a batch). Put the module in eval mode, "
+            "or write func for one sample (batched=False)."
+        )
+    note = "func maps a batch to a batch (batched=True): samples are taken to be independent"
+    if method in batched_routes.BY_METHOD:
+        name = batched_routes.BY_METHOD[method]
+        return (Step(name, call.argnums, "requested (batched function)"),), (note,)
+    if method == "closed_form":
+        analyses = traced_analyses(call, call.argnums, retry=True)
+        for a, an in analyses.items():
+            if not an.ok:
+                V.no_rule_error(
+                    "jacobian", call.func, a, rules.available(), f"Tracing it: {an.reason}."
+                )
+        return (Step("traced", call.argnums, "requested (closed form from the traced graph)"),), (
+            *_node_notes(analyses),
+            note,
+        )
+    why = untraceable(probe)
+    found: dict[int, Any] = (
+        {a: _Untraced(f"func {why}") for a in call.argnums}
+        if why is not None
+        else traced_analyses(call, call.argnums)
+    )
+    analyses = found
+    with_trace = tuple(a for a in call.argnums if analyses[a].ok)
+    without = [a for a in call.argnums if a not in with_trace]
+    steps = []
+    if with_trace:
+        steps.append(
+            Step("traced", with_trace, "every traced op has a closed-form rule, no autodiff")
+        )
+    fwd_ok = forward_ok(call)
+    shared = tuple(a for a in without if call.in_dims[a] is None and fwd_ok)
+    rest = tuple(a for a in without if a not in shared)
+    why_not = "; ".join(dict.fromkeys(str(analyses[a].reason) for a in without))
+    prefix = f"no closed form ({why_not})" if why_not else "no closed form"
+    if rest:
+        n_in = sum(math.prod(call.sample_shape(a)) for a in rest)
+        o = math.prod(out_shape)
+        if o <= n_in or not fwd_ok:
+            reason = f"reverse mode (sum trick): {o} output elements <= {n_in} input elements"
+            if o > n_in:
+                reason = "reverse mode (sum trick): func switches grad mode off inside"
+            steps.append(Step("batched_rev", rest, f"{prefix}; {reason}"))
+        else:
+            steps.append(
+                Step(
+                    "batched_fwd",
+                    rest,
+                    f"{prefix}; forward mode: {n_in} input elements < {o} output elements",
+                )
+            )
+    if shared:
+        steps.append(
+            Step(
+                "batched_fwd",
+                shared,
+                f"{prefix}; forward mode: a shared argument's per-sample columns in one jvp each",
+            )
+        )
+    return tuple(steps), (*_node_notes(analyses), note)
 
 
 def _finish_plan(

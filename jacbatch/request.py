@@ -103,6 +103,7 @@ def build_request(
     chunk_size: object = None,
     randomness: object = "error",
     create_graph: object = False,
+    batched: object = False,
     out: object = None,
     max_memory: object = None,
     progress: object = None,
@@ -116,8 +117,8 @@ def build_request(
 
     Args:
         where: the public function's name, for messages.
-        func, args, argnums, in_dims, method, vec, chunk_size, randomness, create_graph, out,
-            max_memory, progress: as in :func:`jacbatch.jacobian`.
+        func, args, argnums, in_dims, method, vec, chunk_size, randomness, create_graph,
+            batched, out, max_memory, progress: as in :func:`jacbatch.jacobian`.
         batch_chunk: samples per chunk, overriding the budget (``chunked`` requests only).
         chunked: the caller consumes the result chunk by chunk: at least one argument must
             be batched, and ``max_memory`` bounds one chunk's result with its working memory.
@@ -127,7 +128,7 @@ def build_request(
         plan: plan the call (``False``: validate and probe only).
         checks: the entry point's own checks of the normalized call, run before the probe.
     """
-    call = normalize(where, func, args, argnums, in_dims, randomness)
+    call = normalize(where, func, args, argnums, in_dims, randomness, batched)
     method = V.check_method(where, method)
     vec = V.check_vec(where, vec)
     size = V.check_chunk_size(where, chunk_size)

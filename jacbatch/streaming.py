@@ -33,6 +33,7 @@ def iter_jacobian(
     progress: bool | None = None,
     randomness: str = "error",
     create_graph: bool = False,
+    batched: bool = False,
 ) -> Iterator[tuple[slice, Any]]:
     """Yield the batched Jacobian chunk by chunk, never holding all of it.
 
@@ -42,8 +43,8 @@ def iter_jacobian(
     chunk: drop your reference to a chunk (``del J``) before the loop asks for the next one.
 
     Args:
-        func, args, argnums, in_dims, method, vec, chunk_size, progress, randomness: as in
-            :func:`jacbatch.jacobian`. At least one argument must be batched.
+        func, args, argnums, in_dims, method, vec, chunk_size, progress, randomness, batched:
+            as in :func:`jacbatch.jacobian`. At least one argument must be batched.
         max_memory: budget for one chunk's result plus its working memory (bytes or a string
             like ``"512MiB"``). Default: half of the memory free now.
         batch_chunk: samples per chunk, overriding the budget.
@@ -62,7 +63,7 @@ def iter_jacobian(
     """
     req = _prepare(
         "iter_jacobian", func, args, argnums, in_dims, method, vec, chunk_size,
-        max_memory, batch_chunk, progress, randomness, create_graph,
+        max_memory, batch_chunk, progress, randomness, create_graph, batched,
     )  # fmt: skip
     return chunks(req)
 
@@ -81,12 +82,13 @@ def _prepare(
     progress: bool | None,
     randomness: str = "error",
     create_graph: bool = False,
+    batched: object = False,
 ) -> Request:
     """Validate and plan a chunked run once (the budget covers one chunk's result too)."""
     return build_request(
         where, func, args, argnums, in_dims, method=method, vec=vec, chunk_size=chunk_size,
         randomness=randomness, create_graph=create_graph, max_memory=max_memory,
-        progress=progress, batch_chunk=batch_chunk, chunked=True, fit="chunk",
+        progress=progress, batch_chunk=batch_chunk, chunked=True, fit="chunk", batched=batched,
     )  # fmt: skip
 
 
@@ -103,6 +105,7 @@ def save_jacobian(
     batch_chunk: int | None = None,
     progress: bool | None = None,
     randomness: str = "error",
+    batched: bool = False,
 ) -> tuple[int, ...]:
     """Stream a batched Jacobian into a ``.npy`` file, chunk by chunk, within ``max_memory``.
 
@@ -118,7 +121,8 @@ def save_jacobian(
     Args:
         path: the ``.npy`` file to create (replaced when complete).
         func, args, argnums, in_dims, method, vec, chunk_size, max_memory, batch_chunk,
-            progress, randomness: as in :func:`iter_jacobian` (a single ``int`` argnums).
+            progress, randomness, batched: as in :func:`iter_jacobian` (a single ``int``
+            argnums).
 
     Returns:
         The shape written: ``(B, *out_shape, *in_shape)`` or ``(B, out_numel, in_numel)``.
@@ -135,7 +139,7 @@ def save_jacobian(
     with torch.no_grad():  # a file holds values only: no chunk needs a graph
         req = _prepare(
             where, func, args, argnums, in_dims, method, vec, chunk_size,
-            max_memory, batch_chunk, progress, randomness, False,
+            max_memory, batch_chunk, progress, randomness, False, batched,
         )  # fmt: skip
     it = chunks(req)
     (target,) = V.check_npy_paths(where, path, 1, req.call.dtype)

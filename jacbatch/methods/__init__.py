@@ -28,7 +28,9 @@ NOTE [Routes: one protocol, one registry]
     for the known torch bugs: :mod:`.vjp`), and the internal ``closed_form`` (per-function
     registered rules, planned ahead of tracing: :mod:`.closed_form`; today only
     :func:`jacbatch.affine`'s, NOTE [Why affine keeps a registered rule] in
-    :mod:`jacbatch.rules.affine`).
+    :mod:`jacbatch.rules.affine`), and the internal ``batched_rev``, ``batched_fwd`` and
+    ``batched_vjp`` for functions that map a batch to a batch (``batched=True``: the planner
+    maps ``method="jacrev"``, ``"jacfwd"``, ``"vjp"`` to them, :mod:`.batched`).
 
     Adding a route is one module and one registry line. A route that differentiates by
     complex-step, say, in ``jacbatch/methods/complex_step.py``::
@@ -246,7 +248,7 @@ def usable(x: torch.Tensor) -> torch.Tensor:
 # The registry: one line per route (NOTE [Routes: one protocol, one registry])
 # ---------------------------------------------------------------------------------------------
 
-from . import closed_form, functorch, traced, vjp  # noqa: E402  (they use the helpers above)
+from . import batched, closed_form, functorch, traced, vjp  # noqa: E402  (they use the helpers above)
 
 ROUTES: tuple[Route, ...] = (
     traced.ROUTE,
@@ -255,6 +257,9 @@ ROUTES: tuple[Route, ...] = (
     vjp.ROUTE,
     vjp.PER_SAMPLE,
     closed_form.ROUTE,
+    batched.REVERSE,
+    batched.FORWARD,
+    batched.LOOP,
 )
 
 _BY_NAME: dict[str, Route] = {r.name: r for r in ROUTES}
