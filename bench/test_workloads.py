@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 import torch
-
 import workloads as wl
-from tests._reference import reference_jacobian
 from workload_defs import WORKLOADS, make
+
+from tests._reference import reference_jacobian
 
 B = 3  # a small batch: the reference loops over samples
 
@@ -112,3 +112,45 @@ def test_script_end_to_end(tmp_path: Any, capsys: Any) -> None:
     assert "ms" in entry["runners"]["jacbatch auto"]
     assert "ms" in entry["runners"]["JAX jit(vmap(jacrev))"]
     assert "| mlp-small |" in capsys.readouterr().out
+
+
+def test_runners_of_apis_added_later(monkeypatch: Any) -> None:
+    """``jacbatch.prepare`` and ``jacobian(..., batched=True)`` get runners once they exist (here
+    stand-ins), checked like the rest; a ``prepare`` that refuses an option is reported."""
+    import jacbatch
+
+    real = jacbatch.jacobian
+
+    def by_sum(func: Any, args: tuple[Any, ...], argnums: int) -> torch.Tensor:
+        x = args[argnums]
+
+        def summed(xx: torch.Tensor) -> torch.Tensor:
+            return func(*args[:argnums], xx, *args[argnums + 1 :]).sum(0)
+
+        return wl._sum_trick_shape(torch.autograd.functional.jacobian(summed, x), x)
+
+    def jacobian(func: Any, *args: Any, batched: bool = False, **kw: Any) -> Any:
+        return by_sum(func, args, kw["argnums"]) if batched else real(func, *args, **kw)
+
+    def prepare(func: Any, *example: Any, argnums: Any = 0, in_dims: Any = 0, **kw: Any) -> Any:
+        if kw.get("compile"):
+            raise NotImplementedError("compile is not available")
+        if kw.get("batched"):
+            return lambda *a: by_sum(func, a, argnums)
+        return lambda *a: real(func, *a, argnums=argnums, in_dims=in_dims)
+
+    monkeypatch.setattr(jacbatch, "jacobian", jacobian)
+    monkeypatch.setattr(jacbatch, "prepare", prepare, raising=False)
+    w = make("mlp-small", batch=B, dtype=torch.float64)
+    rs = {r.name: r for r in wl.runners_for(w)}
+    ref = w.closed_form(*w.args)
+    for name in ("jacbatch batched=True", "jacbatch prepare", "jacbatch prepare(batched=True)"):
+        fn = rs[name].fn
+        assert fn is not None
+        assert wl.agree(fn(), ref, torch.float64) is None
+    assert rs["jacbatch prepare(compile=True)"].fn is None
+    assert "compile is not available" in str(rs["jacbatch prepare(compile=True)"].error)
+    # a shared differentiated argument: no batched runner (summing over samples would mix them)
+    names = [r.name for r in wl.runners_for(make("per-sample-params", batch=B))]
+    assert "jacbatch batched=True" not in names
+    assert "jacbatch prepare" in names

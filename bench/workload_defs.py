@@ -14,6 +14,7 @@ checks them.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ def _np(*ts: Tensor) -> tuple[Any, ...]:
 
 def pinn(B: int, dtype: torch.dtype, g: torch.Generator) -> Workload:
     sizes = (2, 64, 64, 64, 1)
-    Ws = [_rnd(g, dtype, a, b, scale=1 / math.sqrt(a)) for a, b in zip(sizes, sizes[1:])]
+    Ws = [_rnd(g, dtype, a, b, scale=1 / math.sqrt(a)) for a, b in itertools.pairwise(sizes)]
     bs = [_rnd(g, dtype, b, scale=0.1) for b in sizes[1:]]
     X = _rnd(g, dtype, B, 2)
 

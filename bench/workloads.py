@@ -14,7 +14,8 @@ The workloads (per-sample function, inputs, batched version, closed form, JAX ve
 3. every runner is warmed up; then ``--rounds`` rounds, the runners' order rotating each round,
    each runner called ``reps`` times per round (``reps`` sized from the warm-up so a round costs
    it about 50 ms; at least once). A runner's figure is the median over rounds of the per-round
-   medians; IQR is over the rounds (the range with fewer than 4).
+   medians; IQR is over the rounds (the range with fewer than 4). A runner whose first call
+   took over a second (``SLOW``) is timed once in the first, middle and last rounds only.
 
 JAX (``jit(vmap(jacrev))``, ``jit(vmap(jacfwd))``) runs in a separate process pinned to one core
 with ``taskset -c 1`` (XLA's thread pool ignores torch's setting; its flags alone did not pin it),
@@ -58,6 +59,9 @@ sys.path.insert(0, str(HERE))
 from workload_defs import WORKLOADS, Jac, Workload, make  # noqa: E402
 
 METHODS = ("closed_form", "jacrev", "jacfwd", "vjp")
+#: Runners whose first call takes longer (seconds) are timed in three rounds (first, middle,
+#: last; one with --quick), their first call counting as the warm-up.
+SLOW = 1.0
 JAX_ROUTES = ("JAX jit(vmap(jacrev))", "JAX jit(vmap(jacfwd))")
 
 
@@ -83,24 +87,37 @@ def _sum_trick_shape(J: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return J.movedim(J.ndim - x.ndim, 0)
 
 
+def _bind(fn: Callable[..., Any], args: tuple[Any, ...], **kw: Any) -> Callable[[], Any]:
+    """``fn(*args, **kw)`` as a function of nothing (a loop's values bound now)."""
+    return lambda: fn(*args, **kw)
+
+
 def runners_for(w: Workload) -> list[Runner]:
     """Every runner that applies to ``w`` (JAX's come from its own process)."""
     f, args, an, dims = w.func, w.args, w.argnums, w.in_dims
     rs = [
-        Runner("jacbatch auto", "jacbatch", lambda: jacbatch.jacobian(f, *args, argnums=an, in_dims=dims)),  # fmt: skip
         Runner(
-            "jacbatch auto (inline lambda)", "jacbatch",
+            "jacbatch auto",
+            "jacbatch",
+            lambda: jacbatch.jacobian(f, *args, argnums=an, in_dims=dims),
+        ),
+        Runner(
+            "jacbatch auto (inline lambda)",
+            "jacbatch",
             lambda: jacbatch.jacobian(lambda *a: f(*a), *args, argnums=an, in_dims=dims),
         ),
-    ]  # fmt: skip
+    ]
     batch_arg = isinstance(an, int) and dims[an] == 0 and w.batched is not None
     params = inspect.signature(jacbatch.jacobian).parameters
     if batch_arg and "batched" in params:
         bf = w.batched
-        rs.append(Runner(
-            "jacbatch batched=True", "jacbatch",
-            lambda: jacbatch.jacobian(bf, *args, argnums=an, in_dims=dims, batched=True),  # type: ignore[call-overload]
-        ))  # fmt: skip
+        rs.append(
+            Runner(
+                "jacbatch batched=True",
+                "jacbatch",
+                lambda: jacbatch.jacobian(bf, *args, argnums=an, in_dims=dims, batched=True),  # type: ignore[call-overload]
+            )
+        )
     if hasattr(jacbatch, "prepare"):
         variants: list[tuple[str, Callable[..., Any], dict[str, Any]]] = [
             ("jacbatch prepare", f, {}),
@@ -111,14 +128,17 @@ def runners_for(w: Workload) -> list[Runner]:
         for name, fn, kw in variants:
             try:
                 J = jacbatch.prepare(fn, *args, argnums=an, in_dims=dims, **kw)
-                rs.append(Runner(name, "jacbatch", lambda J=J: J(*args)))
+                rs.append(Runner(name, "jacbatch", _bind(J, args)))
             except Exception as e:
                 rs.append(Runner(name, "jacbatch", None, _short(e)))
     for m in METHODS:
-        rs.append(Runner(
-            f"jacbatch {m}", "jacbatch",
-            lambda m=m: jacbatch.jacobian(f, *args, argnums=an, in_dims=dims, method=m),
-        ))  # fmt: skip
+        rs.append(
+            Runner(
+                f"jacbatch {m}",
+                "jacbatch",
+                _bind(jacbatch.jacobian, (f, *args), argnums=an, in_dims=dims, method=m),
+            )
+        )
     vm = torch.func.vmap
     rs.append(Runner("vmap(jacrev)", "torch", lambda: vm(torch.func.jacrev(f, an), dims)(*args)))
     rs.append(Runner("vmap(jacfwd)", "torch", lambda: vm(torch.func.jacfwd(f, an), dims)(*args)))
@@ -129,14 +149,22 @@ def runners_for(w: Workload) -> list[Runner]:
         def summed(xx: torch.Tensor) -> torch.Tensor:
             return bf(*args[:an], xx, *args[an + 1 :]).sum(0)
 
-        rs.append(Runner(
-            "sum trick (autograd.functional, vectorize)", "torch",
-            lambda: _sum_trick_shape(torch.autograd.functional.jacobian(summed, x, vectorize=True), x),
-        ))  # fmt: skip
-        rs.append(Runner(
-            "sum trick (func.jacrev)", "torch",
-            lambda: _sum_trick_shape(torch.func.jacrev(summed)(x), x),
-        ))  # fmt: skip
+        rs.append(
+            Runner(
+                "sum trick (autograd.functional, vectorize)",
+                "torch",
+                lambda: _sum_trick_shape(
+                    torch.autograd.functional.jacobian(summed, x, vectorize=True), x
+                ),
+            )
+        )
+        rs.append(
+            Runner(
+                "sum trick (func.jacrev)",
+                "torch",
+                lambda: _sum_trick_shape(torch.func.jacrev(summed)(x), x),
+            )
+        )
     rs.append(Runner(w.closed_label, "closed", lambda: w.closed_form(*args)))
     return rs
 
@@ -170,7 +198,8 @@ def jax_worker(name: str, outdir: str, target: float, max_reps: int) -> None:
     w = make(name)
     assert w.jax is not None
     fn, args, argnums, in_axes = w.jax()
-    compiled, info = {}, {"compile_s": {}, "errors": {}}
+    compiled: dict[str, Any] = {}
+    info: dict[str, Any] = {"compile_s": {}, "errors": {}}
     for k, (label, tr) in enumerate(zip(JAX_ROUTES, (jax.jacrev, jax.jacfwd), strict=True)):
         try:
             t0 = time.perf_counter()
@@ -188,16 +217,23 @@ def jax_worker(name: str, outdir: str, target: float, max_reps: int) -> None:
         jax.block_until_ready(c(*args))
         return time.perf_counter() - t0
 
-    reps = {}
+    reps, slow = {}, set()
     for label, c in compiled.items():
         t = min(once(c) for _ in range(2))
         reps[label] = max(1, min(max_reps, int(target / max(t, 1e-6))))
+        if t > SLOW:
+            slow.add(label)
     info["reps"] = reps
     print(json.dumps(info), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "round":
+    for line in sys.stdin:  # "round 1": every route; "round 0": the slow ones left out
+        if not line.startswith("round"):
             break
-        res = {lb: statistics.median(once(c) for _ in range(reps[lb])) for lb, c in compiled.items()}
+        everything = line.split()[1] == "1"
+        res = {
+            lb: statistics.median(once(c) for _ in range(reps[lb]))
+            for lb, c in compiled.items()
+            if everything or lb not in slow
+        }
         print(json.dumps(res), flush=True)
 
 
@@ -223,9 +259,10 @@ class JaxProcess:
                 return dict(json.loads(line))
         raise RuntimeError(f"the JAX process ended (exit code {self.p.wait()})")
 
-    def round(self) -> dict[str, float]:
+    def round(self, slow: bool) -> dict[str, float]:
+        """One round's median per route; the slow routes only with ``slow``."""
         assert self.p.stdin is not None
-        self.p.stdin.write("round\n")
+        self.p.stdin.write(f"round {int(slow)}\n")
         self.p.stdin.flush()
         return self._read()
 
@@ -270,11 +307,15 @@ def run_workload(name: str, rounds: int, quick: bool, use_jax: bool) -> dict[str
         entry["explain"] = entry["explain_text"] = f"error: {_short(e)}"
     ref = w.closed_form(*w.args)
     runners = runners_for(w)
+    first: dict[str, float] = {}
     for r in runners:  # first call: correctness
         if r.fn is None:
             continue
         try:
-            r.error = agree(r.fn(), ref, torch.float32)
+            t0 = time.perf_counter()
+            J = r.fn()
+            first[r.name] = time.perf_counter() - t0
+            r.error = agree(J, ref, torch.float32)
         except Exception as e:
             r.error = _short(e)
     jaxp = None
@@ -298,22 +339,25 @@ def run_workload(name: str, rounds: int, quick: bool, use_jax: bool) -> dict[str
             for jr in jax_runners:
                 jr.error = jr.error or f"JAX process: {_short(e)}"
     active = [r for r in runners if r.fn is not None and r.error is None]
+    slow = {r.name for r in active if first[r.name] > SLOW}
     for r in active:  # warm-up, and reps sized so a round costs ~target per runner
-        t = min(_timed(r.fn) for _ in range(1 if quick else 2))  # type: ignore[arg-type]
+        n = 0 if r.name in slow else 1 if quick else 2  # a slow runner's first call warmed it
+        t = min((_timed(r.fn) for _ in range(n)), default=first[r.name])  # type: ignore[arg-type]
         r.reps = max(1, min(max_reps, int(target / max(t, 1e-6))))
     units: list[Any] = [*active]
     if jaxp is not None and any(jr.error is None for jr in jax_runners):
         units.append("jax")
+    slow_rounds = {0} if quick else {0, rounds // 2, rounds - 1}
     for k in range(rounds):
         gc.collect()
         order = units[k % len(units) :] + units[: k % len(units)]
         for u in order:
             if u == "jax":
-                res = jaxp.round()  # type: ignore[union-attr]
+                res = jaxp.round(k in slow_rounds)  # type: ignore[union-attr]
                 for jr in jax_runners:
                     if jr.name in res and jr.error is None:
                         jr.rounds.append(res[jr.name])
-            else:
+            elif k in slow_rounds or u.name not in slow:
                 u.rounds.append(statistics.median(_timed(u.fn) for _ in range(u.reps)))
         print(f"[{name}] round {k + 1}/{rounds}", file=sys.stderr, flush=True)
     if jaxp is not None:
@@ -321,17 +365,20 @@ def run_workload(name: str, rounds: int, quick: bool, use_jax: bool) -> dict[str
     shutil.rmtree(tmp, ignore_errors=True)
     entry["runners"] = {}
     for r in [*runners, *jax_runners]:
-        e: dict[str, Any] = {"kind": r.kind, "reps": r.reps, "error": r.error}
+        rec: dict[str, Any] = {"kind": r.kind, "reps": r.reps, "error": r.error}
         if r.rounds:
             ms = sorted(x * 1e3 for x in r.rounds)
-            e["ms"] = statistics.median(ms)
-            e["iqr_ms"] = (
+            rec["ms"] = statistics.median(ms)
+            rec["iqr_ms"] = (
                 statistics.quantiles(ms, n=4)[2] - statistics.quantiles(ms, n=4)[0]
-                if len(ms) >= 4 else ms[-1] - ms[0]
-            )  # fmt: skip
-            e["rounds_ms"] = [x * 1e3 for x in r.rounds]
-        entry["runners"][r.name] = e
-    timed_torch = {n: e["ms"] for n, e in entry["runners"].items() if e["kind"] == "torch" and "ms" in e}  # fmt: skip
+                if len(ms) >= 4
+                else ms[-1] - ms[0]
+            )
+            rec["rounds_ms"] = [x * 1e3 for x in r.rounds]
+        entry["runners"][r.name] = rec
+    timed_torch = {
+        n: e["ms"] for n, e in entry["runners"].items() if e["kind"] == "torch" and "ms" in e
+    }
     entry["baseline"] = min(timed_torch, key=timed_torch.__getitem__) if timed_torch else None
     return entry
 
@@ -435,7 +482,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="few rounds and reps, for development")
     p.add_argument("--no-jax", action="store_true", help="skip the JAX process")
     p.add_argument("--write", action="store_true", help="write results JSON and README section")
-    p.add_argument("--json", default=None, help="write the results JSON here (also without --write)")  # fmt: skip
+    p.add_argument(
+        "--json", default=None, help="write the results JSON here (also without --write)"
+    )
     p.add_argument("--jax-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     p.add_argument("--target", type=float, default=0.05, help=argparse.SUPPRESS)
@@ -470,7 +519,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     text = "\n".join(out).rstrip("\n") + "\n"
     print(text)
-    data = {"schema": "jacbatch-workloads/1", "rounds": rounds, "quick": a.quick, "environment": env, "workloads": results}  # fmt: skip
+    data = {
+        "schema": "jacbatch-workloads/1",
+        "rounds": rounds,
+        "quick": a.quick,
+        "environment": env,
+        "workloads": results,
+    }
     if a.json:
         Path(a.json).write_text(json.dumps(data, indent=1) + "\n")
     if a.write:
