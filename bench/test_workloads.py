@@ -112,6 +112,8 @@ def test_script_end_to_end(tmp_path: Any, capsys: Any) -> None:
     assert "ms" in entry["runners"]["jacbatch auto"]
     assert "ms" in entry["runners"]["JAX jit(vmap(jacrev))"]
     assert "| mlp-small |" in capsys.readouterr().out
+    wl.main(["--render", str(out)])  # the same tables again from the saved results
+    assert "| mlp-small |" in capsys.readouterr().out
 
 
 def test_runners_of_apis_added_later(monkeypatch: Any) -> None:
