@@ -303,6 +303,7 @@ def run_workload(name: str, rounds: int, quick: bool, use_jax: bool) -> dict[str
     try:
         plan = jacbatch.explain(w.func, *w.args, argnums=w.argnums, in_dims=w.in_dims)
         entry["explain"], entry["explain_text"] = plan.routes, str(plan)
+        entry["explain_reason"] = "; ".join(f"{st.route}: {st.reason}" for st in plan.steps)
     except Exception as e:
         entry["explain"] = entry["explain_text"] = f"error: {_short(e)}"
     ref = w.closed_form(*w.args)
@@ -403,7 +404,9 @@ def table(name: str, entry: dict[str, Any]) -> str:
     lines = [
         f"#### {name}: {entry['title']}",
         "",
-        f"`jacbatch.explain` route: **{entry['explain']}**. Closed form vs float64 reference: "
+        f"`jacbatch.explain` route: **{entry['explain']}**"
+        + (f" ({entry['explain_reason']})" if entry.get("explain_reason") else "")
+        + f". Closed form vs float64 reference: "
         f"{entry['closed_form_vs_reference']}."
         + (
             " JAX compile (excluded): "
