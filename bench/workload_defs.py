@@ -10,6 +10,10 @@ Every Jacobian has jacbatch's layout ``(B, *out_shape, *in_shape)``, a tuple of 
 ``argnums``. Batched arguments carry the batch in dimension 0; shared ones are ``None`` in
 ``in_dims``. ``bench/workloads.py`` times every route on these; ``bench/test_workloads.py``
 checks them.
+
+Optional libraries: the KUKA workload needs ``pytorch-kinematics`` (its chain is read from
+``bench/data/kuka_iiwa.urdf``, joints only; :func:`missing` says when it cannot be built), and
+the JAX versions need ``jax[cpu]``; both are imported only when used.
 """
 
 from __future__ import annotations
@@ -349,6 +353,16 @@ WORKLOADS: dict[str, tuple[Callable[..., Workload], int]] = {
     "lm-residual": (lm_residual, 4096),
     "affine-plain": (affine_plain, 1024),
 }
+
+
+def missing(name: str) -> str | None:
+    """Why workload ``name`` cannot be built here (an optional library it needs), else ``None``."""
+    if name == "kuka":
+        import importlib.util
+
+        if importlib.util.find_spec("pytorch_kinematics") is None:
+            return "needs pytorch-kinematics (pip install pytorch-kinematics)"
+    return None
 
 
 def make(

@@ -56,7 +56,7 @@ import jacbatch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workload_defs import WORKLOADS, Jac, Workload, make  # noqa: E402
+from workload_defs import WORKLOADS, Jac, Workload, make, missing  # noqa: E402
 
 METHODS = ("closed_form", "jacrev", "jacfwd", "vjp")
 #: Runners whose warm-up call takes longer (seconds) are timed in three rounds (first, middle,
@@ -517,6 +517,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
     rounds = a.rounds or (2 if a.quick else 7)
     load = os.getloadavg()
+    for n in [n for n in names if missing(n)]:
+        print(f"[{n}] skipped: {missing(n)}", file=sys.stderr)
+        names.remove(n)
     results = {n: run_workload(n, rounds, a.quick, not a.no_jax) for n in names}
     data = {
         "schema": "jacbatch-workloads/1",
