@@ -81,6 +81,7 @@ def _np(*ts: Tensor) -> tuple[Any, ...]:
 
 
 def pinn(B: int, dtype: torch.dtype, g: torch.Generator) -> Workload:
+    """x (2,) -> u (1,), weights shared; Jacobian (B, 1, 2)."""
     sizes = (2, 64, 64, 64, 1)
     Ws = [_rnd(g, dtype, a, b, scale=1 / math.sqrt(a)) for a, b in itertools.pairwise(sizes)]
     bs = [_rnd(g, dtype, b, scale=0.1) for b in sizes[1:]]
@@ -126,6 +127,7 @@ def pinn(B: int, dtype: torch.dtype, g: torch.Generator) -> Workload:
 
 
 def mlp_small(B: int, dtype: torch.dtype, g: torch.Generator) -> Workload:
+    """x (3,) -> y (5,); Jacobian (B, 5, 3). Small enough that per-call overhead dominates."""
     V1, c1 = _rnd(g, dtype, 3, 64, scale=0.5), _rnd(g, dtype, 64, scale=0.1)
     V2, c2 = _rnd(g, dtype, 64, 5, scale=0.125), _rnd(g, dtype, 5, scale=0.1)
     X = _rnd(g, dtype, B, 3)
@@ -150,6 +152,8 @@ def mlp_small(B: int, dtype: torch.dtype, g: torch.Generator) -> Workload:
 
 
 def per_sample_params(B: int, dtype: torch.dtype, g: torch.Generator) -> Workload:
+    """y = model(x) (10,) for x (20,); Jacobians w.r.t. W1 (64, 20), b1 (64,), W2 (10, 64),
+    b2 (10,), shared by the batch: (B, 10, 64, 20), (B, 10, 64), (B, 10, 10, 64), (B, 10, 10)."""
     model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
     names = [n for n, _ in model.named_parameters()]  # 0.weight (64, 20), 0.bias, 2.weight, 2.bias
     W1, b1 = _rnd(g, dtype, 64, 20, scale=0.2), _rnd(g, dtype, 64, scale=0.1)
@@ -190,6 +194,7 @@ def per_sample_params(B: int, dtype: torch.dtype, g: torch.Generator) -> Workloa
 
 
 def attention(B: int, dtype: torch.dtype, g: torch.Generator, n: int = 16, d: int = 32) -> Workload:
+    """X (n, d) -> Y (n, d), Wq, Wk, Wv (d, d) shared; Jacobian (B, n, d, n, d)."""
     Wq, Wk, Wv = (_rnd(g, dtype, d, d, scale=1 / math.sqrt(d)) for _ in range(3))
     X = _rnd(g, dtype, B, n, d)
     r = 1 / math.sqrt(d)
@@ -216,14 +221,12 @@ def attention(B: int, dtype: torch.dtype, g: torch.Generator, n: int = 16, d: in
 
     def jax() -> Any:
         import jax
-        import jax.numpy as jnp
 
         q_, k_, v_ = _np(Wq, Wk, Wv)
 
         def fj(x: Any) -> Any:
             return jax.nn.softmax((x @ q_) @ (x @ k_).T * r, axis=-1) @ (x @ v_)
 
-        del jnp
         return fj, _np(X), 0, (0,)
 
     title = f"attention softmax(QKᵀ/√d)V, d/dX, X ({n}, {d}), B={B}"
@@ -234,6 +237,7 @@ def attention(B: int, dtype: torch.dtype, g: torch.Generator, n: int = 16, d: in
 
 
 def planar_arm(B: int, dtype: torch.dtype, g: torch.Generator) -> Workload:
+    """θ (7,) -> end point (x, y) (2,) of a planar chain of 7 links; Jacobian (B, 2, 7)."""
     L = torch.tensor([0.5, 0.4, 0.35, 0.3, 0.25, 0.2, 0.1], dtype=dtype)  # link lengths
     TH = _rnd(g, dtype, B, 7)
 
@@ -265,6 +269,7 @@ def planar_arm(B: int, dtype: torch.dtype, g: torch.Generator) -> Workload:
 
 
 def kuka(B: int, dtype: torch.dtype, g: torch.Generator) -> Workload:
+    """θ (7,) -> end-effector position (3,) by pytorch-kinematics; Jacobian (B, 3, 7)."""
     import pytorch_kinematics as pk
 
     chain = pk.build_serial_chain_from_urdf(URDF.read_text(), "lbr_iiwa_link_7").to(dtype=dtype)
@@ -291,6 +296,7 @@ def kuka(B: int, dtype: torch.dtype, g: torch.Generator) -> Workload:
 
 
 def lm_residual(B: int, dtype: torch.dtype, g: torch.Generator, n_t: int = 200) -> Workload:
+    """p (4,), y (n_t,) -> residual (n_t,); Jacobian w.r.t. p (B, n_t, 4)."""
     t = torch.linspace(0, 5, n_t, dtype=torch.float64).to(dtype)
     P = (torch.tensor([2.0, 1.5, 0.5, 0.2], dtype=torch.float64) * (1 + 0.2 * _rnd(g, torch.float64, B, 4))).to(dtype)  # fmt: skip
     Yobs = _rnd(g, dtype, B, n_t, scale=0.05) + 1.0
@@ -322,6 +328,8 @@ def lm_residual(B: int, dtype: torch.dtype, g: torch.Generator, n_t: int = 200) 
 
 
 def affine_plain(B: int, dtype: torch.dtype, g: torch.Generator, n: int = 8) -> Workload:
+    """a (n, n), w (n, n), c (n,) -> a @ w + c (n, n), all batched; Jacobian w.r.t. w
+    (B, n, n, n, n)."""
     A, W, b = _rnd(g, dtype, B, n, n), _rnd(g, dtype, B, n, n), _rnd(g, dtype, B, n)
 
     def f(a: Tensor, w: Tensor, c: Tensor) -> Tensor:
