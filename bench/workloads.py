@@ -422,6 +422,7 @@ def table(name: str, entry: dict[str, Any]) -> str:
         ms = e.get("ms")
         ratio = f"{ms / base:.2f}" if ms is not None and base else "—"
         note = e["error"] or ("fastest torch" if rn == entry["baseline"] else "")
+        note = note if len(note) <= 110 else note[:109] + "…"  # the whole message is in the JSON
         iqr = _fmt(e.get("iqr_ms")) if ms is not None else "—"
         lines.append(f"| {rn} | {_fmt(ms)} | {iqr} | {ratio} | {note.replace('|', '/')} |")
     return "\n".join(lines)
