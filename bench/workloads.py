@@ -402,7 +402,7 @@ def table(name: str, entry: dict[str, Any]) -> str:
     """The markdown table of one workload."""
     base = entry["runners"][entry["baseline"]]["ms"] if entry["baseline"] else None
     lines = [
-        f"#### {name}: {entry['title']}",
+        f"### {name}: {entry['title']}",
         "",
         f"`jacbatch.explain` route: **{entry['explain']}**"
         + (f" ({entry['explain_reason']})" if entry.get("explain_reason") else "")
