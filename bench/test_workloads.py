@@ -157,3 +157,24 @@ def test_runners_of_apis_added_later(monkeypatch: Any) -> None:
     names = [r.name for r in wl.runners_for(make("per-sample-params", batch=B))]
     assert "jacbatch batched=True" not in names
     assert "jacbatch prepare" in names
+
+
+def test_script_survives_a_dying_jax_process(tmp_path: Any, monkeypatch: Any) -> None:
+    """A JAX process that dies mid-run leaves its routes with the error and the rest timed."""
+    pytest.importorskip("jax")
+
+    def dead(self: Any, slow: bool) -> dict[str, float]:
+        self.p.kill()
+        raise RuntimeError("the JAX process ended")
+
+    monkeypatch.setattr(wl.JaxProcess, "round", dead)
+    out = tmp_path / "w.json"
+    old = torch.get_num_threads()
+    try:
+        wl.main(["--quick", "--rounds", "2", "--only", "mlp-small", "--json", str(out)])
+    finally:
+        torch.set_num_threads(old)
+    runners = json.loads(out.read_text())["workloads"]["mlp-small"]["runners"]
+    assert "JAX process" in runners["JAX jit(vmap(jacrev))"]["error"]
+    assert "ms" not in runners["JAX jit(vmap(jacrev))"]
+    assert len(runners["jacbatch auto"]["rounds_ms"]) == 2

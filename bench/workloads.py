@@ -245,7 +245,7 @@ class JaxProcess:
         env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--jax-worker", name]
         cmd += ["--tmp", outdir, "--target", str(target), "--max-reps", str(max_reps)]
-        if shutil.which("taskset"):
+        if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
             cmd = ["taskset", "-c", "1", *cmd]
         self.p = subprocess.Popen(
             cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -355,11 +355,20 @@ def run_workload(name: str, rounds: int, quick: bool, use_jax: bool) -> dict[str
         units.append("jax")
     slow_rounds = {0} if quick else {0, rounds // 2, rounds - 1}
     for k in range(rounds):
+        if not units:
+            break
         gc.collect()
         order = units[k % len(units) :] + units[: k % len(units)]
         for u in order:
             if u == "jax":
-                res = jaxp.round(k in slow_rounds)  # type: ignore[union-attr]
+                try:
+                    res = jaxp.round(k in slow_rounds)  # type: ignore[union-attr]
+                except Exception as e:  # the process died: its routes report it, no more rounds
+                    for jr in jax_runners:
+                        jr.error, jr.rounds = f"JAX process: {_short(e)}", []
+                    units.remove("jax")
+                    jaxp = None
+                    continue
                 for jr in jax_runners:
                     if jr.name in res and jr.error is None:
                         jr.rounds.append(res[jr.name])
