@@ -163,7 +163,7 @@ def jacobian(
                 [4., 0., 5., 0., 6., 0.],
                 [0., 4., 0., 5., 0., 6.]])
     """
-    options = (argnums, in_dims, method, vec, chunk_size, max_memory, randomness, progress)
+    options = (argnums, in_dims, method, vec, chunk_size, max_memory, randomness, progress, batched)
     plain = out is None and create_graph is False
     if plain:  # NOTE [Repeated plain calls]
         result = repeated.run(func, args, options)

@@ -162,11 +162,13 @@ class PreparedJacobian:
         entry = self._entries.get(key)
         if entry is None:
             entry = self._prepare(args, key)
-        if entry.program is None or not _plain(args, entry.watched):
+        if not _plain(args, entry.watched):
             return self._interpreted(args, out)
+        if entry.program is None:
+            return self._planned(entry, args, out)
         res = entry.program(*args, *entry.lifted)
         if not bool(res[-1]):  # a non-finite value: the NaN policy recomputes those samples
-            return self._interpreted(args, out)
+            return self._planned(entry, args, out)
         jacs = list(res[:-1])
         if entry.forward:
             call = dataclasses.replace(entry.request.call, args=tuple(args))
@@ -177,6 +179,25 @@ class PreparedJacobian:
                 o.copy_(J)
             return out
         return tuple(jacs) if entry.request.call.tuple_argnums else jacs[0]
+
+    def _planned(
+        self,
+        entry: _Entry,
+        args: Sequence[torch.Tensor],
+        out: torch.Tensor | tuple[torch.Tensor, ...] | None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The signature's plan run by the executor on ``args``: chunks, protections and the
+        NaN policy as :func:`jacbatch.jacobian` runs them, without validating, probing and
+        planning again."""
+        req = entry.request
+        call = dataclasses.replace(req.call, args=tuple(args))
+        got = executor.execute(dataclasses.replace(req, call=call, bufs=(None,) * len(req.bufs)))
+        if out is None:
+            return got
+        outs = out if isinstance(out, tuple) else (out,)
+        for o, J in zip(outs, got if isinstance(got, tuple) else (got,), strict=True):
+            o.copy_(J)
+        return out
 
     def _interpreted(
         self,
@@ -428,6 +449,7 @@ def prepare(
     chunk_size: int | None = None,
     max_memory: int | str | None = None,
     randomness: str = "error",
+    batched: bool = False,
     compile: bool = False,
     autotune: bool = False,
 ) -> PreparedJacobian:
@@ -442,8 +464,8 @@ def prepare(
         func: per-sample function, as for :func:`jacbatch.jacobian`.
         *example_args: arguments of the shapes, dtype and device the calls will use (their
             values are used once, to check the program against the interpreted plan).
-        argnums, in_dims, method, vec, chunk_size, max_memory, randomness: as in
-            :func:`jacbatch.jacobian`.
+        argnums, in_dims, method, vec, chunk_size, max_memory, randomness, batched: as in
+            :func:`jacbatch.jacobian` (with ``batched=True``, ``func`` maps the whole batch).
         compile: compile each program with ``torch.compile`` (Inductor): slower to prepare
             (see ``compile_seconds``), faster per call where elementwise work fuses.
         autotune: with ``method="auto"``, prepare every route that applies, time each on the
@@ -468,11 +490,14 @@ def prepare(
     options = {
         "argnums": argnums, "in_dims": in_dims, "method": method, "vec": vec,
         "chunk_size": chunk_size, "max_memory": max_memory, "randomness": randomness,
+        "batched": batched,
     }  # fmt: skip
     prepared = PreparedJacobian(func, options, compile, autotune)
     key = tuple([(a.shape, a.dtype, a.device) for a in example_args if hasattr(a, "shape")])
     if len(key) != len(example_args):
-        build_request("prepare", func, tuple(example_args), argnums, in_dims)  # raises
+        build_request(
+            "prepare", func, tuple(example_args), argnums, in_dims, batched=batched
+        )  # raises
     prepared._prepare(example_args, key)
     return prepared
 

@@ -157,6 +157,8 @@ def _refusal(req: Request) -> str | None:
     call = req.call
     if call.batch_size == 0 or call.device.type == "meta":
         return "nothing to run"
+    if call.batched_func is not None:
+        return "func maps a batch to a batch (batched=True)"
     probe = call.probe
     if probe is None or probe.grad_disabled or probe.custom_function:
         return "func switches grad mode inside (no_grad, a custom autograd.Function)"

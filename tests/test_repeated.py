@@ -213,3 +213,18 @@ def test_old_style_custom_function_through_auto() -> None:
     for _ in range(repeated.HOT_CALLS + 1):
         assert_matches(jacbatch.jacobian(f, X), ref, F64)
     assert "custom torch.autograd.Function" in str(jacbatch.explain(f, X))
+
+
+def test_batched_is_part_of_the_key() -> None:
+    """A hot per-sample key must not answer a ``batched=True`` call of the same function: the
+    two read ``func`` differently (per sample ``3 x``, on the batch of 4 ``12 X``)."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x) * x.numel()
+
+    X = torch.randn(4, 3, dtype=F64)
+    _hot(f, X)
+    want = torch.diag_embed(torch.cos(X)) * 12
+    for _ in range(repeated.HOT_CALLS + 1):
+        assert_matches(jacbatch.jacobian(f, X, batched=True), want, F64)
+    assert_matches(jacbatch.jacobian(f, X), want / 4, F64)

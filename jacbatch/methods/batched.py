@@ -46,7 +46,11 @@ NOTE [What batched=True cannot check]
     sample ``b``'s output with every sample's input moved at once. Checking it would cost
     extra evaluations of ``func`` on real data on every call, so only what the probe sees for
     free is refused: a function that writes into tensors it closes over (running statistics)
-    or draws random numbers.
+    or draws random numbers. The traced closed form, which differentiates ``func`` on a batch
+    of one, is checked on every call against row 0 of ``func`` on the first two samples (NOTE
+    [A batched function on a batch of one] in :mod:`jacbatch.methods.traced`): a function
+    whose rows depend on the batch's size or on each other fails that check, and the call
+    falls back to the routes of this module, which differentiate ``func`` on the batch.
 """
 
 from __future__ import annotations

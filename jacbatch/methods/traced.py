@@ -152,12 +152,29 @@ def _output_check(call: Call, args: Sequence[torch.Tensor]) -> Callable[[torch.T
     ``args``: the call's arguments, batch dimension first where batched (``batched_args``).
     """
     first = [x[0] if d is not None else x for x, d in zip(args, call.in_dims, strict=True)]
+    pair = None
+    if call.batched_func is not None and (call.batch_size or 0) >= 2:
+        # NOTE [A batched function on a batch of one]: the graph is that of ``func`` on a
+        # batch of one (NOTE [Batched functions: one call, two views] in
+        # jacbatch.methods.batched). It stands for row 0 of ``func`` on the whole batch only if
+        # rows do not depend on the batch's size or other rows (``X / len(X)``,
+        # ``X - X.mean(0)``): the reference value is row 0 of ``func`` on the first two
+        # samples, which differs from the batch of one for such a function.
+        pair = [
+            x.narrow(d, 0, 2) if d is not None else x
+            for x, d in zip(call.args, call.in_dims, strict=True)
+        ]
 
     def check(value: torch.Tensor) -> None:
         if value.shape[0] == 0:
             return
         with torch.no_grad():
-            y = call.func(*[x.detach() for x in first])
+            if pair is not None:
+                assert call.batched_func is not None
+                y = call.batched_func(*[x.detach() for x in pair])
+                y = y[0] if isinstance(y, torch.Tensor) and y.dim() > 0 else y
+            else:
+                y = call.func(*[x.detach() for x in first])
         v = value[0].detach()
         if not isinstance(y, torch.Tensor) or y.shape != v.shape:
             raise _Stale("the traced graph no longer computes what func computes (shape)")
