@@ -28,6 +28,16 @@ NOTE [Repeated plain calls]
        non-finite flag, another graph or a different value sends the call down the full path,
        which recomputes, re-captures or falls back as it always does.
 
+    4. With ``method="auto"``, the programs of the plain routes auto could have run instead
+       (:data:`RIVALS`: ``jacrev`` and ``jacfwd`` over the same captured graph) are made too,
+       each is timed on the hot call's arguments (median of :data:`TIMED_RUNS` runs), and the
+       fastest is kept: NOTE [auto measures its hot programs]. A cost model decides the first
+       calls (the accumulation order, reverse or forward mode by the shapes); it is off by
+       small factors where kernels, not FLOPs, set the time, so the key that runs many times is
+       decided by measurement. Every candidate was checked against its route run interpreted;
+       they agree to rounding, so the choice moves the result in its last bits only. Pass a
+       ``method`` to pin a route (or set :data:`MEASURE` to ``False``).
+
     The cost of a repeated call is then Dynamo's guard check, the program, and one per-sample
     forward pass of ``func``. What the full path decides from free memory (the budget) was
     decided when the program was made, for a batch that fitted whole then.
@@ -36,6 +46,7 @@ NOTE [Repeated plain calls]
 from __future__ import annotations
 
 import dataclasses
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,6 +61,12 @@ from .request import Request
 #: A key is prepared on this many full calls (a function called twice is often just called
 #: twice; preparing costs about a hundred full calls' worth of tracing).
 HOT_CALLS = 3
+
+#: With ``method="auto"``, the routes whose programs are timed against auto's plan when a key
+#: becomes hot (NOTE [auto measures its hot programs]); ``MEASURE = False`` keeps auto's plan.
+RIVALS = ("jacrev", "jacfwd")
+MEASURE = True
+TIMED_RUNS = 5
 
 
 @dataclasses.dataclass
@@ -150,7 +167,71 @@ def record(
     if entry.program is None:
         seen.refused = entry.why
         return
+    if req.method == "auto" and MEASURE:
+        entry = _fastest(func, args, options, req, got, entry)
     seen.entry, seen.graph = entry, got.graph
+
+
+def _fastest(
+    func: Callable[..., Any],
+    args: Sequence[Any],
+    options: tuple[Any, ...],
+    req: Request,
+    got: Any,
+    auto: _Entry,
+) -> _Entry:
+    """NOTE [auto measures its hot programs]: the program of auto's plan and those of the
+    plain autodiff routes it could have run instead (:data:`RIVALS`) over the same captured
+    graph, timed on this call's arguments; the fastest is kept (NOTE [Repeated plain calls],
+    point 4). A rival whose request or program cannot be made is left out."""
+    from .request import build_request
+
+    argnums, in_dims, _, vec, chunk_size, max_memory, randomness, progress, batched = options
+    rivals = {"auto": auto}
+    for method in RIVALS:
+        if any(s.route == method for s in req.plan.steps) and len(req.plan.steps) == 1:
+            continue  # auto's own plan
+        try:
+            with torch.no_grad():
+                alt = build_request(
+                    "jacobian", func, tuple(args), argnums, in_dims, method=method, vec=vec,
+                    chunk_size=chunk_size, randomness=randomness, max_memory=max_memory,
+                    progress=progress, batched=batched,
+                )  # fmt: skip
+        except (NotImplementedError, ValueError, RuntimeError):
+            continue
+        entry = _build(alt, False, over_graph=got)
+        if entry.program is not None:
+            rivals[method] = entry
+    if len(rivals) == 1:
+        return auto
+    timings = {m: _seconds(e, args, got.lifted) for m, e in rivals.items()}
+    best = min(timings, key=lambda m: timings[m])
+    chosen = rivals[best]
+    chosen.timings = timings
+    return chosen
+
+
+def _seconds(entry: _Entry, args: Sequence[torch.Tensor], lifted: Sequence[torch.Tensor]) -> float:
+    """Median seconds of a call of ``entry``'s program (with the forward routes' extra pass of
+    the NaN policy) over :data:`TIMED_RUNS` runs after one warm-up."""
+    assert entry.program is not None
+    call = dataclasses.replace(entry.request.call, args=tuple(args))
+    k = len(call.argnums)
+
+    def once() -> None:
+        res = entry.program(*args, *lifted)  # type: ignore[misc]
+        if entry.forward:
+            _enforce_forward(call, entry.request, list(res[:k]))
+
+    with torch.no_grad():
+        once()
+        times = []
+        for _ in range(TIMED_RUNS):
+            start = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - start)
+    return sorted(times)[TIMED_RUNS // 2]
 
 
 def _refusal(req: Request) -> str | None:

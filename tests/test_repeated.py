@@ -228,3 +228,53 @@ def test_batched_is_part_of_the_key() -> None:
     for _ in range(repeated.HOT_CALLS + 1):
         assert_matches(jacbatch.jacobian(f, X, batched=True), want, F64)
     assert_matches(jacbatch.jacobian(f, X), want / 4, F64)
+
+
+@pytest.mark.parametrize("winner", ["auto", "jacrev", "jacfwd"])
+def test_auto_keeps_the_fastest_hot_program(winner: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto times its plan's program against the plain routes' programs when a key gets hot
+    and keeps the fastest (the clock is replaced here so that ``winner`` is fastest)."""
+    W = torch.randn(5, 3, dtype=F64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(W @ x) * x.sum()
+
+    timed: list[str] = []
+
+    def clock(entry, args, lifted) -> float:
+        name = entry.request.method
+        timed.append(name)
+        return 1.0 if name == winner else 2.0
+
+    monkeypatch.setattr(repeated, "_seconds", clock)
+    X = torch.randn(6, 3, dtype=F64)
+    _hot(f, X)
+    seen = next(iter(repeated._SEEN[f].values()))
+    assert seen.entry is not None, seen.refused
+    assert sorted(timed) == ["auto", "jacfwd", "jacrev"]
+    assert seen.entry.request.method == winner and set(seen.entry.timings) == set(timed)
+    routes = {s.route for s in seen.entry.request.plan.steps}
+    assert routes == ({"traced"} if winner == "auto" else {winner}), routes
+    X2 = torch.randn(6, 3, dtype=F64)
+    assert_matches(jacbatch.jacobian(f, X2), reference_jacobian(f, (X2,)), F64)
+
+
+def test_measuring_can_be_switched_off_and_pinned_methods_are_not_measured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def clock(*a: object) -> float:
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(repeated, "_seconds", clock)
+    W = torch.randn(5, 3, dtype=F64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(W @ x)
+
+    X = torch.randn(6, 3, dtype=F64)
+    _hot(f, X, method="jacfwd")  # a pinned route is never timed
+    monkeypatch.setattr(repeated, "MEASURE", False)
+    _hot(f, X)
+    entries = [s.entry for s in repeated._SEEN[f].values()]
+    assert all(e is not None and not e.timings for e in entries)
+    assert {e.request.method for e in entries if e is not None} == {"jacfwd", "auto"}
