@@ -10,7 +10,8 @@ NOTE [Repeated plain calls]
     code, the globals, closures and attributes it reads, a module's ``training`` flag and the
     shapes, dtypes and ``requires_grad`` of the tensors it reads are as they were. So:
 
-    1. A call is keyed by ``func`` (weakly) and its signature: the arguments' shapes, dtypes,
+    1. A call is keyed by ``func`` (weakly; a plain Python function by its code object, so
+       an inline ``lambda`` written in a loop counts as one function) and its signature: the arguments' shapes, dtypes,
        devices and every option. The full path runs; after it, the key's count goes up.
     2. On the :data:`HOT_CALLS`-th full call with one key, if ``func`` was captured, its plan
        runs on the whole batch without protections, randomness or a graph, and the probe saw no
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import types
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -89,9 +91,17 @@ def _key(args: Sequence[Any], options: tuple[Any, ...]) -> Any:
     return key
 
 
+def _owner(func: Callable[..., Any]) -> Any:
+    """What a key's table hangs on: a plain Python function's code object, so that a lambda
+    written inline (a new function object per call, the same code) gets hot like a function
+    defined once; any other callable itself. Which closure, globals and attributes the code
+    reads now is Dynamo's guards' to decide (point 3 of NOTE [Repeated plain calls])."""
+    return func.__code__ if isinstance(func, types.FunctionType) else func
+
+
 def _table(func: Callable[..., Any]) -> dict[Any, _Seen] | None:
     try:
-        return _SEEN.setdefault(func, {})
+        return _SEEN.setdefault(_owner(func), {})
     except TypeError:  # not weakly referenceable
         return None
 
@@ -100,7 +110,7 @@ def run(func: Callable[..., Any], args: Sequence[Any], options: tuple[Any, ...])
     """The Jacobian(s) by the key's program, or ``None`` for the full path (see NOTE
     [Repeated plain calls])."""
     try:
-        table = _SEEN.get(func)
+        table = _SEEN.get(_owner(func))
     except TypeError:  # not weakly referenceable
         return None
     if table is None:
@@ -129,7 +139,7 @@ def run(func: Callable[..., Any], args: Sequence[Any], options: tuple[Any, ...])
     if not bool(res[-1]):
         return None  # a non-finite value: the NaN policy, on the full path
     k = len(call.argnums)
-    now = dataclasses.replace(call, args=tuple(args))
+    now = dataclasses.replace(call, func=func, args=tuple(args))
     moved = [now.moved(i) for i in range(len(args))]
     try:
         traced._output_check(now, moved)(res[k].unsqueeze(0))

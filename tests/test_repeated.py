@@ -49,7 +49,7 @@ def test_hot_key_runs_its_program(method: str, monkeypatch: pytest.MonkeyPatch) 
 
     X = torch.randn(6, 3, dtype=F64)
     _hot(f, X, method=method)
-    seen = next(iter(repeated._SEEN[f].values()))
+    seen = next(iter(repeated._SEEN[repeated._owner(f)].values()))
     assert seen.entry is not None, seen.refused
     counter = _Counter(monkeypatch)
     X2 = torch.randn(6, 3, dtype=F64)
@@ -249,7 +249,7 @@ def test_auto_keeps_the_fastest_hot_program(winner: str, monkeypatch: pytest.Mon
     monkeypatch.setattr(repeated, "_seconds", clock)
     X = torch.randn(6, 3, dtype=F64)
     _hot(f, X)
-    seen = next(iter(repeated._SEEN[f].values()))
+    seen = next(iter(repeated._SEEN[repeated._owner(f)].values()))
     assert seen.entry is not None, seen.refused
     assert sorted(timed) == ["auto", "jacfwd", "jacrev"]
     assert seen.entry.request.method == winner and set(seen.entry.timings) == set(timed)
@@ -275,6 +275,32 @@ def test_measuring_can_be_switched_off_and_pinned_methods_are_not_measured(
     _hot(f, X, method="jacfwd")  # a pinned route is never timed
     monkeypatch.setattr(repeated, "MEASURE", False)
     _hot(f, X)
-    entries = [s.entry for s in repeated._SEEN[f].values()]
+    entries = [s.entry for s in repeated._SEEN[repeated._owner(f)].values()]
     assert all(e is not None and not e.timings for e in entries)
     assert {e.request.method for e in entries if e is not None} == {"jacfwd", "auto"}
+
+
+def test_inline_lambdas_get_hot_and_see_their_closures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lambda written in the loop is a new function per call with the same code: it runs the
+    program once hot, with the tensors and numbers its closure holds on that call."""
+
+    def make(W: torch.Tensor, k: float):
+        return lambda x: torch.tanh(W @ x) * k
+
+    X = torch.randn(6, 3, dtype=F64)
+    Ws = [torch.randn(4, 3, dtype=F64) for _ in range(2)]
+    for _ in range(repeated.HOT_CALLS):
+        jacbatch.jacobian(make(Ws[0], 2.0), X)
+    counter = _Counter(monkeypatch)
+    for W in (Ws[1], Ws[0], Ws[1]):  # other tensors in the closure: the same program
+        f = make(W, 2.0)
+        assert_matches(jacbatch.jacobian(f, X), reference_jacobian(f, (X,)), F64)
+    assert counter.n == 0
+    f = make(Ws[0], 3.0)  # another number in the closure: Dynamo's guard sends it to the full path
+    assert_matches(jacbatch.jacobian(f, X), reference_jacobian(f, (X,)), F64)
+    assert counter.n == 1
+    for i in range(3):
+        X2 = torch.randn(6, 3, dtype=F64)
+        W = Ws[i % 2]
+        got = jacbatch.jacobian(lambda x: torch.sin(W @ x), X2)  # noqa: B023
+        assert_matches(got, reference_jacobian(lambda x: torch.sin(W @ x), (X2,)), F64)  # noqa: B023
