@@ -39,6 +39,13 @@ NOTE [Repeated plain calls]
        they agree to rounding, so the choice moves the result in its last bits only. Pass a
        ``method`` to pin a route (or set :data:`MEASURE` to ``False``).
 
+    5. A batched function (``batched=True``) gets no program: its routes run ``func`` on the
+       whole batch, and tracing them would specialize on what ``func`` does in Python
+       (pytorch-kinematics reads ``.item()`` of index tensors). Its hot key keeps the full
+       path's request instead; a later call runs it (the routes, chunks and NaN policy, no
+       validation, probe or planning) once Dynamo's guards return the same capture of its
+       per-sample view, so a change to ``func`` still goes down the full path.
+
     The cost of a repeated call is then Dynamo's guard check, the program, and one per-sample
     forward pass of ``func``. What the full path decides from free memory (the budget) was
     decided when the program was made, for a batch that fitted whole then.
@@ -55,7 +62,8 @@ from typing import Any
 
 import torch
 
-from . import capture
+from . import capture, executor
+from .methods import batched as batched_routes
 from .methods import traced
 from .prepared import _build, _enforce_forward, _Entry, _plain
 from .request import Request
@@ -120,10 +128,10 @@ def run(func: Callable[..., Any], args: Sequence[Any], options: tuple[Any, ...])
     if seen is None or seen.entry is None or not _plain(args, ()):
         return None
     entry = seen.entry
-    assert entry.program is not None
     call = entry.request.call
+    target = func if call.batched_func is None else batched_routes.per_sample(func, call.in_dims)
     got = capture.capture(
-        func,
+        target,
         [call.sample_shape(i) for i in range(len(call.args))],
         call.dtype,
         call.device,
@@ -135,6 +143,10 @@ def run(func: Callable[..., Any], args: Sequence[Any], options: tuple[Any, ...])
     grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     if grad and any(t.requires_grad for t in got.lifted):
         return None  # a differentiable result
+    if entry.program is None:  # a batched func: its plan, as planned (point 5)
+        now = dataclasses.replace(call, func=target, batched_func=func, args=tuple(args))
+        req = dataclasses.replace(entry.request, call=now, bufs=(None,) * len(call.argnums))
+        return executor.execute(req)
     res = entry.program(*args, *got.lifted)
     if not bool(res[-1]):
         return None  # a non-finite value: the NaN policy, on the full path
@@ -172,6 +184,9 @@ def record(
     got = traced.captured_for(req.call)
     if got.graph.gm is None:
         seen.refused = "not captured"
+        return
+    if req.call.batched_func is not None:
+        seen.entry, seen.graph = _Entry(req, None, "planned: a batched function"), got.graph
         return
     entry = _build(req, False, over_graph=got)
     if entry.program is None:
@@ -248,8 +263,6 @@ def _refusal(req: Request) -> str | None:
     call = req.call
     if call.batch_size == 0 or call.device.type == "meta":
         return "nothing to run"
-    if call.batched_func is not None:
-        return "func maps a batch to a batch (batched=True)"
     probe = call.probe
     if probe is None or probe.grad_disabled or probe.custom_function:
         return "func switches grad mode inside (no_grad, a custom autograd.Function)"

@@ -304,3 +304,34 @@ def test_inline_lambdas_get_hot_and_see_their_closures(monkeypatch: pytest.Monke
         W = Ws[i % 2]
         got = jacbatch.jacobian(lambda x: torch.sin(W @ x), X2)  # noqa: B023
         assert_matches(got, reference_jacobian(lambda x: torch.sin(W @ x), (X2,)), F64)  # noqa: B023
+
+
+def _batched_global(X: torch.Tensor) -> torch.Tensor:  # (B, 3) -> (B, 4)
+    return torch.tanh(X @ G.T)
+
+
+def test_hot_batched_function_runs_its_plan_and_sees_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    global G
+    X = torch.randn(6, 3, dtype=F64)
+    per_sample = lambda x: torch.tanh(G @ x)  # noqa: E731
+    for method in ("auto", "jacrev", "jacfwd"):
+        _hot(_batched_global, X, batched=True, method=method)
+    counter = _Counter(monkeypatch)
+    for method in ("auto", "jacrev", "jacfwd"):
+        X2 = torch.randn(6, 3, dtype=F64)
+        got = jacbatch.jacobian(_batched_global, X2, batched=True, method=method)
+        assert_matches(got, reference_jacobian(per_sample, (X2,)), F64)
+    assert counter.n == 0  # no request built: the hot keys ran their plans
+    old = G
+    try:
+        G = torch.randn(4, 3, dtype=F64)  # rebinding the global: the same plan, new values
+        got = jacbatch.jacobian(_batched_global, X, batched=True)
+        assert_matches(got, reference_jacobian(per_sample, (X,)), F64)
+        G = torch.randn(5, 3, dtype=F64)  # another shape: a guard fails, the full path runs
+        got = jacbatch.jacobian(_batched_global, X, batched=True)
+        assert got.shape == (6, 5, 3) and counter.n == 1
+        assert_matches(got, reference_jacobian(per_sample, (X,)), F64)
+    finally:
+        G = old
