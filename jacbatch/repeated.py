@@ -54,6 +54,7 @@ NOTE [Repeated plain calls]
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import types
 import weakref
@@ -77,6 +78,11 @@ HOT_CALLS = 3
 RIVALS = ("jacrev", "jacfwd")
 MEASURE = True
 TIMED_RUNS = 5
+#: A rival is not made when it needs this many times more passes than the other mode (reverse
+#: mode with ``RIVAL_SPREAD`` times more output than input elements, or forward mode the other
+#: way round), nor timed beyond its warm-up when that took ``GIVE_UP`` times auto's median.
+RIVAL_SPREAD = 8
+GIVE_UP = 4.0
 
 
 @dataclasses.dataclass
@@ -212,10 +218,16 @@ def _fastest(
     from .request import build_request
 
     argnums, in_dims, _, vec, chunk_size, max_memory, randomness, progress, batched = options
+    call = req.call
+    n_in = sum(math.prod(call.sample_shape(a)) for a in call.argnums)
+    n_out = math.prod(req.out_shape)
+    hopeless = {"jacrev": n_out > RIVAL_SPREAD * n_in, "jacfwd": n_in > RIVAL_SPREAD * n_out}
     rivals = {"auto": auto}
     for method in RIVALS:
         if any(s.route == method for s in req.plan.steps) and len(req.plan.steps) == 1:
             continue  # auto's own plan
+        if hopeless.get(method, False):
+            continue  # one pass per output (input) element, many times more of them
         try:
             with torch.no_grad():
                 alt = build_request(
@@ -230,16 +242,25 @@ def _fastest(
             rivals[method] = entry
     if len(rivals) == 1:
         return auto
-    timings = {m: _seconds(e, args, got.lifted) for m, e in rivals.items()}
+    timings = {"auto": _seconds(auto, args, got.lifted)}
+    for m, e in rivals.items():
+        if m != "auto":
+            timings[m] = _seconds(e, args, got.lifted, give_up=GIVE_UP * timings["auto"])
     best = min(timings, key=lambda m: timings[m])
     chosen = rivals[best]
     chosen.timings = timings
     return chosen
 
 
-def _seconds(entry: _Entry, args: Sequence[torch.Tensor], lifted: Sequence[torch.Tensor]) -> float:
+def _seconds(
+    entry: _Entry,
+    args: Sequence[torch.Tensor],
+    lifted: Sequence[torch.Tensor],
+    give_up: float = math.inf,
+) -> float:
     """Median seconds of a call of ``entry``'s program (with the forward routes' extra pass of
-    the NaN policy) over :data:`TIMED_RUNS` runs after one warm-up."""
+    the NaN policy) over :data:`TIMED_RUNS` runs after one warm-up; the warm-up's time when it
+    took longer than ``give_up`` (a rival far slower is not timed further)."""
     assert entry.program is not None
     call = dataclasses.replace(entry.request.call, args=tuple(args))
     k = len(call.argnums)
@@ -250,7 +271,11 @@ def _seconds(entry: _Entry, args: Sequence[torch.Tensor], lifted: Sequence[torch
             _enforce_forward(call, entry.request, list(res[:k]))
 
     with torch.no_grad():
+        start = time.perf_counter()
         once()
+        first = time.perf_counter() - start
+        if first > give_up:
+            return first
         times = []
         for _ in range(TIMED_RUNS):
             start = time.perf_counter()

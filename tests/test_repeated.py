@@ -241,7 +241,7 @@ def test_auto_keeps_the_fastest_hot_program(winner: str, monkeypatch: pytest.Mon
 
     timed: list[str] = []
 
-    def clock(entry, args, lifted) -> float:
+    def clock(entry, args, lifted, give_up=None) -> float:
         name = entry.request.method
         timed.append(name)
         return 1.0 if name == winner else 2.0
@@ -335,3 +335,21 @@ def test_hot_batched_function_runs_its_plan_and_sees_changes(
         assert_matches(got, reference_jacobian(per_sample, (X,)), F64)
     finally:
         G = old
+
+
+def test_hopeless_rivals_are_not_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reverse mode with many times more output than input elements is not even built."""
+    timed: list[str] = []
+
+    def clock(entry, args, lifted, give_up=None) -> float:
+        timed.append(entry.request.method)
+        return 1.0
+
+    monkeypatch.setattr(repeated, "_seconds", clock)
+    t = torch.linspace(0, 1, 40, dtype=F64)
+
+    def residual(p: torch.Tensor) -> torch.Tensor:  # 2 inputs -> 40 outputs
+        return p[0] * torch.exp(-p[1] * t)
+
+    _hot(residual, torch.rand(5, 2, dtype=F64))
+    assert "jacrev" not in timed and "auto" in timed, timed
