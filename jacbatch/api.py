@@ -176,7 +176,7 @@ def jacobian(
     )  # fmt: skip
     result = execute(req)
     if plain:
-        repeated.record(func, args, options, req)
+        repeated.record(func, args, options, req, result)
     return result
 
 

@@ -46,9 +46,11 @@ NOTE [Prepared Jacobians: one aten program per signature]
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -317,14 +319,21 @@ def _why_interpreted(req: Request) -> str | None:
     return None
 
 
-def _build(req: Request, compile: bool, over_graph: Any = None) -> _Entry:
+def _build(
+    req: Request,
+    compile: bool,
+    over_graph: Any = None,
+    reference: Sequence[torch.Tensor] | None = None,
+) -> _Entry:
     """Trace ``req``'s plan into a program (NOTE [Prepared Jacobians: one aten program per
     signature]), or say why it runs interpreted.
 
     ``over_graph``: a :class:`~jacbatch.capture.Captured` whose lifted tensors become program
     inputs for every route (the autodiff routes then differentiate its aten graph rather than
     ``func``), and the program also returns the graph's output for the first sample (NOTE
-    [Repeated plain calls] in :mod:`jacbatch.repeated`).
+    [Repeated plain calls] in :mod:`jacbatch.repeated`). ``reference``: the example's
+    Jacobians as the full path computed them, to check the program against (else the plan is
+    run interpreted for that).
     """
     why = _why_interpreted(req)
     if why is not None:
@@ -365,6 +374,8 @@ def _build(req: Request, compile: bool, over_graph: Any = None) -> _Entry:
         return (*jacs, sub.func(*first), flag)
 
     examples = tuple(call.args) + lifted
+    if over_graph is not None:
+        _transformable(over_graph.graph.gm)  # made (cached) before tracing: not while tracing
     try:
         # make_fx sets a process-wide "FX is tracing" flag that makes Dynamo refuse to
         # capture in other threads: trace under the capture lock.
@@ -397,15 +408,16 @@ def _build(req: Request, compile: bool, over_graph: Any = None) -> _Entry:
         seconds = time.perf_counter() - start
     kind = "compiled program" if compile else "aten program"
     entry = _Entry(req, run, f"{kind} ({ops} ops)", lifted, watched, forward, seconds, ops)
-    if not _agrees(entry, examples):
+    if not _agrees(entry, examples, reference):
         return _Entry(req, None, "interpreted: the program disagreed with the plan")
     return entry
 
 
 def graph_function(graph: Any, lifted: Sequence[torch.Tensor]) -> Callable[..., torch.Tensor]:
     """``func`` as its traced aten graph (:class:`~jacbatch.tracing.TracedGraph`), with
-    ``lifted`` as the values of the tensors it reads besides its arguments."""
-    gm, inputs = graph.gm, graph.inputs
+    ``lifted`` as the values of the tensors it reads besides its arguments (the graph made
+    ready for torch.func's transforms: :func:`_transformable`)."""
+    gm, inputs = _transformable(graph.gm), graph.inputs
 
     def f(*args: torch.Tensor) -> torch.Tensor:
         vals = [*args, *lifted]
@@ -417,14 +429,77 @@ def graph_function(graph: Any, lifted: Sequence[torch.Tensor]) -> Callable[..., 
     return f
 
 
-def _agrees(entry: _Entry, examples: Sequence[torch.Tensor]) -> bool:
-    """Run the program on the example and compare with the interpreted plan."""
+_aten = torch.ops.aten
+_TRANSFORMABLE: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _transformable(gm: Any) -> Any:
+    """``gm`` with the functionalized writes that torch.func cannot transform replaced by what
+    they compute (a copy when there are any; cached per graph).
+
+    NOTE [Functional writes in a captured graph]
+        Functionalization turns ``dst.copy_(src)`` and ``dst.fill_(v)`` into the out-of-place
+        ``aten.copy(dst, src)`` and ``aten.fill.Tensor(dst, v)``. In torch 2.13 ``aten.copy``
+        has no derivative under torch.func ("derivative for aten::copy is not implemented")
+        and ``fill.Tensor`` no batching rule (a slow per-sample fallback), while both compute
+        nothing but ``src`` (``v``) converted to ``dst``'s dtype and broadcast to its shape,
+        which is what they are replaced with here. This is what lets ``vmap(jacrev)`` run over
+        the captured graph of code that writes in place (pytorch-kinematics' chain), where
+        ``vmap`` over the code itself refuses the writes.
+    """
+    if gm is None:
+        return gm
+    hit = _TRANSFORMABLE.get(gm)
+    if hit is not None:
+        return hit
+    targets = (_aten.copy.default, _aten.fill.Tensor, _aten.fill.Scalar)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
+    if not nodes or any("val" not in n.args[0].meta for n in nodes):
+        _TRANSFORMABLE[gm] = gm
+        return gm
+    new = copy.deepcopy(gm)
+    graph = new.graph
+    for n in [n for n in graph.nodes if n.op == "call_function" and n.target in targets]:
+        dst, src = n.args[0], n.args[1]
+        like = dst.meta["val"]
+        with graph.inserting_before(n):
+            if n.target is _aten.fill.Scalar:
+                made = graph.call_function(
+                    _aten.full.default,
+                    (list(like.shape), src),
+                    {"dtype": like.dtype, "device": like.device},
+                )
+            else:
+                cast = graph.call_function(_aten._to_copy.default, (src,), {"dtype": like.dtype})
+                wide = graph.call_function(_aten.expand.default, (cast, list(like.shape)))
+                made = graph.call_function(_aten.clone.default, (wide,))
+        n.replace_all_uses_with(made)
+        graph.erase_node(n)
+    new.recompile()
+    _TRANSFORMABLE[gm] = new
+    return new
+
+
+def _agrees(
+    entry: _Entry,
+    examples: Sequence[torch.Tensor],
+    reference: Sequence[torch.Tensor] | None = None,
+) -> bool:
+    """Run the program on the example and compare with ``reference`` (the Jacobians of the
+    example by the full path), or with the interpreted plan; a plan that fails to run
+    interpreted disagrees."""
     req = entry.request
     call = req.call
     assert entry.program is not None
     with torch.no_grad():
         got = entry.program(*examples)
-        want = executor._execute(call, req, [None] * len(call.argnums))
+        if reference is not None:
+            want = list(reference)
+        else:
+            try:
+                want = executor._execute(call, req, [None] * len(call.argnums))
+            except Exception:  # a route the interpreted plan cannot run on func itself
+                return False
     if not bool(got[-1]):
         return True  # the example itself is not finite: the NaN policy handles such calls
     for G, W in zip(got[: len(want)], want, strict=True):

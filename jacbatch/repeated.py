@@ -171,9 +171,14 @@ def run(func: Callable[..., Any], args: Sequence[Any], options: tuple[Any, ...])
 
 
 def record(
-    func: Callable[..., Any], args: Sequence[Any], options: tuple[Any, ...], req: Request
+    func: Callable[..., Any],
+    args: Sequence[Any],
+    options: tuple[Any, ...],
+    req: Request,
+    result: Any = None,
 ) -> None:
-    """Count a full call; on the :data:`HOT_CALLS`-th, prepare its program."""
+    """Count a full call; on the :data:`HOT_CALLS`-th, prepare its program, checked against
+    ``result`` (the call's Jacobian or tuple of them, as the full path computed it)."""
     table = _table(func)
     key = _key(args, options)
     if table is None or key is None:
@@ -194,12 +199,13 @@ def record(
     if req.call.batched_func is not None:
         seen.entry, seen.graph = _Entry(req, None, "planned: a batched function"), got.graph
         return
-    entry = _build(req, False, over_graph=got)
+    reference = None if result is None else list(result if isinstance(result, tuple) else (result,))
+    entry = _build(req, False, over_graph=got, reference=reference)
     if entry.program is None:
         seen.refused = entry.why
         return
     if req.method == "auto" and MEASURE:
-        entry = _fastest(func, args, options, req, got, entry)
+        entry = _fastest(func, args, options, req, got, entry, reference)
     seen.entry, seen.graph = entry, got.graph
 
 
@@ -210,6 +216,7 @@ def _fastest(
     req: Request,
     got: Any,
     auto: _Entry,
+    reference: Sequence[torch.Tensor] | None,
 ) -> _Entry:
     """NOTE [auto measures its hot programs]: the program of auto's plan and those of the
     plain autodiff routes it could have run instead (:data:`RIVALS`) over the same captured
@@ -237,7 +244,7 @@ def _fastest(
                 )  # fmt: skip
         except (NotImplementedError, ValueError, RuntimeError):
             continue
-        entry = _build(alt, False, over_graph=got)
+        entry = _build(alt, False, over_graph=got, reference=reference)
         if entry.program is not None:
             rivals[method] = entry
     if len(rivals) == 1:

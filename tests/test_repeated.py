@@ -353,3 +353,30 @@ def test_hopeless_rivals_are_not_made(monkeypatch: pytest.MonkeyPatch) -> None:
 
     _hot(residual, torch.rand(5, 2, dtype=F64))
     assert "jacrev" not in timed and "auto" in timed, timed
+
+
+def test_code_writing_in_place_gets_a_program_over_its_graph(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``vmap`` refuses to write a batched value into a fresh unbatched tensor; the captured
+    graph holds the functional ``copy`` and ``fill`` instead, which the programs over it
+    replace by what they compute (NOTE [Functional writes in a captured graph])."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        m = torch.zeros(5, dtype=x.dtype)
+        m[:3] = torch.sin(x)
+        m[3:].fill_(2.0)
+        m[4:].copy_(x[:1] * 3)
+        return m * x.sum()
+
+    X = torch.randn(6, 3, dtype=F64)
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.vmap(torch.func.jacrev(f))(X)
+    _hot(f, X)
+    seen = next(iter(repeated._SEEN[repeated._owner(f)].values()))
+    assert seen.entry is not None and seen.entry.program is not None, seen.refused
+    counter = _Counter(monkeypatch)
+    for _ in range(2):
+        X2 = torch.randn(6, 3, dtype=F64)
+        assert_matches(jacbatch.jacobian(f, X2), reference_jacobian(f, (X2,)), F64)
+    assert counter.n == 0
