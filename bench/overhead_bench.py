@@ -35,8 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jacbatch  # noqa: E402
-from jacbatch import repeated  # noqa: E402
+import jacbatch
+from jacbatch import repeated
 
 
 def _cases() -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]]:
