@@ -410,7 +410,33 @@ def _build(
     entry = _Entry(req, run, f"{kind} ({ops} ops)", lifted, watched, forward, seconds, ops)
     if not _agrees(entry, examples, reference):
         return _Entry(req, None, "interpreted: the program disagreed with the plan")
+    if compile:
+        # NOTE [A compiled program must earn its place]: Inductor does not always win (a
+        # write-bound Jacobian gains nothing from fusion and loses the in-place strided
+        # writes); the plain program is made too and the faster of the two is kept.
+        plain_entry = _build(req, False, over_graph, reference)
+        if plain_entry.program is not None:
+            fast, slow = _seconds_of(plain_entry.program, examples), _seconds_of(run, examples)
+            if fast < slow:
+                plain_entry.compile_seconds = seconds
+                plain_entry.why = (
+                    f"{plain_entry.why}, kept over the compiled program "
+                    f"({fast * 1e3:.3g} ms against {slow * 1e3:.3g} ms a call)"
+                )
+                return plain_entry
     return entry
+
+
+def _seconds_of(program: Callable[..., Any], examples: Sequence[torch.Tensor]) -> float:
+    """Median seconds of ``program(*examples)`` over 5 runs after a warm-up (no graph)."""
+    with torch.no_grad():
+        program(*examples)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            program(*examples)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[2]
 
 
 def graph_function(graph: Any, lifted: Sequence[torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -237,12 +237,26 @@ def test_bad_input_is_refused_before_work() -> None:
         J(torch.randn(2, 3, dtype=torch.float64), torch.randn(2))
 
 
-def test_compiled_program_matches_reference() -> None:
+@pytest.mark.parametrize("faster", ["compiled", "plain"])
+def test_compiled_program_matches_reference_and_must_be_faster(
+    faster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compile=True keeps the compiled program only when it is the faster one (the clock is
+    replaced here: the compiled program is an OptimizedModule)."""
     pytest.importorskip("torch._inductor")
+
+    def clock(program: object, examples: object) -> float:
+        compiled = type(program).__name__ == "OptimizedModule"
+        return 1.0 if compiled == (faster == "compiled") else 2.0
+
+    monkeypatch.setattr(P, "_seconds_of", clock)
     f, _ = _mlp_func("cpu")
     X = torch.randn(4, 3, dtype=torch.float64)
     J = jacbatch.prepare(f, X, compile=True)
-    assert J.program.startswith("compiled program"), J.program
+    if faster == "compiled":
+        assert J.program.startswith("compiled program"), J.program
+    else:
+        assert J.program.startswith("aten program") and "kept over the compiled" in J.program
     assert J.compile_seconds > 0
     X2 = torch.randn(4, 3, dtype=torch.float64)
     assert_matches(J(X2), reference_jacobian(f, (X2,)), torch.float64)
