@@ -559,7 +559,7 @@ def prepare(
     Validation, probing, tracing, planning and the memory budget are done here, for the
     example's signature (shapes, dtypes, devices), and the plan is traced into one aten program
     (NOTE [Prepared Jacobians: one aten program per signature] in :mod:`jacbatch.prepared`).
-    A call then costs the program's kernels plus a few microseconds.
+    A call then costs the program's kernels plus some 15-35 µs (bench/overhead_bench.py).
 
     Args:
         func: per-sample function, as for :func:`jacbatch.jacobian`.
