@@ -10,11 +10,12 @@ running in :mod:`jacbatch.executor`, the routes in :mod:`jacbatch.methods`, and
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import overload
+from typing import Any, overload
 
 import torch
 
-from . import memory, repeated
+from . import _validation as V
+from . import memory, pytree, repeated
 from .check import CheckReport, check
 from .executor import execute
 from .methods import names as _route_names
@@ -51,6 +52,7 @@ def jacobian(
     randomness: str = "error",
     create_graph: bool = False,
     batched: bool = False,
+    has_aux: bool = False,
 ) -> torch.Tensor: ...
 
 
@@ -69,6 +71,7 @@ def jacobian(
     randomness: str = "error",
     create_graph: bool = False,
     batched: bool = False,
+    has_aux: bool = False,
 ) -> tuple[torch.Tensor, ...]: ...
 
 
@@ -86,7 +89,8 @@ def jacobian(
     randomness: str = "error",
     create_graph: bool = False,
     batched: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    has_aux: bool = False,
+) -> Any:
     """Full Jacobian of ``func`` w.r.t. ``args[argnums]``, for one input or a batch of inputs.
 
     ``func`` is written for ONE sample; ``in_dims`` says which arguments carry a batch dimension,
@@ -163,21 +167,40 @@ def jacobian(
                 [4., 0., 5., 0., 6., 0.],
                 [0., 4., 0., 5., 0., 6.]])
     """
+    if pytree.is_tree_call(args, in_dims, has_aux):  # NOTE [Pytree calls]
+        return pytree.jacobian(
+            func, args, argnums, in_dims, has_aux, out, _tree_options(
+                method, vec, chunk_size, max_memory, progress, randomness, create_graph, batched
+            )
+        )
     options = (argnums, in_dims, method, vec, chunk_size, max_memory, randomness, progress, batched)
     plain = out is None and create_graph is False
     if plain:  # NOTE [Repeated plain calls]
         result = repeated.run(func, args, options)
         if result is not None:
             return result
-    req = build_request(
-        "jacobian", func, args, argnums, in_dims, method=method, vec=vec,
-        chunk_size=chunk_size, randomness=randomness, create_graph=create_graph, out=out,
-        max_memory=max_memory, progress=progress, batched=batched,
-    )  # fmt: skip
+    try:
+        req = build_request(
+            "jacobian", func, args, argnums, in_dims, method=method, vec=vec,
+            chunk_size=chunk_size, randomness=randomness, create_graph=create_graph, out=out,
+            max_memory=max_memory, progress=progress, batched=batched,
+        )  # fmt: skip
+    except V.TreeOutput:  # a tuple, list or dict output: the pytree path
+        return pytree.jacobian(
+            func, args, argnums, in_dims, has_aux, out, _tree_options(
+                method, vec, chunk_size, max_memory, progress, randomness, create_graph, batched
+            )
+        )
     result = execute(req)
     if plain:
         repeated.record(func, args, options, req)
     return result
+
+
+def _tree_options(*values: object) -> dict[str, Any]:
+    """The options :func:`jacobian` passes on to :func:`jacbatch.pytree.jacobian`, by name."""
+    names = ("method", "vec", "chunk_size", "max_memory", "progress", "randomness")
+    return dict(zip((*names, "create_graph", "batched"), values, strict=True))
 
 
 def explain(
