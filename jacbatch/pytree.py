@@ -481,9 +481,8 @@ def jacobian(
     jacs = repeated.run(flat.func, flat.args, key) if plain and not has_aux else None
     if jacs is None:
         bufs = None if out is None else flat_outs(where, flat, out)
-        req = build_request(
-            where, flat.func, flat.args, fargnums, flat.in_dims, out=bufs, **options
-        )
+        if bufs is not None:
+            _note_output(flat)
         if bufs is not None and not flat.noted.single:
             raise ValueError(
                 f"{where}: expected func to return a single tensor with out=, got an output "
@@ -491,6 +490,9 @@ def jacobian(
                 f"drop out= (the result is a tree of views of one tensor per leaf), or return "
                 f"one tensor (torch.cat of the flattened outputs)."
             )
+        req = build_request(
+            where, flat.func, flat.args, fargnums, flat.in_dims, out=bufs, **options
+        )
         jacs = execute(req)
         if plain and not has_aux:
             repeated.record(flat.func, flat.args, key, req)
