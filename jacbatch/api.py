@@ -178,9 +178,15 @@ def jacobian(
     """
     if pytree.is_tree_call(args, in_dims, has_aux):  # NOTE [Pytree calls]
         return pytree.jacobian(
-            func, args, argnums, in_dims, has_aux, out, _tree_options(
+            func,
+            args,
+            argnums,
+            in_dims,
+            has_aux,
+            out,
+            _tree_options(
                 method, vec, chunk_size, max_memory, progress, randomness, create_graph, batched
-            )
+            ),
         )
     options = (argnums, in_dims, method, vec, chunk_size, max_memory, randomness, progress, batched)
     plain = out is None and create_graph is False
@@ -196,9 +202,15 @@ def jacobian(
         )  # fmt: skip
     except V.TreeOutput:  # a tuple, list or dict output: the pytree path
         return pytree.jacobian(
-            func, args, argnums, in_dims, has_aux, out, _tree_options(
+            func,
+            args,
+            argnums,
+            in_dims,
+            has_aux,
+            out,
+            _tree_options(
                 method, vec, chunk_size, max_memory, progress, randomness, create_graph, batched
-            )
+            ),
         )
     result = execute(req)
     if plain:

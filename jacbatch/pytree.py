@@ -255,9 +255,7 @@ def flatten(
     diff_args, tuple_argnums = _argnums(where, argnums, n)
     if isinstance(in_dims, list):
         in_dims = tuple(in_dims)
-    if isinstance(in_dims, bool) or not (
-        in_dims is None or isinstance(in_dims, (int, tuple))
-    ):
+    if isinstance(in_dims, bool) or not (in_dims is None or isinstance(in_dims, (int, tuple))):
         raise TypeError(
             f"{where}: expected in_dims to be an int, None or a tuple (one entry per argument, "
             f"each an int, None or a tree matching that argument), got {type(in_dims).__name__}."
@@ -436,7 +434,9 @@ def _note_output(flat: Flat) -> None:
         tuple(s for j, s in enumerate(x.shape) if j != d)
         for x, d in zip(flat.args, flat.in_dims, strict=True)
     ]
-    first = [x if d is None else x.select(d, 0) for x, d in zip(flat.args, flat.in_dims)]
+    first = [
+        x if d is None else x.select(d, 0) for x, d in zip(flat.args, flat.in_dims, strict=True)
+    ]
     _probe.probe(flat.func, shapes, flat.args[0].dtype, lambda: first)
 
 
@@ -451,7 +451,12 @@ def _aux(flat: Flat, req: Any, randomness: str, batched: bool) -> Any:
             return torch.func.vmap(f, in_dims=flat.in_dims, randomness=randomness)(*flat.args)
         except RuntimeError:  # vmap refuses func (.item(), data-dependent control flow)
             samples = [
-                f(*[x if d is None else x.select(d, b) for x, d in zip(flat.args, flat.in_dims)])
+                f(
+                    *[
+                        x if d is None else x.select(d, b)
+                        for x, d in zip(flat.args, flat.in_dims, strict=True)
+                    ]
+                )
                 for b in range(flat.batch_size)
             ]
             return pt.tree_map(lambda *xs: torch.stack(xs), *samples)
@@ -469,9 +474,7 @@ def jacobian(
     """:func:`jacbatch.jacobian` for a pytree call (NOTE [Pytree calls])."""
     where = "jacobian"
     vec, batched = options["vec"], options["batched"]
-    flat = flatten(
-        where, func, args, argnums, in_dims, has_aux=has_aux, vec=vec, batched=batched
-    )
+    flat = flatten(where, func, args, argnums, in_dims, has_aux=has_aux, vec=vec, batched=batched)
     fargnums = flat.argnums
     plain = out is None and options["create_graph"] is False
     key = (

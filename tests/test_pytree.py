@@ -36,14 +36,17 @@ def reference(func, args, argnums=0, in_dims=0, vec=None, has_aux=False):
     dims = pt._broadcast_to_and_flatten(
         tuple(in_dims) if isinstance(in_dims, list) else in_dims, spec
     )
-    sizes = {x.shape[d] for x, d in zip(leaves, dims) if d is not None}
+    sizes = {x.shape[d] for x, d in zip(leaves, dims, strict=True) if d is not None}
     B = next(iter(sizes)) if sizes else None
     nums = argnums if isinstance(argnums, tuple) else (argnums,)
     owner = [p[0].idx for p, _ in pt.tree_flatten_with_path(tuple(args))[0]]
     diff = [i for a in nums for i in range(len(leaves)) if owner[i] == a]
 
     def sample(b):
-        return [x if d is None or b is None else x.select(d, b) for x, d in zip(leaves, dims)]
+        return [
+            x if d is None or b is None else x.select(d, b)
+            for x, d in zip(leaves, dims, strict=True)
+        ]
 
     def outs(ls):
         out = func(*pt.tree_unflatten(ls, spec))
@@ -60,7 +63,9 @@ def reference(func, args, argnums=0, in_dims=0, vec=None, has_aux=False):
                 return tuple(pt.tree_leaves(outs([z if j == i else x for j, x in enumerate(ls)])))
 
             J = torch.autograd.functional.jacobian(g, ls[i])
-            blocks.append([Jk.reshape(*o.shape, *ls[i].shape) for Jk, o in zip(J, out_leaves)])
+            blocks.append(
+                [Jk.reshape(*o.shape, *ls[i].shape) for Jk, o in zip(J, out_leaves, strict=True)]
+            )
         per_sample.append([[blk[k] for blk in blocks] for k in range(len(out_leaves))])
     flat = []
     for k in range(len(per_sample[0])):
@@ -80,7 +85,7 @@ def reference(func, args, argnums=0, in_dims=0, vec=None, has_aux=False):
 def torch_func(func, args, argnums=0, in_dims=0, has_aux=False):
     """``vmap(jacrev(func, argnums, has_aux), in_dims)(*args)`` (``jacrev`` alone unbatched)."""
     j = jacrev(func, argnums=argnums, has_aux=has_aux)
-    leaves, spec = pt.tree_flatten(tuple(args))
+    spec = pt.tree_structure(tuple(args))
     dims = pt._broadcast_to_and_flatten(in_dims, spec)
     if all(d is None for d in dims):
         return j(*args)
@@ -94,13 +99,13 @@ def check(got, func, args, argnums=0, in_dims=0, vec=None, has_aux=False):
         got, aux = got
         want, want_aux = want
         assert pt.tree_structure(aux) == pt.tree_structure(want_aux)
-        for a, w in zip(pt.tree_leaves(aux), pt.tree_leaves(want_aux)):
+        for a, w in zip(pt.tree_leaves(aux), pt.tree_leaves(want_aux), strict=True):
             torch.testing.assert_close(a, w, rtol=0, atol=0)
     assert pt.tree_structure(got) == pt.tree_structure(want)
     ref = reference(func, args, argnums, in_dims, vec, has_aux)
     got_leaves = pt.tree_leaves(got)
     assert len(got_leaves) == len(ref)
-    for g, w, r in zip(got_leaves, pt.tree_leaves(want), ref):
+    for g, w, r in zip(got_leaves, pt.tree_leaves(want), ref, strict=True):
         assert g.shape == r.shape
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
         if vec is None:
@@ -109,9 +114,7 @@ def check(got, func, args, argnums=0, in_dims=0, vec=None, has_aux=False):
 
 def _mlp():
     torch.manual_seed(1)
-    return torch.nn.Sequential(
-        torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)
-    ).to(DT)
+    return torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).to(DT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +338,17 @@ def test_repeated_pytree_calls_stay_correct():
     (keys swapped) and another function of the same code never reuse a wrong program."""
     repeated.forget_all()
     x = torch.randn(4, 3, dtype=DT)
+    scale = [1.0]
+
+    def g(p, x):
+        return torch.tanh(x * p["a"]) * scale[0], {"s": (x * p["b"]).sum()}
+
+    p = {"a": torch.randn(3, dtype=DT), "b": torch.randn(3, dtype=DT)}
+    for _ in range(repeated.HOT_CALLS + 2):
+        check(jacbatch.jacobian(g, p, x, in_dims=(None, 0)), g, (p, x), 0, (None, 0))
+    assert any(s.entry is not None for t in repeated._SEEN.values() for s in t.values())
+    scale[0] = 3.0  # a guard fails: the full path, the new value
+    check(jacbatch.jacobian(g, p, x, in_dims=(None, 0)), g, (p, x), 0, (None, 0))
     for step in range(2 * repeated.HOT_CALLS + 1):
         a, b = torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)
         p = {"a": a, "b": b} if step % 2 == 0 else {"b": a, "a": b}
@@ -345,6 +359,19 @@ def test_repeated_pytree_calls_stay_correct():
 
         J = jacbatch.jacobian(f, p, x, in_dims=(None, 0))
         check(J, f, (p, x), 0, (None, 0))
+
+
+@pytest.mark.parametrize("method", ["auto", "jacrev", "jacfwd", "vjp"])
+def test_batched_function_with_pytrees(method):
+    """batched=True: func maps a batch to a batch; trees and has_aux as for a per-sample func."""
+    x = torch.randn(4, 3, dtype=DT)
+    p = {"a": torch.randn(3, dtype=DT), "b": torch.randn(3, dtype=DT)}
+
+    def f(p, x):  # per sample and batched alike
+        return {"o": torch.sin(x * p["a"]) + p["b"] ** 2, "s": (x * p["a"]).sum(-1)}, x.sum(-1)
+
+    J = jacbatch.jacobian(f, p, x, in_dims=(None, 0), batched=True, has_aux=True, method=method)
+    check(J, f, (p, x), 0, (None, 0), has_aux=True)
 
 
 # ---------------------------------------------------------------------------------------------
