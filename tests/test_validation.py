@@ -44,7 +44,7 @@ class Spy:
             r"share one dtype.*args\[0\]: torch.float32, args\[1\]: torch.float64",
         ),
         ((X, X.to("meta")), {}, ValueError, r"meta device"),
-        ((X, [1.0]), {}, TypeError, r"args\[1\] to be a torch.Tensor, got list"),
+        ((X, [1.0]), {}, ValueError, r"in_dim of args\[1\]\[0\].*Use None for a leaf shared"),
         ((X,), {"method": "magic"}, ValueError, "'auto', 'closed_form', 'jacrev', 'jacfwd', 'vjp'"),
         ((X,), {"vec": "F"}, ValueError, "None, 'row', 'col'"),
         ((X,), {"chunk_size": 0}, ValueError, "chunk_size to be a positive int"),
