@@ -45,6 +45,7 @@ NOTE [Pytree calls: one flat call of the same machinery]
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 import weakref
@@ -57,7 +58,7 @@ from torch.utils import _pytree as pt
 
 from . import _probe, _state, repeated
 from .executor import execute
-from .request import build_request
+from .request import Request, build_request
 
 #: One copy of the flat function's code per ``func`` (see NOTE [Pytree calls]).
 _CODES: weakref.WeakKeyDictionary[Any, types.CodeType] = weakref.WeakKeyDictionary()
@@ -440,11 +441,16 @@ def _note_output(flat: Flat) -> None:
     _probe.probe(flat.func, shapes, flat.args[0].dtype, lambda: first)
 
 
-def _aux(flat: Flat, req: Any, randomness: str, batched: bool) -> Any:
-    """``aux`` batched like the output (NOTE [Pytree calls], point 4)."""
+def _aux(flat: Flat, req: Request | None, randomness: str, batched: bool) -> Any:
+    """``aux`` batched like the output (NOTE [Pytree calls], point 4), under the protections
+    of ``req``'s plan (none after a repeated call's program: a hot key needs none)."""
     assert flat.aux is not None
-    call = req.call
-    with _state.protect(flat.aux, req.plan.protection, call.device) as f:
+    protection: contextlib.AbstractContextManager[Any]
+    if req is None:
+        protection = contextlib.nullcontext(flat.aux)
+    else:
+        protection = _state.protect(flat.aux, req.plan.protection, req.call.device)
+    with protection as f:
         if flat.batch_size is None or batched:
             return f(*flat.args)
         try:
@@ -481,7 +487,8 @@ def jacobian(
         fargnums, flat.in_dims, options["method"], vec, options["chunk_size"],
         options["max_memory"], options["randomness"], options["progress"], batched,
     )  # fmt: skip
-    jacs = repeated.run(flat.func, flat.args, key) if plain and not has_aux else None
+    jacs = repeated.run(flat.func, flat.args, key) if plain else None
+    req = None
     if jacs is None:
         bufs = None if out is None else flat_outs(where, flat, out)
         if bufs is not None:
@@ -497,7 +504,7 @@ def jacobian(
             where, flat.func, flat.args, fargnums, flat.in_dims, out=bufs, **options
         )
         jacs = execute(req)
-        if plain and not has_aux:
+        if plain:
             repeated.record(flat.func, flat.args, key, req)
     if flat.noted.spec is None:  # a program ran without an eager run of func: note it now
         _note_output(flat)

@@ -311,6 +311,11 @@ def test_model_parameters_and_input_both_differentiated():
     J = jacbatch.jacobian(f, params, x, argnums=(0, 1), in_dims=(None, 0))
     assert J[1].shape == (3, 2, 3)
     check(J, f, (params, x), (0, 1), (None, 0))
+    # differentiable w.r.t. the parameters, as torch.func's result
+    (got,) = torch.autograd.grad(J[0]["0.weight"].square().sum(), params["2.weight"])
+    want = vmap(jacrev(f, argnums=(0, 1)), in_dims=(None, 0))(params, x)[0]["0.weight"]
+    (ref,) = torch.autograd.grad(want.square().sum(), params["2.weight"])
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +354,9 @@ def test_repeated_pytree_calls_stay_correct():
     assert any(s.entry is not None for t in repeated._SEEN.values() for s in t.values())
     scale[0] = 3.0  # a guard fails: the full path, the new value
     check(jacbatch.jacobian(g, p, x, in_dims=(None, 0)), g, (p, x), 0, (None, 0))
+    for _ in range(repeated.HOT_CALLS + 2):  # has_aux: aux computed beside the program
+        J = jacbatch.jacobian(g, p, x, in_dims=(None, 0), has_aux=True, argnums=(0, 1))
+        check(J, g, (p, x), (0, 1), (None, 0), has_aux=True)
     for step in range(2 * repeated.HOT_CALLS + 1):
         a, b = torch.randn(3, dtype=DT), torch.randn(3, dtype=DT)
         p = {"a": a, "b": b} if step % 2 == 0 else {"b": a, "a": b}
