@@ -39,8 +39,13 @@ NOTE [Pytree calls: one flat call of the same machinery]
 
     A call whose arguments are all tensors, with ``in_dims`` an int, ``None`` or a flat
     sequence, and ``has_aux=False`` takes the tensor path; only when its ``func`` returns a
-    tuple, list or dict does it come here (the tensor path refuses such an output at the probe,
-    before any work).
+    tuple, list or dict does it come here (the tensor path refuses such an output at its probe,
+    before any work, so such a call pays one probe more than a pytree call).
+
+    ``out=`` takes a tree of buffers shaped like the result when ``func`` returns one tensor:
+    the routes write into them directly. For a tree output the rows of every output leaf come
+    from one concatenated Jacobian per differentiated leaf, which no set of separate buffers
+    can be, so ``out=`` is refused there rather than filled through a hidden full-size copy.
 """
 
 from __future__ import annotations
