@@ -162,10 +162,11 @@ def jacobian(
         in_numel)`` with ``vec``; a scalar output gives gradients ``(B, *in_shape)``. A tuple of
         those for tuple ``argnums``. Pytrees nest as ``torch.func.jacrev``: the output's tree,
         each output leaf holding the differentiated argument's tree of Jacobians (a tuple of
-        those for tuple ``argnums``); see NOTE [Pytree calls] in :mod:`jacbatch.pytree`. The result carries an autograd graph only when it must be
-        differentiable (see ``create_graph``); otherwise none is built. An ``out=`` buffer is
-        filled with ``copy_``, so it carries the graph in that case; inside a torch.func
-        transform ``out=`` is refused (a plain buffer cannot hold a transformed value).
+        those for tuple ``argnums``); see NOTE [Pytree calls] in :mod:`jacbatch.pytree`. The
+        result carries an autograd graph only when it must be differentiable (see
+        ``create_graph``); otherwise none is built. An ``out=`` buffer is filled with
+        ``copy_``, so it carries the graph in that case; inside a torch.func transform ``out=``
+        is refused (a plain buffer cannot hold a transformed value).
 
     Example:
         >>> A = torch.tensor([[1., 2., 3.], [4., 5., 6.]])
@@ -260,14 +261,17 @@ def explain(
           note: argnum 0: special_erfcx = aten.special_erfcx.default: no closed-form rule for this op
           note: argnum 0: tanh = aten.tanh.default -> rule elementwise_tanh
     """
+    call = (func, args, argnums, in_dims)
     if pytree.is_tree_call(args, in_dims, has_aux):  # NOTE [Pytree calls]
-        flat = pytree.flatten("explain", func, args, argnums, in_dims, has_aux=has_aux,
-                              batched=batched)  # fmt: skip
-        func, args, argnums, in_dims = flat.func, flat.args, flat.argnums, flat.in_dims
-    req = build_request(
-        "explain", func, args, argnums, in_dims, method=method, randomness=randomness,
-        batched=batched, fit=None,
-    )  # fmt: skip
+        call = pytree.flat_call("explain", *call, has_aux=has_aux, batched=batched)
+    options: dict[str, Any] = {
+        "method": method, "randomness": randomness, "batched": batched, "fit": None,
+    }  # fmt: skip
+    try:
+        req = build_request("explain", *call, **options)
+    except V.TreeOutput:  # a tuple, list or dict output: the flat call
+        call = pytree.flat_call("explain", *call, has_aux=has_aux, batched=batched)
+        req = build_request("explain", *call, **options)
     return req.plan
 
 
@@ -303,14 +307,18 @@ def estimate_memory(
         >>> est.output_bytes // 2**20, est.working_bytes < est.output_bytes // 100
         (512, True)
     """
+    where, call = "estimate_memory", (func, args, argnums, in_dims)
     if pytree.is_tree_call(args, in_dims, has_aux):  # NOTE [Pytree calls]
-        flat = pytree.flatten("estimate_memory", func, args, argnums, in_dims, has_aux=has_aux,
-                              vec=vec, batched=batched)  # fmt: skip
-        func, args, argnums, in_dims = flat.func, flat.args, flat.argnums, flat.in_dims
-    req = build_request(
-        "estimate_memory", func, args, argnums, in_dims, method=method, vec=vec,
-        chunk_size=chunk_size, randomness=randomness, batched=batched, fit=None,
-    )  # fmt: skip
+        call = pytree.flat_call(where, *call, has_aux=has_aux, vec=vec, batched=batched)
+    options: dict[str, Any] = {
+        "method": method, "vec": vec, "chunk_size": chunk_size, "randomness": randomness,
+        "batched": batched, "fit": None,
+    }  # fmt: skip
+    try:
+        req = build_request(where, *call, **options)
+    except V.TreeOutput:  # a tuple, list or dict output: the flat call
+        call = pytree.flat_call(where, *call, has_aux=has_aux, vec=vec, batched=batched)
+        req = build_request(where, *call, **options)
     return estimate(req)
 
 

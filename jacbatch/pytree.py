@@ -389,6 +389,20 @@ def flatten(
     )  # fmt: skip
 
 
+def flat_call(
+    where: str,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    argnums: object,
+    in_dims: object,
+    **kw: Any,
+) -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...], tuple[int, ...], Any]:
+    """``(func, args, argnums, in_dims)`` of the flat call (for :func:`jacbatch.explain` and
+    :func:`jacbatch.estimate_memory`); ``kw``: as for :func:`flatten`."""
+    flat = flatten(where, func, args, argnums, in_dims, **kw)
+    return flat.func, flat.args, flat.argnums, flat.in_dims
+
+
 def nest(flat: Flat, jacs: Sequence[torch.Tensor], vec: str | None) -> Any:
     """The machinery's per-leaf Jacobians split into the output leaves and nested as
     ``torch.func.jacrev`` nests them (NOTE [Pytree calls], point 3)."""
@@ -519,4 +533,4 @@ def jacobian(
     return result, _aux(flat, req, options["randomness"], batched is True)
 
 
-__all__ = ["Flat", "flatten", "is_tree_call", "jacobian", "nest"]
+__all__ = ["Flat", "flat_call", "flatten", "is_tree_call", "jacobian", "nest"]

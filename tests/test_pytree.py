@@ -416,6 +416,11 @@ def test_explain_and_estimate_memory_take_pytrees():
     assert plan.batch_size == 4 and plan.out_shape == (3,)
     est = jacbatch.estimate_memory(f, p, x, in_dims=(None, 0))
     assert est.output_bytes == 4 * 3 * 6 * 8
+    # tensor arguments, a tuple output
+    plan = jacbatch.explain(lambda x: (x.sin(), x.sum()), x)
+    assert plan.out_shape == (4,)
+    est = jacbatch.estimate_memory(lambda x: (x.sin(), x.sum()), x, vec="col")
+    assert est.output_bytes == 4 * 4 * 3 * 8
 
 
 def test_streaming_refuses_pytrees_naming_the_alternative(tmp_path):
