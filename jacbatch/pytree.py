@@ -191,12 +191,10 @@ def _make(
         out = func(*pt.tree_unflatten(leaves, spec))
         if has_aux:
             out = _primal(where, out)[0]
-        if isinstance(out, torch.Tensor):
-            if not torch.compiler.is_compiling():
-                _note(where, out, noted, lead)
-            return out
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():  # Dynamo does not see this branch
             _note(where, out, noted, lead)
+        if isinstance(out, torch.Tensor):
+            return out
         parts = [_flat_leaf(x, col, lead) for x in pt.tree_leaves(out)]
         return torch.cat(parts, dim=lead)
 
