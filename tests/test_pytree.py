@@ -459,16 +459,35 @@ def test_streaming_refuses_pytrees_naming_the_alternative(tmp_path):
         (({"w": torch.ones(2)}, torch.ones(4, 2)), (None, 0), {"argnums": 2}, ValueError,
          "argnums in range"),
         (({}, torch.ones(4, 2)), (None, 0), {}, ValueError, "hold at least one tensor"),
+        ((torch.ones(4, 2), {"k": torch.ones(4, 2, dtype=DT)}), 0, {}, TypeError,
+         r"batched leaves to be dense tensors of the differentiated dtype torch.float32.*"
+         r"args\[1\]\['k'\] with dtype torch.float64"),
     ],
 )  # fmt: skip
 def test_errors_name_the_leaf(args, in_dims, kw, exc, match):
+    def f(p, x):
+        if isinstance(p, dict):
+            p, x = x, p
+        return p * sum(x.values())
+
     with pytest.raises(exc, match=match):
-        jacbatch.jacobian(lambda p, x: x * sum(p.values()), *args, in_dims=in_dims, **kw)
+        jacbatch.jacobian(f, *args, in_dims=in_dims, **kw)
 
 
 def test_non_tensor_output_leaf_is_named():
     with pytest.raises(TypeError, match=r"output\['n'\] of type int"):
         jacbatch.jacobian(lambda x: {"y": x, "n": 3}, torch.ones(4, 2))
+
+
+def test_shared_leaf_of_another_dtype_is_a_constant():
+    x = torch.randn(4, 3, dtype=DT)
+    other = {"w": torch.randn(3, dtype=torch.float32)}
+
+    def f(x, other):
+        return x * other["w"].double()
+
+    J = jacbatch.jacobian(f, x, other, in_dims=(0, None))
+    check(J, f, (x, other), 0, (0, None))
 
 
 def test_shared_non_tensor_leaves_are_passed_through():
