@@ -318,6 +318,34 @@ def test_model_parameters_and_input_both_differentiated():
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
+def test_composes_with_torch_func_and_itself():
+    """Inside torch.func.grad (a Jacobian penalty w.r.t. a parameter dict), and a Jacobian of a
+    pytree Jacobian (second derivatives nest as jacrev(jacrev))."""
+    model = _mlp()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    X = torch.randn(5, 3, dtype=DT)
+
+    def f(p, x):
+        return functional_call(model, p, (x,))
+
+    def penalty(jac):
+        return lambda p: sum(j.square().sum() for j in jac(p).values())
+
+    got = torch.func.grad(penalty(lambda p: jacbatch.jacobian(f, p, X, in_dims=(None, 0))))(params)
+    want = torch.func.grad(penalty(lambda p: vmap(jacrev(f), in_dims=(None, 0))(p, X)))(params)
+    for k in params:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12)
+
+    def g(z):
+        return {"a": z.sin().sum(), "b": z.cos()}
+
+    H = jacbatch.jacobian(lambda x: jacbatch.jacobian(g, x, in_dims=None), X)
+    Hr = vmap(jacrev(jacrev(g)))(X)
+    assert pt.tree_structure(H) == pt.tree_structure(Hr)
+    for a, b in zip(pt.tree_leaves(H), pt.tree_leaves(Hr), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # The tensor path is untouched; repeated calls
 # ---------------------------------------------------------------------------------------------
