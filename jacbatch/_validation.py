@@ -209,7 +209,18 @@ def no_rule_error(
     )
 
 
+class TreeOutput(TypeError):
+    """``func`` returned a tuple, list or dict: :func:`jacbatch.jacobian` takes it as a pytree
+    output (NOTE [Pytree calls] in :mod:`jacbatch.pytree`)."""
+
+
 def output_error(where: str, out: object) -> NoReturn:
+    if isinstance(out, (tuple, list, dict)):
+        raise TreeOutput(
+            f"{where}: expected func to return a single torch.Tensor, got "
+            f"{type(out).__name__}. jacbatch.jacobian takes tuple, list and dict outputs (and "
+            f"has_aux=True); elsewhere return one tensor (stack or concatenate the outputs)."
+        )
     raise TypeError(
         f"{where}: expected func to return a single torch.Tensor, got {type(out).__name__}. "
         f"Return one tensor (stack or concatenate several outputs), or call jacobian once per output."
@@ -248,6 +259,14 @@ def normalize_call(
         raise TypeError(f"{where}: expected at least one tensor argument after func, got none.")
     for i, a in enumerate(args):
         if not isinstance(a, torch.Tensor):
+            if isinstance(a, (dict, list, tuple)):
+                raise TypeError(
+                    f"{where}: expected args[{i}] to be a torch.Tensor, got "
+                    f"{type(a).__name__}. jacbatch.jacobian, explain and estimate_memory take "
+                    f"dicts, tuples and lists of tensors (pytrees, as torch.func); here pass "
+                    f"each tensor as its own argument (e.g. *params.values()) and rebuild the "
+                    f"structure inside func."
+                )
             raise TypeError(
                 f"{where}: expected args[{i}] to be a torch.Tensor, got {type(a).__name__}. "
                 f"Convert it with torch.as_tensor(...), or close over non-tensor values in func."

@@ -10,11 +10,12 @@ running in :mod:`jacbatch.executor`, the routes in :mod:`jacbatch.methods`, and
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import overload
+from typing import Any, overload
 
 import torch
 
-from . import memory, repeated
+from . import _validation as V
+from . import memory, pytree, repeated
 from .check import CheckReport, check
 from .executor import execute
 from .methods import names as _route_names
@@ -51,6 +52,7 @@ def jacobian(
     randomness: str = "error",
     create_graph: bool = False,
     batched: bool = False,
+    has_aux: bool = False,
 ) -> torch.Tensor: ...
 
 
@@ -69,6 +71,7 @@ def jacobian(
     randomness: str = "error",
     create_graph: bool = False,
     batched: bool = False,
+    has_aux: bool = False,
 ) -> tuple[torch.Tensor, ...]: ...
 
 
@@ -86,7 +89,8 @@ def jacobian(
     randomness: str = "error",
     create_graph: bool = False,
     batched: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    has_aux: bool = False,
+) -> Any:
     """Full Jacobian of ``func`` w.r.t. ``args[argnums]``, for one input or a batch of inputs.
 
     ``func`` is written for ONE sample; ``in_dims`` says which arguments carry a batch dimension,
@@ -94,12 +98,15 @@ def jacobian(
 
     Args:
         func: per-sample function of tensors returning one floating-point tensor of shape
-            ``out_shape``.
-        *args: its arguments. A batched argument has its per-sample shape plus a batch dimension
-            of size ``B`` at ``in_dims[i]``.
+            ``out_shape``, or a pytree of them (tuple, list, dict; see Returns).
+        *args: its arguments: tensors, or pytrees of tensors (a parameter dict for
+            ``torch.func.functional_call``). A batched argument (leaf) has its per-sample shape
+            plus a batch dimension of size ``B`` at its in_dim.
         argnums: the argument(s) to differentiate; a tuple returns a tuple of Jacobians.
-        in_dims: int (every argument), or a tuple with one int/``None`` per argument. ``None``
-            marks an argument shared by the whole batch; all ``None`` means no batch.
+        in_dims: int (every argument), or a tuple with one entry per argument: an int/``None``,
+            or for a pytree argument a matching tree of them (a prefix, as in
+            ``torch.func.vmap``). ``None`` marks an argument shared by the whole batch; all
+            ``None`` means no batch.
         method: ``"auto"`` (a registered closed form, else a closed form composed from op
             rules when ``func`` traces into ops that all have one, else the autodiff route
             expected to be fastest for the shapes), ``"closed_form"`` (registered or traced; raises
@@ -110,7 +117,8 @@ def jacobian(
             pass. The closed form writes the result directly and the vjp route already computes
             one row per backward pass, so neither is affected by it.
         out: a contiguous tensor of the result's shape, dtype and device to write into (a tuple
-            of them for tuple ``argnums``); a tensor over a numpy memmap streams to disk.
+            of them for tuple ``argnums``, a tree of them for a pytree argument, as the result
+            nests; refused for a pytree output); a tensor over a numpy memmap streams to disk.
         max_memory: working-memory budget beyond the result, in bytes or as a string such as
             ``"512MiB"``. The route is chunked over the batch (and over rows or columns for
             jacrev/jacfwd) to stay within it. Default: half of the memory free now. A result that
@@ -145,14 +153,20 @@ def jacobian(
             declaration: a ``func`` that mixes samples (a train-mode BatchNorm) gives wrong
             rows. See NOTE [Batched functions: one call, two views] in
             :mod:`jacbatch.methods.batched`.
+        has_aux: ``func`` returns ``(output, aux)``; the result is ``(jacobian, aux)`` with
+            ``aux`` batched like the output (one more batched evaluation of ``func``), as
+            ``vmap(torch.func.jacrev(func, has_aux=True))``.
 
     Returns:
         ``(B, *out_shape, *in_shape)`` (no ``B`` without a batch), or ``(B, out_numel,
         in_numel)`` with ``vec``; a scalar output gives gradients ``(B, *in_shape)``. A tuple of
-        those for tuple ``argnums``. The result carries an autograd graph only when it must be
-        differentiable (see ``create_graph``); otherwise none is built. An ``out=`` buffer is
-        filled with ``copy_``, so it carries the graph in that case; inside a torch.func
-        transform ``out=`` is refused (a plain buffer cannot hold a transformed value).
+        those for tuple ``argnums``. Pytrees nest as ``torch.func.jacrev``: the output's tree,
+        each output leaf holding the differentiated argument's tree of Jacobians (a tuple of
+        those for tuple ``argnums``); see NOTE [Pytree calls] in :mod:`jacbatch.pytree`. The
+        result carries an autograd graph only when it must be differentiable (see
+        ``create_graph``); otherwise none is built. An ``out=`` buffer is filled with
+        ``copy_``, so it carries the graph in that case; inside a torch.func transform ``out=``
+        is refused (a plain buffer cannot hold a transformed value).
 
     Example:
         >>> A = torch.tensor([[1., 2., 3.], [4., 5., 6.]])
@@ -163,21 +177,52 @@ def jacobian(
                 [4., 0., 5., 0., 6., 0.],
                 [0., 4., 0., 5., 0., 6.]])
     """
+    if pytree.is_tree_call(args, in_dims, has_aux):  # NOTE [Pytree calls]
+        return pytree.jacobian(
+            func,
+            args,
+            argnums,
+            in_dims,
+            has_aux,
+            out,
+            _tree_options(
+                method, vec, chunk_size, max_memory, progress, randomness, create_graph, batched
+            ),
+        )
     options = (argnums, in_dims, method, vec, chunk_size, max_memory, randomness, progress, batched)
     plain = out is None and create_graph is False
     if plain:  # NOTE [Repeated plain calls]
         result = repeated.run(func, args, options)
         if result is not None:
             return result
-    req = build_request(
-        "jacobian", func, args, argnums, in_dims, method=method, vec=vec,
-        chunk_size=chunk_size, randomness=randomness, create_graph=create_graph, out=out,
-        max_memory=max_memory, progress=progress, batched=batched,
-    )  # fmt: skip
+    try:
+        req = build_request(
+            "jacobian", func, args, argnums, in_dims, method=method, vec=vec,
+            chunk_size=chunk_size, randomness=randomness, create_graph=create_graph, out=out,
+            max_memory=max_memory, progress=progress, batched=batched,
+        )  # fmt: skip
+    except V.TreeOutput:  # a tuple, list or dict output: the pytree path
+        return pytree.jacobian(
+            func,
+            args,
+            argnums,
+            in_dims,
+            has_aux,
+            out,
+            _tree_options(
+                method, vec, chunk_size, max_memory, progress, randomness, create_graph, batched
+            ),
+        )
     result = execute(req)
     if plain:
         repeated.record(func, args, options, req, result)
     return result
+
+
+def _tree_options(*values: object) -> dict[str, Any]:
+    """The options :func:`jacobian` passes on to :func:`jacbatch.pytree.jacobian`, by name."""
+    names = ("method", "vec", "chunk_size", "max_memory", "progress", "randomness")
+    return dict(zip((*names, "create_graph", "batched"), values, strict=True))
 
 
 def explain(
@@ -188,12 +233,16 @@ def explain(
     method: str = "auto",
     randomness: str = "error",
     batched: bool = False,
+    has_aux: bool = False,
 ) -> Plan:
     """Say which route :func:`jacobian` would run for this call, and why, without running it.
 
     Args:
-        func, args, argnums, in_dims, method, randomness, batched: as in :func:`jacobian` (a
-            random ``func`` under ``randomness="error"`` raises as :func:`jacobian` would).
+        func, args, argnums, in_dims, method, randomness, batched, has_aux: as in
+            :func:`jacobian` (a random ``func`` under ``randomness="error"`` raises as
+            :func:`jacobian` would). A pytree call is explained as the flat call it runs
+            (NOTE [Pytree calls] in :mod:`jacbatch.pytree`): one input per tensor leaf, and
+            the output leaves concatenated into one vector unless ``func`` returns one tensor.
 
     Returns:
         A :class:`Plan`; ``str(plan)`` is a readable summary.
@@ -212,10 +261,17 @@ def explain(
           note: argnum 0: special_erfcx = aten.special_erfcx.default: no closed-form rule for this op
           note: argnum 0: tanh = aten.tanh.default -> rule elementwise_tanh
     """
-    req = build_request(
-        "explain", func, args, argnums, in_dims, method=method, randomness=randomness,
-        batched=batched, fit=None,
-    )  # fmt: skip
+    call = (func, args, argnums, in_dims)
+    if pytree.is_tree_call(args, in_dims, has_aux):  # NOTE [Pytree calls]
+        call = pytree.flat_call("explain", *call, has_aux=has_aux, batched=batched)
+    options: dict[str, Any] = {
+        "method": method, "randomness": randomness, "batched": batched, "fit": None,
+    }  # fmt: skip
+    try:
+        req = build_request("explain", *call, **options)
+    except V.TreeOutput:  # a tuple, list or dict output: the flat call
+        call = pytree.flat_call("explain", *call, has_aux=has_aux, batched=batched)
+        req = build_request("explain", *call, **options)
     return req.plan
 
 
@@ -229,6 +285,7 @@ def estimate_memory(
     chunk_size: int | None = None,
     randomness: str = "error",
     batched: bool = False,
+    has_aux: bool = False,
 ) -> memory.MemoryEstimate:
     """Preflight: the result's bytes and the route's peak working bytes, from shapes alone.
 
@@ -237,8 +294,8 @@ def estimate_memory(
     evaluated once on the first sample, to learn its output shape.
 
     Args:
-        func, args, argnums, in_dims, method, vec, chunk_size, randomness, batched: as in
-            :func:`jacobian`.
+        func, args, argnums, in_dims, method, vec, chunk_size, randomness, batched, has_aux:
+            as in :func:`jacobian` (pytrees too).
 
     Returns:
         A :class:`~jacbatch.memory.MemoryEstimate` (``output_bytes``, ``peak_bytes``,
@@ -250,10 +307,18 @@ def estimate_memory(
         >>> est.output_bytes // 2**20, est.working_bytes < est.output_bytes // 100
         (512, True)
     """
-    req = build_request(
-        "estimate_memory", func, args, argnums, in_dims, method=method, vec=vec,
-        chunk_size=chunk_size, randomness=randomness, batched=batched, fit=None,
-    )  # fmt: skip
+    where, call = "estimate_memory", (func, args, argnums, in_dims)
+    if pytree.is_tree_call(args, in_dims, has_aux):  # NOTE [Pytree calls]
+        call = pytree.flat_call(where, *call, has_aux=has_aux, vec=vec, batched=batched)
+    options: dict[str, Any] = {
+        "method": method, "vec": vec, "chunk_size": chunk_size, "randomness": randomness,
+        "batched": batched, "fit": None,
+    }  # fmt: skip
+    try:
+        req = build_request(where, *call, **options)
+    except V.TreeOutput:  # a tuple, list or dict output: the flat call
+        call = pytree.flat_call(where, *call, has_aux=has_aux, vec=vec, batched=batched)
+        req = build_request(where, *call, **options)
     return estimate(req)
 
 

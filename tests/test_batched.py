@@ -245,8 +245,8 @@ def test_bad_inputs():
         jacbatch.jacobian(lambda x: net(x).sum(0), X, batched=True)
     with pytest.raises(ValueError, match="batched=True"):
         jacbatch.jacobian(lambda x: net(x)[:1], X, batched=True, method="jacrev")
-    with pytest.raises(TypeError, match="one tensor"):
-        jacbatch.jacobian(lambda x: (net(x), net(x)), X, batched=True)
+    with pytest.raises(TypeError, match=r"one tensor|single torch\.Tensor"):
+        jacbatch.jacobian(lambda x: net(x).sum().item(), X, batched=True)
     with pytest.raises(ValueError, match="random"):
         jacbatch.jacobian(
             lambda x: torch.nn.functional.dropout(x, 0.5), X, batched=True, randomness="different"

@@ -44,7 +44,7 @@ class Spy:
             r"share one dtype.*args\[0\]: torch.float32, args\[1\]: torch.float64",
         ),
         ((X, X.to("meta")), {}, ValueError, r"meta device"),
-        ((X, [1.0]), {}, TypeError, r"args\[1\] to be a torch.Tensor, got list"),
+        ((X, [1.0]), {}, ValueError, r"in_dim of args\[1\]\[0\].*Use None for a leaf shared"),
         ((X,), {"method": "magic"}, ValueError, "'auto', 'closed_form', 'jacrev', 'jacfwd', 'vjp'"),
         ((X,), {"vec": "F"}, ValueError, "None, 'row', 'col'"),
         ((X,), {"chunk_size": 0}, ValueError, "chunk_size to be a positive int"),
@@ -86,7 +86,7 @@ def test_not_callable_and_no_args():
 @pytest.mark.parametrize(
     ("func", "exc", "match"),
     [
-        (lambda x: (x, x), TypeError, "single torch.Tensor, got tuple"),
+        (lambda x: (x, 1.0), TypeError, r"output\[1\] of type float"),
         (lambda x: x.sum().item(), TypeError, "single torch.Tensor, got float"),
         (lambda x: (x > 0).long(), TypeError, "floating-point tensor, got dtype torch.int64"),
     ],
