@@ -368,6 +368,8 @@ def closed_form(call: Call, out_shape: tuple[int, ...]) -> list[torch.Tensor]:
             programs[key] = prog
     if prog.run is None:
         raise Unsupported(prog.why)
+    if not prog.checked:
+        raise Unsupported("no sample of the example was finite to check the program on")
     with torch.no_grad():
         blocks = list(prog.run(*args, *got.lifted))
     if not all(bool(torch.isfinite(H).all()) for H in blocks):
