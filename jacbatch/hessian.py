@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -409,6 +410,22 @@ def _unchecked() -> Iterator[None]:
         linalg.UNCHECKED.on = False
 
 
+def _trace_writes(
+    fn: Callable[..., Any], examples: Sequence[torch.Tensor]
+) -> tuple[torch.fx.GraphModule | None, str | None]:
+    """``make_fx(fn)`` in fake mode, keeping the writer's in-place writes into fresh buffers
+    (the program is run, never differentiated: as :mod:`jacbatch.prepared` traces plans)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    try:
+        with capture._LOCK, _unchecked(), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
+    except Exception as err:  # a value-dependent step, an op the trace cannot follow
+        return None, tracing._first_line(err)
+    return gm, None
+
+
 def _build(
     call: Call,
     tg: tracing.TracedGraph,
@@ -448,11 +465,12 @@ def _build(
         for a, g in seconds:
             all_terms = tracing.jacobian_terms(g, call.argnums, list(xs), B)
             for b, terms in zip(call.argnums, all_terms, strict=True):
-                blocks.append(write.dense(terms, (*out_shape, *shapes[a]), shapes[b], B, xs[b]))
+                rows = (*out_shape, *shapes[a])
+                Y = torch.empty((B, *rows, *shapes[b]), dtype=call.dtype, device=call.device)
+                blocks.append(write.materialize(terms, rows, shapes[b], Y))
         return tuple(blocks)
 
-    with _unchecked():
-        gm, error = tracing.to_aten(program, [*args, *lifted])
+    gm, error = _trace_writes(program, [*args, *lifted])
     if gm is None:
         return _Program(None, f"the Hessian program does not trace ({error})")
     gm.graph.eliminate_dead_code()
