@@ -55,7 +55,7 @@ from . import _validation as V
 from . import capture, memory, tracing
 from .call import Call
 from .methods import in_transform, needs_graph
-from .plan import normalize, probe_call
+from .plan import _is_random_op, normalize, probe_call
 from .rules import linalg, write
 from .rules.terms import Unsupported
 
@@ -143,14 +143,25 @@ def hessian(
     order = V.check_vec(where, vec)
     size = V.check_chunk_size(where, chunk_size)
     budget = None if max_memory is None else memory.parse_bytes(where, max_memory)
-    probe = _probe(call)
-    out_shape = tuple(probe.out.shape)
     batched = call.batch_size is not None
     if not batched:  # a batch of one, with every argument batched
         call = Call(
             call.func, tuple(a.unsqueeze(0) for a in call.args), (0,) * len(call.args),
             call.argnums, call.tuple_argnums, 1, call.dtype, call.device,
         )  # fmt: skip
+    # NOTE [Repeated Hessians]: a call whose captured graph already has a checked program needs
+    # no probe (the program knows the output shape; the tensors the graph reads say whether
+    # the result must be differentiable): the per-call cost is the guard check, the value
+    # check on one sample, the program and its finiteness check.
+    cached = _cached(call) if method in ("auto", "closed_form") else None
+    probe = None
+    if cached is not None:
+        out_shape = cached[0].out_shape
+        reads_grad = any(t.requires_grad for t in cached[1].lifted)
+    else:
+        probe = _probe(call)
+        out_shape = tuple(probe.out.shape)
+        reads_grad = probe.reads_grad
     B = call.batch_size or 0
     shapes = [call.sample_shape(i) for i in range(len(call.args))]
     per_sample = sum(
@@ -160,7 +171,7 @@ def hessian(
     ) * torch.empty((), dtype=call.dtype).element_size()
     free = memory.available_memory(call.device)
     if per_sample * B > free:
-        V.result_too_large(where, per_sample * B, free, budget, call.batch_size)
+        V.result_too_large(where, per_sample * B, free, budget, B if batched else None)
     if budget is None:
         budget = memory.default_budget(call.device)
     work = _WORK_MULTIPLE * per_sample
@@ -168,8 +179,18 @@ def hessian(
         V.budget_too_small(where, work, budget, f"method={method!r}")
     chunk = max(1, min(B, budget // max(work, 1))) if B else 0
 
-    graph = needs_graph(call.args, False, probe.reads_grad)
-    blocks = _run(call, method, out_shape, size, chunk, graph, outer_route(probe.ops, method))
+    graph = needs_graph(call.args, False, reads_grad)
+    blocks = None
+    if cached is not None and not graph and chunk >= B:
+        try:
+            blocks = _run_program(call, *cached)
+        except Unsupported:
+            blocks = None
+    if blocks is None:
+        if probe is None:
+            probe = _probe(call)
+        outer = outer_route(probe.ops, method)
+        blocks = _run(call, method, out_shape, size, chunk, graph, outer)
     if not batched:
         blocks = [b[0] for b in blocks]
     lead = 1 if batched else 0
@@ -183,9 +204,13 @@ def hessian(
 
 def _probe(call: Call) -> Any:
     """The probe of ``func`` (:func:`jacbatch.plan.probe_call`), its errors worded for
-    ``hessian``."""
+    ``hessian``; a ``func`` that draws random numbers is refused (as ``torch.func.vmap``'s
+    default ``randomness="error"`` does)."""
     try:
-        return probe_call(call)
+        probe = probe_call(call)
+        if probe.random:
+            V.random_function_error("hessian", [o for o in probe.ops if _is_random_op(o)])
+        return probe
     except (TypeError, ValueError) as err:
         msg = str(err)
         if msg.startswith("jacobian:"):
@@ -333,18 +358,16 @@ class _Program:
     run: Callable[..., Any] | None
     why: str
     checked: bool = True  # False: no sample could be compared; used once, not kept
+    out_shape: tuple[int, ...] = ()
 
 
 #: Programs per captured graph module (it changes when Dynamo re-traces ``func``).
 _PROGRAMS: weakref.WeakKeyDictionary[Any, dict[Any, _Program]] = weakref.WeakKeyDictionary()
 
 
-def closed_form(call: Call, out_shape: tuple[int, ...]) -> list[torch.Tensor]:
-    """The Hessian blocks from the second-order closed form (raises ``Unsupported``).
-
-    ``call`` has a batch (``batch_size`` set). Returns blocks ``(B, *out, *in_i, *in_j)`` in
-    row-major order of ``(i, j)``.
-    """
+def _captured(call: Call) -> capture.Captured:
+    """The capture of ``func`` for this call (raises ``Unsupported`` where there is no graph
+    or an argument's path has an op without a rule)."""
     if in_transform(call.args):
         raise Unsupported("no closed form inside a torch.func transform")
     shapes = [call.sample_shape(i) for i in range(len(call.args))]
@@ -357,23 +380,61 @@ def closed_form(call: Call, out_shape: tuple[int, ...]) -> list[torch.Tensor]:
         an = tg.analysis(a)
         if not an.ok:
             raise Unsupported(an.reason)
-    B = call.batch_size or 0
-    args = [call.moved(i) for i in range(len(call.args))]
-    _value_check(call, tg, got.lifted, args)
-    programs = _PROGRAMS.setdefault(tg.gm, {})
-    key = (call.argnums, tuple(flags), B)
-    prog = programs.get(key)
+    return got
+
+
+def _key(call: Call) -> tuple[Any, ...]:
+    return (call.argnums, tuple(d is not None for d in call.in_dims), call.batch_size or 0)
+
+
+def _cached(call: Call) -> tuple[_Program, capture.Captured] | None:
+    """The checked program for this call's captured graph, if one was built (no probe)."""
+    try:
+        got = _captured(call)
+    except Unsupported:
+        return None
+    assert got.graph.gm is not None
+    prog = _PROGRAMS.get(got.graph.gm, {}).get(_key(call))
+    if prog is None or prog.run is None or not prog.checked:
+        return None
+    return prog, got
+
+
+def closed_form(call: Call, out_shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """The Hessian blocks from the second-order closed form (raises ``Unsupported``).
+
+    ``call`` has a batch (``batch_size`` set). Returns blocks ``(B, *out, *in_i, *in_j)`` in
+    row-major order of ``(i, j)``.
+    """
+    got = _captured(call)
+    assert got.graph.gm is not None
+    programs = _PROGRAMS.setdefault(got.graph.gm, {})
+    prog = programs.get(_key(call))
     if prog is None:
-        prog = _build(call, tg, got.lifted, args, out_shape)
+        args = [call.moved(i) for i in range(len(call.args))]
+        _value_check(call, got.graph, got.lifted, args)
+        prog = _build(call, got.graph, got.lifted, args, out_shape)
         if prog.checked:
-            programs[key] = prog
+            programs[_key(call)] = prog
     if prog.run is None:
         raise Unsupported(prog.why)
     if not prog.checked:
         raise Unsupported("no sample of the example was finite to check the program on")
+    return _run_program(call, prog, got)
+
+
+def _run_program(call: Call, prog: _Program, got: capture.Captured) -> list[torch.Tensor]:
+    """Run a checked program: the value check on the first sample, the program, and the
+    finiteness check of its result (a non-finite value: ``Unsupported``, autodiff answers)."""
+    assert prog.run is not None
+    args = [call.moved(i) for i in range(len(call.args))]
+    _value_check(call, got.graph, got.lifted, args)
     with torch.no_grad():
         blocks = list(prog.run(*args, *got.lifted))
-    if not all(bool(torch.isfinite(H).all()) for H in blocks):
+        # one reduction per block: inf or NaN anywhere makes the sum non-finite (an overflow
+        # of the sum itself only sends a finite result to autodiff)
+        finite = all(bool(torch.isfinite(H.sum())) for H in blocks)
+    if not finite:
         raise Unsupported("a non-finite value: autodiff answers")
     return blocks
 
@@ -498,7 +559,7 @@ def _build(
                 return _Program(None, "the Hessian program disagreed with autodiff")
             compared += 1
     ops = sum(nd.op == "call_function" for nd in gm.graph.nodes)
-    return _Program(gm, f"aten program ({ops} ops)", checked=compared > 0)
+    return _Program(gm, f"aten program ({ops} ops)", compared > 0, out_shape)
 
 
 __all__ = ["METHODS", "autodiff", "closed_form", "hessian"]

@@ -329,3 +329,5 @@ def test_refuses_bad_inputs() -> None:
         jacbatch.hessian(lambda x: (x, x), _randn(3, 4))
     with pytest.raises((TypeError, ValueError), match="hessian: "):
         jacbatch.hessian(lambda x: x.sum(), torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="hessian: expected a deterministic func"):
+        jacbatch.hessian(lambda x: (x * torch.rand_like(x)).pow(2).sum(), _randn(3, 4))
