@@ -471,6 +471,40 @@ def _unchecked() -> Iterator[None]:
         linalg.UNCHECKED.on = False
 
 
+_aten = torch.ops.aten
+
+
+def _shared_bmm_to_mm(gm: torch.fx.GraphModule) -> int:
+    """Rewrite ``bmm(A, W)`` with ``W`` one matrix shared by the batch (stride 0 over it) as one
+    ``mm`` of the stacked rows of ``A``: ``bmm`` runs such a batch as a loop of small matrix
+    products, each with a copy. Same sums in the same order per entry. Returns the count."""
+    count = 0
+    for nd in list(gm.graph.nodes):
+        if nd.op != "call_function" or nd.target is not _aten.bmm.default:
+            continue
+        a, e = nd.args
+        val = nd.meta.get("val")
+        ev = e.meta.get("val") if isinstance(e, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor) or not isinstance(ev, torch.Tensor):
+            continue
+        B, m, n = (int(v) for v in val.shape)
+        if B < 2 or ev.stride(0) != 0:
+            continue
+        k = int(ev.shape[1])
+        with gm.graph.inserting_before(nd):
+            rows = gm.graph.call_function(_aten.reshape.default, (a, [B * m, k]))
+            w = gm.graph.call_function(_aten.select.int, (e, 0, 0))
+            mm = gm.graph.call_function(_aten.mm.default, (rows, w))
+            out = gm.graph.call_function(_aten.view.default, (mm, [B, m, n]))
+        nd.replace_all_uses_with(out)
+        gm.graph.erase_node(nd)
+        count += 1
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return count
+
+
 def _trace_writes(
     fn: Callable[..., Any], examples: Sequence[torch.Tensor]
 ) -> tuple[torch.fx.GraphModule | None, str | None]:
@@ -536,6 +570,7 @@ def _build(
         return _Program(None, f"the Hessian program does not trace ({error})")
     gm.graph.eliminate_dead_code()
     gm.recompile()
+    _shared_bmm_to_mm(gm)
     with torch.no_grad():
         got = gm(*args, *lifted)
     k = min(B, _CHECKED_SAMPLES)
