@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jacbatch  # noqa: E402
+import jacbatch
 
 Case = tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, dict[str, Callable[[], Any]]]
 

@@ -50,9 +50,8 @@ from typing import Any
 
 import torch
 
-from . import _torch_bugs
+from . import _torch_bugs, capture, memory, tracing
 from . import _validation as V
-from . import capture, memory, tracing
 from .call import Call
 from .methods import in_transform, needs_graph
 from .plan import _is_random_op, normalize, probe_call
@@ -164,11 +163,14 @@ def hessian(
         reads_grad = probe.reads_grad
     B = call.batch_size or 0
     shapes = [call.sample_shape(i) for i in range(len(call.args))]
-    per_sample = sum(
-        math.prod(out_shape) * math.prod(shapes[i]) * math.prod(shapes[j])
-        for i in call.argnums
-        for j in call.argnums
-    ) * torch.empty((), dtype=call.dtype).element_size()
+    per_sample = (
+        sum(
+            math.prod(out_shape) * math.prod(shapes[i]) * math.prod(shapes[j])
+            for i in call.argnums
+            for j in call.argnums
+        )
+        * torch.empty((), dtype=call.dtype).element_size()
+    )
     free = memory.available_memory(call.device)
     if per_sample * B > free:
         V.result_too_large(where, per_sample * B, free, budget, B if batched else None)
@@ -440,7 +442,10 @@ def _run_program(call: Call, prog: _Program, got: capture.Captured) -> list[torc
 
 
 def _value_check(
-    call: Call, tg: tracing.TracedGraph, lifted: Sequence[torch.Tensor], args: Sequence[torch.Tensor]
+    call: Call,
+    tg: tracing.TracedGraph,
+    lifted: Sequence[torch.Tensor],
+    args: Sequence[torch.Tensor],
 ) -> None:
     """``func`` and its captured graph agree on the first sample (NOTE [The value check] in
     :mod:`jacbatch.methods.traced`)."""
