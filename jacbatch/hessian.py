@@ -57,6 +57,7 @@ from .methods import in_transform, needs_graph
 from .plan import _is_random_op, normalize, probe_call
 from .rules import linalg, write
 from .rules.terms import Unsupported
+from .second_order import passes
 
 #: Hessian routes a caller may name besides ``"auto"``.
 METHODS: tuple[str, ...] = ("auto", "closed_form", "jacfwd", "jacrev")
@@ -476,100 +477,6 @@ def _unchecked() -> Iterator[None]:
         linalg.UNCHECKED.on = False
 
 
-_aten = torch.ops.aten
-
-
-def _shared_bmm_to_mm(gm: torch.fx.GraphModule) -> int:
-    """Rewrite ``bmm(A, W)`` with ``W`` one matrix shared by the batch (stride 0 over it) as one
-    ``mm`` of the stacked rows of ``A``: ``bmm`` runs such a batch as a loop of small matrix
-    products, each with a copy. Same sums in the same order per entry. Returns the count."""
-    count = 0
-    for nd in list(gm.graph.nodes):
-        if nd.op != "call_function" or nd.target is not _aten.bmm.default:
-            continue
-        a, e = nd.args
-        val = nd.meta.get("val")
-        ev = e.meta.get("val") if isinstance(e, torch.fx.Node) else None
-        if not isinstance(val, torch.Tensor) or not isinstance(ev, torch.Tensor):
-            continue
-        B, m, n = (int(v) for v in val.shape)
-        if B < 2 or ev.stride(0) != 0:
-            continue
-        k = int(ev.shape[1])
-        with gm.graph.inserting_before(nd):
-            rows = gm.graph.call_function(_aten.reshape.default, (a, [B * m, k]))
-            w = gm.graph.call_function(_aten.select.int, (e, 0, 0))
-            mm = gm.graph.call_function(_aten.mm.default, (rows, w))
-            out = gm.graph.call_function(_aten.view.default, (mm, [B, m, n]))
-        nd.replace_all_uses_with(out)
-        gm.graph.erase_node(nd)
-        count += 1
-    if count:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-    return count
-
-
-def _same_view(nd: torch.fx.Node) -> bool:
-    """A ``view``/``permute`` node that returns its input unchanged (same shape and strides)."""
-    if nd.op != "call_function" or nd.target not in (_aten.view.default, _aten.permute.default):
-        return False
-    src = nd.args[0]
-    v, sv = nd.meta.get("val"), getattr(src, "meta", {}).get("val")
-    return (
-        isinstance(v, torch.Tensor)
-        and isinstance(sv, torch.Tensor)
-        and v.shape == sv.shape
-        and v.stride() == sv.stride()
-    )
-
-
-def _fold_scalings(gm: torch.fx.GraphModule) -> int:
-    """``mul(mul(X, a), b)`` with ``X`` large and ``a``, ``b`` small broadcast factors (a
-    sign mask, a constant, a per-sample scale), where the inner product has no other use, as
-    ``mul(X, mul(a, b))``: one pass over ``X`` instead of two (the factors commute; each entry
-    is rounded once less). Views that change nothing are dropped first. Returns the count."""
-    for nd in list(gm.graph.nodes):
-        if _same_view(nd):
-            nd.replace_all_uses_with(nd.args[0])
-            gm.graph.erase_node(nd)
-
-    def small(n: Any, big: torch.Tensor) -> bool:
-        v = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
-        return isinstance(v, torch.Tensor) and v.numel() * 64 <= big.numel()
-
-    count = 0
-    for nd in list(gm.graph.nodes):
-        if nd.op != "call_function" or nd.target is not _aten.mul.Tensor:
-            continue
-        inner, b = nd.args
-        if not (isinstance(inner, torch.fx.Node) and inner.target is _aten.mul.Tensor):
-            continue
-        if len(inner.users) != 1:
-            continue
-        x, a = inner.args
-        xv, v = getattr(x, "meta", {}).get("val"), nd.meta.get("val")
-        if not (isinstance(xv, torch.Tensor) and isinstance(v, torch.Tensor)):
-            continue
-        if xv.shape != v.shape or not (small(a, xv) and small(b, xv)):
-            continue
-        if not isinstance(a, torch.fx.Node) or not isinstance(b, torch.fx.Node):
-            continue
-        if a.meta["val"].dim() != xv.dim() or b.meta["val"].dim() != xv.dim():
-            continue
-        with gm.graph.inserting_before(nd):
-            ab = gm.graph.call_function(_aten.mul.Tensor, (a, b))
-            new = gm.graph.call_function(_aten.mul.Tensor, (x, ab))
-        new.meta["val"] = v
-        nd.replace_all_uses_with(new)
-        gm.graph.erase_node(nd)
-        gm.graph.erase_node(inner)
-        count += 1
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return count
-
-
 def _trace_writes(
     fn: Callable[..., Any], examples: Sequence[torch.Tensor]
 ) -> tuple[torch.fx.GraphModule | None, str | None]:
@@ -635,8 +542,8 @@ def _build(
         return _Program(None, f"the Hessian program does not trace ({error})")
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    _shared_bmm_to_mm(gm)
-    _fold_scalings(gm)
+    passes.shared_bmm_to_mm(gm)
+    passes.fold_scalings(gm)
     with torch.no_grad():
         got = gm(*args, *lifted)
     k = min(B, _CHECKED_SAMPLES)
