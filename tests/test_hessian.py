@@ -327,3 +327,22 @@ def test_refuses_bad_inputs() -> None:
         jacbatch.hessian(lambda x: x.sum(), torch.ones(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="hessian: expected a deterministic func"):
         jacbatch.hessian(lambda x: (x * torch.rand_like(x)).pow(2).sum(), _randn(3, 4))
+
+
+def test_module_parameters() -> None:
+    """A module's parameters require grad: under ``no_grad`` the closed form answers (no graph
+    asked for); with grad on, autodiff gives a differentiable result. Both agree with the loop."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    net = net.double()
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return net(x).squeeze(0) ** 2
+
+    X = _randn(3, 4)
+    want = reference_hessian(f, [X])
+    with torch.no_grad():
+        torch.testing.assert_close(jacbatch.hessian(f, X, method="closed_form"), want, **TOL)
+    got = jacbatch.hessian(f, X)
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach(), want, **TOL)
