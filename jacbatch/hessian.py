@@ -260,7 +260,14 @@ def _run(
 ) -> list[torch.Tensor]:
     """Blocks ``(B, *out, *in_i, *in_j)`` in row-major order of ``(i, j)``."""
     B = call.batch_size or 0
-    if B == 0 or chunk >= B:
+    if B == 0:  # an empty batch: nothing to evaluate
+        shapes = [call.sample_shape(a) for a in call.argnums]
+        return [
+            torch.zeros((0, *out_shape, *si, *sj), dtype=call.dtype, device=call.device)
+            for si in shapes
+            for sj in shapes
+        ]
+    if chunk >= B:
         return _run_chunk(call, method, out_shape, chunk_size, graph, outer)
     parts: list[list[torch.Tensor]] = []
     for start in range(0, B, chunk):
@@ -513,7 +520,7 @@ def _build(
             terms = tracing.jacobian_terms(one, [a], list(xs), 1)[0]
             return write.dense(terms, out_shape, shapes[a], 1, xs[a])[0]
 
-        with _unchecked():
+        with capture._LOCK, _unchecked():  # make_fx's tracing flag: see jacbatch.prepared
             gm, error = tracing.to_aten(jac, [*first, *lifted])
         if gm is None:
             return _Program(None, f"the Jacobian program does not trace ({error})")

@@ -225,6 +225,12 @@ def test_no_batch_and_other_batch_dim(method: str) -> None:
     torch.testing.assert_close(got, reference_hessian(mlp_loss, [X], in_dims=[1]), **TOL)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_batch(method: str) -> None:
+    got = jacbatch.hessian(mlp_loss, _randn(0, 4), method=method)
+    assert got.shape == (0, 4, 4)
+
+
 @pytest.mark.parametrize("vec", ["row", "col"])
 def test_vec(vec: str) -> None:
     X = _randn(2, 2, 3)
