@@ -6,7 +6,8 @@ Cases (float64, ``torch.set_num_threads(1)``, one process, B=256):
 
 * ``mlp``: the squared-error loss of an MLP 32-64-10 (tanh) w.r.t. its input ``x (32,)``:
   Hessians ``(256, 32, 32)``;
-* ``logdet``: ``logdet(XᵀX + λI)`` w.r.t. ``X (16, 8)``: Hessians ``(256, 16, 8, 16, 8)``.
+* ``logdet``: ``logdet(XᵀX + λI)`` w.r.t. ``X (16, 8)``: Hessians ``(256, 16, 8, 16, 8)``;
+* ``logdet-small``: the same with ``X (8, 4)`` (32 inputs, as the MLP): ``(256, 8, 4, 8, 4)``.
 
 Runners:
 
@@ -75,9 +76,9 @@ def _mlp() -> Case:
     return loss, X, runners
 
 
-def _logdet() -> Case:
+def _logdet(n: int = 16, p: int = 8) -> Case:
     g = torch.Generator().manual_seed(1)
-    n, p, B, lam = 16, 8, 256, 0.5
+    B, lam = 256, 0.5
     X = torch.randn(B, n, p, generator=g, dtype=torch.float64)
 
     def f(x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +108,7 @@ def _logdet() -> Case:
 CASES: dict[str, Callable[[], Case]] = {
     "mlp: MLP 32-64-10 loss, d/dx, B=256": _mlp,
     "logdet: logdet(XᵀX + λI), X (16, 8), B=256": _logdet,
+    "logdet-small: logdet(XᵀX + λI), X (8, 4), B=256": lambda: _logdet(8, 4),
 }
 
 
