@@ -5,10 +5,11 @@
 * ``closed_form``: a second-order closed form built from the op rules, without autodiff
   (NOTE [Second-order closed forms: the Jacobian program, traced again]);
 * ``jacfwd`` / ``jacrev``: ``vmap(jacfwd(jacrev(f)))`` (forward over reverse, what
-  ``torch.func.hessian`` does) or ``vmap(jacrev(jacrev(f)))``.
+  ``torch.func.hessian`` does) or ``vmap(jacrev(jacrev(f)))``; reverse over reverse replaces
+  forward over reverse where a known torch bug makes forward mode wrong (:func:`outer_route`).
 
 ``method="auto"`` takes the closed form where every op on the way has a rule and the program
-agreed with autodiff on the first samples when it was built, else forward over reverse.
+agreed with autodiff on the first samples when it was built, else autodiff.
 
 NOTE [Second-order closed forms: the Jacobian program, traced again]
     The traced route (:mod:`jacbatch.methods.traced`) turns a per-sample function ``f`` into an
@@ -21,14 +22,20 @@ NOTE [Second-order closed forms: the Jacobian program, traced again]
     same machinery gives its Jacobian ``(*out_shape, *in_shape, *in_shape)``: the Hessian, for
     the whole batch at once, evaluated under ``vmap`` and composed from terms. That second
     computation is traced once more into a third program ``h(X, *lifted)`` for the batch size
-    at hand, so a call runs one aten program: no rule runs in Python per call.
+    at hand (written by the one writer, :func:`jacbatch.rules.write.materialize`), so a call
+    runs one aten program: no rule runs in Python per call. Two value-preserving rewrites
+    (:mod:`jacbatch.second_order.passes`) remove a batch loop inside ``bmm`` and double passes
+    over large intermediates.
 
-    Soundness: Fake tensors carry no values, so a rule that reads a value (a singularity check,
-    a tie check) makes the trace fail, and the call goes to autodiff, never to a program that
-    specialized on the example. Each program is built for one captured graph of ``f`` (the
+    Soundness: Fake tensors carry no values, so a rule that reads a value (a tie check, a zero
+    in a product) makes the trace fail, and the call goes to autodiff, never to a program that
+    specialized on the example. The one exception is the singularity check of the inverse and
+    log-determinant rules, skipped while tracing (``jacbatch.rules.linalg.UNCHECKED``): a
+    singular matrix gives a non-finite inverse, and every result is checked for finiteness.
+    Each program is built for one captured graph of ``f`` (the
     graph object :mod:`jacbatch.capture` returns; Dynamo's guards decide when it changes), so a
     changed ``f`` gets a new program. When it is built, a program is run on the call's
-    arguments and compared with ``vmap(jacfwd(jacrev(f)))`` on the first samples; a
+    arguments and compared with ``vmap(jacrev(jacrev(f)))`` on the first samples; a
     disagreement keeps the graph on autodiff for good. Every call also compares ``f`` with its
     captured graph on the first sample (NOTE [The value check] in
     :mod:`jacbatch.methods.traced`), and a result that is not finite is recomputed by autodiff.
