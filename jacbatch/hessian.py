@@ -128,7 +128,8 @@ def hessian(
         ``(B, *out_shape, *in_shape, *in_shape)`` (no ``B`` without a batch), in the ``vec``
         layout if asked; a tuple of tuples of them for tuple ``argnums``. The result is
         differentiable when autograd or a torch.func transform asks (then autodiff computes
-        it).
+        it): with grad mode on and an argument or a tensor ``func`` reads (a module's
+        parameters) requiring grad. Under ``torch.no_grad()`` the closed form can answer.
 
     Example:
         >>> W = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
