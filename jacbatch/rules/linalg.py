@@ -27,7 +27,7 @@ def _lead(ctx: OpContext) -> str:
     return "".join("ABCDEFGH"[: len(ctx.in_shape(0)) - 2])
 
 
-#: ``unchecked`` set: the rules skip their singularity checks (value reads, which a trace on
+#: ``UNCHECKED.on`` true (per thread): the rules skip their singularity checks (value reads, which a trace on
 #: fake tensors cannot do). Only for a traced program whose every result is checked for
 #: finiteness (a singular matrix gives a non-finite inverse): NOTE [Second-order closed forms:
 #: the Jacobian program, traced again] in :mod:`jacbatch.hessian`.
