@@ -17,6 +17,7 @@ from .api import (
 from .chain import chain
 from .conventions import commutation_matrix, unvec, vec
 from .functions import affine
+from .hessian import hessian
 from .memory import MemoryEstimate
 from .prepared import PreparedJacobian, prepare
 from .streaming import iter_jacobian, save_jacobian
@@ -36,6 +37,7 @@ __all__ = [
     "errors",
     "estimate_memory",
     "explain",
+    "hessian",
     "iter_jacobian",
     "jacobian",
     "prepare",

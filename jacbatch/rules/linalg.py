@@ -12,6 +12,8 @@ NOTE [Inverse and determinant Jacobians]
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .ops import OpContext, register_op
@@ -25,8 +27,21 @@ def _lead(ctx: OpContext) -> str:
     return "".join("ABCDEFGH"[: len(ctx.in_shape(0)) - 2])
 
 
+#: ``UNCHECKED.on`` true (per thread): the rules skip their singularity checks (value reads, which a trace on
+#: fake tensors cannot do). Only for a traced program whose every result is checked for
+#: finiteness (a singular matrix gives a non-finite inverse): NOTE [Second-order closed forms:
+#: the Jacobian program, traced again] in :mod:`jacbatch.hessian`.
+UNCHECKED = threading.local()
+
+
+def _checked() -> bool:
+    return not getattr(UNCHECKED, "on", False)
+
+
 def _inverse(ctx: OpContext) -> torch.Tensor:
     Y, info = torch.linalg.inv_ex(ctx.args[0])
+    if not _checked():
+        return Y
     if bool((info != 0).any()) or not bool(torch.isfinite(Y).all()):
         raise Unsupported("singular matrix")
     return Y
@@ -36,7 +51,7 @@ def _inverse(ctx: OpContext) -> torch.Tensor:
 def inverse(ctx: OpContext, i: int) -> list[Term]:
     """``X⁻¹``: ``-Y[i, k] Y[l, j]`` (NOTE [Inverse and determinant Jacobians])."""
     Y = ctx.out
-    if not bool(torch.isfinite(Y).all()):
+    if _checked() and not bool(torch.isfinite(Y).all()):
         raise Unsupported("singular matrix")
     h = _lead(ctx)
     outer = -(Y[..., :, :, None, None] * Y[..., None, None, :, :])  # (B, .., i, k, l, j)

@@ -1,0 +1,1 @@
+"""Helpers of :func:`jacbatch.hessian`: rewrites of its traced programs (:mod:`.passes`)."""

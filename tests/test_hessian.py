@@ -1,0 +1,354 @@
+"""jacbatch.hessian against torch.func and an independent per-sample autograd loop (float64).
+
+The reference is a loop over samples of ``torch.autograd.functional.hessian`` (scalar outputs)
+or of ``torch.autograd.functional.jacobian`` nested twice (vector outputs): plain torch only.
+``vmap(torch.func.hessian(f))`` is compared as well, except for LU-based ops (``det``,
+``logdet``, ``solve``), where torch 2.13 gets it wrong (see ``test_torch_func_hessian_is_wrong_for_logdet``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import torch
+
+import jacbatch
+
+H = importlib.import_module("jacbatch.hessian")
+
+TOL = {"rtol": 1e-12, "atol": 1e-12}
+METHODS = ("auto", "closed_form", "jacfwd", "jacrev")
+
+gen = torch.Generator().manual_seed(1234)
+
+
+def _randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+W1 = _randn(6, 4) / 2
+B1 = _randn(6)
+W2 = _randn(3, 6) / 2
+Y = _randn(3)
+A_SYM = _randn(4, 4)
+A_SYM = A_SYM + A_SYM.T
+K = torch.tensor(1)
+
+
+def mlp_loss(x: torch.Tensor) -> torch.Tensor:
+    return ((W2 @ torch.tanh(W1 @ x + B1) - Y) ** 2).sum()
+
+
+def logdet_gram(X: torch.Tensor) -> torch.Tensor:
+    return torch.logdet(X.T @ X + 0.5 * torch.eye(X.shape[1], dtype=X.dtype))
+
+
+def inverse_sum(X: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.inv(X.T @ X + torch.eye(X.shape[1], dtype=X.dtype)).sum()
+
+
+def quadratic(x: torch.Tensor) -> torch.Tensor:
+    return x @ A_SYM @ x
+
+
+def sin_poly(x: torch.Tensor) -> torch.Tensor:
+    return (torch.sin(x) * x**2).sum()
+
+
+def logsumexp(x: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(W1 @ x, 0)
+
+
+def cross_entropy(x: torch.Tensor) -> torch.Tensor:
+    return -torch.log_softmax(W2 @ torch.tanh(W1 @ x), 0)[1]
+
+
+def vector_out(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(W1 @ x)
+
+
+def trace_quartic(X: torch.Tensor) -> torch.Tensor:
+    G = X @ X.T
+    return torch.trace(G @ G)
+
+
+def sigmoid_bilinear(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s @ A_SYM @ s
+
+
+def exp_norm(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(0.3 * x).sum() * torch.sqrt((x * x).sum() + 1.0)
+
+
+def softplus_matrix(X: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.softplus(X @ W1[:3, :3]).mean(0)
+
+
+#: (id, func, per-sample input shape, whether vmap(torch.func.hessian) is right for it)
+CASES: list[tuple[str, Callable[..., torch.Tensor], tuple[int, ...], bool]] = [
+    ("mlp_loss", mlp_loss, (4,), True),
+    ("logdet_gram", logdet_gram, (5, 3), False),
+    ("inverse_sum", inverse_sum, (5, 3), True),
+    ("quadratic", quadratic, (4,), True),
+    ("sin_poly", sin_poly, (4,), True),
+    ("logsumexp", logsumexp, (4,), True),
+    ("cross_entropy", cross_entropy, (4,), True),
+    ("vector_out", vector_out, (4,), True),
+    ("trace_quartic", trace_quartic, (3, 2), True),
+    ("sigmoid_bilinear", sigmoid_bilinear, (4,), True),
+    ("exp_norm", exp_norm, (4,), True),
+    ("softplus_matrix", softplus_matrix, (2, 3), True),
+]
+
+
+def reference_hessian(
+    func: Callable[..., torch.Tensor],
+    args: Sequence[torch.Tensor],
+    argnums: int | tuple[int, ...] = 0,
+    in_dims: Sequence[int | None] | None = None,
+) -> Any:
+    """Per-sample loop of autograd's ``hessian`` (scalar output) or a twice nested
+    ``jacobian``; nested tuples for tuple ``argnums``; no batch when nothing is batched."""
+    dims = list(in_dims) if in_dims is not None else [0] * len(args)
+    nums = argnums if isinstance(argnums, tuple) else (argnums,)
+    sizes = {a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None}
+    batched = bool(sizes)
+    n = sizes.pop() if batched else 1
+    per_sample = []
+    for b in range(n):
+        sample = [a.select(d, b) if d is not None else a for a, d in zip(args, dims, strict=True)]
+
+        def f(*xs: torch.Tensor, sample: list[torch.Tensor] = sample) -> torch.Tensor:
+            full = list(sample)
+            for k, x in zip(nums, xs, strict=True):
+                full[k] = x
+            return func(*full)
+
+        inputs = tuple(sample[k] for k in nums)
+        out = f(*inputs)
+        if out.dim() == 0:
+            h = torch.autograd.functional.hessian(f, inputs)
+        else:
+
+            def jac(*xs: torch.Tensor) -> Any:
+                return torch.autograd.functional.jacobian(f, xs, create_graph=True)
+
+            h = torch.autograd.functional.jacobian(jac, inputs)
+        per_sample.append(h)
+    if not isinstance(argnums, tuple):
+        blocks = [h[0][0] if isinstance(h, tuple) else h for h in per_sample]
+        return torch.stack(blocks) if batched else blocks[0]
+    return tuple(
+        tuple(
+            torch.stack([h[i][j] for h in per_sample]) if batched else per_sample[0][i][j]
+            for j in range(len(nums))
+        )
+        for i in range(len(nums))
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("name", "func", "shape", "vmap_ok"), CASES, ids=[c[0] for c in CASES])
+def test_matches_reference(
+    name: str,
+    func: Callable[..., torch.Tensor],
+    shape: tuple[int, ...],
+    vmap_ok: bool,
+    method: str,
+) -> None:
+    X = _randn(3, *shape)
+    got = jacbatch.hessian(func, X, method=method)
+    want = reference_hessian(func, [X])
+    torch.testing.assert_close(got, want, **TOL)
+    if vmap_ok:
+        torch.testing.assert_close(got, torch.func.vmap(torch.func.hessian(func))(X), **TOL)
+
+
+def test_closed_form_covers_the_targets() -> None:
+    """The MLP loss and logdet(XᵀX + λI) run as second-order closed forms (built once, checked
+    against autodiff), and a later call runs no autodiff at all."""
+    for func, shape in ((mlp_loss, (4,)), (logdet_gram, (5, 3))):
+        X = _randn(4, *shape)
+        jacbatch.hessian(func, X, method="closed_form")
+
+        def refuse(*a: object, **k: object) -> None:
+            raise AssertionError("autodiff ran")
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(H, "autodiff", refuse)
+            mp.setattr(torch.autograd, "grad", refuse)
+            got = jacbatch.hessian(func, X, method="closed_form")
+        torch.testing.assert_close(got, reference_hessian(func, [X]), **TOL)
+
+
+def test_torch_func_hessian_is_wrong_for_logdet() -> None:
+    """Why logdet is compared with the loop only: ``vmap(torch.func.hessian)`` (forward over
+    reverse, the tangent vmap inside the batch vmap) is wrong for LU-based ops in torch 2.13;
+    jacbatch's autodiff route runs reverse over reverse for them."""
+    X = _randn(3, 5, 3)
+    want = reference_hessian(logdet_gram, [X])
+    bad = torch.func.vmap(torch.func.hessian(logdet_gram))(X)
+    assert not torch.allclose(bad, want)
+    assert H.outer_route({"aten._linalg_slogdet.default"}, "jacfwd") == "jacrev"
+    torch.testing.assert_close(jacbatch.hessian(logdet_gram, X, method="jacfwd"), want, **TOL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tuple_argnums_and_shared_argument(method: str) -> None:
+    """``argnums=(0, 1)`` nests blocks as torch.func.hessian; a shared weight (in_dims None)
+    gets a per-sample Hessian block too."""
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(w @ x).pow(2).sum() + (x * x).sum() * w.sum()
+
+    x, w = _randn(3, 4), _randn(2, 4)
+    got = jacbatch.hessian(f, x, w, argnums=(0, 1), in_dims=(0, None), method=method)
+    want = reference_hessian(f, [x, w], (0, 1), (0, None))
+    torch.testing.assert_close(got, want, **TOL)
+    tf = torch.func.vmap(torch.func.hessian(f, argnums=(0, 1)), in_dims=(0, None))(x, w)
+    torch.testing.assert_close(got, tf, **TOL)
+    only_w = jacbatch.hessian(f, x, w, argnums=1, in_dims=(0, None), method=method)
+    torch.testing.assert_close(only_w, want[1][1], **TOL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_batch_and_other_batch_dim(method: str) -> None:
+    x = _randn(4)
+    got = jacbatch.hessian(mlp_loss, x, in_dims=None, method=method)
+    torch.testing.assert_close(got, torch.func.hessian(mlp_loss)(x), **TOL)
+    X = _randn(4, 3)  # batch along dim 1
+    got = jacbatch.hessian(mlp_loss, X, in_dims=1, method=method)
+    torch.testing.assert_close(got, reference_hessian(mlp_loss, [X], in_dims=[1]), **TOL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_batch(method: str) -> None:
+    got = jacbatch.hessian(mlp_loss, _randn(0, 4), method=method)
+    assert got.shape == (0, 4, 4)
+
+
+@pytest.mark.parametrize("vec", ["row", "col"])
+def test_vec(vec: str) -> None:
+    X = _randn(2, 2, 3)
+    got = jacbatch.hessian(softplus_matrix, X, vec=vec)  # out (3,), in (2, 3)
+    want = reference_hessian(softplus_matrix, [X])  # (B, 3, 2, 3, 2, 3)
+    if vec == "col":
+        want = want.permute(0, 1, 3, 2, 5, 4)
+    torch.testing.assert_close(got, want.reshape(2, 3, 6, 6), **TOL)
+    scalar = jacbatch.hessian(trace_quartic, _randn(2, 3, 2), vec=vec)
+    assert scalar.shape == (2, 6, 6)
+
+
+def test_chunked_by_memory_budget() -> None:
+    X = _randn(7, 4)
+    per_sample = 4 * 4 * 8  # bytes of one sample's Hessian
+    got = jacbatch.hessian(mlp_loss, X, max_memory=H._WORK_MULTIPLE * per_sample * 2)
+    torch.testing.assert_close(got, reference_hessian(mlp_loss, [X]), **TOL)
+    got = jacbatch.hessian(mlp_loss, X, method="jacrev", chunk_size=2)
+    torch.testing.assert_close(got, reference_hessian(mlp_loss, [X]), **TOL)
+    with pytest.raises(jacbatch.errors.JacobianMemoryError, match="hessian"):
+        jacbatch.hessian(mlp_loss, X, max_memory=16)
+
+
+def test_no_rule_falls_back_or_refuses() -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.special.erfcx(x).sum() * x.sum()
+
+    X = _randn(3, 4).abs()
+    torch.testing.assert_close(jacbatch.hessian(f, X), reference_hessian(f, [X]), **TOL)
+    with pytest.raises(NotImplementedError, match=r"hessian: .*method='auto'"):
+        jacbatch.hessian(f, X, method="closed_form")
+
+
+def test_differentiable_when_asked() -> None:
+    X = _randn(3, 4).requires_grad_()
+    got = jacbatch.hessian(mlp_loss, X)
+    assert got.requires_grad
+    (g,) = torch.autograd.grad(got.sum(), X)
+    want = torch.autograd.grad(torch.func.vmap(torch.func.hessian(mlp_loss))(X).sum(), X)[0]
+    torch.testing.assert_close(g, want, **TOL)
+    with pytest.raises(NotImplementedError, match="differentiable"):
+        jacbatch.hessian(mlp_loss, X, method="closed_form")
+
+
+def test_follows_a_changed_closure() -> None:
+    """A closed-over value that changes between calls is seen (Dynamo's guards re-capture, and
+    the program belongs to the captured graph)."""
+    scale = [1.0]
+    W = _randn(3, 4)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(scale[0] * (W @ x)).sum()
+
+    X = _randn(3, 4)
+    for s in (1.0, 2.5):
+        scale[0] = s
+        torch.testing.assert_close(jacbatch.hessian(f, X), reference_hessian(f, [X]), **TOL)
+    W.mul_(3.0)  # an in-place update of a read tensor
+    torch.testing.assert_close(jacbatch.hessian(f, X), reference_hessian(f, [X]), **TOL)
+
+
+def test_singular_input_goes_to_autodiff() -> None:
+    """A singular Gram matrix gives a non-finite closed form: autodiff answers, and raises as
+    the per-sample autograd loop does, rather than returning a silently different value."""
+
+    def f(X: torch.Tensor) -> torch.Tensor:
+        return torch.logdet(X.T @ X)
+
+    X = _randn(3, 4, 2)
+    X[1, :, 1] = X[1, :, 0]  # sample 1 is singular
+    with pytest.raises(RuntimeError, match="singular"):
+        reference_hessian(f, [X])
+    with pytest.raises(RuntimeError, match="singular"):
+        jacbatch.hessian(f, X)
+    torch.testing.assert_close(jacbatch.hessian(f, X[::2]), reference_hessian(f, [X[::2]]), **TOL)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": "newton"}, ValueError, "hessian: expected method to be one of"),
+        ({"vec": "diag"}, ValueError, "hessian: expected vec"),
+        ({"chunk_size": 0}, ValueError, "hessian: expected chunk_size"),
+        ({"argnums": 3}, ValueError, "hessian: expected argnums"),
+        ({"in_dims": (0, 0)}, ValueError, "hessian: expected in_dims"),
+        ({"max_memory": "lots"}, ValueError, "hessian: expected max_memory"),
+    ],
+)
+def test_refuses_bad_options(kwargs: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        jacbatch.hessian(mlp_loss, _randn(3, 4), **kwargs)
+
+
+def test_refuses_bad_inputs() -> None:
+    with pytest.raises(TypeError, match=r"hessian: expected args\[0\] to be a torch\.Tensor"):
+        jacbatch.hessian(mlp_loss, [1.0, 2.0])
+    with pytest.raises(TypeError, match="hessian: "):
+        jacbatch.hessian(lambda x: (x, x), _randn(3, 4))
+    with pytest.raises((TypeError, ValueError), match="hessian: "):
+        jacbatch.hessian(lambda x: x.sum(), torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="hessian: expected a deterministic func"):
+        jacbatch.hessian(lambda x: (x * torch.rand_like(x)).pow(2).sum(), _randn(3, 4))
+
+
+def test_module_parameters() -> None:
+    """A module's parameters require grad: under ``no_grad`` the closed form answers (no graph
+    asked for); with grad on, autodiff gives a differentiable result. Both agree with the loop."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    net = net.double()
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return net(x).squeeze(0) ** 2
+
+    X = _randn(3, 4)
+    want = reference_hessian(f, [X])
+    with torch.no_grad():
+        torch.testing.assert_close(jacbatch.hessian(f, X, method="closed_form"), want, **TOL)
+    got = jacbatch.hessian(f, X)
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach(), want, **TOL)
