@@ -526,6 +526,8 @@ def _agrees(
                 want = executor._execute(call, req, [None] * len(call.argnums))
             except Exception:  # a route the interpreted plan cannot run on func itself
                 return False
+    if any(t.device != call.device for t in got if isinstance(t, torch.Tensor)):
+        return False  # a value the trace kept from the probe's meta tensors: not a program
     if not bool(got[-1]):
         return True  # the example itself is not finite: the NaN policy handles such calls
     for G, W in zip(got[: len(want)], want, strict=True):

@@ -245,19 +245,29 @@ def _is_clear(err: BaseException, route: str) -> bool:
     return False
 
 
+#: Programs rather than routes: ``"auto:repeated"`` is ``method="auto"`` called until its key
+#: is hot (the last call runs the program over the captured graph, NOTE [Repeated plain
+#: calls]); ``"prepared"`` is :func:`jacbatch.prepare`'s program.
+PROGRAMS = ("auto:repeated", "prepared")
+
+
+def _compute(case: Case, route: str) -> torch.Tensor:
+    kw = {"argnums": 0, "in_dims": case.in_dims, "randomness": RANDOMNESS}
+    if route == "prepared":
+        return jacbatch.prepare(case.func, *case.args, **kw)(*case.args)  # type: ignore[return-value]
+    if route == "auto:repeated":
+        for _ in range(jacbatch.repeated.HOT_CALLS):
+            jacbatch.jacobian(case.func, *case.args, **kw)
+        route = "auto"
+    return jacbatch.jacobian(case.func, *case.args, method=route, **kw)  # type: ignore[return-value]
+
+
 def run_route(case: Case, route: str, ref: torch.Tensor) -> tuple[str, str]:
-    """``(outcome, detail)`` of one route on one case."""
+    """``(outcome, detail)`` of one route (or one of :data:`PROGRAMS`) on one case."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            J = jacbatch.jacobian(
-                case.func,
-                *case.args,
-                argnums=0,
-                in_dims=case.in_dims,
-                method=route,
-                randomness=RANDOMNESS,
-            )
+            J = _compute(case, route)
     except Exception as err:  # classified below
         line = (
             f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[
@@ -278,6 +288,7 @@ def run_route(case: Case, route: str, ref: torch.Tensor) -> tuple[str, str]:
 
 def worked_around(case: Case, route: str) -> str:
     """The known torch bug whose workaround this call ran, or ``""``."""
+    route = "auto" if route in PROGRAMS else route
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plan = jacbatch.explain(

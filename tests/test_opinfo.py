@@ -30,7 +30,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _check(op, samples: int, variants: tuple[str, ...]) -> Counter[str]:
+def _check(
+    op, samples: int, variants: tuple[str, ...], routes: tuple[str, ...] = _opinfo.ROUTES
+) -> Counter[str]:
     seen: Counter[str] = Counter()
     problems = []
     for case in _opinfo.cases(op, samples, variants):
@@ -38,11 +40,11 @@ def _check(op, samples: int, variants: tuple[str, ...]) -> Counter[str]:
             ref = _opinfo.reference(case)
         except Exception:  # torch cannot differentiate this sample itself: nothing to compare
             continue
-        for route in _opinfo.ROUTES:
+        for route in routes:
             outcome, detail = _opinfo.run_route(case, route, ref)
             seen[outcome] += 1
             bad = outcome == "wrong"
-            if route == "auto":
+            if route == "auto" or route in _opinfo.PROGRAMS:
                 bad |= outcome == "error"
                 bad |= outcome == "refused" and not _opinfo.is_random_refusal(detail)
             if route == "closed_form" and outcome == "refused":
@@ -67,6 +69,13 @@ def test_op_first_sample(op):
 @pytest.mark.parametrize("op", OPS, ids=lambda op: f"{op.name}.{op.variant_test_name}".rstrip("."))
 def test_op_full(op):
     _check(op, 3, ("shared", "batched"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS, ids=lambda op: f"{op.name}.{op.variant_test_name}".rstrip("."))
+def test_op_programs(op):
+    """The programs of repeated plain calls and of prepare() on every op (first sample)."""
+    _check(op, 1, ("shared", "batched"), _opinfo.PROGRAMS)
 
 
 def test_sweep_covers_the_known_bugs_and_counts_them():
