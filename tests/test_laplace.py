@@ -108,6 +108,39 @@ def test_frozen_parameters_and_subnetwork(name):
     torch.testing.assert_close(Js_sub, Js_func[:, :, indices], **TOL)
 
 
+class _Tied(torch.nn.Module):
+    """``W2 tanh(W1 x)`` with ``W2 = W1ᵀ`` (one parameter used twice) and a bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(4, 6, bias=False)
+        self.bias = torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.inner(x)) @ self.inner.weight + self.bias
+
+
+def _batchnorm_eval() -> torch.nn.Module:
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(), torch.nn.Linear(6, 2)
+    )
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("build", [_Tied, _batchnorm_eval], ids=["tied", "batchnorm-eval"])
+def test_tied_weights_and_buffers(build):
+    torch.manual_seed(5)
+    model = build().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    Js, f = JacbatchGGN(model, "regression").jacobians(x)
+    Js_func, f_func = CurvatureInterface(model, "regression").jacobians(x)
+    torch.testing.assert_close(Js, Js_func, **TOL)
+    torch.testing.assert_close(f, f_func, **TOL)
+    torch.testing.assert_close(Js, _autograd_reference(model, x), **TOL)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_enable_backprop_is_differentiable(name):
     model, x = MODELS[name](), _inputs(name)
