@@ -1,6 +1,6 @@
 """laplace-torch's ``jacobians`` by backend: jacbatch's :class:`JacbatchGGN` against laplace's own.
 
-    PYTHONPATH=$PWD python bench/laplace_bench.py [--rounds 9] [--json out.json]
+    PYTHONPATH=$PWD python bench/laplace_bench.py [--rounds 7] [--json out.json]
 
 Needs laplace-torch (``pip install -c constraints.txt laplace-torch`` with ``torch==<installed>``
 in ``constraints.txt``; see ``.ci/run``). Per case (float32, eval mode, ``torch.set_num_threads(1)``),
@@ -132,14 +132,14 @@ def run_case(
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            reps = 1 if name == "curvlinops full" else 5
+            reps = 1 if name.endswith(" full") else 3
             per_round[name].append(_median_ms(runners[name], reps))
     return {k: statistics.median(v) for k, v in per_round.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", type=Path, default=None)
     ns = parser.parse_args()
     torch.set_num_threads(1)
