@@ -1,6 +1,6 @@
 """laplace-torch's ``jacobians`` by backend: jacbatch's :class:`JacbatchGGN` against laplace's own.
 
-    PYTHONPATH=$PWD python bench/laplace_bench.py [--rounds 7] [--json out.json]
+    PYTHONPATH=$PWD python bench/laplace_bench.py [--rounds 7] [--case MLP] [--json out.json]
 
 Needs laplace-torch (``pip install -c constraints.txt laplace-torch`` with ``torch==<installed>``
 in ``constraints.txt``; see ``.ci/run``). Per case (float32, eval mode, ``torch.set_num_threads(1)``),
@@ -141,10 +141,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--case", default="", help="run only cases whose name contains this")
     ns = parser.parse_args()
     torch.set_num_threads(1)
     results = {}
     for case, (make, x, y) in _cases().items():
+        if ns.case not in case:
+            continue
         t = run_case(make, x, y, ns.rounds)
         results[case] = t
         print(f"\n{case}\n")
