@@ -1,0 +1,7 @@
+"""Optional integrations of jacbatch with other libraries.
+
+Each submodule needs its library (an extra of the ``jacbatch`` package); importing this package
+imports none of them.
+
+* :mod:`jacbatch.integrations.laplace`: a laplace-torch curvature backend (extra ``[laplace]``).
+"""
