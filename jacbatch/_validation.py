@@ -239,6 +239,29 @@ def output_dtype_error(where: str, dtype: torch.dtype) -> NoReturn:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_argnums(where: str, argnums: object, n: int) -> tuple[tuple[int, ...], bool]:
+    """``argnums`` (an int or a tuple of ints) for ``n`` arguments: the distinct non-negative
+    indices, and whether it was a tuple."""
+    tuple_argnums = isinstance(argnums, tuple)
+    raw = argnums if isinstance(argnums, tuple) else (argnums,)
+    if len(raw) == 0:
+        raise ValueError(f"{where}: expected argnums to name at least one argument, got ().")
+    norm: list[int] = []
+    for a in raw:
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise TypeError(
+                f"{where}: expected argnums to be an int or a tuple of ints, got {argnums!r}."
+            )
+        if not -n <= a < n:
+            raise ValueError(
+                f"{where}: expected argnums in range [-{n}, {n}) for {n} argument(s), got {a}."
+            )
+        norm.append(a % n)
+    if len(set(norm)) != len(norm):
+        raise ValueError(f"{where}: expected distinct argnums, got {argnums!r}.")
+    return tuple(norm), tuple_argnums
+
+
 def normalize_call(
     where: str,
     func: object,
@@ -316,23 +339,7 @@ def normalize_call(
 
     # argnums
     n = len(tensors)
-    tuple_argnums = isinstance(argnums, tuple)
-    raw = argnums if isinstance(argnums, tuple) else (argnums,)
-    if len(raw) == 0:
-        raise ValueError(f"{where}: expected argnums to name at least one argument, got ().")
-    norm_argnums: list[int] = []
-    for a in raw:
-        if isinstance(a, bool) or not isinstance(a, int):
-            raise TypeError(
-                f"{where}: expected argnums to be an int or a tuple of ints, got {argnums!r}."
-            )
-        if not -n <= a < n:
-            raise ValueError(
-                f"{where}: expected argnums in range [-{n}, {n}) for {n} argument(s), got {a}."
-            )
-        norm_argnums.append(a % n)
-    if len(set(norm_argnums)) != len(norm_argnums):
-        raise ValueError(f"{where}: expected distinct argnums, got {argnums!r}.")
+    norm_argnums, tuple_argnums = check_argnums(where, argnums, n)
 
     # in_dims, exactly as torch.func.vmap: an int/None for all, or one entry per argument
     if in_dims is None or isinstance(in_dims, int):

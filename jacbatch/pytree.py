@@ -62,6 +62,7 @@ import torch
 from torch.utils import _pytree as pt
 
 from . import _probe, _state, repeated
+from . import _validation as V
 from .executor import execute
 from .request import Request, build_request
 
@@ -209,27 +210,6 @@ def _make(
     return made, (aux if has_aux else None)
 
 
-def _argnums(where: str, argnums: object, n: int) -> tuple[tuple[int, ...], bool]:
-    tuple_argnums = isinstance(argnums, tuple)
-    raw = argnums if isinstance(argnums, tuple) else (argnums,)
-    if len(raw) == 0:
-        raise ValueError(f"{where}: expected argnums to name at least one argument, got ().")
-    norm: list[int] = []
-    for a in raw:
-        if isinstance(a, bool) or not isinstance(a, int):
-            raise TypeError(
-                f"{where}: expected argnums to be an int or a tuple of ints, got {argnums!r}."
-            )
-        if not -n <= a < n:
-            raise ValueError(
-                f"{where}: expected argnums in range [-{n}, {n}) for {n} argument(s), got {a}."
-            )
-        norm.append(a % n)
-    if len(set(norm)) != len(norm):
-        raise ValueError(f"{where}: expected distinct argnums, got {argnums!r}.")
-    return tuple(norm), tuple_argnums
-
-
 def flatten(
     where: str,
     func: Callable[..., Any],
@@ -256,7 +236,7 @@ def flatten(
     n = len(args)
     if n == 0:
         raise TypeError(f"{where}: expected at least one argument after func, got none.")
-    diff_args, tuple_argnums = _argnums(where, argnums, n)
+    diff_args, tuple_argnums = V.check_argnums(where, argnums, n)
     if isinstance(in_dims, list):
         in_dims = tuple(in_dims)
     if isinstance(in_dims, bool) or not (in_dims is None or isinstance(in_dims, (int, tuple))):
