@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import time
 import warnings
 import weakref
@@ -259,24 +260,17 @@ class PreparedJacobian:
 
 
 def _time(prepared: PreparedJacobian, entry: _Entry, args: Sequence[torch.Tensor]) -> float:
-    """Median seconds of one call of ``entry`` on ``args`` (5 calls after a warm-up)."""
+    """Median seconds of one call of ``entry`` on ``args`` (:func:`median_seconds`)."""
 
     def once() -> None:
-        with torch.no_grad():
-            if entry.program is not None:
-                entry.program(*args, *entry.lifted)
-            else:
-                from .executor import execute
+        if entry.program is not None:
+            entry.program(*args, *entry.lifted)
+        else:
+            from .executor import execute
 
-                execute(entry.request)
+            execute(entry.request)
 
-    once()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[2]
+    return median_seconds(once)
 
 
 def _plain(args: Sequence[torch.Tensor], watched: Sequence[torch.Tensor]) -> bool:
@@ -427,16 +421,25 @@ def _build(
     return entry
 
 
-def _seconds_of(program: Callable[..., Any], examples: Sequence[torch.Tensor]) -> float:
-    """Median seconds of ``program(*examples)`` over 5 runs after a warm-up (no graph)."""
+def median_seconds(once: Callable[[], Any], runs: int = 5, give_up: float = math.inf) -> float:
+    """Median seconds of ``once()`` over ``runs`` runs after a warm-up, without a graph; the
+    warm-up's time when it took longer than ``give_up`` (not worth timing further)."""
     with torch.no_grad():
-        program(*examples)
+        start = time.perf_counter()
+        once()
+        first = time.perf_counter() - start
+        if first > give_up:
+            return first
         times = []
-        for _ in range(5):
+        for _ in range(runs):
             start = time.perf_counter()
-            program(*examples)
+            once()
             times.append(time.perf_counter() - start)
-    return sorted(times)[2]
+    return sorted(times)[runs // 2]
+
+
+def _seconds_of(program: Callable[..., Any], examples: Sequence[torch.Tensor]) -> float:
+    return median_seconds(lambda: program(*examples))
 
 
 def graph_function(graph: Any, lifted: Sequence[torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 import types
 import weakref
 from collections.abc import Callable, Sequence
@@ -66,7 +65,7 @@ import torch
 from . import capture, executor
 from .methods import batched as batched_routes
 from .methods import traced
-from .prepared import _build, _enforce_forward, _Entry, _plain
+from .prepared import _build, _enforce_forward, _Entry, _plain, median_seconds
 from .request import Request
 
 #: A key is prepared on this many full calls (a function called twice is often just called
@@ -277,18 +276,7 @@ def _seconds(
         if entry.forward:
             _enforce_forward(call, entry.request, list(res[:k]))
 
-    with torch.no_grad():
-        start = time.perf_counter()
-        once()
-        first = time.perf_counter() - start
-        if first > give_up:
-            return first
-        times = []
-        for _ in range(TIMED_RUNS):
-            start = time.perf_counter()
-            once()
-            times.append(time.perf_counter() - start)
-    return sorted(times)[TIMED_RUNS // 2]
+    return median_seconds(once, TIMED_RUNS, give_up)
 
 
 def _refusal(req: Request) -> str | None:
