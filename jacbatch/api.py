@@ -177,11 +177,15 @@ def jacobian(
                 [4., 0., 5., 0., 6., 0.],
                 [0., 4., 0., 5., 0., 6.]])
     """
-    tree_options = _tree_options(
-        method, vec, chunk_size, max_memory, progress, randomness, create_graph, batched
-    )
-    if pytree.is_tree_call(args, in_dims, has_aux):  # NOTE [Pytree calls]
-        return pytree.jacobian(func, args, argnums, in_dims, has_aux, out, tree_options)
+
+    def tree() -> torch.Tensor | tuple[torch.Tensor, ...]:  # NOTE [Pytree calls]
+        opts = _tree_options(
+            method, vec, chunk_size, max_memory, progress, randomness, create_graph, batched
+        )
+        return pytree.jacobian(func, args, argnums, in_dims, has_aux, out, opts)
+
+    if pytree.is_tree_call(args, in_dims, has_aux):
+        return tree()
     options = (argnums, in_dims, method, vec, chunk_size, max_memory, randomness, progress, batched)
     plain = out is None and create_graph is False
     if plain:  # NOTE [Repeated plain calls]
@@ -195,7 +199,7 @@ def jacobian(
             max_memory=max_memory, progress=progress, batched=batched,
         )  # fmt: skip
     except V.TreeOutput:  # a tuple, list or dict output: the pytree path
-        return pytree.jacobian(func, args, argnums, in_dims, has_aux, out, tree_options)
+        return tree()
     result = execute(req)
     if plain:
         repeated.record(func, args, options, req, result)
