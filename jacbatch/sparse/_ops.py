@@ -1,0 +1,510 @@
+"""Per-op rules of sparsity detection: how each aten op maps its inputs' index sets to its output's.
+
+One rule per op class (NOTE [Exact and conservative op classes] in :mod:`jacbatch.sparse.detect`),
+looked up per op overload, then per overload packet; an op without a rule is pointwise when
+torch tags it so, and dense (every output element depends on every input element's set)
+otherwise. A rule that cannot handle its arguments (an unknown index, an odd layout) raises
+:class:`_Fallback`, and the op is treated as dense: never a missed dependence.
+
+A rule is ``rule(walk, node) -> Deps | None | list[Deps | None]`` (a list for ops with several
+outputs); ``walk.deps(a)`` gives an argument's sets, ``walk.value(a)`` the value of an argument
+computed from constants only (or ``None``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+
+from ._sets import Deps, stack_rows, union
+
+aten = torch.ops.aten
+_I64 = torch.int64
+
+Rule = Callable[[Any, torch.fx.Node], Any]
+
+
+class _Fallback(Exception):
+    """This rule cannot handle the node's arguments: treat the op as dense."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def shape(n: Any) -> tuple[int, ...]:
+    """Per-sample shape of a node's value (``()`` for a number)."""
+    if not isinstance(n, torch.fx.Node):
+        return ()
+    return tuple(int(s) for s in n.meta["val"].shape)
+
+
+def ids(s: Sequence[int]) -> torch.Tensor:
+    """``arange(numel).reshape(s)``: each element's flat (row-major) index."""
+    return torch.arange(math.prod(s), dtype=_I64).reshape(tuple(s))
+
+
+def is_random(target: Any) -> bool:
+    return torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
+
+
+def _differentiable(v: object) -> bool:
+    return isinstance(v, torch.Tensor) and (v.dtype.is_floating_point or v.dtype.is_complex)
+
+
+def mask_nondifferentiable(n: torch.fx.Node, out: Any) -> Any:
+    """Integer and boolean results depend on nothing (autograd passes nothing through them)."""
+    val = n.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        outs = out if isinstance(out, (tuple, list)) else [out] * len(val)
+        return [o if _differentiable(v) else None for o, v in zip(outs, val, strict=True)]
+    return out if _differentiable(val) else None
+
+
+def bind(n: torch.fx.Node) -> dict[str, Any]:
+    """The node's arguments by schema name (defaults filled in)."""
+    schema = n.target._schema  # type: ignore[union-attr]
+    got: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if not arg.kwarg_only and i < len(n.args):
+            got[arg.name] = n.args[i]
+        elif arg.name in n.kwargs:
+            got[arg.name] = n.kwargs[arg.name]
+        elif arg.has_default_value():
+            got[arg.name] = arg.default_value
+        else:
+            got[arg.name] = None
+    return got
+
+
+def _only(w: Any, n: torch.fx.Node, *xs: Any) -> None:
+    """Raise :class:`_Fallback` when an input other than ``xs`` carries sets."""
+    for a in n.all_input_nodes:
+        if a not in xs and w.deps(a) is not None:
+            raise _Fallback
+
+
+def _dims(d: Any, ndim: int) -> list[int]:
+    """Reduced dims: ``None`` or ``[]`` means all of them."""
+    if ndim == 0:
+        return []
+    if d is None or (isinstance(d, (list, tuple)) and len(d) == 0):
+        return list(range(ndim))
+    ds = [d] if isinstance(d, int) else list(d)
+    return sorted({int(k) % ndim for k in ds})
+
+
+def reduce_deps(d: Deps, s: tuple[int, ...], dims: Sequence[int]) -> tuple[Deps, tuple[int, ...]]:
+    """The union over ``dims`` of ``d`` (shape ``s``), with its keepdim shape."""
+    keep = tuple(1 if i in dims else k for i, k in enumerate(s))
+    if keep == s:
+        return d, keep
+    return d.scatter(ids(keep).expand(s), math.prod(keep)), keep
+
+
+def _bcast(d: Deps | None, s: tuple[int, ...], out: tuple[int, ...]) -> Deps | None:
+    """``d`` of shape ``s`` broadcast to ``out`` (raises when not broadcastable)."""
+    if d is None or s == out:
+        return d
+    return d.gather(ids(s).expand(out))
+
+
+def _along(
+    d: Deps, s: tuple[int, ...], dim: int, po: torch.Tensor, pi: torch.Tensor, out_len: int
+) -> tuple[Deps, tuple[int, ...]]:
+    """The relation ``out[.., po[k], ..] ∪= in[.., pi[k], ..]`` along ``dim``, every other index
+    kept; returns the sets and the new shape."""
+    so = (*s[:dim], out_len, *s[dim + 1 :])
+    oi = ids(so).movedim(dim, -1)[..., po]
+    ii = ids(s).movedim(dim, -1)[..., pi]
+    return d.relate(oi, ii, math.prod(so)), so
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+# ---------------------------------------------------------------------------------------------
+
+
+def dense(w: Any, n: torch.fx.Node) -> Any:
+    """Every output element depends on the union of every input element's set."""
+    parts = [d for d in (w.deps(a) for a in n.all_input_nodes) if d is not None]
+    if not parts:
+        return None
+    cols = torch.unique(torch.cat([p.col for p in parts]))
+    k = int(cols.numel())
+
+    def make(v: object) -> Deps | None:
+        if not isinstance(v, torch.Tensor):
+            return None
+        r = v.numel()
+        return Deps(torch.arange(r + 1, dtype=_I64) * k, cols.repeat(r), w.n)
+
+    val = n.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        return [make(v) for v in val]
+    return make(val)
+
+
+def pointwise(w: Any, n: torch.fx.Node, inputs: Sequence[Any] | None = None) -> Deps | None:
+    """Output element ``k`` depends on its broadcast input elements."""
+    out = shape(n)
+    parts = [_bcast(w.deps(a), shape(a), out) for a in (inputs or n.all_input_nodes)]
+    return union(parts, math.prod(out), w.n)
+
+
+def _zero(w: Any, n: torch.fx.Node) -> None:
+    return None
+
+
+def _copy(w: Any, n: torch.fx.Node) -> Deps | None:
+    return pointwise(w, n, [n.args[1]])  # copy(self, src): the values are src's
+
+
+class _Unknown(Exception):
+    pass
+
+
+def _moved(fill: dict[int, Any] | None = None) -> Rule:
+    """Data movement: the op applied to element ids tells each output element's source.
+
+    Every differentiable input gets ids ``offset + 1 ..`` (float64, exact below 2**53), so that a
+    filler (padding, the zeros of ``tril``) reads as ``0``: depends on nothing. Index tensors
+    must be known (computed from constants); ``fill`` overrides argument positions (a padding
+    value) with 0.
+    """
+
+    def rule(w: Any, n: torch.fx.Node) -> Any:
+        parts: list[Deps | None] = []
+        sizes: list[int] = []
+
+        def sub(a: torch.fx.Node) -> Any:
+            v = a.meta.get("val")
+            if isinstance(v, torch.Tensor) and _differentiable(v):
+                k = v.numel()
+                offset = sum(sizes)
+                sizes.append(k)
+                parts.append(w.deps(a))
+                return torch.arange(offset + 1, offset + k + 1, dtype=torch.float64).reshape(
+                    v.shape
+                )
+            val = w.value(a)
+            if val is None:
+                raise _Fallback  # an index computed from the arguments: value-dependent
+            return val.cpu() if isinstance(val, torch.Tensor) else val
+
+        args = list(torch.fx.node.map_arg(n.args, sub))
+        kwargs = dict(torch.fx.node.map_arg(n.kwargs, sub))
+        for i, v in (fill or {}).items():
+            if i < len(args):
+                args[i] = v
+        got = n.target(*args, **kwargs)  # type: ignore[operator]
+        src = stack_rows(parts, sizes, w.n)
+
+        def rows(t: object) -> Deps | None:
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+                return None
+            return src.gather(t.detach().reshape(-1).round().to(_I64) - 1)
+
+        if isinstance(got, (tuple, list)):
+            return [rows(t) for t in got]
+        return rows(got)
+
+    return rule
+
+
+def _as_strided(w: Any, n: torch.fx.Node) -> Any:
+    v = n.args[0].meta["val"]  # type: ignore[union-attr]
+    if not v.is_contiguous() or v.storage_offset() != 0:
+        raise _Fallback
+    if v.untyped_storage().nbytes() != v.numel() * v.element_size():
+        raise _Fallback
+    return _moved()(w, n)
+
+
+def _reduction(w: Any, n: torch.fx.Node) -> Any:
+    b = bind(n)
+    x = b.get("self", b.get("input"))
+    _only(w, n, x)
+    d, s = w.deps(x), shape(x)
+    r, _ = reduce_deps(d, s, _dims(b.get("dim"), len(s)))
+    val = n.meta["val"]
+    outs = val if isinstance(val, (tuple, list)) else (val,)
+    if any(isinstance(v, torch.Tensor) and v.numel() != r.rows for v in outs):
+        raise _Fallback
+    return [r] * len(outs) if isinstance(val, (tuple, list)) else r
+
+
+def _fiber(dims_of: Callable[[dict[str, Any], int], list[int]], extra: Sequence[str] = ()) -> Rule:
+    """Every output element depends on its whole fiber along the dims; ``extra`` arguments
+    (a layer norm's weight and bias) join output 0 pointwise."""
+
+    def rule(w: Any, n: torch.fx.Node) -> Any:
+        b = bind(n)
+        x = b.get("self", b.get("input"))
+        _only(w, n, x, *(b[e] for e in extra))
+        d, s = w.deps(x), shape(x)
+        r = keep = None
+        if d is not None:
+            r, keep = reduce_deps(d, s, dims_of(b, len(s)))
+        val = n.meta["val"]
+        outs = list(val) if isinstance(val, (tuple, list)) else [val]
+        res: list[Deps | None] = []
+        for k, v in enumerate(outs):
+            if not isinstance(v, torch.Tensor):
+                res.append(None)
+                continue
+            vs = tuple(int(q) for q in v.shape)
+            got = None
+            if r is not None and keep is not None:
+                if len(vs) == len(keep):
+                    got = r.gather(ids(keep).expand(vs))
+                elif math.prod(vs) == r.rows:
+                    got = r
+                else:
+                    raise _Fallback
+            if k == 0 and extra:
+                got = union(
+                    [got, *(_bcast(w.deps(b[e]), shape(b[e]), vs) for e in extra)],
+                    math.prod(vs),
+                    w.n,
+                )
+            res.append(got)
+        return res if isinstance(val, (tuple, list)) else res[0]
+
+    return rule
+
+
+def _dim_arg(b: dict[str, Any], ndim: int) -> list[int]:
+    return [int(b["dim"]) % ndim] if ndim else []
+
+
+def _layer_dims(b: dict[str, Any], ndim: int) -> list[int]:
+    return list(range(ndim - len(b["normalized_shape"]), ndim))
+
+
+def _prefix(w: Any, n: torch.fx.Node) -> Any:
+    """``cumsum`` and friends: element ``p`` of a fiber depends on elements ``0..p``."""
+    b = bind(n)
+    x = b["self"]
+    _only(w, n, x)
+    d, s = w.deps(x), shape(x)
+    if not s:
+        r = d
+    else:
+        dim = int(b["dim"]) % len(s)
+        po, pi = torch.tril_indices(s[dim], s[dim])
+        r, _ = _along(d, s, dim, po, pi, s[dim])
+    val = n.meta["val"]
+    return [r] * len(val) if isinstance(val, (tuple, list)) else r
+
+
+def _part(w: Any, a: Any, dims: Sequence[int], view: tuple[int, ...], out: tuple[int, ...]) -> Any:
+    """An operand's contribution to a contraction: its union over the contracted ``dims``,
+    viewed as ``view`` and broadcast to the output ``out``."""
+    d = w.deps(a)
+    if d is None:
+        return None
+    r, _ = reduce_deps(d, shape(a), dims)
+    return r.gather(ids(view).expand(out))
+
+
+def _contraction(kind: str) -> Rule:
+    """``Z[i, j]`` depends on ``A[i, :]`` and ``B[:, j]`` (and ``C[i, j]`` for ``add*``)."""
+
+    def rule(w: Any, n: torch.fx.Node) -> Any:
+        out = shape(n)
+        args = list(n.args)
+        parts: list[Any] = []
+        if kind.startswith("add") or kind == "baddbmm":
+            c = args.pop(0)
+            parts.append(_bcast(w.deps(c), shape(c), out))
+        a, b = args[0], args[1]
+        sa, sb = shape(a), shape(b)
+        if kind in ("mm", "addmm"):
+            parts += [_part(w, a, [1], (sa[0], 1), out), _part(w, b, [0], (1, sb[1]), out)]
+        elif kind in ("bmm", "baddbmm"):
+            parts += [
+                _part(w, a, [2], (sa[0], sa[1], 1), out),
+                _part(w, b, [1], (sb[0], 1, sb[2]), out),
+            ]
+        elif kind in ("mv", "addmv"):
+            parts += [_part(w, a, [1], (sa[0],), out), _part(w, b, [0], (), out)]
+        elif kind == "dot":
+            parts += [_part(w, a, [0], (), out), _part(w, b, [0], (), out)]
+        elif kind == "addbmm":
+            parts += [_part(w, a, [0, 2], (sa[1], 1), out), _part(w, b, [0, 1], (1, sb[2]), out)]
+        elif kind == "addr":
+            parts += [_part(w, a, [], (sa[0], 1), out), _part(w, b, [], (1, sb[0]), out)]
+        else:  # pragma: no cover - every registered kind is handled above
+            raise _Fallback
+        return union(parts, math.prod(out), w.n)
+
+    return rule
+
+
+def _scatter_into(
+    w: Any,
+    n: torch.fx.Node,
+    self_node: Any,
+    dest: torch.Tensor,
+    src_node: Any,
+    src_pos: torch.Tensor | None,
+    accumulate: bool,
+) -> Deps | None:
+    """Written element ``dest[k]`` depends on source element ``src_pos[k]`` (every writer, all
+    duplicates); the destination's own element stays where it is accumulated into or not
+    written."""
+    out = shape(n)
+    rows = math.prod(out)
+    parts: list[Deps | None] = []
+    ds = w.deps(self_node)
+    if ds is not None:
+        if accumulate:
+            parts.append(ds)
+        else:
+            keep = torch.ones(rows, dtype=torch.bool)
+            keep[dest.reshape(-1)] = False
+            parts.append(ds.gather(torch.where(keep, torch.arange(rows), -1)))
+    dv = w.deps(src_node) if src_node is not None else None
+    if dv is not None and src_pos is not None:
+        parts.append(dv.relate(dest, src_pos, rows))
+    return union(parts, rows, w.n)
+
+
+def _known(w: Any, a: Any) -> torch.Tensor:
+    v = w.value(a)
+    if not isinstance(v, torch.Tensor):
+        raise _Fallback
+    return v.cpu()
+
+
+def _index_put(w: Any, n: torch.fx.Node) -> Any:
+    b = bind(n)
+    _only(w, n, b["self"], b["values"])
+    idx = [None if i is None else _known(w, i) for i in b["indices"]]
+    dest = aten.index.Tensor(ids(shape(n)), idx)
+    src_pos = ids(shape(b["values"])).expand(dest.shape)
+    return _scatter_into(w, n, b["self"], dest, b["values"], src_pos, bool(b["accumulate"]))
+
+
+def _scatter(w: Any, n: torch.fx.Node) -> Any:
+    b = bind(n)
+    src = b.get("src")
+    _only(w, n, b["self"], src)
+    index = _known(w, b["index"])
+    dim = int(b["dim"]) % max(len(shape(n)), 1)
+    dest = ids(shape(n)).gather(dim, index)
+    src_pos = None
+    if isinstance(src, torch.fx.Node):
+        src_pos = ids(shape(src))[tuple(slice(0, k) for k in index.shape)]
+    packet = n.target.overloadpacket  # type: ignore[union-attr]
+    accumulate = packet is aten.scatter_add or (
+        packet is aten.scatter_reduce and bool(b.get("include_self", True))
+    )
+    return _scatter_into(w, n, b["self"], dest, src, src_pos, accumulate)
+
+
+def _index_add(w: Any, n: torch.fx.Node) -> Any:
+    b = bind(n)
+    _only(w, n, b["self"], b["source"])
+    index = _known(w, b["index"])
+    dim = int(b["dim"]) % max(len(shape(n)), 1)
+    dest = ids(shape(n)).index_select(dim, index)
+    src_pos = ids(shape(b["source"]))
+    accumulate = n.target.overloadpacket is aten.index_add  # type: ignore[union-attr]
+    return _scatter_into(w, n, b["self"], dest, b["source"], src_pos, accumulate)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------------
+
+_RULES: dict[Any, Rule] = {}
+
+
+def _register(rule: Rule, *ops: str) -> None:
+    for name in ops:
+        packet, _, overload = name.partition(".")
+        p = getattr(aten, packet, None)
+        if p is None:
+            continue
+        op = getattr(p, overload, None) if overload else p
+        if op is not None:
+            _RULES[op] = rule
+
+
+_register(
+    _zero,
+    "detach", "zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones",
+    "new_empty", "new_full", "sign", "floor", "ceil", "round", "trunc", "fill.Scalar",
+    "heaviside", "zero",
+)  # fmt: skip
+_register(_copy, "copy.default")
+_register(pointwise, "_to_copy", "masked_fill", "where.self", "clamp", "clamp_min", "clamp_max")
+_register(
+    _moved(),
+    "view", "_unsafe_view", "reshape", "view_copy", "_reshape_copy", "_reshape_alias", "permute",
+    "permute_copy", "transpose", "transpose_copy", "t", "t_copy", "expand", "expand_copy",
+    "slice", "slice_copy", "select", "select_copy", "squeeze", "squeeze_copy", "unsqueeze",
+    "unsqueeze_copy", "flip", "roll", "cat", "stack", "split", "split_with_sizes",
+    "unsafe_split", "unsafe_split_with_sizes", "split_copy", "split_with_sizes_copy", "unbind",
+    "unbind_copy", "index_select", "gather", "index.Tensor", "diagonal", "diagonal_copy",
+    "clone", "alias", "alias_copy", "lift_fresh_copy", "repeat", "unfold", "unfold_copy",
+    "flatten", "unflatten", "block_diag", "diag_embed", "tril", "triu", "reflection_pad1d",
+    "reflection_pad2d", "reflection_pad3d", "replication_pad1d", "replication_pad2d",
+    "replication_pad3d", "slice_scatter", "select_scatter", "diagonal_scatter", "take",
+    "embedding", "narrow", "movedim", "pixel_shuffle", "pixel_unshuffle", "upsample_nearest1d",
+    "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
+    "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "rot90", "diag", "im2col",
+    "contiguous", "expand_as", "view_as", "reshape_as", "repeat_interleave.self_int",
+)  # fmt: skip
+_register(_moved({2: 0.0}), "constant_pad_nd")
+_register(_moved({3: 0.0}), "index_fill", "scatter.value")
+_register(_as_strided, "as_strided", "as_strided_copy")
+_register(
+    _reduction,
+    "sum", "mean", "prod", "amax", "amin", "max.default", "min.default", "max.dim", "min.dim",
+    "logsumexp", "var", "std", "var_mean", "std_mean", "linalg_vector_norm", "norm", "nansum",
+    "nanmean", "median", "nanmedian", "kthvalue", "mode", "aminmax",
+)  # fmt: skip
+_register(
+    _fiber(_dim_arg),
+    "_softmax", "_log_softmax", "softmax", "log_softmax", "_safe_softmax", "sort", "topk",
+)  # fmt: skip
+_register(_fiber(_layer_dims, ("weight", "bias")), "native_layer_norm")
+_register(_prefix, "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin")
+for _kind in ("mm", "bmm", "mv", "dot", "addmm", "baddbmm", "addmv", "addbmm", "addr"):
+    _register(_contraction(_kind), _kind)
+_register(_contraction("dot"), "vdot")
+_register(_index_put, "index_put")
+_register(_scatter, "scatter.src", "scatter_add", "scatter_reduce.two")
+_register(_index_add, "index_add", "index_copy")
+
+
+def lookup(op: Any) -> Rule | None:
+    """The rule for an op (its overload first, then its packet), or ``None``."""
+    rule = _RULES.get(op)
+    if rule is None and hasattr(op, "overloadpacket"):
+        rule = _RULES.get(op.overloadpacket)
+    return rule
+
+
+def propagate(w: Any, n: torch.fx.Node) -> Any:
+    """The sets of node ``n``'s output(s) (see the module docstring)."""
+    rule = lookup(n.target)
+    if rule is None:
+        rule = pointwise if torch.Tag.pointwise in getattr(n.target, "tags", ()) else dense
+    if rule is dense:
+        return dense(w, n)
+    try:
+        return rule(w, n)
+    except Exception:  # _Fallback, or arguments a rule does not cover: dense, never a miss
+        return dense(w, n)
+
+
+__all__ = ["dense", "lookup", "mask_nondifferentiable", "propagate", "shape"]
