@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import jacbatch
-from jacbatch.sparse import NoPatternError, SparsityPattern, detect
+from jacbatch.sparse import NoPatternError, SparsityPattern
+from jacbatch.sparse.detect import detect
 
 DT = torch.float64
 POINTS = 4
@@ -144,6 +145,10 @@ W2 = torch.randn(3, 7, dtype=DT, generator=GEN)
 WBLK = torch.randn(4, 3, 3, dtype=DT, generator=GEN)
 WMAT = torch.randn(4, 5, dtype=DT, generator=GEN)
 IDX = torch.tensor([3, 0, 0, 5, 2])
+WCONV = torch.randn(4, 2, 3, 3, dtype=DT, generator=GEN)
+BCONV = torch.randn(4, dtype=DT, generator=GEN)
+WCONV1 = torch.randn(6, 2, 3, dtype=DT, generator=GEN)
+XCONV = torch.randn(1, 2, 5, 6, dtype=DT, generator=GEN)
 
 
 def mlp(x: torch.Tensor) -> torch.Tensor:
@@ -217,6 +222,21 @@ EXACT = {
     "erfcx_no_rule": (lambda x: torch.special.erfcx(x[1:] * x[:-1]), [(7,)]),
     "i1e_no_rule": (lambda x: torch.special.i1e(x).cumsum(0), [(5,)]),
     "detach_stops": (lambda x: x * x.detach().sum() + torch.sign(x).sum(), [(4,)]),
+    "conv2d_stride_bias": (
+        lambda x: F.conv2d(x.reshape(1, 2, 5, 6), WCONV, BCONV, padding=1, stride=(1, 2)),
+        [(60,)],
+    ),
+    "conv2d_dilation": (
+        lambda x: F.conv2d(x.reshape(2, 5, 6), WCONV, None, padding=2, dilation=2),
+        [(60,)],
+    ),
+    "conv1d_groups": (
+        lambda x: F.conv1d(x.reshape(1, 4, 7), WCONV1, groups=2, padding=1),
+        [(28,)],
+    ),
+    "conv2d_weight": (lambda w: F.conv2d(XCONV, w, padding=1), [(4, 2, 3, 3)]),
+    "avg_pool": (lambda x: F.avg_pool2d(x.reshape(2, 5, 6), 3, stride=2, padding=1), [(60,)]),
+    "adaptive_avg_pool": (lambda x: F.adaptive_avg_pool2d(x.reshape(2, 5, 7), (3, 2)), [(70,)]),
 }
 
 
@@ -258,10 +278,7 @@ CONSERVATIVE = {
     ),
     "cdist_no_rule": (lambda x: torch.cdist(x, x.flip(0)), [(4, 2)]),
     "value_index": (lambda x: x[torch.argsort(x)] * x, [(5,)]),
-    "conv1d": (
-        lambda x: F.conv1d(x.reshape(1, 2, 6), WBLK[:3, :2, :], padding=1).reshape(-1),
-        [(12,)],
-    ),
+    "max_pool": (lambda x: F.max_pool2d(x.reshape(1, 2, 5, 6), 2, padding=1), [(60,)]),
 }
 
 

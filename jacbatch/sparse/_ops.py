@@ -420,6 +420,102 @@ def _index_add(w: Any, n: torch.fx.Node) -> Any:
     return _scatter_into(w, n, b["self"], dest, b["source"], src_pos, accumulate)
 
 
+def _window_pairs(
+    L: int, O: int, K: int, stride: int, pad: int, dil: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Along one spatial dim: output position ``o`` reads input ``o * stride - pad + k * dil``
+    for taps ``k < K``; the valid (inside the input) ``(o, i, k)`` triples."""
+    o = torch.arange(O).unsqueeze(1)
+    k = torch.arange(K).unsqueeze(0)
+    i = o * stride - pad + k * dil
+    ok = (i >= 0) & (i < L)
+    return o.expand(O, K)[ok], i[ok], k.expand(O, K)[ok]
+
+
+def _ints(v: Any, k: int, default: int | None = None) -> list[int]:
+    """A conv/pool size argument (an int or a list of 1 or ``k`` ints) as ``k`` ints."""
+    if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
+        if default is None:
+            raise _Fallback
+        return [default] * k
+    vs = [int(v)] * k if isinstance(v, int) else [int(q) for q in v]
+    return vs * k if len(vs) == 1 else vs
+
+
+def _convolution(w: Any, n: torch.fx.Node) -> Any:
+    """``convolution(input, weight, bias, stride, padding, dilation, transposed, ..., groups)``:
+    output ``(n, co, o..)`` depends on input ``(n, ci, i..)`` for ``ci`` in ``co``'s group and
+    ``i`` in the receptive field (applied one dim at a time: the relation is a product), on the
+    weights ``(co, :, k..)`` whose taps land inside the input, and on ``bias[co]``."""
+    b = bind(n)
+    if b["transposed"]:
+        raise _Fallback
+    x, wt, bias = b["input"], b["weight"], b["bias"]
+    sx, sw, out = shape(x), shape(wt), shape(n)
+    k = len(sx) - 2
+    stride, pad = _ints(b["stride"], k), _ints(b["padding"], k)
+    dil, groups = _ints(b["dilation"], k), int(b["groups"])
+    cout, cin = sw[0], sx[1]
+    parts: list[Deps | None] = []
+    d = w.deps(x)
+    if d is not None:
+        co = torch.arange(cout).repeat_interleave(cin // groups)
+        ci = (co // (cout // groups)) * (cin // groups) + torch.arange(cin // groups).repeat(cout)
+        d, cur = _along(d, sx, 1, co, ci, cout)
+        for j in range(k):
+            po, pi, _ = _window_pairs(sx[2 + j], out[2 + j], sw[2 + j], stride[j], pad[j], dil[j])
+            d, cur = _along(d, cur, 2 + j, po, pi, out[2 + j])
+        parts.append(d)
+    dw = w.deps(wt)
+    if dw is not None:
+        dw, cur = reduce_deps(dw, sw, [1])
+        for j in range(k):
+            po, _, pk = _window_pairs(sx[2 + j], out[2 + j], sw[2 + j], stride[j], pad[j], dil[j])
+            dw, cur = _along(dw, cur, 2 + j, po, pk, out[2 + j])
+        parts.append(dw.gather(ids((1, cur[0], *cur[2:])).expand(out)))
+    if isinstance(bias, torch.fx.Node):
+        parts.append(_part(w, bias, [], (1, cout, *([1] * k)), out))
+    return union(parts, math.prod(out), w.n)
+
+
+def _pool(adaptive: bool = False) -> Rule:
+    """Pooling over the last spatial dims: an output element depends on its window (max
+    pooling picks one by value: conservative)."""
+
+    def rule(w: Any, n: torch.fx.Node) -> Any:
+        b = bind(n)
+        x = b["self"]
+        _only(w, n, x)
+        d, sx = w.deps(x), shape(x)
+        val = n.meta["val"]
+        out = tuple(int(q) for q in (val[0] if isinstance(val, (tuple, list)) else val).shape)
+        name = n.target.overloadpacket.__name__  # type: ignore[union-attr]
+        k = 3 if "3d" in name else 2 if "2d" in name else 1
+        cur = sx
+        for j in range(k):
+            dim = len(sx) - k + j
+            L, O = sx[dim], out[dim]
+            if adaptive:
+                o = torch.arange(O)
+                start, end = (o * L) // O, ((o + 1) * L + O - 1) // O
+                width = int((end - start).max())
+                ii = start.unsqueeze(1) + torch.arange(width).unsqueeze(0)
+                ok = ii < end.unsqueeze(1)
+                po, pi = o.unsqueeze(1).expand_as(ii)[ok], ii[ok]
+            else:
+                K = _ints(b["kernel_size"], k)[j]
+                stride = _ints(b.get("stride"), k, K)[j] if b.get("stride") else K
+                pad = _ints(b.get("padding", 0), k)[j]
+                dil = _ints(b.get("dilation", 1), k)[j]
+                po, pi, _ = _window_pairs(L, O, K, stride, pad, dil)
+            d, cur = _along(d, cur, dim, po, pi, O)
+        if cur != out:
+            raise _Fallback
+        return [d, None] if isinstance(val, (tuple, list)) else d
+
+    return rule
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry
 # ---------------------------------------------------------------------------------------------
@@ -484,6 +580,16 @@ _register(_contraction("dot"), "vdot")
 _register(_index_put, "index_put")
 _register(_scatter, "scatter.src", "scatter_add", "scatter_reduce.two")
 _register(_index_add, "index_add", "index_copy")
+_register(_convolution, "convolution")
+_register(
+    _pool(),
+    "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool2d", "avg_pool3d",
+)  # fmt: skip
+_register(
+    _pool(adaptive=True),
+    "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "adaptive_max_pool2d", "adaptive_max_pool3d",
+)  # fmt: skip
 
 
 def lookup(op: Any) -> Rule | None:

@@ -91,13 +91,6 @@ class Deps:
         got = self.gather(in_idx)  # one row per pair
         return from_coo(out_idx[got.row_index()], got.col, rows, self.n_cols)
 
-    def collapse(self, rows: int) -> Deps:
-        """Every one of ``rows`` rows depends on the union of all of this value's sets."""
-        cols = torch.unique(self.col)
-        k = int(cols.numel())
-        crow = torch.arange(rows + 1, dtype=_I64) * k
-        return Deps(crow, cols.repeat(rows), self.n_cols)
-
 
 def from_coo(rows_idx: torch.Tensor, cols: torch.Tensor, rows: int, n_cols: int) -> Deps:
     """The sets with entries ``(rows_idx[k], cols[k])`` (duplicates merged)."""
