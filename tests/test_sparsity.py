@@ -149,6 +149,9 @@ WCONV = torch.randn(4, 2, 3, 3, dtype=DT, generator=GEN)
 BCONV = torch.randn(4, dtype=DT, generator=GEN)
 WCONV1 = torch.randn(6, 2, 3, dtype=DT, generator=GEN)
 XCONV = torch.randn(1, 2, 5, 6, dtype=DT, generator=GEN)
+BN_W, BN_B, BN_M = (torch.randn(3, dtype=DT, generator=GEN) for _ in range(3))
+BN_V = torch.rand(3, dtype=DT, generator=GEN) + 0.5
+BN_W4 = torch.randn(4, dtype=DT, generator=GEN)
 
 
 def mlp(x: torch.Tensor) -> torch.Tensor:
@@ -235,6 +238,15 @@ EXACT = {
         [(28,)],
     ),
     "conv2d_weight": (lambda w: F.conv2d(XCONV, w, padding=1), [(4, 2, 3, 3)]),
+    "batch_norm_train": (
+        lambda x: F.batch_norm(x.reshape(2, 3, 4), None, None, BN_W, BN_B, training=True),
+        [(24,)],
+    ),
+    "batch_norm_eval": (
+        lambda x: F.batch_norm(x.reshape(2, 3, 4), BN_M, BN_V, BN_W, BN_B) * x.reshape(2, 3, 4),
+        [(24,)],
+    ),
+    "group_norm": (lambda x: F.group_norm(x.reshape(1, 4, 3), 2, BN_W4, None), [(12,)]),
     "avg_pool": (lambda x: F.avg_pool2d(x.reshape(2, 5, 6), 3, stride=2, padding=1), [(60,)]),
     "adaptive_avg_pool": (lambda x: F.adaptive_avg_pool2d(x.reshape(2, 5, 7), (3, 2)), [(70,)]),
 }

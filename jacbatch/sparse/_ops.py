@@ -9,6 +9,9 @@ otherwise. A rule that cannot handle its arguments (an unknown index, an odd lay
 A rule is ``rule(walk, node) -> Deps | None | list[Deps | None]`` (a list for ops with several
 outputs); ``walk.deps(a)`` gives an argument's sets, ``walk.value(a)`` the value of an argument
 computed from constants only (or ``None``).
+
+Size: about 650 lines, over the project's 600, on purpose: one rule per op class and the one
+registry that names every op they cover, read together when checking that no op is missed.
 """
 
 from __future__ import annotations
@@ -287,6 +290,35 @@ def _layer_dims(b: dict[str, Any], ndim: int) -> list[int]:
     return list(range(ndim - len(b["normalized_shape"]), ndim))
 
 
+def _channel_norm(w: Any, n: torch.fx.Node) -> Any:
+    """Batch norm (training: each element depends on its whole channel; eval: pointwise) and
+    group norm (its whole group of channels), plus its channel's weight and bias. The op's
+    other outputs (statistics) are treated as dense."""
+    b = bind(n)
+    x, weight, bias = b["input"], b.get("weight"), b.get("bias")
+    _only(w, n, x, weight, bias)
+    sx = shape(x)
+    if len(sx) < 2:
+        raise _Fallback
+    C = sx[1]
+    name = n.target.overloadpacket.__name__  # type: ignore[union-attr]
+    d = w.deps(x)
+    if d is not None and name == "native_group_norm":
+        G = int(b["group"])
+        grouped = (sx[0], G, math.prod(sx) // (sx[0] * G))
+        r, keep = reduce_deps(d, grouped, [2])
+        d = r.gather(ids(keep).expand(grouped))
+    elif d is not None and bool(b.get("training", False)):
+        dims = [0, *range(2, len(sx))]
+        r, keep = reduce_deps(d, sx, dims)
+        d = r.gather(ids(keep).expand(sx))
+    view = (1, C, *([1] * (len(sx) - 2)))
+    out0 = union([d, _part(w, weight, [], view, sx), _part(w, bias, [], view, sx)],
+                 math.prod(sx), w.n)  # fmt: skip
+    rest = dense(w, n)
+    return [out0, *rest[1:]]
+
+
 def _prefix(w: Any, n: torch.fx.Node) -> Any:
     """``cumsum`` and friends: element ``p`` of a fiber depends on elements ``0..p``."""
     b = bind(n)
@@ -558,6 +590,7 @@ _register(
     "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
     "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "rot90", "diag", "im2col",
     "contiguous", "expand_as", "view_as", "reshape_as", "repeat_interleave.self_int",
+    "_unsafe_index",
 )  # fmt: skip
 _register(_moved({2: 0.0}), "constant_pad_nd")
 _register(_moved({3: 0.0}), "index_fill", "scatter.value")
@@ -573,11 +606,16 @@ _register(
     "_softmax", "_log_softmax", "softmax", "log_softmax", "_safe_softmax", "sort", "topk",
 )  # fmt: skip
 _register(_fiber(_layer_dims, ("weight", "bias")), "native_layer_norm")
+_register(
+    _channel_norm,
+    "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit_functional", "native_batch_norm", "native_group_norm",
+)  # fmt: skip
 _register(_prefix, "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin")
 for _kind in ("mm", "bmm", "mv", "dot", "addmm", "baddbmm", "addmv", "addbmm", "addr"):
     _register(_contraction(_kind), _kind)
 _register(_contraction("dot"), "vdot")
-_register(_index_put, "index_put")
+_register(_index_put, "index_put", "_unsafe_index_put")
 _register(_scatter, "scatter.src", "scatter_add", "scatter_reduce.two")
 _register(_index_add, "index_add", "index_copy")
 _register(_convolution, "convolution")

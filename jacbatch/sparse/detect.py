@@ -139,10 +139,11 @@ def detect(
         if tg.gm is None:
             raise NoPatternError(
                 f"{where}: expected a function that traces into one graph of tensor ops, got "
-                f"one that does not ({tg.error or first}). A sparsity pattern must hold for every "
-                f"input; value-dependent control flow, .item() and value-dependent shapes "
-                f"(x[x > 0], nonzero) have none. Compute the Jacobian densely "
-                f"(jacbatch.jacobian)."
+                f"one that does not ({tg.error or first}). A pattern that holds for every input "
+                f"needs a graph: value-dependent control flow, .item(), value-dependent shapes "
+                f"(x[x > 0], nonzero) and in-place writes into tensors that exist before the "
+                f"call (a train-mode BatchNorm's statistics) have none. Compute the Jacobian "
+                f"densely (jacbatch.jacobian)."
             )
     gm = tg.gm
     key = (argnum, tg.inputs, tuple(shapes))
