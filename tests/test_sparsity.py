@@ -300,6 +300,40 @@ def test_conservative_patterns(name: str) -> None:
     assert_superset(func, *shapes)
 
 
+M4 = torch.randn(4, 4, dtype=DT, generator=GEN)
+PERM = torch.randperm(8, generator=GEN)
+CHAIN_OPS: list[Callable[[torch.Tensor], torch.Tensor]] = [
+    torch.sin,
+    lambda x: torch.roll(x, 3),
+    lambda x: x.flip(0),
+    lambda x: x.cumsum(0),
+    lambda x: F.pad(x[2:], (0, 2)),
+    lambda x: x * x.roll(1),
+    lambda x: (x.reshape(2, 4) @ M4).reshape(-1),
+    lambda x: torch.softmax(x.reshape(4, 2), 1).reshape(-1),
+    lambda x: x[PERM],
+    lambda x: x.reshape(2, 4).sum(1, keepdim=True).expand(2, 4).reshape(-1) + x,
+    lambda x: torch.cat([x[4:], x[:4]]) * 2,
+    lambda x: x.reshape(2, 4).T.reshape(-1),
+    lambda x: torch.where(x > 0, x, x.flip(0)),
+    lambda x: x.sort().values,
+    lambda x: torch.special.erfcx(x).amax(0) * x,
+]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_chains_never_miss(seed: int) -> None:
+    g = torch.Generator().manual_seed(100 + seed)
+    chain = [CHAIN_OPS[int(i)] for i in torch.randint(len(CHAIN_OPS), (3,), generator=g)]
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        for op in chain:
+            x = op(x)
+        return x
+
+    assert_superset(f, (8,))
+
+
 def test_sort_and_topk_give_whole_fibers() -> None:
     fiber = torch.block_diag(*[torch.ones(4, 4, dtype=torch.bool)] * 3)
     assert torch.equal(pattern_of(CONSERVATIVE["sort"][0], [(3, 4)]).to_mask(), fiber)
@@ -389,6 +423,22 @@ def test_random_function_is_refused() -> None:
         jacbatch.sparsity(lambda x: F.dropout(x, 0.5, training=True), torch.ones(2, 3))
     with pytest.raises(NotImplementedError, match="random"):
         jacbatch.sparsity(lambda x: x * torch.rand_like(x), torch.ones(2, 3))
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
+        return g
+
+
+def test_custom_autograd_function_is_refused() -> None:
+    # its forward (round) has a zero derivative; its backward says identity: no guess
+    with pytest.raises(NoPatternError, match=r"custom torch\.autograd\.Function"):
+        jacbatch.sparsity(lambda x: _StraightThrough.apply(x) * 2, torch.ones(2, 3))
 
 
 def test_value_dependent_shape_is_refused() -> None:

@@ -150,11 +150,58 @@ def detect(
     cached = _CACHE.get(gm, {}).get(key)
     if cached is not None:
         return cached
+    _check_probe(func, args, in_dims, shapes)
     walk = _Walk(gm, tg.inputs, len(args), lifted, argnum, shapes[argnum])
     pattern = walk.run()
     if not walk.read_lifted:
         _CACHE.setdefault(gm, {})[key] = pattern
     return pattern
+
+
+def _check_probe(
+    func: Callable[..., Any],
+    args: tuple[torch.Tensor, ...],
+    in_dims: tuple[int | None, ...],
+    shapes: Sequence[tuple[int, ...]],
+) -> None:
+    """Refuse what the graph cannot show (NOTE [What is refused]): the project's probe run
+    (:func:`jacbatch._probe.probe`, on meta tensors) sees random ops and custom
+    ``autograd.Function`` calls, whose ``backward``, not the traced forward, defines the
+    derivative (NOTE [Custom autograd.Functions] in :mod:`jacbatch._probe`)."""
+    from .. import _probe
+
+    def sample() -> list[torch.Tensor]:
+        return [x if d is None else x.select(d, 0) for x, d in zip(args, in_dims, strict=True)]
+
+    got = _probe.probe(func, shapes, args[0].dtype, sample)
+    if got.random:
+        random = sorted(op for op in got.ops if _ops.is_random(_resolve(op)))
+        _refuse_random(random)
+    if got.custom_function:
+        raise NoPatternError(
+            "sparsity: expected a function whose traced ops define its derivative, got one that "
+            "calls a custom torch.autograd.Function (its backward defines the derivative, and "
+            "the graph shows only its forward). Compute the Jacobian densely (jacbatch.jacobian)."
+        )
+
+
+def _resolve(name: str) -> Any:
+    """``"aten.bernoulli.p"`` -> the op overload (``None`` if there is none)."""
+    obj: Any = torch.ops
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _refuse_random(ops: Sequence[str]) -> None:
+    raise NoPatternError(
+        f"sparsity: expected a deterministic func, got one that draws random numbers "
+        f"({', '.join(ops) or 'a random op'}). Its pattern would describe one draw only. Put "
+        f"dropout in eval mode, or compute the Jacobian densely (jacbatch.jacobian with "
+        f"randomness='different' or 'same')."
+    )
 
 
 class _Walk:
@@ -247,12 +294,7 @@ class _Walk:
             }
         )
         if random:
-            raise NoPatternError(
-                f"sparsity: expected a deterministic func, got one that draws random numbers "
-                f"({', '.join(random)}). Its pattern would describe one draw only. Put dropout "
-                f"in eval mode, or compute the Jacobian densely (jacbatch.jacobian with "
-                f"randomness='different' or 'same')."
-            )
+            _refuse_random(random)
         for n in self.nodes:
             val = n.meta.get("val")
             for v in val if isinstance(val, (tuple, list)) else (val,):
