@@ -247,6 +247,30 @@ EXACT = {
         [(24,)],
     ),
     "group_norm": (lambda x: F.group_norm(x.reshape(1, 4, 3), 2, BN_W4, None), [(12,)]),
+    "interpolate_linear": (
+        lambda x: F.interpolate(x.reshape(1, 2, 5), scale_factor=2.5, mode="linear"),
+        [(10,)],
+    ),
+    "interpolate_bilinear_corners": (
+        lambda x: F.interpolate(
+            x.reshape(1, 1, 3, 4), size=(5, 7), mode="bilinear", align_corners=True
+        ),
+        [(12,)],
+    ),
+    "interpolate_bicubic": (
+        lambda x: F.interpolate(x.reshape(1, 2, 4, 3), scale_factor=0.7, mode="bicubic"),
+        [(24,)],
+    ),
+    "glu_trace_prelu": (
+        lambda x: torch.cat(
+            [
+                F.glu(x.reshape(4, 4), 0).reshape(-1),
+                x.reshape(4, 4).trace().reshape(1),
+                F.prelu(x.reshape(1, 4, 4), BN_W4[:1]).reshape(-1),
+            ]
+        ),
+        [(16,)],
+    ),
     "avg_pool": (lambda x: F.avg_pool2d(x.reshape(2, 5, 6), 3, stride=2, padding=1), [(60,)]),
     "adaptive_avg_pool": (lambda x: F.adaptive_avg_pool2d(x.reshape(2, 5, 7), (3, 2)), [(70,)]),
 }

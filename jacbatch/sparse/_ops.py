@@ -548,6 +548,54 @@ def _pool(adaptive: bool = False) -> Rule:
     return rule
 
 
+#: Largest ``in_plane * out_plane`` for which an interpolation's weights are found by applying
+#: it to basis images (above it, the op is treated as dense).
+INTERPOLATION_LIMIT = 1 << 22
+
+
+def _interpolation(w: Any, n: torch.fx.Node) -> Any:
+    """Linear, bilinear, bicubic, trilinear upsampling ``(N, C, *S) -> (N, C, *O)``: each
+    ``(n, c)`` plane is mapped by the same fixed weights, whatever the values. The op is
+    applied to the ``S``-plane basis images (one per input position, in the batch dim); its
+    nonzero weights are the plane's relation, exactly (a weight that is exactly zero gives a
+    zero derivative too)."""
+    x = n.args[0]
+    _only(w, n, x)
+    if any(isinstance(a, torch.fx.Node) for a in (*n.args[1:], *n.kwargs.values())):
+        raise _Fallback
+    sx, out = shape(x), shape(n)
+    plane, oplane = math.prod(sx[2:]), math.prod(out[2:])
+    if len(sx) < 3 or sx[:2] != out[:2] or plane * oplane > INTERPOLATION_LIMIT:
+        raise _Fallback
+    basis = torch.eye(plane, dtype=torch.float64).reshape(plane, 1, *sx[2:])
+    y = n.target(basis, *n.args[1:], **n.kwargs)  # type: ignore[operator]
+    i_sp, o_sp = (y.reshape(plane, oplane) != 0).nonzero(as_tuple=True)
+    nc = torch.arange(sx[0] * sx[1]).unsqueeze(1)
+    return w.deps(x).relate(nc * oplane + o_sp, nc * plane + i_sp, math.prod(out))
+
+
+def _glu(w: Any, n: torch.fx.Node) -> Any:
+    """``glu(x, dim)``: element ``i`` of the output is ``a[i] * sigmoid(b[i])`` with ``a``, ``b``
+    the halves of ``x`` along ``dim``."""
+    b = bind(n)
+    x = b["self"]
+    _only(w, n, x)
+    s = shape(x)
+    dim = int(b["dim"]) % len(s)
+    h = s[dim] // 2
+    o = torch.arange(h)
+    d, _ = _along(w.deps(x), s, dim, torch.cat([o, o]), torch.cat([o, o + h]), h)
+    return d
+
+
+def _trace(w: Any, n: torch.fx.Node) -> Any:
+    """``trace(x)``: the sum of the diagonal."""
+    x = n.args[0]
+    _only(w, n, x)
+    diag = w.deps(x).gather(ids(shape(x)).diagonal())
+    return diag.scatter(torch.zeros(diag.rows, dtype=_I64), 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry
 # ---------------------------------------------------------------------------------------------
@@ -619,6 +667,14 @@ _register(_index_put, "index_put", "_unsafe_index_put")
 _register(_scatter, "scatter.src", "scatter_add", "scatter_reduce.two")
 _register(_index_add, "index_add", "index_copy")
 _register(_convolution, "convolution")
+_register(
+    _interpolation,
+    "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d",
+    "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa",
+)  # fmt: skip
+_register(_glu, "glu")
+_register(_trace, "trace")
+_register(pointwise, "_prelu_kernel", "prelu")
 _register(
     _pool(),
     "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool2d", "avg_pool3d",
