@@ -513,3 +513,17 @@ def test_plot_writes_a_png_atomically(tmp_path: os.PathLike[str]) -> None:
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(tmp_path) == ["spy.png"]  # no temporary file left behind
+
+
+def test_plot_of_a_large_pattern_draws_bins(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    from jacbatch.sparse import pattern as pattern_module
+
+    monkeypatch.setattr(pattern_module, "SPY_MARKERS_MAX", 10)
+    p = pattern_of(EXACT["cumsum"][0], [(12,)])
+    path = os.path.join(os.fspath(tmp_path), "big.png")
+    p.plot(path, title="cumsum")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -15,6 +15,11 @@ from typing import Any
 
 import torch
 
+#: Patterns with more entries are plotted as occupied bins (at most ``SPY_BINS`` per axis)
+#: instead of one marker per entry.
+SPY_MARKERS_MAX = 200_000
+SPY_BINS = 800
+
 
 @dataclass(frozen=True, eq=False)
 class SparsityPattern:
@@ -146,6 +151,7 @@ class SparsityPattern:
             path: the ``.png`` file to create or replace.
             title: the plot's title (default: shape, nnz and density).
             markersize: the size of one entry's marker (default: from the pattern's size).
+                Patterns over ``SPY_MARKERS_MAX`` entries are drawn as occupied bins instead.
             dpi: resolution.
 
         Raises:
@@ -162,16 +168,26 @@ class SparsityPattern:
         from ..streaming import discard, temp_name
 
         m, n = self.shape
-        fig: Any = Figure(figsize=(6.0, 6.0 * max(m, 1) / max(n, 1) if n >= m else 6.0))
-        if n < m:
-            fig.set_size_inches(6.0 * max(n, 1) / max(m, 1), 6.0)
+        aspect = max(m, 1) / max(n, 1)
+        size_in = (6.0, max(3.0, 6.0 * aspect)) if aspect <= 1 else (max(3.0, 6.0 / aspect), 6.0)
+        fig: Any = Figure(figsize=size_in, layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
-        size = markersize if markersize is not None else max(0.5, 300.0 / max(m, n, 1))
-        ax.plot(
-            self.col_indices.numpy(), self.row_indices().numpy(), "s", markersize=size,
-            color="black", linestyle="none",
-        )  # fmt: skip
+        rows, cols = self.row_indices(), self.col_indices
+        if self.nnz > SPY_MARKERS_MAX:  # one marker per entry would be slow: occupied bins
+            bm, bn = min(m, SPY_BINS), min(n, SPY_BINS)
+            occupied = torch.zeros(bm * bn, dtype=torch.bool)
+            occupied[(rows * bm // m) * bn + cols * bn // n] = True
+            ax.imshow(
+                occupied.reshape(bm, bn).numpy(), cmap="Greys", interpolation="nearest",
+                extent=(-0.5, n - 0.5, m - 0.5, -0.5), aspect="auto",
+            )  # fmt: skip
+        else:
+            size = markersize if markersize is not None else max(0.5, 300.0 / max(m, n, 1))
+            ax.plot(
+                cols.numpy(), rows.numpy(), "s", markersize=size, color="black",
+                linestyle="none",
+            )  # fmt: skip
         ax.set_xlim(-0.5, n - 0.5)
         ax.set_ylim(m - 0.5, -0.5)
         ax.set_xlabel(f"argument element (in_shape {self.in_shape})")
