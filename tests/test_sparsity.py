@@ -212,6 +212,7 @@ EXACT = {
     "softmax_dim": (lambda x: torch.softmax(x, dim=1), [(3, 4)]),
     "log_softmax_dim0": (lambda x: torch.log_softmax(x, dim=0) ** 2, [(3, 4)]),
     "gather_index_select": (gathers, [(6,)]),
+    "cat_with_integers": (lambda x: torch.cat([x, torch.arange(3)]).flip(0) * 2, [(4,)]),
     "cat_stack_flip_roll_pad": (movements, [(6,)]),
     "reduce_one_dim": (
         lambda x: torch.cat([x.sum(0), x.prod(1), x.mean(1, keepdim=True).reshape(-1)]),

@@ -168,10 +168,6 @@ def _copy(w: Any, n: torch.fx.Node) -> Deps | None:
     return pointwise(w, n, [n.args[1]])  # copy(self, src): the values are src's
 
 
-class _Unknown(Exception):
-    pass
-
-
 def _moved(fill: dict[int, Any] | None = None) -> Rule:
     """Data movement: the op applied to element ids tells each output element's source.
 
@@ -195,6 +191,8 @@ def _moved(fill: dict[int, Any] | None = None) -> Rule:
                 return torch.arange(offset + 1, offset + k + 1, dtype=torch.float64).reshape(
                     v.shape
                 )
+            if isinstance(v, torch.Tensor) and n.target.overloadpacket not in _INDEXED:  # type: ignore[union-attr]
+                return torch.zeros(v.shape, dtype=torch.float64)  # integer data: no set
             val = w.value(a)
             if val is None:
                 raise _Fallback  # an index computed from the arguments: value-dependent
@@ -218,6 +216,17 @@ def _moved(fill: dict[int, Any] | None = None) -> Rule:
         return rows(got)
 
     return rule
+
+
+#: Movement ops whose integer tensor arguments are indices (their values are needed); in any
+#: other op an integer tensor is data, which depends on nothing.
+_INDEXED = {
+    getattr(aten, name)
+    for name in (
+        "index_select", "gather", "index", "_unsafe_index", "take", "embedding", "index_fill",
+        "scatter", "repeat_interleave",
+    )
+}  # fmt: skip
 
 
 def _as_strided(w: Any, n: torch.fx.Node) -> Any:
