@@ -1,15 +1,15 @@
 """Structural sparsity detection (jacbatch.sparsity / jacbatch.sparse.detect) against the nonzeros
 of dense per-sample Jacobians from an independent reference.
 
-The reference is ``torch.autograd.functional.jacobian`` per sample in float64 at several random
-points, OR-ed: an entry that is nonzero at some point must be in the pattern (never missed); for
-op classes the detector treats exactly, the pattern must equal that union (random points avoid
-accidental zeros).
+The reference is the project's independent one (``tests/_reference.py``: a per-sample loop of
+``torch.autograd.functional.jacobian`` in float64) at several random points, OR-ed: an entry
+that is nonzero at some point must be in the pattern (never missed); for op classes the
+detector treats exactly, the pattern must equal that union (random points avoid accidental
+zeros).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import jacbatch
 from jacbatch.sparse import NoPatternError, SparsityPattern
 from jacbatch.sparse.detect import detect
+from tests.conftest import reference_jacobian
 
 DT = torch.float64
 POINTS = 4
@@ -32,22 +33,12 @@ def observed(
     points: int = POINTS,
     seed: int = 0,
 ) -> torch.Tensor:
-    """``(out_numel, in_numel)`` bool: entries nonzero at some random point (all arguments drawn
-    afresh per point, per-sample shapes)."""
+    """``(out_numel, in_numel)`` bool: entries of the reference Jacobian that are nonzero at some
+    of ``points`` random points (every argument drawn afresh per point, per-sample shapes)."""
     gen = torch.Generator().manual_seed(seed)
-    mask: torch.Tensor | None = None
-    for _ in range(points):
-        xs = [torch.randn(s, dtype=DT, generator=gen) for s in shapes]
-
-        def f(x: torch.Tensor, xs: list[torch.Tensor] = xs) -> torch.Tensor:
-            return func(*xs[:argnum], x, *xs[argnum + 1 :])
-
-        J = torch.autograd.functional.jacobian(f, xs[argnum])
-        out_numel = J.numel() // math.prod(shapes[argnum])
-        nz = J.reshape(out_numel, math.prod(shapes[argnum])) != 0
-        mask = nz if mask is None else mask | nz
-    assert mask is not None
-    return mask
+    xs = [torch.randn(points, *s, dtype=DT, generator=gen) for s in shapes]
+    J = reference_jacobian(func, xs, argnum, 0, vec="row")  # (points, out_numel, in_numel)
+    return (J != 0).any(0)
 
 
 def pattern_of(
