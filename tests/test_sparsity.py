@@ -410,6 +410,35 @@ def test_index_closure_values_are_read_each_call() -> None:
     assert torch.equal(jacbatch.sparsity(f, X).col_indices, torch.tensor([3, 2]))
 
 
+def test_pattern_cached_per_captured_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jacbatch.sparse import detect as detect_module
+
+    runs: list[int] = []
+    real = detect_module._Walk.run
+
+    def counting(self: detect_module._Walk) -> SparsityPattern:
+        runs.append(1)
+        return real(self)
+
+    monkeypatch.setattr(detect_module._Walk, "run", counting)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.roll(x, 2) * x
+
+    X = torch.randn(3, 7, dtype=DT)
+    first = jacbatch.sparsity(f, X)
+    again = jacbatch.sparsity(f, X)
+    assert len(runs) == 1 and again.equals(first)
+    again.col_indices.zero_()  # the caller's copy: the cache is untouched
+    assert jacbatch.sparsity(f, X).equals(first)
+    jacbatch.sparsity(f, torch.randn(3, 8, dtype=DT))  # new shapes: a new capture and walk
+    assert len(runs) == 2
+    idx = torch.tensor([1, 0])
+    for _ in range(2):  # reads a lifted index tensor's values: walked on every call
+        jacbatch.sparsity(lambda x: x[idx], X)
+    assert len(runs) == 4
+
+
 def test_batched_function() -> None:
     def f(X: torch.Tensor) -> torch.Tensor:  # the whole batch (B, n) -> (B, n - 1)
         return X[:, 1:] * X[:, :-1]
