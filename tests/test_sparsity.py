@@ -136,6 +136,8 @@ W2 = torch.randn(3, 7, dtype=DT, generator=GEN)
 WBLK = torch.randn(4, 3, 3, dtype=DT, generator=GEN)
 WMAT = torch.randn(4, 5, dtype=DT, generator=GEN)
 IDX = torch.tensor([3, 0, 0, 5, 2])
+MASK = torch.tensor([True, False, False, True, False, True])
+INTERIOR = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 0.0], dtype=DT)
 WCONV = torch.randn(4, 2, 3, 3, dtype=DT, generator=GEN)
 BCONV = torch.randn(4, dtype=DT, generator=GEN)
 WCONV1 = torch.randn(6, 2, 3, dtype=DT, generator=GEN)
@@ -216,6 +218,12 @@ EXACT = {
     "scatter_writes": (writes, [(6,)]),
     "erfcx_no_rule": (lambda x: torch.special.erfcx(x[1:] * x[:-1]), [(7,)]),
     "i1e_no_rule": (lambda x: torch.special.i1e(x).cumsum(0), [(5,)]),
+    "where_constant_mask": (lambda x: torch.where(MASK, x.roll(1) * x, x**2), [(6,)]),
+    "masked_fill_constant_mask": (lambda x: (x.roll(1) * x).masked_fill(MASK, 2.0), [(6,)]),
+    "dirichlet_mask_mul": (
+        lambda u: INTERIOR * (u.roll(1) + u.roll(-1) - 2 * u) + (1 - INTERIOR) * (u - 1.0),
+        [(6,)],
+    ),
     "detach_stops": (lambda x: x * x.detach().sum() + torch.sign(x).sum(), [(4,)]),
     "conv2d_stride_bias": (
         lambda x: F.conv2d(x.reshape(1, 2, 5, 6), WCONV, BCONV, padding=1, stride=(1, 2)),
@@ -437,6 +445,14 @@ def test_pattern_cached_per_captured_graph(monkeypatch: pytest.MonkeyPatch) -> N
     for _ in range(2):  # reads a lifted index tensor's values: walked on every call
         jacbatch.sparsity(lambda x: x[idx], X)
     assert len(runs) == 4
+    scale = torch.arange(1.0, 8.0, dtype=DT)
+    for _ in range(2):  # a lifted factor without zeros: the pattern does not depend on it
+        jacbatch.sparsity(lambda x: x * scale, X)
+    assert len(runs) == 5
+    scale[0] = 0.0
+    for _ in range(2):  # with a zero it does: walked on every call
+        jacbatch.sparsity(lambda x: x.flip(0) * scale, X)
+    assert len(runs) == 7
 
 
 def test_batched_function() -> None:

@@ -160,6 +160,55 @@ def pointwise(w: Any, n: torch.fx.Node, inputs: Sequence[Any] | None = None) -> 
     return union(parts, math.prod(out), w.n)
 
 
+def _selected(w: Any, n: torch.fx.Node, choices: Sequence[tuple[Any, torch.Tensor]]) -> Any:
+    """Output element ``k`` depends on input ``a``'s broadcast element where ``mask[k]``."""
+    out = shape(n)
+    parts = []
+    for a, mask in choices:
+        d = w.deps(a)
+        if d is not None:
+            src = ids(shape(a)).expand(out).reshape(-1)
+            parts.append(d.gather(torch.where(mask.expand(out).reshape(-1), src, -1)))
+    return union(parts, math.prod(out), w.n)
+
+
+def _bool_value(w: Any, a: Any) -> torch.Tensor | None:
+    v = w.known(a) if isinstance(a, torch.fx.Node) else None
+    return v.detach().cpu().to(torch.bool) if isinstance(v, torch.Tensor) else None
+
+
+def _where(w: Any, n: torch.fx.Node) -> Any:
+    """``where(cond, a, b)``: with a known ``cond`` (computed from constants), each element
+    depends on the branch it takes; otherwise on both (pointwise)."""
+    cond = _bool_value(w, n.args[0])
+    if cond is None:
+        return pointwise(w, n)
+    return _selected(w, n, [(n.args[1], cond), (n.args[2], ~cond)])
+
+
+def _masked_fill(w: Any, n: torch.fx.Node) -> Any:
+    """``masked_fill(x, mask, value)``: with a known ``mask``, the filled elements depend on
+    ``value`` only, the others on ``x`` only."""
+    mask = _bool_value(w, n.args[1])
+    if mask is None:
+        return pointwise(w, n)
+    return _selected(w, n, [(n.args[0], ~mask), (n.args[2], mask)])
+
+
+def _mul(w: Any, n: torch.fx.Node) -> Any:
+    """``a * b`` with a known factor (a constant mask): where it is exactly zero, the product
+    depends on nothing (its derivative there is ``0 * a'``); elsewhere pointwise."""
+    for i in (0, 1):
+        a, b = n.args[i], n.args[1 - i]
+        if not isinstance(a, torch.fx.Node) or w.deps(a) is not None:
+            continue
+        v = w.value(a)
+        if isinstance(v, torch.Tensor) and not v.is_complex() and bool((v == 0).any()):
+            w.known(a)  # the pattern now depends on its zeros
+            return _selected(w, n, [(b, (v != 0).detach().cpu())])
+    return pointwise(w, n)
+
+
 def _zero(w: Any, n: torch.fx.Node) -> None:
     return None
 
@@ -193,7 +242,7 @@ def _moved(fill: dict[int, Any] | None = None) -> Rule:
                 )
             if isinstance(v, torch.Tensor) and n.target.overloadpacket not in _INDEXED:  # type: ignore[union-attr]
                 return torch.zeros(v.shape, dtype=torch.float64)  # integer data: no set
-            val = w.value(a)
+            val = w.known(a)
             if val is None:
                 raise _Fallback  # an index computed from the arguments: value-dependent
             return val.cpu() if isinstance(val, torch.Tensor) else val
@@ -418,7 +467,7 @@ def _scatter_into(
 
 
 def _known(w: Any, a: Any) -> torch.Tensor:
-    v = w.value(a)
+    v = w.known(a)
     if not isinstance(v, torch.Tensor):
         raise _Fallback
     return v.cpu()
@@ -630,7 +679,10 @@ _register(
     "heaviside", "zero",
 )  # fmt: skip
 _register(_copy, "copy.default")
-_register(pointwise, "_to_copy", "masked_fill", "where.self", "clamp", "clamp_min", "clamp_max")
+_register(pointwise, "_to_copy", "clamp", "clamp_min", "clamp_max")
+_register(_where, "where.self")
+_register(_masked_fill, "masked_fill")
+_register(_mul, "mul.Tensor")
 _register(
     _moved(),
     "view", "_unsafe_view", "reshape", "view_copy", "_reshape_copy", "_reshape_alias", "permute",

@@ -16,6 +16,10 @@ NOTE [Exact and conservative op classes]
       output element ``k`` depends on the union of its broadcast input elements' sets. Exact
       up to derivatives that vanish for particular values (``relu`` at negative inputs,
       ``where``'s unchosen branch, ``x * 0``): a structural pattern keeps them.
+    * **known masks**: ``where(cond, a, b)`` and ``masked_fill(x, mask, v)`` with a condition
+      computed from constants (a boundary mask the function closes over) depend on the branch
+      each element takes, and ``a * c`` with such a constant ``c`` depends on nothing where
+      ``c`` is exactly zero (its derivative there is ``0 * a'``). Exact.
     * **zero derivative** (``detach``, ``sign``, ``floor``, ``round``, ``zeros_like`` ...) and
       every integer or boolean value (``argmax``, comparisons, indices): depend on nothing,
       exactly as autograd, which passes no derivative through them.
@@ -68,9 +72,11 @@ NOTE [Cost and caching]
     The function is captured once per computation by :func:`jacbatch.capture.capture` (shared
     with the traced route; Dynamo's guards decide re-tracing). Propagation is vectorized: the
     1-D ``(x[1:] - x[:-1])**2`` with 10,000 unknowns and the 2-D Brusselator with 2,048 take
-    milliseconds. The pattern is cached per captured graph, argnum and shapes, unless it read
-    the value of a lifted tensor (an index tensor the function closes over: its values may
-    change between calls without a re-capture); a cached pattern is returned as a copy.
+    milliseconds. The pattern is cached per captured graph, argnum and shapes, unless it
+    depends on the value of a lifted tensor (an index tensor or a mask the function closes
+    over: its values may change between calls without a re-capture); a constant factor
+    without zeros leaves the pattern as it would be for any value, so it is cached (a later
+    zero only makes the cached pattern a superset). A cached pattern is returned as a copy.
 """
 
 from __future__ import annotations
@@ -252,6 +258,7 @@ class _Walk:
         self.n = math.prod(in_shape)
         self.env: dict[torch.fx.Node, Any] = {}
         self.values: dict[torch.fx.Node, Any] = {}
+        self.from_lifted: set[torch.fx.Node] = set()  # known values computed from lifted ones
         self.read_lifted = False
 
     # -- what rules read ---------------------------------------------------------------------
@@ -263,9 +270,18 @@ class _Walk:
         d = self.env.get(a)
         return d if isinstance(d, Deps) else None
 
+    def known(self, a: object) -> Any:
+        """:meth:`value`, for a rule whose result depends on it: a pattern that read a value
+        computed from a lifted tensor (which may change without a re-capture) is not cached."""
+        v = self.value(a)
+        if v is not None and a in self.from_lifted:
+            self.read_lifted = True
+        return v
+
     def value(self, a: object) -> Any:
         """The value of a node whose inputs are all known (graph constants, lifted tensors,
-        factories), or ``None``: the arguments' values are never known (they vary)."""
+        factories), or ``None``: the arguments' values are never known (they vary). Use
+        :meth:`known` when the result depends on the value."""
         if not isinstance(a, torch.fx.Node):
             return a
         if a not in self.values:
@@ -279,6 +295,8 @@ class _Walk:
                 stack.extend(n.all_input_nodes)
             for n in sorted(todo, key=self.pos.__getitem__):
                 self.values[n] = self._evaluate(n)
+                if any(i in self.from_lifted for i in n.all_input_nodes):
+                    self.from_lifted.add(n)
         return self.values[a]
 
     def _evaluate(self, n: torch.fx.Node) -> Any:
@@ -286,7 +304,7 @@ class _Walk:
             k = self.source[n] - self.n_args
             if k < 0:
                 return None
-            self.read_lifted = True
+            self.from_lifted.add(n)
             return self.lifted[k]
         if n.op == "get_attr":
             obj: Any = self.gm
