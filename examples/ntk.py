@@ -95,7 +95,7 @@ def main(size: str = "small", out_dir: str | Path = ".") -> dict[str, float]:
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=32)
         la = Laplace(
             model, "regression", subset_of_weights="all", hessian_structure="full",
-            backend=JacbatchGGN,
+            backend=JacbatchGGN, sigma_noise=0.1,  # the data's noise level, known here
         )  # fmt: skip
         la.fit(loader)
         la.optimize_prior_precision(n_steps=cfg["prior_steps"])  # marginal likelihood
