@@ -48,6 +48,45 @@ def cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def heatmap(
+    rows: list[str], cols: list[str], ratio: dict[tuple[str, str], float], title: str
+) -> Any:
+    """A log-coloured grid of ratios (rows × columns), each cell annotated; blank where missing."""
+    import numpy as np
+
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for (r, c), v in ratio.items():
+        if v and v > 0:
+            grid[rows.index(r), cols.index(c)] = math.log10(v)
+    fig, ax = plt.subplots(
+        figsize=(1.0 + 0.75 * len(cols), 0.9 + 0.32 * len(rows)), constrained_layout=True
+    )
+    lim = max(1.0, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0
+    im = ax.imshow(grid, cmap="RdYlGn_r", vmin=-lim, vmax=lim, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if np.isfinite(grid[i, j]):
+                v = 10 ** grid[i, j]
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2g}" if v < 100 else f"{v:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                )
+    ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="log10 of the ratio", shrink=0.8)
+    return fig
+
+
+def details(title: str, body: list[str]) -> list[str]:
+    """A collapsed block (pymdownx.details) around ``body``."""
+    return [f'??? note "{title}"', ""] + [f"    {line}" if line else "" for line in body] + [""]
+
+
 def environment(env: dict[str, Any]) -> str:
     keep = ["cpu", "cpu_count", "cpus", "torch_threads", "torch", "jax", "python", "gpu", "time", "date"]  # fmt: skip
     return ", ".join(f"{k} `{env[k]}`" for k in keep if env.get(k) is not None)
@@ -60,60 +99,53 @@ def render_bench(name: str, data: dict[str, Any]) -> list[str]:
     out = [f"## Routes against baselines: `{name}`", ""]
     out += [f"Environment: {environment(data['environment'])}.", ""]
     cases = data["cases"]
-    # One figure: median time of every method, one panel per case.
-    cols = 3
-    rows = math.ceil(len(cases) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(15, 3.2 * rows), constrained_layout=True)
-    for ax, case in zip(axes.flat, cases, strict=False):
-        ok = [r for r in case["results"] if r["status"] == "ok" and r.get("median_s")]
-        colors = {"jacbatch": "C0", "baseline": "C1", "reference": "C2"}
-        ax.barh(
-            [r["method"] for r in ok],
-            [r["median_s"] * 1e3 for r in ok],
-            color=[colors.get(r["group"], "C7") for r in ok],
-        )
-        ax.set_xscale("log")
-        ax.invert_yaxis()
-        ax.tick_params(axis="y", labelsize=7)
-        ax.set_title(case["id"], fontsize=9)
-        ax.set_xlabel("median ms (log)", fontsize=8)
-    for ax in list(axes.flat)[len(cases) :]:
-        ax.axis("off")
-    fig.suptitle("blue: jacbatch routes, orange: baselines, green: memory references")
-    out += [f"![median times per case, {name}]({save(fig, Path(name).stem + '.png')})", ""]
+    methods = list(dict.fromkeys(r["method"] for c in cases for r in c["results"]))
+    ratio = {}
+    for c in cases:
+        ref = {r["method"]: r.get("median_s") for r in c["results"]}.get(c["reference_method"])
+        for r in c["results"]:
+            if r["status"] == "ok" and r.get("median_s") and ref:
+                ratio[(r["method"], c["id"])] = r["median_s"] / ref
+    fig = heatmap(methods, [c["id"] for c in cases], ratio,
+                  "median time ÷ the case's reference route (closed_form; jacrev where none)")  # fmt: skip
+    out += [
+        f"![time relative to the closed form, {name}]({save(fig, Path(name).stem + '.png')})",
+        "",
+    ]
+    out += ["Each case differentiates `Z = A @ W + b` (or `tanh`/`sum` of it) w.r.t. `W`; the",
+            "tables give every method's median, interquartile range, ratio to the closed form,",
+            "peak memory over the output and whether its Jacobian agrees.", ""]  # fmt: skip
 
     for case in cases:
         shape = "×".join(str(s) for s in case["jacobian_shape"])
-        out += [f"### {case['id']}", ""]
-        out += [f"Jacobian `{shape}` ({case['jacobian_bytes'] / 2**20:.1f} MiB), "
+        body = [f"Jacobian `{shape}` ({case['jacobian_bytes'] / 2**20:.1f} MiB), "
                 f"reference route `{case['reference_method']}`.", ""]  # fmt: skip
-        out += ["| method | group | median ms | IQR ms | × closed form | peak / output | agrees |"]
-        out += ["|---|---|---:|---:|---:|---:|:-:|"]
+        body += ["| method | group | median ms | IQR ms | × closed form | peak / output | agrees |"]
+        body += ["|---|---|---:|---:|---:|---:|:-:|"]
         for r in case["results"]:
             if r["status"] != "ok":
-                out.append(f"| {cell(r['method'])} | {r['group']} | {cell(r['status'])} | | | | |")
+                body.append(f"| {cell(r['method'])} | {r['group']} | {cell(r['status'])} | | | | |")
                 continue
-            ratio = r.get("ratio_to_closed_form")
+            rel = r.get("ratio_to_closed_form")
             peak = r.get("peak_over_output")
-            out.append(
+            body.append(
                 f"| {cell(r['method'])} | {r['group']} | {ms(r['median_s'])} | {ms(r.get('iqr_s'))} "
-                f"| {'' if ratio is None else f'{ratio:.2f}'} "
+                f"| {'' if rel is None else f'{rel:.2f}'} "
                 f"| {'' if peak is None else f'{peak:.2f}'} "
                 f"| {'yes' if r.get('agrees') else '**no**' if r.get('agrees') is False else ''} |"
             )
-        out.append("")
+        out += details(case["id"], body)
 
     targets = data.get("targets") or []
     if targets:
         met = sum(bool(t["met"]) for t in targets)
-        out += [f"### Targets ({met} of {len(targets)} met)", ""]
-        out += ["| target | case | value | limit | met |", "|---|---|---:|---:|:-:|"]
+        body = ["| target | case | value | limit | met |", "|---|---|---:|---:|:-:|"]
         for t in targets:
-            out.append(
+            body.append(
                 f"| {cell(t['target'])} | {t['case']} | {t['value']:.2f} | {t['limit']} "
                 f"| {'yes' if t['met'] else '**no**'} |"
             )
-        out.append("")
+        out += details(f"Targets: {met} of {len(targets)} met", body)
     return out
 
 
@@ -125,38 +157,32 @@ def render_workloads(name: str, data: dict[str, Any]) -> list[str]:
     out += [f"Environment: {environment(data['environment'])}; {data.get('rounds')} rounds per "
             "runner, the median shown.", ""]  # fmt: skip
     workloads = data["workloads"]
-    cols = 2
-    rows = math.ceil(len(workloads) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(15, 4.2 * rows), constrained_layout=True)
-    colors = {"jacbatch": "C0", "torch": "C1", "closed": "C2", "jax": "C3"}
-    for ax, (key, w) in zip(axes.flat, workloads.items(), strict=False):
-        ok = [(n, r) for n, r in w["runners"].items() if r.get("error") is None and r.get("ms")]
-        ax.barh([n for n, _ in ok], [r["ms"] for _, r in ok],
-                color=[colors.get(r["kind"], "C7") for _, r in ok])  # fmt: skip
-        ax.set_xscale("log")
-        ax.invert_yaxis()
-        ax.tick_params(axis="y", labelsize=7)
-        ax.set_title(key, fontsize=10)
-        ax.set_xlabel("median ms (log)", fontsize=8)
-    for ax in list(axes.flat)[len(workloads) :]:
-        ax.axis("off")
-    fig.suptitle("blue: jacbatch, orange: torch, green: hand-written closed form, red: JAX")
+    runners = list(dict.fromkeys(n for w in workloads.values() for n in w["runners"]))
+    ratio = {}
+    for key, w in workloads.items():
+        base = w["runners"].get(w.get("baseline", ""), {}).get("ms")
+        hand = [r["ms"] for r in w["runners"].values() if r["kind"] == "closed" and r.get("ms")]
+        ref = hand[0] if hand else base
+        for n, r in w["runners"].items():
+            if r.get("error") is None and r.get("ms") and ref:
+                ratio[(n, key)] = r["ms"] / ref
+    fig = heatmap(runners, list(workloads), ratio,
+                  "median time ÷ the hand-written closed form (blank: failed or not run)")  # fmt: skip
     out += [f"![workload timings]({save(fig, 'workloads.png')})", ""]
     for key, w in workloads.items():
-        out += [f"### {key}: {cell(w['title'])}", ""]
-        out += [f"jacbatch's plan: `{cell(w.get('explain_reason', w.get('explain', '')))}`; "
+        body = [f"jacbatch's plan: `{cell(w.get('explain_reason', w.get('explain', '')))}`; "
                 f"closed form against the reference: {w.get('closed_form_vs_reference', '–')}.", ""]  # fmt: skip
-        out += ["| runner | kind | median ms | IQR ms | note |", "|---|---|---:|---:|---|"]
+        body += ["| runner | kind | median ms | IQR ms | note |", "|---|---|---:|---:|---|"]
         for n, r in w["runners"].items():
             if r.get("error"):
                 note = cell(r["error"])
                 note = note if len(note) < 90 else note[:87] + "..."
-                out.append(f"| {cell(n)} | {r['kind']} | – | – | {note} |")
+                body.append(f"| {cell(n)} | {r['kind']} | – | – | {note} |")
             else:
-                out.append(
+                body.append(
                     f"| {cell(n)} | {r['kind']} | {r['ms']:.3g} | {r.get('iqr_ms', 0):.2g} | |"
                 )
-        out.append("")
+        out += details(f"{key}: {w['title']}".replace('"', "'"), body)
     return out
 
 
@@ -212,7 +238,11 @@ def main() -> None:
         "wall-clock figures are noisy and the ratios measured side by side are what matters.",
         "",
     ]
-    files = sorted(RESULTS.glob("*.json"))
+    order = {"jacbatch-workloads/1": 0, None: 1, "jacbatch-bench/1": 2}
+    files = sorted(
+        RESULTS.glob("*.json"),
+        key=lambda p: (order.get(json.loads(p.read_text()).get("schema"), 3), p.name),
+    )
     lines += ["Files: " + ", ".join(f"`{p.name}`" for p in files) + ".", ""]
     for path in files:
         lines += render(path)
