@@ -2,8 +2,11 @@
 
 Two conventions of the code base that griffe reads differently from Sphinx/napoleon:
 
-* ``Example:`` (singular) opens an examples section in the code base, but griffe only knows
-  ``Examples:`` and would render the doctest lines as Markdown; it is renamed.
+* ``Example:`` (singular, also ``Example (what it shows):``) opens an examples section in the
+  code base, but griffe only knows ``Examples:`` and would render the doctest lines as Markdown;
+  it is renamed.
+* Sphinx cross-reference roles (``:func:`jacobian```, ``:class:`~x.Y```) would show as literal
+  text; they become inline code.
 * An ``Args:`` entry that documents several parameters at once (``func, args, argnums, ...:
   as in jacobian``) may wrap its list of names onto a second line; the two lines are joined so
   that the entry is parsed as one item instead of being dropped.
@@ -19,7 +22,8 @@ from typing import Any
 
 import griffe
 
-_EXAMPLE = re.compile(r"^(\s*)Example:\s*$", re.MULTILINE)
+_EXAMPLE = re.compile(r"^(\s*)Example(?: \([^)\n]*\))?:\s*$", re.MULTILINE)
+_ROLE = re.compile(r":(?:func|class|meth|attr|mod|data|exc|obj|py:\w+):`~?([^`]+)`")
 _WRAPPED_NAMES = re.compile(r"^( +)([A-Za-z_][\w, ]*,)[ ]*\n +([A-Za-z_][\w, ]*:)", re.MULTILINE)
 
 
@@ -30,5 +34,5 @@ class JacbatchDocstrings(griffe.Extension):
         doc = obj.docstring
         if doc is None:
             return
-        value = _EXAMPLE.sub(r"\1Examples:", doc.value)
+        value = _ROLE.sub(r"`\1`", _EXAMPLE.sub(r"\1Examples:", doc.value))
         doc.value = _WRAPPED_NAMES.sub(r"\1\2 \3", value)
