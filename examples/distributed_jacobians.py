@@ -127,7 +127,8 @@ def plot(report: dict, per_sample: torch.Tensor, path: Path) -> None:
                     label=f"rank {r}: samples {start}:{stop}")  # fmt: skip
     axes[1].set(xlabel="sample", ylabel="‖dZ/dW‖ (from the .npy file)",
                 title="one file, each rank's rows written in place")  # fmt: skip
-    axes[1].legend(loc="lower center")
+    axes[1].set_ylim(0, per_sample.max().item() * 1.3)  # room for the legend above the bars
+    axes[1].legend(loc="upper left", ncol=2)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
