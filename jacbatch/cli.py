@@ -120,10 +120,24 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
+def version() -> str:
+    """The installed distribution's version (``importlib.metadata``), else ``jacbatch.__version__``
+    (a source tree on ``PYTHONPATH`` without an installed distribution)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("jacbatch")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="jacbatch", description="Full Jacobians of matrix functions for batches of inputs."
     )
+    parser.add_argument("--version", action="version", version=f"jacbatch {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_demo(sub)
