@@ -14,14 +14,62 @@ from . import affine, chain, jacobian, methods, testing, unvec, vec  # the publi
 from ._table import format_table
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], object]],
+    *,
+    warmup: int = 1,
+    min_rounds: int = 3,
+    max_rounds: int = 25,
+    time_cap: float = 5.0,
+    spread: float = 0.1,
+) -> tuple[dict[str, float], dict[str, float], int]:
+    """Median seconds of each function and its median ratio to the first one's, over
+    interleaved rounds.
+
+    NOTE [stable timings on a busy machine]
+        Each function is called ``warmup`` times first (lazy initialization, tracing, the
+        allocator's first pages). Then each round times every function once, the order rotating
+        every round, so a change of machine load hits all alike; a ratio is taken within a round
+        (paired) before the median over rounds, which cancels load that lasts a round. After
+        ``min_rounds``, rounds continue until every paired ratio's interquartile range is within
+        ``spread`` of its median, ``max_rounds`` are done, or ``time_cap`` seconds have passed.
+
+    Returns:
+        ``(median seconds, median ratio to the first function, rounds)``, per function name.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    ratios: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds:
+        k = rounds % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+        for name in names:
+            ratios[name].append(times[name][-1] / times[names[0]][-1])
+        rounds += 1
+        if rounds < min_rounds:
+            continue
+        if time.perf_counter() - start > time_cap:
+            break
+        q = {n: _quartiles(r) for n, r in ratios.items()}
+        if all(q3 - q1 <= spread * q2 for q1, q2, q3 in q.values()):
+            break
+    medians = {n: statistics.median(t) for n, t in times.items()}
+    return medians, {n: statistics.median(r) for n, r in ratios.items()}, rounds
 
 
 def _show(title: str, t: torch.Tensor) -> str:
@@ -63,9 +111,17 @@ def article_examples() -> tuple[list[str], bool]:
 
 
 def route_table(
-    batch: int = 64, size: int = 16, dtype: torch.dtype = torch.float32, repeats: int = 5
+    batch: int = 64,
+    size: int = 16,
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 25,
+    time_cap: float = 5.0,
 ) -> tuple[list[str], bool]:
-    """One batched Jacobian of ``A @ W + B`` w.r.t. W by every route: agreement and time."""
+    """One batched Jacobian of ``A @ W + B`` w.r.t. W by every route: agreement and time.
+
+    Times are medians over at most ``repeats`` interleaved rounds (at most ``time_cap`` seconds;
+    see :func:`interleaved_times`); "vs closed form" is the median of paired ratios.
+    """
     g = torch.Generator().manual_seed(0)
     A = torch.randn(batch, size, size, generator=g, dtype=dtype)
     W = torch.randn(size, size, generator=g, dtype=dtype)
@@ -76,26 +132,38 @@ def route_table(
         assert isinstance(J, torch.Tensor)
         return J
 
-    ref = jac("closed_form")
+    routes = ("closed_form", *(m for m in methods.names() if m != "closed_form"), "auto")
+    Js = {m: jac(m) for m in routes}  # also the warm-up of the timings
+    ref = Js["closed_form"]
     rtol, atol = testing.tolerance(dtype)
     n = ref.numel()
+    medians, ratios, rounds = interleaved_times(
+        {m: functools.partial(jac, m) for m in routes},
+        warmup=0,
+        min_rounds=min(3, repeats),
+        max_rounds=repeats,
+        time_cap=time_cap,
+    )
     lines = [
         f"Batched Jacobian of A @ W + B w.r.t. W: B={batch}, m=p=q={size}, {dtype}, "
         f"result {tuple(ref.shape)} ({n * ref.element_size() / 2**20:.1f} MiB), "
-        f"median of {repeats}",
+        f"medians of {rounds} interleaved rounds after warm-up",
     ]
     ok = True
-    base = None
     rows = []
-    for method in (*methods.names(), "auto"):
-        J = jac(method)
-        t = _median_time(functools.partial(jac, method), repeats)
-        base = t if base is None else base
+    for method in routes:
+        J = Js[method]
         diff = float((J - ref).abs().max()) if n else 0.0
         agree = bool(torch.allclose(J, ref, rtol=rtol, atol=atol))
         ok &= agree
         rows.append(
-            [method, f"{t * 1e3:.2f}", f"{t / base:.1f}x", f"{diff:.1e}", "yes" if agree else "NO"]
+            [
+                method,
+                f"{medians[method] * 1e3:.2f}",
+                f"{ratios[method]:.2g}x",
+                f"{diff:.1e}",
+                "yes" if agree else "NO",
+            ]
         )
     header = ["route", "time (ms)", "vs closed form", "max |diff|", "agrees"]
     lines += format_table(header, rows, indent="  ")

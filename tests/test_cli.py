@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -31,6 +32,50 @@ def test_demo_prints_the_article_values_and_agrees(capsys, monkeypatch):
     for method in (*jacbatch.methods.names(), "auto"):
         assert method in out
     assert "NO" not in out.split("agrees", 1)[1]
+    assert "interleaved rounds after warm-up" in out
+
+
+def test_interleaved_times_rounds_and_paired_ratios():
+    calls = []
+
+    def make(name):
+        return lambda: calls.append(name)
+
+    fns = {"a": make("a"), "b": make("b"), "c": make("c")}
+    medians, ratios, rounds = demo.interleaved_times(
+        fns, warmup=1, min_rounds=4, max_rounds=4, time_cap=0.0
+    )
+    assert rounds == 4
+    assert calls[:3] == ["a", "b", "c"]  # the warm-up
+    # every round calls each once, the order rotating
+    assert calls[3:6] == ["a", "b", "c"] and calls[6:9] == ["b", "c", "a"]
+    assert calls[9:12] == ["c", "a", "b"] and calls[12:15] == ["a", "b", "c"]
+    assert set(medians) == set(ratios) == set(fns)
+    assert ratios["a"] == 1.0 and all(m > 0 for m in medians.values())
+
+
+def test_interleaved_times_stops_at_the_cap_after_min_rounds():
+    _, _, rounds = demo.interleaved_times(
+        {"a": lambda: None}, min_rounds=2, max_rounds=100, time_cap=0.0
+    )
+    assert rounds == 2
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"jacbatch {cli.version()}"
+    assert cli.version() in (jacbatch.__version__, importlib.metadata.version("jacbatch"))
+
+
+def test_version_falls_back_to_the_module(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert cli.version() == jacbatch.__version__
 
 
 def test_route_table_flags_disagreement(monkeypatch):
