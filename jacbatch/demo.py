@@ -7,6 +7,7 @@ import functools
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +22,26 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
+@dataclass(frozen=True)
+class Timings:
+    """What :func:`interleaved_times` measured, per function name.
+
+    Attributes:
+        median_s: median seconds per call.
+        ratio: median ratio to the first function's time in the same round.
+        ratio_iqr: the interquartile range ``(q1, q3)`` of that ratio over rounds.
+        rounds: how many rounds ran.
+        settled: whether every ratio's interquartile range came within the requested spread
+            (``False``: stopped by the time cap or the round limit, figures are rough).
+    """
+
+    median_s: dict[str, float]
+    ratio: dict[str, float]
+    ratio_iqr: dict[str, tuple[float, float]]
+    rounds: int
+    settled: bool
+
+
 def interleaved_times(
     fns: dict[str, Callable[[], object]],
     *,
@@ -29,7 +50,7 @@ def interleaved_times(
     max_rounds: int = 25,
     time_cap: float = 5.0,
     spread: float = 0.1,
-) -> tuple[dict[str, float], dict[str, float], int]:
+) -> Timings:
     """Median seconds of each function and its median ratio to the first one's, over
     interleaved rounds.
 
@@ -42,7 +63,7 @@ def interleaved_times(
         ``spread`` of its median, ``max_rounds`` are done, or ``time_cap`` seconds have passed.
 
     Returns:
-        ``(median seconds, median ratio to the first function, rounds)``, per function name.
+        :class:`Timings`.
     """
     names = list(fns)
     for _ in range(warmup):
@@ -52,6 +73,7 @@ def interleaved_times(
     ratios: dict[str, list[float]] = {n: [] for n in names}
     start = time.perf_counter()
     rounds = 0
+    settled = False
     while rounds < max_rounds:
         k = rounds % len(names)
         for name in names[k:] + names[:k]:
@@ -63,13 +85,18 @@ def interleaved_times(
         rounds += 1
         if rounds < min_rounds:
             continue
-        if time.perf_counter() - start > time_cap:
-            break
         q = {n: _quartiles(r) for n, r in ratios.items()}
-        if all(q3 - q1 <= spread * q2 for q1, q2, q3 in q.values()):
+        settled = all(q3 - q1 <= spread * q2 for q1, q2, q3 in q.values())
+        if settled or time.perf_counter() - start > time_cap:
             break
-    medians = {n: statistics.median(t) for n, t in times.items()}
-    return medians, {n: statistics.median(r) for n, r in ratios.items()}, rounds
+    quart = {n: _quartiles(r) for n, r in ratios.items()}
+    return Timings(
+        median_s={n: statistics.median(t) for n, t in times.items()},
+        ratio={n: q[1] for n, q in quart.items()},
+        ratio_iqr={n: (q[0], q[2]) for n, q in quart.items()},
+        rounds=rounds,
+        settled=settled,
+    )
 
 
 def _show(title: str, t: torch.Tensor) -> str:
@@ -115,12 +142,13 @@ def route_table(
     size: int = 16,
     dtype: torch.dtype = torch.float32,
     repeats: int = 25,
-    time_cap: float = 5.0,
+    time_cap: float = 10.0,
 ) -> tuple[list[str], bool]:
     """One batched Jacobian of ``A @ W + B`` w.r.t. W by every route: agreement and time.
 
-    Times are medians over at most ``repeats`` interleaved rounds (at most ``time_cap`` seconds;
-    see :func:`interleaved_times`); "vs closed form" is the median of paired ratios.
+    Times are medians over at least 3 and at most ``repeats`` interleaved rounds, stopping when
+    the ratios are stable or after ``time_cap`` seconds (see :func:`interleaved_times`); "vs
+    closed form" is the median of paired ratios, with their interquartile range.
     """
     g = torch.Generator().manual_seed(0)
     A = torch.randn(batch, size, size, generator=g, dtype=dtype)
@@ -137,7 +165,7 @@ def route_table(
     ref = Js["closed_form"]
     rtol, atol = testing.tolerance(dtype)
     n = ref.numel()
-    medians, ratios, rounds = interleaved_times(
+    tm = interleaved_times(
         {m: functools.partial(jac, m) for m in routes},
         warmup=0,
         min_rounds=min(3, repeats),
@@ -147,7 +175,7 @@ def route_table(
     lines = [
         f"Batched Jacobian of A @ W + B w.r.t. W: B={batch}, m=p=q={size}, {dtype}, "
         f"result {tuple(ref.shape)} ({n * ref.element_size() / 2**20:.1f} MiB), "
-        f"medians of {rounds} interleaved rounds after warm-up",
+        f"medians of {tm.rounds} interleaved rounds after warm-up",
     ]
     ok = True
     rows = []
@@ -159,14 +187,20 @@ def route_table(
         rows.append(
             [
                 method,
-                f"{medians[method] * 1e3:.2f}",
-                f"{ratios[method]:.2g}x",
+                f"{tm.median_s[method] * 1e3:.2f}",
+                f"{tm.ratio[method]:.2g}x",
+                "{:.2g}-{:.2g}x".format(*tm.ratio_iqr[method]),
                 f"{diff:.1e}",
                 "yes" if agree else "NO",
             ]
         )
-    header = ["route", "time (ms)", "vs closed form", "max |diff|", "agrees"]
+    header = ["route", "time (ms)", "vs closed form", "(IQR)", "max |diff|", "agrees"]
     lines += format_table(header, rows, indent="  ")
+    if not tm.settled:
+        lines.append(
+            f"  (timings did not settle within {time_cap:g} s: the ratios vary by more than 10 % "
+            f"between rounds, the machine is busy; read them as rough)"
+        )
     return lines, ok
 
 
