@@ -4,6 +4,7 @@ every route, with their agreement and timings."""
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -50,20 +51,25 @@ def interleaved_times(
     max_rounds: int = 25,
     time_cap: float = 5.0,
     spread: float = 0.1,
+    burst_s: float = 0.05,
+    max_burst: int = 50,
 ) -> Timings:
     """Median seconds of each function and its median ratio to the first one's, over
     interleaved rounds.
 
     NOTE [stable timings on a busy machine]
         Each function is called ``warmup`` times first (lazy initialization, tracing, the
-        allocator's first pages). Then each round times every function once, the order rotating
-        every round, so a change of machine load hits all alike; a ratio is taken within a round
-        (paired) before the median over rounds, which cancels load that lasts a round. After
-        ``min_rounds``, rounds continue until every paired ratio's interquartile range is within
-        ``spread`` of its median, ``max_rounds`` are done, or ``time_cap`` seconds have passed.
+        allocator's first pages). Then each round times every function in a short burst of
+        calls (as many as fit in ``burst_s``, judged from its best time so far, at most
+        ``max_burst``; one for slow functions) and keeps the burst's best: other processes only
+        ever add time, so the best of a burst is the figure least disturbed by them. The order
+        rotates every round, so a change of machine load hits all functions alike; a ratio is
+        taken within a round (paired) before the median over rounds. After ``min_rounds``,
+        rounds continue until every paired ratio's interquartile range is within ``spread`` of
+        its median, ``max_rounds`` are done, or ``time_cap`` seconds have passed.
 
     Returns:
-        :class:`Timings`.
+        :class:`Timings` (``median_s``: the median over rounds of each round's best).
     """
     names = list(fns)
     for _ in range(warmup):
@@ -74,12 +80,20 @@ def interleaved_times(
     start = time.perf_counter()
     rounds = 0
     settled = False
+    best: dict[str, float] = {}
     while rounds < max_rounds:
         k = rounds % len(names)
         for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
+            reps = 1
+            if name in best and burst_s > 0:
+                reps = max(1, min(max_burst, int(burst_s / max(best[name], 1e-9))))
+            burst = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fns[name]()
+                burst.append(time.perf_counter() - t0)
+            times[name].append(min(burst))
+            best[name] = min(best.get(name, math.inf), times[name][-1])
         for name in names:
             ratios[name].append(times[name][-1] / times[names[0]][-1])
         rounds += 1
@@ -175,7 +189,7 @@ def route_table(
     lines = [
         f"Batched Jacobian of A @ W + B w.r.t. W: B={batch}, m=p=q={size}, {dtype}, "
         f"result {tuple(ref.shape)} ({n * ref.element_size() / 2**20:.1f} MiB), "
-        f"medians of {tm.rounds} interleaved rounds after warm-up",
+        f"medians over {tm.rounds} interleaved rounds (each the best of a short burst)",
     ]
     ok = True
     rows = []

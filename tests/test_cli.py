@@ -32,7 +32,7 @@ def test_demo_prints_the_article_values_and_agrees(capsys, monkeypatch):
     for method in (*jacbatch.methods.names(), "auto"):
         assert method in out
     assert "NO" not in out.split("agrees", 1)[1]
-    assert "interleaved rounds after warm-up" in out
+    assert "interleaved rounds (each the best of a short burst)" in out
 
 
 def test_interleaved_times_rounds_and_paired_ratios():
@@ -42,7 +42,9 @@ def test_interleaved_times_rounds_and_paired_ratios():
         return lambda: calls.append(name)
 
     fns = {"a": make("a"), "b": make("b"), "c": make("c")}
-    tm = demo.interleaved_times(fns, warmup=1, min_rounds=4, max_rounds=4, time_cap=0.0)
+    tm = demo.interleaved_times(
+        fns, warmup=1, min_rounds=4, max_rounds=4, time_cap=0.0, burst_s=0.0
+    )
     assert tm.rounds == 4
     assert calls[:3] == ["a", "b", "c"]  # the warm-up
     # every round calls each once, the order rotating
@@ -54,6 +56,17 @@ def test_interleaved_times_rounds_and_paired_ratios():
     for name in fns:
         low, high = tm.ratio_iqr[name]
         assert low <= tm.ratio[name] <= high
+
+
+def test_interleaved_times_bursts_fast_functions():
+    calls = {"fast": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    tm = demo.interleaved_times({"fast": fast}, warmup=0, min_rounds=2, max_rounds=2, max_burst=7)
+    assert calls["fast"] == 1 + 7  # round 1: one call (no time known yet); round 2: a burst
+    assert tm.rounds == 2
 
 
 def test_interleaved_times_stops_once_settled():
@@ -76,7 +89,7 @@ def test_interleaved_times_unsettled_stops_at_the_cap_or_round_limit(monkeypatch
 
     monkeypatch.setattr(demo.time, "perf_counter", lambda: clock[0])
     tm = demo.interleaved_times(
-        {"a": a, "b": b}, warmup=0, min_rounds=3, max_rounds=7, time_cap=time_cap
+        {"a": a, "b": b}, warmup=0, min_rounds=3, max_rounds=7, time_cap=time_cap, burst_s=0.0
     )
     assert tm.rounds == rounds and not tm.settled
     assert tm.ratio_iqr["b"][0] < tm.ratio["b"] or tm.ratio["b"] < tm.ratio_iqr["b"][1]
