@@ -51,8 +51,8 @@ def interleaved_times(
     max_rounds: int = 25,
     time_cap: float = 5.0,
     spread: float = 0.1,
-    burst_s: float = 0.05,
-    max_burst: int = 50,
+    burst_s: float = 0.25,
+    max_burst: int = 20,
 ) -> Timings:
     """Median seconds of each function and its median ratio to the first one's, over
     interleaved rounds.
