@@ -164,3 +164,16 @@ def test_bench_bad_targets_file(tmp_path, capsys):
     code, err = run_main(capsys, "bench", "--quick", "--targets", str(bad))
     assert code == 2
     assert "missing 'denominator'" in err
+
+
+def test_bench_without_jax_says_how_to_install_it(monkeypatch, capsys):
+    from jacbatch.benchmarks import cases
+
+    monkeypatch.setattr(cases, "jax_available", lambda: False)
+    argv = ["bench", "--quick", "--in-process", "--no-progress", "--cases", "affine-small"]
+    argv += ["--dtype", "float32", "--methods", "closed_form", "jax closed form"]
+    argv += ["jax jit(vmap(jacrev))", "jax jit(vmap(jacfwd))"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    names = "jax closed form, jax jit(vmap(jacrev)), jax jit(vmap(jacfwd))"
+    assert f"n/a: {names}: JAX not installed (pip install 'jacbatch[jax]')" in out
