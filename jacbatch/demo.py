@@ -4,6 +4,7 @@ every route, with their agreement and timings."""
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import statistics
 import time
@@ -53,6 +54,7 @@ def interleaved_times(
     spread: float = 0.1,
     burst_s: float = 0.25,
     max_burst: int = 20,
+    before: Callable[[], object] | None = None,
 ) -> Timings:
     """Median seconds of each function and its median ratio to the first one's, over
     interleaved rounds.
@@ -66,7 +68,10 @@ def interleaved_times(
         rotates every round, so a change of machine load hits all functions alike; a ratio is
         taken within a round (paired) before the median over rounds. After ``min_rounds``,
         rounds continue until every paired ratio's interquartile range is within ``spread`` of
-        its median, ``max_rounds`` are done, or ``time_cap`` seconds have passed.
+        its median, ``max_rounds`` are done, or ``time_cap`` seconds have passed. ``before``
+        runs untimed before every timed call (e.g. returning freed memory to the system, so
+        that every call starts from the same allocator state instead of one its predecessor
+        left).
 
     Returns:
         :class:`Timings` (``median_s``: the median over rounds of each round's best).
@@ -89,6 +94,8 @@ def interleaved_times(
                 reps = max(1, min(max_burst, int(burst_s / max(best[name], 1e-9))))
             burst = []
             for _ in range(reps):
+                if before is not None:
+                    before()
                 t0 = time.perf_counter()
                 fns[name]()
                 burst.append(time.perf_counter() - t0)
@@ -151,6 +158,15 @@ def article_examples() -> tuple[list[str], bool]:
     return lines, ok
 
 
+def _fresh_memory() -> None:
+    """Return freed heap memory to the system: a route writing a 16 MiB result then pays the
+    same fresh-page faults whichever route ran before it (a recycled block has none)."""
+    from .benchmarks.runner import _malloc_trim
+
+    gc.collect()
+    _malloc_trim()
+
+
 def route_table(
     batch: int = 64,
     size: int = 16,
@@ -182,6 +198,7 @@ def route_table(
     tm = interleaved_times(
         {m: functools.partial(jac, m) for m in routes},
         warmup=0,
+        before=_fresh_memory,
         min_rounds=min(3, repeats),
         max_rounds=repeats,
         time_cap=time_cap,
