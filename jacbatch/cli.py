@@ -50,7 +50,11 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Time every jacbatch route side by side with torch.func / autograd / JAX "
         "baselines and with filling a tensor of the Jacobian's size; one table per case.",
     )
-    p.add_argument("--quick", action="store_true", help="scaled-down cases, few repetitions")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="scaled-down cases, few repetitions: a smoke test (--targets are not evaluated)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", nargs="+", choices=DTYPES, default=None, help="default: all")
     p.add_argument("--cases", nargs="+", choices=CASE_NAMES, default=None, help="default: all")
@@ -61,7 +65,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--targets",
         metavar="FILE",
         help="evaluate the performance targets in this JSON file on the results "
-        "(format: jacbatch.benchmarks.targets)",
+        "(format: jacbatch.benchmarks.targets; full sizes only, not with --quick)",
     )
     p.add_argument(
         "--in-process",

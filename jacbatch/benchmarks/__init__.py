@@ -32,8 +32,13 @@ Methodology:
 * Every method's Jacobian is compared with the closed form (or, where it was not run, with
   ``jacrev``) within :func:`jacbatch.testing.tolerance`.
 
+* Targets describe the full sizes: ``jacbatch bench --quick`` (the scaled-down ``QUICK_CASES``,
+  a smoke test dominated by per-call overhead) does not evaluate them and says so.
+* A method that does not apply to a case is ``n/a``, its reason (e.g. :data:`JAX_MISSING`)
+  printed under the case's table.
+
 Optional extras: ``tqdm`` (progress bar; plain lines without it), ``matplotlib`` (``--plot``),
-``jax`` (JAX baselines; skipped when absent).
+``jax`` (JAX baselines; ``n/a`` when absent).
 
 Example::
 
