@@ -287,10 +287,10 @@ def test_seed_makes_the_bootstrap_reproducible():
 
 
 def test_numpy_sample_and_print(capsys):
+    pytest.importorskip("pandas")  # to_df()
     X = js.sample(ISHIGAMI, 64).numpy()
     Si = js.analyze(ISHIGAMI, ishigami, X, seed=1, print_to_console=True)
     assert Si["vi"].shape == (3,)
-    pytest.importorskip("pandas")
     assert "dgsm_conf" in capsys.readouterr().out
 
 
