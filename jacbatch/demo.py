@@ -102,7 +102,7 @@ def interleaved_times(
             times[name].append(min(burst))
             best[name] = min(best.get(name, math.inf), times[name][-1])
         for name in names:
-            ratios[name].append(times[name][-1] / times[names[0]][-1])
+            ratios[name].append(times[name][-1] / max(times[names[0]][-1], 1e-12))
         rounds += 1
         if rounds < min_rounds:
             continue
