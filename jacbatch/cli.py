@@ -29,6 +29,18 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return demo.run()
 
 
+#: The first line of ``jacbatch bench --quick``.
+QUICK_NOTE = (
+    "--quick: scaled-down cases and few repetitions, a smoke test that every route runs and "
+    "agrees;\ntimes at these sizes are dominated by per-call overhead and say little about "
+    "speed."
+)
+#: Printed instead of the targets' table at ``--quick``.
+QUICK_TARGETS_NOTE = (
+    "targets: not evaluated at --quick (they apply to the full sizes; run without --quick)"
+)
+
+
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from .benchmarks import CASE_NAMES, DTYPES, METHOD_NAMES
 
@@ -38,7 +50,11 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Time every jacbatch route side by side with torch.func / autograd / JAX "
         "baselines and with filling a tensor of the Jacobian's size; one table per case.",
     )
-    p.add_argument("--quick", action="store_true", help="scaled-down cases, few repetitions")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="scaled-down cases, few repetitions: a smoke test (--targets are not evaluated)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", nargs="+", choices=DTYPES, default=None, help="default: all")
     p.add_argument("--cases", nargs="+", choices=CASE_NAMES, default=None, help="default: all")
@@ -49,7 +65,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--targets",
         metavar="FILE",
         help="evaluate the performance targets in this JSON file on the results "
-        "(format: jacbatch.benchmarks.targets)",
+        "(format: jacbatch.benchmarks.targets; full sizes only, not with --quick)",
     )
     p.add_argument(
         "--in-process",
@@ -103,15 +119,19 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
         torch.set_num_threads(args.threads)
     cases = bm.select_cases(args.cases, args.dtype, quick=args.quick)
+    if args.quick:
+        print(QUICK_NOTE + "\n", flush=True)
     report = bm.run(
         cases,
         args.device,
         args.methods,
         quick=args.quick,
         isolate=not args.in_process,
-        progress=False if args.no_progress else None,  # None: on an interactive stderr
-        targets=targets,
+        progress=False if args.no_progress else None,  # None: a bar on a terminal, else lines
+        targets=None if args.quick else targets,
     )
+    if args.quick and targets:
+        print(QUICK_TARGETS_NOTE)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)
@@ -120,10 +140,24 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
+def version() -> str:
+    """The installed distribution's version (``importlib.metadata``), else ``jacbatch.__version__``
+    (a source tree on ``PYTHONPATH`` without an installed distribution)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("jacbatch")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="jacbatch", description="Full Jacobians of matrix functions for batches of inputs."
     )
+    parser.add_argument("--version", action="version", version=f"jacbatch {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_demo(sub)

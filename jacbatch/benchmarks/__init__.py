@@ -32,8 +32,13 @@ Methodology:
 * Every method's Jacobian is compared with the closed form (or, where it was not run, with
   ``jacrev``) within :func:`jacbatch.testing.tolerance`.
 
+* Targets describe the full sizes: ``jacbatch bench --quick`` (the scaled-down ``QUICK_CASES``,
+  a smoke test dominated by per-call overhead) does not evaluate them and says so.
+* A method that does not apply to a case is ``n/a``, its reason (e.g. :data:`JAX_MISSING`)
+  printed under the case's table.
+
 Optional extras: ``tqdm`` (progress bar; plain lines without it), ``matplotlib`` (``--plot``),
-``jax`` (JAX baselines; skipped when absent).
+``jax`` (JAX baselines; ``n/a`` when absent).
 
 Example::
 
@@ -49,6 +54,7 @@ from .cases import (
     CASES,
     DTYPES,
     FUNCTIONS,
+    JAX_MISSING,
     METHOD_NAMES,
     METHODS,
     QUICK_CASES,
@@ -56,6 +62,7 @@ from .cases import (
     ROUTES,
     Case,
     Method,
+    NotApplicable,
     affine_sum,
     affine_tanh,
     jax_available,
@@ -71,6 +78,7 @@ __all__ = [
     "CASE_NAMES",
     "DTYPES",
     "FUNCTIONS",
+    "JAX_MISSING",
     "METHODS",
     "METHOD_NAMES",
     "QUICK_CASES",
@@ -79,6 +87,7 @@ __all__ = [
     "SCHEMA",
     "Case",
     "Method",
+    "NotApplicable",
     "PeakMemory",
     "Result",
     "Target",

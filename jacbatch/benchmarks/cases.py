@@ -152,6 +152,14 @@ def select_cases(
 
 Runner = Callable[[], Any]
 
+#: Why the JAX baselines do not run without JAX (shown under each table).
+JAX_MISSING = "JAX not installed (pip install 'jacbatch[jax]')"
+
+
+class NotApplicable(Exception):
+    """Raised by :attr:`Method.build` when the method does not apply to a case; the message says
+    why (e.g. :data:`JAX_MISSING`) and appears under the case's table."""
+
 
 @dataclass(frozen=True)
 class Method:
@@ -162,8 +170,9 @@ class Method:
         group: ``"jacbatch"`` (a route of :func:`jacbatch.jacobian`), ``"baseline"`` (what a
             user would otherwise write) or ``"reference"`` (memory traffic of the output's size).
         build: ``(case, args, device) -> runner or None``; the runner returns the Jacobian
-            ``(B, *out_shape, *in_shape)`` (a reference returns its buffer). ``None``: the method
-            does not apply to the case. A jacbatch route that cannot serve a case raises
+            ``(B, *out_shape, *in_shape)`` (a reference returns its buffer). It raises
+            :class:`NotApplicable` with the reason (or returns ``None``) when the method does not
+            apply to the case. A jacbatch route that cannot serve a case raises
             ``NotImplementedError`` on its first call, which the runner reports as not applying.
         slow: a per-sample Python loop; fewer repetitions.
     """
@@ -250,9 +259,10 @@ def jax_available() -> bool:
 
 def _jax(kind: str) -> Callable[..., Runner | None]:
     def build(case: Case, args: list[torch.Tensor], device: torch.device) -> Runner | None:
-        # The hand-written JAX closed form below covers A @ W + B only.
-        if not jax_available() or (kind == "closed_form" and case.kind != "affine"):
-            return None
+        if not jax_available():
+            raise NotApplicable(JAX_MISSING)
+        if kind == "closed_form" and case.kind != "affine":
+            raise NotApplicable("the hand-written JAX closed form covers A @ W + B only")
         import jax
         import jax.numpy as jnp
 

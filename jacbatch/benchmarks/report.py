@@ -93,9 +93,13 @@ def format_case(record: Mapping[str, Any]) -> str:
             f"({bw['copy_GBps']:.1f} GB/s read + write)"
         )
     rows: list[list[str]] = []
+    why: dict[str, list[str]] = {}  # reason -> methods that do not apply, for the notes
     for r in record["results"]:
         if r["status"] != "ok":
             note = "n/a" if r["status"] == "n/a" else f"error: {r['error']}"[:60]
+            if r["status"] == "n/a":
+                reason = _one_line(r.get("error") or "does not apply to this case")
+                why.setdefault(reason, []).append(r["method"])
             rows.append([r["method"], note, *[""] * (len(_COLUMNS) - 2)])
             continue
         peak = r["peak_bytes"]
@@ -112,7 +116,13 @@ def format_case(record: Mapping[str, Any]) -> str:
                 {True: "yes", False: "NO", None: ""}[r["agrees"]],
             ]
         )
-    return "\n".join([head, *_table.format_table(_COLUMNS, rows, rule=True)])
+    notes = [f"n/a: {', '.join(names)}: {reason}" for reason, names in why.items()]
+    return "\n".join([head, *_table.format_table(_COLUMNS, rows, rule=True), *notes])
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _medians(record: Mapping[str, Any]) -> dict[str, float]:

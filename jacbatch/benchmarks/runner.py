@@ -22,7 +22,7 @@ import torch
 
 from .. import _progress, jacobian
 from ..testing import tolerance
-from .cases import METHOD_NAMES, METHODS, ROUTES, Case, Runner, affine_tanh
+from .cases import METHOD_NAMES, METHODS, ROUTES, Case, NotApplicable, Runner, affine_tanh
 from .report import environment, format_case
 from .targets import Target, evaluate_targets, format_targets
 
@@ -151,7 +151,7 @@ class Result:
 
     method: str
     group: str
-    status: str  # "ok", "n/a" (does not apply), "error"
+    status: str  # "ok", "n/a" (does not apply; ``error`` says why), "error"
     median_s: float | None = None
     iqr_s: float | None = None
     min_s: float | None = None
@@ -232,11 +232,14 @@ def _run_case(
     for m in chosen:
         try:
             fn = m.build(case, args, dev)
+        except NotApplicable as why:
+            results[m.name] = Result(m.name, m.group, "n/a", error=str(why))
+            continue
         except Exception as err:  # an optional baseline failing to build is reported, not fatal
             results[m.name] = Result(m.name, m.group, "error", error=f"{type(err).__name__}: {err}")
             continue
         if fn is None:
-            results[m.name] = Result(m.name, m.group, "n/a")
+            results[m.name] = Result(m.name, m.group, "n/a", error="does not apply to this case")
             continue
         meter = PeakMemory(dev)
         try:
@@ -406,7 +409,8 @@ def run(
         methods: names from :data:`~jacbatch.benchmarks.METHOD_NAMES` (all when ``None``).
         quick: few repetitions (pair with the scaled-down ``QUICK_CASES``).
         isolate: run each case in a fresh process.
-        progress: show a progress bar over cases (``None``: only on an interactive stderr).
+        progress: show a progress bar over cases, naming the case being run (``None``: a bar on
+            an interactive stderr, else one plain line per case on stderr).
         echo: where each case's table (and the targets' table) goes (``None``: nowhere).
         targets: performance targets to evaluate on the records (:class:`Target` objects or
             their JSON form, see :mod:`jacbatch.benchmarks.targets`); the report's
@@ -418,8 +422,11 @@ def run(
             "(torch.cuda.is_available() is False). Use --device cpu."
         )
     records = []
-    with _progress.progress(len(cases), progress, "jacbatch bench", unit="case") as advance:
+    with _progress.progress(
+        len(cases), progress, "jacbatch bench", unit="case", delay=0, plain_off_tty=True
+    ) as advance:
         for case in cases:
+            advance.status(case.id)
             if isolate:
                 rec = _run_isolated(case, device, methods, quick)
             else:
