@@ -20,7 +20,7 @@ from .functions import affine
 from .hessian import hessian
 from .memory import MemoryEstimate
 from .prepared import PreparedJacobian, prepare
-from .streaming import iter_jacobian, save_jacobian
+from .streaming import iter_jacobian, load_jacobian, save_jacobian
 
 __version__ = "0.1.0"
 
@@ -40,6 +40,7 @@ __all__ = [
     "hessian",
     "iter_jacobian",
     "jacobian",
+    "load_jacobian",
     "prepare",
     "save_jacobian",
     "sensitivity",
