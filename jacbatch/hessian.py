@@ -83,30 +83,38 @@ Nested = torch.Tensor | tuple[Any, ...]
 
 
 def hessian(
-    func: Callable[..., torch.Tensor],
-    *args: torch.Tensor,
+    func: Callable[..., Any],
+    *args: Any,
     argnums: int | tuple[int, ...] = 0,
-    in_dims: int | tuple[int | None, ...] | None = 0,
+    in_dims: Any = 0,
     method: str = "auto",
     vec: str | None = None,
     chunk_size: int | None = None,
     max_memory: int | str | None = None,
-) -> Nested:
+    has_aux: bool = False,
+) -> Any:
     """Per-sample Hessians of ``func`` w.r.t. ``args[argnums]``, for a batch of inputs.
 
     The same as ``torch.func.vmap(torch.func.hessian(func, argnums), in_dims)(*args)``:
     ``func`` is written for ONE sample, ``in_dims`` says which arguments carry the batch.
 
+    Pytrees work as in :func:`jacbatch.jacobian`: arguments may be dicts, tuples and lists of
+    tensors (a module's parameters), ``in_dims`` a matching prefix tree, the output a tree;
+    the result nests as ``torch.func.hessian``'s: the output's tree, each leaf holding the
+    differentiated argument's tree, each of whose leaves holds that tree again (tuples of
+    those for tuple ``argnums``). See :mod:`jacbatch.second_order.trees`.
+
     Args:
-        func: per-sample function of tensors returning one floating-point tensor of shape
-            ``out_shape`` (usually a scalar: a loss, a log-density).
-        *args: its arguments; a batched one has a batch dimension of size ``B`` at
-            ``in_dims[i]``.
+        func: per-sample function returning a floating-point tensor of shape ``out_shape``
+            (usually a scalar: a loss, a log-density), or a tree of them; with
+            ``has_aux=True`` a pair ``(output, aux)``.
+        *args: its arguments, tensors or pytrees of tensors; a batched one has a batch
+            dimension of size ``B`` at ``in_dims[i]``.
         argnums: the argument to differentiate twice, or a tuple of them (the result is then
             nested: ``H[i][j]`` is the block for ``args[argnums[i]]`` and
             ``args[argnums[j]]``, as ``torch.func.hessian``).
-        in_dims: int (every argument), or one int/``None`` per argument, as in
-            :func:`jacbatch.jacobian`; all ``None`` means no batch dimension in the result.
+        in_dims: int (every argument), or one int/``None`` (or a prefix tree) per argument, as
+            in :func:`jacbatch.jacobian`; all ``None`` means no batch dimension in the result.
         method: ``"auto"`` (the closed form where it applies, else ``"jacfwd"``),
             ``"closed_form"`` (second-order closed form from the op rules, no autodiff;
             ``NotImplementedError`` where some op has no rule), ``"jacfwd"`` (forward over
@@ -123,6 +131,12 @@ def hessian(
         max_memory: working-memory budget beyond the result (bytes or a string such as
             ``"512MiB"``); the batch is split into chunks to stay within it. A result that
             cannot fit in free memory is refused before anything is computed.
+        has_aux: ``func`` returns ``(output, aux)``; the result is ``(hessian, aux)`` with
+            ``aux`` batched like the output, as
+            ``vmap(jacfwd(jacrev(func, has_aux=True), has_aux=True))`` returns it.
+
+    There is no ``out=``: the result is written by the route that computes it (a program's
+    fresh buffers, or autodiff's), so a caller's buffer could only be filled by a copy.
 
     Returns:
         ``(B, *out_shape, *in_shape, *in_shape)`` (no ``B`` without a batch), in the ``vec``
@@ -141,7 +155,45 @@ def hessian(
         >>> torch.allclose(H, ref)
         True
     """
-    where = "hessian"
+    from .second_order import trees
+
+    if trees.is_tree_call(args, in_dims, has_aux):
+        return trees.hessian(
+            func, args, argnums, in_dims, method, vec, chunk_size, max_memory, has_aux
+        )
+    try:
+        blocks, call, out_shape, order = blocks_of(
+            "hessian", func, args, argnums, in_dims, method, vec, chunk_size, max_memory
+        )
+    except V.TreeOutput:  # a tuple, list or dict output
+        return trees.hessian(
+            func, args, argnums, in_dims, method, vec, chunk_size, max_memory, has_aux
+        )
+    lead = 1 if call.batch_size is not None else 0
+    shapes = [call.sample_shape(i) for i in range(len(call.args))]
+    n = len(call.argnums)
+    flat = []
+    for k, H in enumerate(blocks):
+        i, j = call.argnums[k // n], call.argnums[k % n]
+        flat.append(_flatten(H, lead, len(out_shape), len(shapes[i]), len(shapes[j]), order))
+    return _nest(flat, n, call.tuple_argnums)
+
+
+def blocks_of(
+    where: str,
+    func: Callable[..., torch.Tensor],
+    args: tuple[torch.Tensor, ...],
+    argnums: object,
+    in_dims: object,
+    method: str,
+    vec: object,
+    chunk_size: object,
+    max_memory: int | str | None,
+) -> tuple[list[torch.Tensor], Call, tuple[int, ...], str | None]:
+    """The Hessian blocks ``([B,] *out, *in_i, *in_j)`` in row-major order of ``(i, j)`` over
+    ``argnums`` (unflattened: ``vec`` is checked and returned, not applied), the call as
+    normalized (its own ``batch_size``: ``None`` without a batch), ``out_shape`` and the
+    ``vec`` order."""
     call = normalize(where, func, args, argnums, in_dims)
     if method not in METHODS:
         raise ValueError(
@@ -152,6 +204,7 @@ def hessian(
     size = V.check_chunk_size(where, chunk_size)
     budget = None if max_memory is None else memory.parse_bytes(where, max_memory)
     batched = call.batch_size is not None
+    given = call
     if not batched:  # a batch of one, with every argument batched
         call = Call(
             call.func, tuple(a.unsqueeze(0) for a in call.args), (0,) * len(call.args),
@@ -204,13 +257,7 @@ def hessian(
         blocks = _run(call, method, out_shape, size, chunk, graph, outer)
     if not batched:
         blocks = [b[0] for b in blocks]
-    lead = 1 if batched else 0
-    n = len(call.argnums)
-    flat = []
-    for k, H in enumerate(blocks):
-        i, j = call.argnums[k // n], call.argnums[k % n]
-        flat.append(_flatten(H, lead, len(out_shape), len(shapes[i]), len(shapes[j]), order))
-    return _nest(flat, n, call.tuple_argnums)
+    return blocks, given, out_shape, order
 
 
 def _probe(call: Call) -> Any:

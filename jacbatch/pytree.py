@@ -438,7 +438,7 @@ def note_output(flat: Flat) -> None:
     _probe.probe(flat.func, shapes, flat.args[0].dtype, lambda: first)
 
 
-def _aux(flat: Flat, req: Request | None, randomness: str, batched: bool) -> Any:
+def batched_aux(flat: Flat, req: Request | None, randomness: str, batched: bool) -> Any:
     """``aux`` batched like the output (NOTE [Pytree calls], point 4), under the protections
     of ``req``'s plan (none after a repeated call's program: a hot key needs none)."""
     assert flat.aux is not None
@@ -508,7 +508,16 @@ def jacobian(
     result = nest(flat, jacs, vec)  # type: ignore[arg-type]
     if not has_aux:
         return result
-    return result, _aux(flat, req, options["randomness"], batched is True)
+    return result, batched_aux(flat, req, options["randomness"], batched is True)
 
 
-__all__ = ["Flat", "flat_call", "flatten", "is_tree_call", "jacobian", "nest", "note_output"]
+__all__ = [
+    "Flat",
+    "batched_aux",
+    "flat_call",
+    "flatten",
+    "is_tree_call",
+    "jacobian",
+    "nest",
+    "note_output",
+]
