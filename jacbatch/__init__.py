@@ -19,6 +19,7 @@ from .conventions import commutation_matrix, unvec, vec
 from .functions import affine
 from .hessian import hessian
 from .memory import MemoryEstimate
+from .modules import module_jacobian
 from .prepared import PreparedJacobian, prepare
 from .streaming import iter_jacobian, load_jacobian, save_jacobian
 
@@ -41,6 +42,7 @@ __all__ = [
     "iter_jacobian",
     "jacobian",
     "load_jacobian",
+    "module_jacobian",
     "prepare",
     "save_jacobian",
     "sensitivity",
