@@ -23,9 +23,10 @@ NOTE [Second-order closed forms: the Jacobian program, traced again]
     the whole batch at once, evaluated under ``vmap`` and composed from terms. That second
     computation is traced once more into a third program ``h(X, *lifted)`` for the batch size
     at hand (written by the one writer, :func:`jacbatch.rules.write.materialize`), so a call
-    runs one aten program: no rule runs in Python per call. Two value-preserving rewrites
-    (:mod:`jacbatch.second_order.passes`) remove a batch loop inside ``bmm`` and double passes
-    over large intermediates.
+    runs one aten program: no rule runs in Python per call. Value-preserving rewrites
+    (:mod:`jacbatch.second_order.passes`) remove a batch loop inside ``bmm``, double passes
+    over large intermediates and products by a factor of ones, and compute the
+    last large sum into the result buffer instead of copying it there.
 
     Soundness: Fake tensors carry no values, so a rule that reads a value (a tie check, a zero
     in a product) makes the trace fail, and the call goes to autodiff, never to a program that
@@ -606,6 +607,8 @@ def _build(
     gm.recompile()
     passes.shared_bmm_to_mm(gm)
     passes.fold_scalings(gm)
+    passes.drop_unit_factors(gm)
+    passes.compute_into_result(gm)
     with torch.no_grad():
         got = gm(*args, *lifted)
     k = min(B, _CHECKED_SAMPLES)

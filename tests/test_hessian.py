@@ -185,6 +185,56 @@ def test_closed_form_covers_the_targets() -> None:
         torch.testing.assert_close(got, reference_hessian(func, [X]), **TOL)
 
 
+def test_logdet_program_writes_its_result_in_place() -> None:
+    """The rewrites of jacbatch.second_order.passes on logdet(XᵀX + λI): the product by the
+    identity masks' ones is dropped and the last sum is written into the result buffer
+    (``add.out``) instead of being copied there; the values are the loop's."""
+    X = _randn(4, 6, 3)
+    got = jacbatch.hessian(logdet_gram, X, method="closed_form")
+    torch.testing.assert_close(got, reference_hessian(logdet_gram, [X]), **TOL)
+    call = H.normalize("hessian", logdet_gram, (X,), 0, 0)
+    gm = H._PROGRAMS[H._captured(call).graph.gm][H._key(call)].run
+    targets = [nd.target for nd in gm.graph.nodes]
+    assert torch.ops.aten.add.out in targets
+
+
+def test_passes_leave_written_operands_alone() -> None:
+    """``compute_into_result`` does not move a sum past an in-place write into its operand,
+    and ``drop_unit_factors`` keeps a product by ones whose factor is later written."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from jacbatch.second_order import passes
+
+    def prog(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = a + b
+        a.mul_(2.0)  # the operand changes between the sum and the copy
+        y = torch.empty(3, 4, dtype=a.dtype)
+        y.copy_(s.T)
+        ones = torch.ones_like(b)
+        p = b * ones
+        b.add_(1.0)  # the factor's source changes after the product
+        return y, p
+
+    a, b = _randn(4, 3), _randn(4, 3)
+    gm = make_fx(prog)(a.clone(), b.clone())
+    assert passes.compute_into_result(gm) == 0
+    assert passes.drop_unit_factors(gm) == 0
+    want = prog(a.clone(), b.clone())
+    got = gm(a.clone(), b.clone())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+    def clean(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.empty(3, 4, dtype=a.dtype)
+        y.copy_((a + b).T)
+        return y, b * torch.ones_like(b)
+
+    gm = make_fx(clean)(a, b)
+    assert passes.compute_into_result(gm) == 1 and passes.drop_unit_factors(gm) == 1
+    for g, w in zip(gm(a, b), clean(a, b), strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_torch_func_hessian_is_wrong_for_logdet() -> None:
     """Why logdet is compared with the loop only: ``vmap(torch.func.hessian)`` (forward over
     reverse, the tangent vmap inside the batch vmap) is wrong for LU-based ops in torch 2.13;

@@ -7,7 +7,14 @@ The program composes the op rules' terms as traced; two patterns cost it real ti
   sums;
 * a large intermediate scaled twice in a row by small broadcast factors (a sign mask, a
   constant, a per-sample scale): the factors are multiplied first, so the large tensor is
-  read and written once.
+  read and written once;
+* a large intermediate multiplied by a factor that is all ones (the terms' identity masks
+  times a unit constant, known when the program is built): the product is the intermediate;
+* the result's last large sum (or product) computed into a fresh tensor and then copied,
+  permuted, into the result buffer: it is computed into the buffer directly (``out=``).
+
+Each of the last two saves one pass over a result-sized tensor; for ``logdet(XᵀX + λI)``
+they are two of the program's seven.
 """
 
 from __future__ import annotations
@@ -111,4 +118,215 @@ def fold_scalings(gm: torch.fx.GraphModule) -> int:
     return count
 
 
-__all__ = ["fold_scalings", "shared_bmm_to_mm"]
+#: View ops: their result aliases their first argument.
+_VIEWS = frozenset(
+    {
+        _aten.view.default, _aten._unsafe_view.default, _aten.permute.default,
+        _aten.expand.default, _aten.unsqueeze.default, _aten.squeeze.dim, _aten.select.int,
+        _aten.slice.Tensor, _aten.alias.default, _aten.as_strided.default,
+        _aten.transpose.int, _aten.t.default, _aten.diagonal.default, _aten.reshape.default,
+    }
+)  # fmt: skip
+
+#: Ops whose value depends on their input's shape only, and the value they fill in
+#: (``full_like``: its second argument).
+_FILLS: dict[Any, Any] = {
+    _aten.ones_like.default: 1.0,
+    _aten.zeros_like.default: 0.0,
+    _aten.full_like.default: "arg",
+}
+
+#: Constants larger than this many elements are not evaluated when a program is built.
+_CONST_NUMEL = 1 << 16
+
+
+def _written(nd: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes ``nd`` writes into (its schema's ``a!`` arguments, ``out=`` included)."""
+    schema = getattr(nd.target, "_schema", None)
+    if nd.op != "call_function" or schema is None:
+        return []
+    got = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        v = nd.args[i] if i < len(nd.args) else nd.kwargs.get(arg.name)
+        if isinstance(v, torch.fx.Node):
+            got.append(v)
+    return got
+
+
+def _root(nd: torch.fx.Node) -> torch.fx.Node:
+    """The tensor ``nd`` is a view of (itself if it is none)."""
+    while (
+        nd.op == "call_function" and nd.target in _VIEWS and isinstance(nd.args[0], torch.fx.Node)
+    ):
+        nd = nd.args[0]
+    return nd
+
+
+def _written_roots(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """The roots of every tensor some op of ``gm`` writes into (``copy_``, ``addcmul_``,
+    ``out=``): rewrites that change when a value is read leave their families alone."""
+    return {_root(w) for nd in gm.graph.nodes for w in _written(nd)}
+
+
+def _constants(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, Any]:
+    """The values of the small nodes that depend on no input of ``gm`` (identity masks, unit
+    constants), evaluated in program order as the program would (in-place writes into fresh
+    constants included). Tensor attributes are copied first, so ``gm`` is never changed."""
+    env: dict[torch.fx.Node, Any] = {}
+    for nd in gm.graph.nodes:
+        if nd.op == "get_attr":
+            v: Any = gm
+            for part in str(nd.target).split("."):
+                v = getattr(v, part)
+            if isinstance(v, torch.Tensor) and v.numel() <= _CONST_NUMEL:
+                env[nd] = v.clone()
+            continue
+        if nd.op != "call_function":
+            continue
+        val = nd.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.numel() > _CONST_NUMEL:
+            continue
+        fill = _FILLS.get(nd.target)
+        if fill is not None and isinstance(val, torch.Tensor):  # values from the shape alone
+            value = nd.args[1] if fill == "arg" else fill
+            env[nd] = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype).fill_(value)
+            continue
+        if not all(a in env for a in nd.all_input_nodes):
+            continue
+        args = torch.fx.node.map_arg(nd.args, lambda a: env[a])
+        kwargs = torch.fx.node.map_arg(nd.kwargs, lambda a: env[a])
+        try:
+            with torch.no_grad():
+                out = nd.target(*args, **kwargs)
+        except Exception:  # an op that cannot run eagerly here: not a constant
+            continue
+        if isinstance(out, torch.Tensor) and out.numel() > _CONST_NUMEL:
+            continue
+        env[nd] = out
+    return env
+
+
+def drop_unit_factors(gm: torch.fx.GraphModule) -> int:
+    """``mul(X, c)`` with ``c`` a constant of ones (broadcast, not widening ``X``) as ``X``
+    itself: ``x * 1`` is ``x`` exactly (signed zeros, infinities and NaN included). Neither
+    ``X`` nor the product may be written in place anywhere in the program (the product is a
+    copy taken at its point; ``X`` read later must hold the same values). Returns the count."""
+    consts = _constants(gm)
+    written = _written_roots(gm)
+    count = 0
+    for nd in list(gm.graph.nodes):
+        if nd.op != "call_function" or nd.target is not _aten.mul.Tensor or nd.kwargs:
+            continue
+        v = nd.meta.get("val")
+        for x, c in (nd.args, tuple(reversed(nd.args))):
+            cv = consts.get(c) if isinstance(c, torch.fx.Node) else None
+            xv = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+            if not (isinstance(cv, torch.Tensor) and isinstance(xv, torch.Tensor)):
+                continue
+            if not isinstance(v, torch.Tensor) or xv.shape != v.shape or xv.dtype != v.dtype:
+                continue
+            if not bool((cv == 1).all()) or _root(x) in written or nd in written:
+                continue
+            nd.replace_all_uses_with(x)
+            gm.graph.erase_node(nd)
+            count += 1
+            break
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return count
+
+
+_OUT = {
+    _aten.add.Tensor: _aten.add.out,
+    _aten.sub.Tensor: _aten.sub.out,
+    _aten.mul.Tensor: _aten.mul.out,
+}
+
+
+def compute_into_result(gm: torch.fx.GraphModule) -> int:
+    """``copy_(Y, permute(P))`` with ``P = add/sub/mul(a, b)`` used only there as
+    ``add/sub/mul(a, b, out=permute(Y, inverse))``: the sum is written where it belongs
+    instead of into a fresh tensor that is then copied (no-op ``expand`` views between are
+    skipped). The operands must not be written in place between ``P`` and the copy (it now
+    reads them at the copy's point). Same values: the same sums, stored elsewhere. Returns the
+    count."""
+    count = 0
+    for cp in list(gm.graph.nodes):
+        if cp.op != "call_function" or cp.target is not _aten.copy_.default or len(cp.args) != 2:
+            continue
+        dst, src = cp.args
+        if not isinstance(dst, torch.fx.Node) or not isinstance(src, torch.fx.Node):
+            continue
+        perm: list[int] | None = None
+        chain = []
+        nd = src
+        while nd.op == "call_function" and nd.target in (
+            _aten.expand.default,
+            _aten.permute.default,
+        ):
+            if len(nd.users) != 1:
+                break
+            base, dims = nd.args[0], nd.args[1]
+            if not isinstance(base, torch.fx.Node) or not isinstance(dims, (list, tuple)):
+                break
+            bv, v = base.meta.get("val"), nd.meta.get("val")
+            if not (isinstance(bv, torch.Tensor) and isinstance(v, torch.Tensor)):
+                break
+            if nd.target is _aten.expand.default:
+                if bv.shape != v.shape:
+                    break
+            else:
+                p = [int(d) % bv.dim() for d in dims]  # type: ignore[arg-type]
+                perm = p if perm is None else [p[i] for i in perm]
+            chain.append(nd)
+            nd = base
+        P = nd
+        if P.op != "call_function" or P.target not in _OUT or P.kwargs or len(P.users) != 1:
+            continue
+        if chain and chain[-1] not in P.users:
+            continue
+        if not chain and cp not in P.users:
+            continue
+        pv, dv = P.meta.get("val"), dst.meta.get("val")
+        if not (isinstance(pv, torch.Tensor) and isinstance(dv, torch.Tensor)):
+            continue
+        if pv.dtype != dv.dtype or pv.device != dv.device:
+            continue
+        inverse = None
+        if perm is not None:
+            inverse = [0] * len(perm)
+            for i, d in enumerate(perm):
+                inverse[d] = i
+        want = tuple(dv.shape) if inverse is None else tuple(dv.shape[i] for i in inverse)
+        if want != tuple(pv.shape):
+            continue
+        operands = [a for a in P.args if isinstance(a, torch.fx.Node)]
+        order = {nd: i for i, nd in enumerate(gm.graph.nodes)}  # rewrites insert nodes
+        between = [n for n in gm.graph.nodes if order[P] < order[n] < order[cp]]
+        roots = {_root(a) for a in operands}
+        if _root(dst) in roots:  # out= must not overlap an operand
+            continue
+        roots.add(_root(dst))
+        if any(_root(w) in roots for n in between for w in _written(n)):
+            continue
+        with gm.graph.inserting_before(cp):
+            target = dst
+            if inverse is not None:
+                target = gm.graph.call_function(_aten.permute.default, (dst, inverse))
+            gm.graph.call_function(_OUT[P.target], tuple(P.args), {"out": target})
+        cp.replace_all_uses_with(dst)
+        gm.graph.erase_node(cp)
+        for n in chain:
+            gm.graph.erase_node(n)
+        gm.graph.erase_node(P)
+        count += 1
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return count
+
+
+__all__ = ["compute_into_result", "drop_unit_factors", "fold_scalings", "shared_bmm_to_mm"]
