@@ -609,6 +609,7 @@ def _build(
     passes.fold_scalings(gm)
     passes.drop_unit_factors(gm)
     passes.compute_into_result(gm)
+    passes.sum_of_products_in_place(gm)
     with torch.no_grad():
         got = gm(*args, *lifted)
     k = min(B, _CHECKED_SAMPLES)

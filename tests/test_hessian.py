@@ -187,15 +187,18 @@ def test_closed_form_covers_the_targets() -> None:
 
 def test_logdet_program_writes_its_result_in_place() -> None:
     """The rewrites of jacbatch.second_order.passes on logdet(XᵀX + λI): the product by the
-    identity masks' ones is dropped and the last sum is written into the result buffer
-    (``add.out``) instead of being copied there; the values are the loop's."""
+    identity masks' ones is dropped, and the last sum of two batched products is accumulated
+    in the result buffer (``bmm`` then ``baddbmm_``) instead of being added into a fresh
+    tensor and copied there; the values are the loop's."""
     X = _randn(4, 6, 3)
     got = jacbatch.hessian(logdet_gram, X, method="closed_form")
     torch.testing.assert_close(got, reference_hessian(logdet_gram, [X]), **TOL)
     call = H.normalize("hessian", logdet_gram, (X,), 0, 0)
     gm = H._PROGRAMS[H._captured(call).graph.gm][H._key(call)].run
-    targets = [nd.target for nd in gm.graph.nodes]
-    assert torch.ops.aten.add.out in targets
+    targets = {nd.target for nd in gm.graph.nodes}
+    aten = torch.ops.aten
+    assert aten.baddbmm_.default in targets  # the two products summed in the result buffer
+    assert aten.add.out not in targets
 
 
 def test_passes_leave_written_operands_alone() -> None:

@@ -329,4 +329,184 @@ def compute_into_result(gm: torch.fx.GraphModule) -> int:
     return count
 
 
-__all__ = ["compute_into_result", "drop_unit_factors", "fold_scalings", "shared_bmm_to_mm"]
+def _col_layout(sizes: list[int], strides: list[int], n: int) -> list[int] | None:
+    """The order (outermost first) in which column dims ``sizes``/``strides`` lay out ``n``
+    contiguous columns, or ``None`` if they do not."""
+    order = sorted(range(len(sizes)), key=lambda j: -strides[j])
+    expect = 1
+    for j in reversed(order):
+        if strides[j] != expect:
+            return None
+        expect *= sizes[j]
+    return order if expect == n else None
+
+
+def _bmm_source(
+    nd: Any,
+) -> tuple[torch.fx.Node, torch.Tensor, list[torch.fx.Node]] | None:
+    """``nd`` as a chain of views of one ``bmm`` whose only use is that chain: the bmm node,
+    its value and the chain."""
+    chain = []
+    while isinstance(nd, torch.fx.Node) and nd.op == "call_function" and nd.target in _VIEWS:
+        if len(nd.users) != 1:
+            return None
+        chain.append(nd)
+        nd = nd.args[0]
+    if not (isinstance(nd, torch.fx.Node) and nd.target is _aten.bmm.default):
+        return None
+    if len(nd.users) != 1 or (chain and chain[-1] not in nd.users):
+        return None
+    v = nd.meta.get("val")
+    if not isinstance(v, torch.Tensor) or not v.is_contiguous() or v.storage_offset() != 0:
+        return None
+    return nd, v, chain
+
+
+class _Layout:
+    """Shape, strides and storage offset of a node's value (``meta["val"]``, or derived for a
+    ``permute`` inserted by a rewrite)."""
+
+    def __init__(self, shape: tuple[int, ...], strides: tuple[int, ...], offset: int) -> None:
+        self.shape, self._strides, self._offset = torch.Size(shape), strides, offset
+
+    def stride(self, d: int) -> int:
+        return self._strides[d]
+
+    def storage_offset(self) -> int:
+        return self._offset
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def _layout(nd: torch.fx.Node) -> _Layout | None:
+    v = nd.meta.get("val")
+    if isinstance(v, torch.Tensor):
+        return _Layout(tuple(v.shape), tuple(v.stride()), int(v.storage_offset()))
+    if nd.op == "call_function" and nd.target is _aten.permute.default:
+        base, dims = nd.args
+        b = _layout(base) if isinstance(base, torch.fx.Node) else None
+        if b is None or not isinstance(dims, (list, tuple)):
+            return None
+        p = [int(d) % b.dim() for d in dims]  # type: ignore[arg-type]
+        return _Layout(
+            tuple(b.shape[d] for d in p), tuple(b.stride(d) for d in p), b.storage_offset()
+        )
+    return None
+
+
+def _before_copy(R: torch.fx.Node) -> torch.fx.Node:
+    """``V`` where ``R = view(clone(V))`` and the clone serves ``R`` only (a contiguous copy
+    made for ``bmm``): reshaping ``V`` gives the same values, and the copy that reorders the
+    columns replaces the clone (left dead)."""
+    c = R.args[0]
+    if (
+        R.target in (_aten.view.default, _aten._unsafe_view.default)
+        and isinstance(c, torch.fx.Node)
+        and c.target is _aten.clone.default
+        and len(c.users) == 1
+        and isinstance(c.args[0], torch.fx.Node)
+    ):
+        return c.args[0]
+    return R
+
+
+def sum_of_products_in_place(gm: torch.fx.GraphModule) -> int:
+    """``add(X, Y, out=D)`` with ``X`` and ``Y`` views of two ``bmm`` results ``(Bt, M, N)``
+    and ``D`` a view of a fresh contiguous buffer of as many entries, as ``bmm(L2, R2',
+    out=buf)`` then ``buf.baddbmm_(L1, R1')``: the right operands' columns are reordered
+    (a copy of each, smaller than the result) so that each product comes out in ``D``'s
+    memory order, and the sum accumulates in the buffer. Three result-sized passes (two
+    products written, one sum) become two (one written, one accumulated). Only when every
+    row ``(b, m)`` of ``D`` takes the same row of both products (the views permute columns
+    only). The sum is rounded as the matrix product accumulates (the result agrees to
+    rounding, which the program's check against autodiff bounds). Returns the count."""
+    count = 0
+    for nd in list(gm.graph.nodes):
+        if nd.op != "call_function" or nd.target is not _aten.add.out or len(nd.args) != 2:
+            continue
+        if set(nd.kwargs) != {"out"} or nd.users:
+            continue
+        D = nd.kwargs["out"]
+        got = [_bmm_source(a) for a in nd.args]
+        if any(g is None for g in got) or not isinstance(D, torch.fx.Node):
+            continue
+        dv = _layout(D)
+        root = _root(D)
+        rv = root.meta.get("val")
+        if dv is None or not isinstance(rv, torch.Tensor):
+            continue
+        if not rv.is_contiguous() or rv.storage_offset() != 0 or dv.storage_offset() != 0:
+            continue
+        plans: list[tuple[torch.fx.Node, Any, list[int], list[int], int]] = []
+        for g, x in zip(got, nd.args, strict=True):
+            assert g is not None
+            bmm, bv, _ = g
+            xv = x.meta.get("val")
+            Bt, M, N = (int(s) for s in bv.shape)
+            if not isinstance(xv, torch.Tensor) or xv.shape != dv.shape:
+                break
+            if rv.numel() != Bt * M * N or xv.storage_offset() != 0:
+                break
+            if plans and tuple(plans[0][0].meta["val"].shape) != (Bt, M, N):
+                break
+            dims = [d for d in range(dv.dim()) if dv.shape[d] != 1]
+            rows = [d for d in dims if xv.stride(d) >= N]
+            cols = [d for d in dims if xv.stride(d) < N]
+            if any(xv.stride(d) % N or xv.stride(d) != dv.stride(d) for d in rows):
+                break
+            if any(dv.stride(d) >= N for d in cols):
+                break
+            sizes = [int(dv.shape[d]) for d in cols]
+            have = _col_layout(sizes, [int(xv.stride(d)) for d in cols], N)
+            want = _col_layout(sizes, [int(dv.stride(d)) for d in cols], N)
+            R = bmm.args[1]
+            Rv = R.meta.get("val") if isinstance(R, torch.fx.Node) else None
+            if have is None or want is None or not isinstance(Rv, torch.Tensor):
+                break
+            K = int(Rv.shape[1])
+            plans.append((bmm, R, [sizes[j] for j in have], [have.index(j) for j in want], K))
+        else:
+            order = {n: i for i, n in enumerate(gm.graph.nodes)}
+            first = min(order[p[0]] for p in plans)
+            between = [n for n in gm.graph.nodes if first < order[n] < order[nd]]
+            operands = {_root(a) for p in plans for a in p[0].all_input_nodes} | {root}
+            if any(_root(w) in operands for n in between for w in _written(n)):
+                continue
+            with gm.graph.inserting_before(nd):
+                buf = gm.graph.call_function(_aten.view.default, (root, [Bt, M, N]))
+                for k, (bmm, R, csizes, perm, K) in enumerate(reversed(plans)):
+                    R2 = R
+                    if perm != sorted(perm):  # reorder the columns: one copy
+                        src = _before_copy(R)
+                        Rc = gm.graph.call_function(_aten.reshape.default, (src, [Bt, K, *csizes]))
+                        Rp = gm.graph.call_function(
+                            _aten.permute.default, (Rc, [0, 1, *[2 + j for j in perm]])
+                        )
+                        R2 = gm.graph.call_function(_aten.reshape.default, (Rp, [Bt, K, N]))
+                    if k == 0:
+                        gm.graph.call_function(_aten.bmm.out, (bmm.args[0], R2), {"out": buf})
+                    else:
+                        gm.graph.call_function(_aten.baddbmm_.default, (buf, bmm.args[0], R2))
+            gm.graph.erase_node(nd)
+            for g in got:
+                assert g is not None
+                for c in g[2]:
+                    if not c.users:
+                        gm.graph.erase_node(c)
+                if not g[0].users:
+                    gm.graph.erase_node(g[0])
+            count += 1
+    if count:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return count
+
+
+__all__ = [
+    "compute_into_result",
+    "drop_unit_factors",
+    "fold_scalings",
+    "shared_bmm_to_mm",
+    "sum_of_products_in_place",
+]
