@@ -11,10 +11,14 @@ The program composes the op rules' terms as traced; two patterns cost it real ti
 * a large intermediate multiplied by a factor that is all ones (the terms' identity masks
   times a unit constant, known when the program is built): the product is the intermediate;
 * the result's last large sum (or product) computed into a fresh tensor and then copied,
-  permuted, into the result buffer: it is computed into the buffer directly (``out=``).
+  permuted, into the result buffer: it is computed into the buffer directly (``out=``);
+* that sum being of two batched products: the products are computed in the buffer's memory
+  order (their right operands' columns reordered) and accumulate there (``bmm``, then
+  ``baddbmm_``).
 
-Each of the last two saves one pass over a result-sized tensor; for ``logdet(XᵀX + λI)``
-they are two of the program's seven.
+Each of the last three saves a pass over a result-sized tensor; together they make the
+``logdet(XᵀX + λI)`` program (``X (16, 8)``, ``B = 256``) about 1.9x faster. The program is
+checked against autodiff after these rewrites (:mod:`jacbatch.hessian`).
 """
 
 from __future__ import annotations
