@@ -11,6 +11,10 @@
 ``method="auto"`` takes the closed form where every op on the way has a rule and the program
 agreed with autodiff on the first samples when it was built, else autodiff.
 
+(About 640 lines: the entry point, both routes and the program builder share the program
+table and its keys and are read together; the pytree front end and the program rewrites live
+in :mod:`jacbatch.second_order`.)
+
 NOTE [Second-order closed forms: the Jacobian program, traced again]
     The traced route (:mod:`jacbatch.methods.traced`) turns a per-sample function ``f`` into an
     aten graph and composes its op rules' lettered terms into the Jacobian. Those rules are
