@@ -19,9 +19,10 @@ from .conventions import commutation_matrix, unvec, vec
 from .functions import affine
 from .hessian import hessian
 from .memory import MemoryEstimate
+from .modules import module_jacobian
 from .prepared import PreparedJacobian, prepare
 from .sparse import SparsityPattern, sparsity
-from .streaming import iter_jacobian, save_jacobian
+from .streaming import iter_jacobian, load_jacobian, save_jacobian
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,8 @@ __all__ = [
     "hessian",
     "iter_jacobian",
     "jacobian",
+    "load_jacobian",
+    "module_jacobian",
     "prepare",
     "save_jacobian",
     "sensitivity",

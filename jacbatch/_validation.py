@@ -285,8 +285,9 @@ def normalize_call(
             if isinstance(a, (dict, list, tuple)):
                 raise TypeError(
                     f"{where}: expected args[{i}] to be a torch.Tensor, got "
-                    f"{type(a).__name__}. jacbatch.jacobian, explain and estimate_memory take "
-                    f"dicts, tuples and lists of tensors (pytrees, as torch.func); here pass "
+                    f"{type(a).__name__}. jacbatch.jacobian, hessian, iter_jacobian, "
+                    f"save_jacobian, explain and estimate_memory take dicts, tuples and lists "
+                    f"of tensors (pytrees, as torch.func); here pass "
                     f"each tensor as its own argument (e.g. *params.values()) and rebuild the "
                     f"structure inside func."
                 )

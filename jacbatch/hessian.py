@@ -11,6 +11,10 @@
 ``method="auto"`` takes the closed form where every op on the way has a rule and the program
 agreed with autodiff on the first samples when it was built, else autodiff.
 
+(About 640 lines: the entry point, both routes and the program builder share the program
+table and its keys and are read together; the pytree front end and the program rewrites live
+in :mod:`jacbatch.second_order`.)
+
 NOTE [Second-order closed forms: the Jacobian program, traced again]
     The traced route (:mod:`jacbatch.methods.traced`) turns a per-sample function ``f`` into an
     aten graph and composes its op rules' lettered terms into the Jacobian. Those rules are
@@ -23,9 +27,10 @@ NOTE [Second-order closed forms: the Jacobian program, traced again]
     the whole batch at once, evaluated under ``vmap`` and composed from terms. That second
     computation is traced once more into a third program ``h(X, *lifted)`` for the batch size
     at hand (written by the one writer, :func:`jacbatch.rules.write.materialize`), so a call
-    runs one aten program: no rule runs in Python per call. Two value-preserving rewrites
-    (:mod:`jacbatch.second_order.passes`) remove a batch loop inside ``bmm`` and double passes
-    over large intermediates.
+    runs one aten program: no rule runs in Python per call. Value-preserving rewrites
+    (:mod:`jacbatch.second_order.passes`) remove a batch loop inside ``bmm``, double passes
+    over large intermediates and products by a factor of ones, and compute the
+    last large sum into the result buffer instead of copying it there.
 
     Soundness: Fake tensors carry no values, so a rule that reads a value (a tie check, a zero
     in a product) makes the trace fail, and the call goes to autodiff, never to a program that
@@ -83,30 +88,38 @@ Nested = torch.Tensor | tuple[Any, ...]
 
 
 def hessian(
-    func: Callable[..., torch.Tensor],
-    *args: torch.Tensor,
+    func: Callable[..., Any],
+    *args: Any,
     argnums: int | tuple[int, ...] = 0,
-    in_dims: int | tuple[int | None, ...] | None = 0,
+    in_dims: Any = 0,
     method: str = "auto",
     vec: str | None = None,
     chunk_size: int | None = None,
     max_memory: int | str | None = None,
-) -> Nested:
+    has_aux: bool = False,
+) -> Any:
     """Per-sample Hessians of ``func`` w.r.t. ``args[argnums]``, for a batch of inputs.
 
     The same as ``torch.func.vmap(torch.func.hessian(func, argnums), in_dims)(*args)``:
     ``func`` is written for ONE sample, ``in_dims`` says which arguments carry the batch.
 
+    Pytrees work as in :func:`jacbatch.jacobian`: arguments may be dicts, tuples and lists of
+    tensors (a module's parameters), ``in_dims`` a matching prefix tree, the output a tree;
+    the result nests as ``torch.func.hessian``'s: the output's tree, each leaf holding the
+    differentiated argument's tree, each of whose leaves holds that tree again (tuples of
+    those for tuple ``argnums``). See :mod:`jacbatch.second_order.trees`.
+
     Args:
-        func: per-sample function of tensors returning one floating-point tensor of shape
-            ``out_shape`` (usually a scalar: a loss, a log-density).
-        *args: its arguments; a batched one has a batch dimension of size ``B`` at
-            ``in_dims[i]``.
+        func: per-sample function returning a floating-point tensor of shape ``out_shape``
+            (usually a scalar: a loss, a log-density), or a tree of them; with
+            ``has_aux=True`` a pair ``(output, aux)``.
+        *args: its arguments, tensors or pytrees of tensors; a batched one has a batch
+            dimension of size ``B`` at ``in_dims[i]``.
         argnums: the argument to differentiate twice, or a tuple of them (the result is then
             nested: ``H[i][j]`` is the block for ``args[argnums[i]]`` and
             ``args[argnums[j]]``, as ``torch.func.hessian``).
-        in_dims: int (every argument), or one int/``None`` per argument, as in
-            :func:`jacbatch.jacobian`; all ``None`` means no batch dimension in the result.
+        in_dims: int (every argument), or one int/``None`` (or a prefix tree) per argument, as
+            in :func:`jacbatch.jacobian`; all ``None`` means no batch dimension in the result.
         method: ``"auto"`` (the closed form where it applies, else ``"jacfwd"``),
             ``"closed_form"`` (second-order closed form from the op rules, no autodiff;
             ``NotImplementedError`` where some op has no rule), ``"jacfwd"`` (forward over
@@ -123,6 +136,12 @@ def hessian(
         max_memory: working-memory budget beyond the result (bytes or a string such as
             ``"512MiB"``); the batch is split into chunks to stay within it. A result that
             cannot fit in free memory is refused before anything is computed.
+        has_aux: ``func`` returns ``(output, aux)``; the result is ``(hessian, aux)`` with
+            ``aux`` batched like the output, as
+            ``vmap(jacfwd(jacrev(func, has_aux=True), has_aux=True))`` returns it.
+
+    There is no ``out=``: the result is written by the route that computes it (a program's
+    fresh buffers, or autodiff's), so a caller's buffer could only be filled by a copy.
 
     Returns:
         ``(B, *out_shape, *in_shape, *in_shape)`` (no ``B`` without a batch), in the ``vec``
@@ -141,7 +160,45 @@ def hessian(
         >>> torch.allclose(H, ref)
         True
     """
-    where = "hessian"
+    from .second_order import trees
+
+    if trees.is_tree_call(args, in_dims, has_aux):
+        return trees.hessian(
+            func, args, argnums, in_dims, method, vec, chunk_size, max_memory, has_aux
+        )
+    try:
+        blocks, call, out_shape, order = blocks_of(
+            "hessian", func, args, argnums, in_dims, method, vec, chunk_size, max_memory
+        )
+    except V.TreeOutput:  # a tuple, list or dict output
+        return trees.hessian(
+            func, args, argnums, in_dims, method, vec, chunk_size, max_memory, has_aux
+        )
+    lead = 1 if call.batch_size is not None else 0
+    shapes = [call.sample_shape(i) for i in range(len(call.args))]
+    n = len(call.argnums)
+    flat = []
+    for k, H in enumerate(blocks):
+        i, j = call.argnums[k // n], call.argnums[k % n]
+        flat.append(_flatten(H, lead, len(out_shape), len(shapes[i]), len(shapes[j]), order))
+    return _nest(flat, n, call.tuple_argnums)
+
+
+def blocks_of(
+    where: str,
+    func: Callable[..., torch.Tensor],
+    args: tuple[torch.Tensor, ...],
+    argnums: object,
+    in_dims: object,
+    method: str,
+    vec: object,
+    chunk_size: object,
+    max_memory: int | str | None,
+) -> tuple[list[torch.Tensor], Call, tuple[int, ...], str | None]:
+    """The Hessian blocks ``([B,] *out, *in_i, *in_j)`` in row-major order of ``(i, j)`` over
+    ``argnums`` (unflattened: ``vec`` is checked and returned, not applied), the call as
+    normalized (its own ``batch_size``: ``None`` without a batch), ``out_shape`` and the
+    ``vec`` order."""
     call = normalize(where, func, args, argnums, in_dims)
     if method not in METHODS:
         raise ValueError(
@@ -152,6 +209,7 @@ def hessian(
     size = V.check_chunk_size(where, chunk_size)
     budget = None if max_memory is None else memory.parse_bytes(where, max_memory)
     batched = call.batch_size is not None
+    given = call
     if not batched:  # a batch of one, with every argument batched
         call = Call(
             call.func, tuple(a.unsqueeze(0) for a in call.args), (0,) * len(call.args),
@@ -204,13 +262,7 @@ def hessian(
         blocks = _run(call, method, out_shape, size, chunk, graph, outer)
     if not batched:
         blocks = [b[0] for b in blocks]
-    lead = 1 if batched else 0
-    n = len(call.argnums)
-    flat = []
-    for k, H in enumerate(blocks):
-        i, j = call.argnums[k // n], call.argnums[k % n]
-        flat.append(_flatten(H, lead, len(out_shape), len(shapes[i]), len(shapes[j]), order))
-    return _nest(flat, n, call.tuple_argnums)
+    return blocks, given, out_shape, order
 
 
 def _probe(call: Call) -> Any:
@@ -559,6 +611,9 @@ def _build(
     gm.recompile()
     passes.shared_bmm_to_mm(gm)
     passes.fold_scalings(gm)
+    passes.drop_unit_factors(gm)
+    passes.compute_into_result(gm)
+    passes.sum_of_products_in_place(gm)
     with torch.no_grad():
         got = gm(*args, *lifted)
     k = min(B, _CHECKED_SAMPLES)

@@ -425,7 +425,7 @@ def flat_outs(where: str, flat: Flat, out: object) -> tuple[torch.Tensor, ...]:
     return tuple(bufs)
 
 
-def _note_output(flat: Flat) -> None:
+def note_output(flat: Flat) -> None:
     """Run the flat function once, on meta tensors where it can (the probe), to note the
     output's structure."""
     shapes = [
@@ -438,7 +438,7 @@ def _note_output(flat: Flat) -> None:
     _probe.probe(flat.func, shapes, flat.args[0].dtype, lambda: first)
 
 
-def _aux(flat: Flat, req: Request | None, randomness: str, batched: bool) -> Any:
+def batched_aux(flat: Flat, req: Request | None, randomness: str, batched: bool) -> Any:
     """``aux`` batched like the output (NOTE [Pytree calls], point 4), under the protections
     of ``req``'s plan (none after a repeated call's program: a hot key needs none)."""
     assert flat.aux is not None
@@ -489,7 +489,7 @@ def jacobian(
     if jacs is None:
         bufs = None if out is None else flat_outs(where, flat, out)
         if bufs is not None:
-            _note_output(flat)
+            note_output(flat)
         if bufs is not None and not flat.noted.single:
             raise ValueError(
                 f"{where}: expected func to return a single tensor with out=, got an output "
@@ -504,11 +504,20 @@ def jacobian(
         if plain:
             repeated.record(flat.func, flat.args, key, req)
     if flat.noted.spec is None:  # a program ran without an eager run of func: note it now
-        _note_output(flat)
+        note_output(flat)
     result = nest(flat, jacs, vec)  # type: ignore[arg-type]
     if not has_aux:
         return result
-    return result, _aux(flat, req, options["randomness"], batched is True)
+    return result, batched_aux(flat, req, options["randomness"], batched is True)
 
 
-__all__ = ["Flat", "flat_call", "flatten", "is_tree_call", "jacobian", "nest"]
+__all__ = [
+    "Flat",
+    "batched_aux",
+    "flat_call",
+    "flatten",
+    "is_tree_call",
+    "jacobian",
+    "nest",
+    "note_output",
+]

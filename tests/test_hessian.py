@@ -185,6 +185,59 @@ def test_closed_form_covers_the_targets() -> None:
         torch.testing.assert_close(got, reference_hessian(func, [X]), **TOL)
 
 
+def test_logdet_program_writes_its_result_in_place() -> None:
+    """The rewrites of jacbatch.second_order.passes on logdet(XᵀX + λI): the product by the
+    identity masks' ones is dropped, and the last sum of two batched products is accumulated
+    in the result buffer (``bmm`` then ``baddbmm_``) instead of being added into a fresh
+    tensor and copied there; the values are the loop's."""
+    X = _randn(4, 6, 3)
+    got = jacbatch.hessian(logdet_gram, X, method="closed_form")
+    torch.testing.assert_close(got, reference_hessian(logdet_gram, [X]), **TOL)
+    call = H.normalize("hessian", logdet_gram, (X,), 0, 0)
+    gm = H._PROGRAMS[H._captured(call).graph.gm][H._key(call)].run
+    targets = {nd.target for nd in gm.graph.nodes}
+    aten = torch.ops.aten
+    assert aten.baddbmm_.default in targets  # the two products summed in the result buffer
+    assert aten.add.out not in targets
+
+
+def test_passes_leave_written_operands_alone() -> None:
+    """``compute_into_result`` does not move a sum past an in-place write into its operand,
+    and ``drop_unit_factors`` keeps a product by ones whose factor is later written."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from jacbatch.second_order import passes
+
+    def prog(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = a + b
+        a.mul_(2.0)  # the operand changes between the sum and the copy
+        y = torch.empty(3, 4, dtype=a.dtype)
+        y.copy_(s.T)
+        ones = torch.ones_like(b)
+        p = b * ones
+        b.add_(1.0)  # the factor's source changes after the product
+        return y, p
+
+    a, b = _randn(4, 3), _randn(4, 3)
+    gm = make_fx(prog)(a.clone(), b.clone())
+    assert passes.compute_into_result(gm) == 0
+    assert passes.drop_unit_factors(gm) == 0
+    want = prog(a.clone(), b.clone())
+    got = gm(a.clone(), b.clone())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+    def clean(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.empty(3, 4, dtype=a.dtype)
+        y.copy_((a + b).T)
+        return y, b * torch.ones_like(b)
+
+    gm = make_fx(clean)(a, b)
+    assert passes.compute_into_result(gm) == 1 and passes.drop_unit_factors(gm) == 1
+    for g, w in zip(gm(a, b), clean(a, b), strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_torch_func_hessian_is_wrong_for_logdet() -> None:
     """Why logdet is compared with the loop only: ``vmap(torch.func.hessian)`` (forward over
     reverse, the tangent vmap inside the batch vmap) is wrong for LU-based ops in torch 2.13;
@@ -325,10 +378,10 @@ def test_refuses_bad_options(kwargs: dict[str, Any], error: type, match: str) ->
 
 
 def test_refuses_bad_inputs() -> None:
-    with pytest.raises(TypeError, match=r"hessian: expected args\[0\] to be a torch\.Tensor"):
-        jacbatch.hessian(mlp_loss, [1.0, 2.0])
+    with pytest.raises(TypeError, match=r"hessian: expected every leaf .* args\[0\]\[0\]: float"):
+        jacbatch.hessian(mlp_loss, [1.0, 2.0])  # a list is a pytree: its leaves are named
     with pytest.raises(TypeError, match="hessian: "):
-        jacbatch.hessian(lambda x: (x, x), _randn(3, 4))
+        jacbatch.hessian(lambda x: [x.sum(), "x"], _randn(3, 4))
     with pytest.raises((TypeError, ValueError), match="hessian: "):
         jacbatch.hessian(lambda x: x.sum(), torch.ones(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="hessian: expected a deterministic func"):
@@ -352,3 +405,156 @@ def test_module_parameters() -> None:
     got = jacbatch.hessian(f, X)
     assert got.requires_grad
     torch.testing.assert_close(got.detach(), want, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pytrees and has_aux (NOTE [Pytree Hessians] in jacbatch.second_order.trees)
+# ---------------------------------------------------------------------------------------------
+
+from torch.func import functional_call, jacfwd, jacrev, vmap  # noqa: E402
+from torch.utils import _pytree as pt  # noqa: E402
+
+
+def torch_func_hessian(func: Any, args: Any, argnums: Any = 0, in_dims: Any = 0,
+                       has_aux: bool = False) -> Any:  # fmt: skip
+    """``vmap(torch.func.hessian(func, argnums), in_dims)`` (``jacfwd(jacrev)`` with
+    ``has_aux``, which ``torch.func.hessian`` lacks); unbatched when nothing is batched."""
+    if has_aux:
+        h = jacfwd(jacrev(func, argnums, has_aux=True), argnums, has_aux=True)
+    else:
+        h = torch.func.hessian(func, argnums)
+    dims = pt._broadcast_to_and_flatten(in_dims, pt.tree_structure(tuple(args)))
+    if all(d is None for d in dims):
+        return h(*args)
+    return vmap(h, in_dims=in_dims)(*args)
+
+
+def assert_tree_close(got: Any, want: Any) -> None:
+    assert pt.tree_structure(got) == pt.tree_structure(want)
+    for g, w in zip(pt.tree_leaves(got), pt.tree_leaves(want), strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, **TOL)
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)
+    ).double()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_parameter_dict_loss(method: str) -> None:
+    """The Hessian of a per-sample loss w.r.t. a module's parameter dict, nested
+    ``H[k1][k2]`` ``(B, *shape_k1, *shape_k2)`` as torch.func nests it, and against the
+    autograd loop on the parameters concatenated into one vector."""
+    net = _net()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    X, T = _randn(4, 3), _randn(4, 2)
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return ((functional_call(net, p, (x,)) - t) ** 2).sum()
+
+    got = jacbatch.hessian(loss, params, X, T, in_dims=(None, 0, 0), method=method)
+    assert_tree_close(got, torch_func_hessian(loss, (params, X, T), 0, (None, 0, 0)))
+    names = list(params)
+    sizes = [params[k].numel() for k in names]
+
+    def flat_loss(theta: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(theta, sizes)
+        p = {k: v.reshape(params[k].shape) for k, v in zip(names, parts, strict=True)}
+        return loss(p, x, t)
+
+    theta = torch.cat([params[k].reshape(-1) for k in names])
+    want = reference_hessian(flat_loss, [theta, X, T], 0, [None, 0, 0])  # (B, P, P)
+    pairs = list(zip(names, sizes, strict=True))
+    full = torch.cat(
+        [torch.cat([got[a][b].reshape(4, sa, sb) for b, sb in pairs], 2) for a, sa in pairs], 1
+    )
+    torch.testing.assert_close(full, want, **TOL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tuple_argnums_prefix_in_dims_and_tree_output(method: str) -> None:
+    p = {"w": _randn(5, 3, 2), "b": _randn(2)}
+    state = (_randn(3), {"s": _randn(5, 2)})
+
+    def f(p: Any, state: Any) -> Any:
+        h = torch.tanh((state[0] + 1.0) @ p["w"] + p["b"])
+        return {"sum": (h * state[1]["s"]).sum(), "vec": [h.sin() * state[0][:2]]}
+
+    in_dims = ({"w": 0, "b": None}, (None, {"s": 0}))
+    got = jacbatch.hessian(f, p, state, argnums=(0, 1), in_dims=in_dims, method=method)
+    assert_tree_close(got, torch_func_hessian(f, (p, state), (0, 1), in_dims))
+    assert got["vec"][0][0]["w"][1][0].shape == (5, 2, 3, 2, 3)  # out, w, state[0]
+
+
+@pytest.mark.parametrize("vec", ["row", "col"])
+def test_vec_of_tree_output(vec: str) -> None:
+    """Each output leaf flattened as a tensor output is: no ``out_numel`` axis for a scalar."""
+    p = {"a": _randn(2, 3)}
+    X = _randn(4, 3)
+
+    def f(p: Any, x: torch.Tensor) -> Any:
+        z = p["a"] @ x
+        return (z**3).sum(), torch.outer(z, z).sin()
+
+    got = jacbatch.hessian(f, p, X, in_dims=(None, 0), vec=vec)
+    for k in range(2):
+
+        def g(a: torch.Tensor, x: torch.Tensor, k: int = k) -> torch.Tensor:
+            return f({"a": a}, x)[k]
+
+        want = jacbatch.hessian(g, p["a"], X, in_dims=(None, 0), vec=vec)  # the tensor path
+        torch.testing.assert_close(got[k]["a"]["a"], want, **TOL)
+    assert got[0]["a"]["a"].shape == (4, 6, 6) and got[1]["a"]["a"].shape == (4, 4, 6, 6)
+    ref = torch_func_hessian(f, (p, X), 0, (None, 0))[1]["a"]["a"]  # (4, 2, 2, 2, 3, 2, 3)
+    if vec == "col":
+        ref = ref.permute(0, 2, 1, 4, 3, 6, 5)
+    torch.testing.assert_close(got[1]["a"]["a"], ref.reshape(4, 4, 6, 6), **TOL)
+
+
+@pytest.mark.parametrize("method", ["auto", "jacfwd"])
+def test_has_aux(method: str) -> None:
+    net = _net()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    X = _randn(4, 3)
+
+    def f(p: Any, x: torch.Tensor) -> Any:
+        y = functional_call(net, p, (x,))
+        return y.pow(2).sum(), {"y": y, "one": torch.ones(2, dtype=torch.float64)}
+
+    got, aux = jacbatch.hessian(f, params, X, in_dims=(None, 0), has_aux=True, method=method)
+    want, want_aux = torch_func_hessian(f, (params, X), 0, (None, 0), has_aux=True)
+    assert_tree_close(got, want)
+    assert_tree_close(aux, want_aux)
+    assert aux["one"].shape == (4, 2)  # batched like the output, as vmap returns it
+    # a plain tensor argument with has_aux
+    got, aux = jacbatch.hessian(lambda x: (x.sin().sum(), x.cos()), X, has_aux=True)
+    want, want_aux = torch_func_hessian(lambda x: (x.sin().sum(), x.cos()), (X,), has_aux=True)
+    assert_tree_close((got, aux), (want, want_aux))
+    with pytest.raises(
+        TypeError, match=r"hessian: expected func to return a tuple \(output, aux\)"
+    ):
+        jacbatch.hessian(lambda x: x.sum(), X, has_aux=True)
+
+
+def test_unbatched_tree_and_tensor_tuple_output() -> None:
+    p = {"w": _randn(3), "v": [_randn(2)]}
+
+    def f(p: Any) -> Any:
+        return (p["w"].exp() * p["v"][0].sum()).sum(), p["w"] ** 2
+
+    got = jacbatch.hessian(f, p, in_dims=None)
+    assert_tree_close(got, torch_func_hessian(f, (p,), 0, None))
+    X = _randn(4, 3)
+    got = jacbatch.hessian(lambda x: (x.pow(3).sum(), x.sin()), X)  # a tensor, a tuple output
+    assert_tree_close(got, torch_func_hessian(lambda x: (x.pow(3).sum(), x.sin()), (X,)))
+
+
+def test_tree_errors_name_the_leaf() -> None:
+    p = {"w": _randn(3), "n": torch.arange(3)}
+    with pytest.raises(TypeError, match=r"hessian: .*args\[0\]\['n'\]"):
+        jacbatch.hessian(lambda p: (p["w"] * p["n"]).sum(), p, in_dims=None)
+    with pytest.raises(ValueError, match=r"hessian: expected in_dims to be a prefix"):
+        jacbatch.hessian(lambda p: p["w"].sum(), p, in_dims=({"x": 0},))

@@ -243,6 +243,27 @@ def test_laplace_fit_and_predictive_match_reference(subset, structure, reference
     )
 
 
+def test_subnetwork_laplace_takes_the_backend():
+    """``SubnetLaplace`` (``subset_of_weights="subnetwork"``) accepts JacbatchGGN: its backend
+    gets the subnetwork's indices, and the fit and predictive match BackPACK's."""
+    loader, X_test, model = _toy_regression()
+    n = sum(p.numel() for p in model.parameters())
+    indices = torch.tensor([0, 2, n // 2, n - 1])
+    fitted = []
+    for backend in (JacbatchGGN, BackPackGGN):
+        la = Laplace(
+            copy.deepcopy(model), "regression", subset_of_weights="subnetwork",
+            hessian_structure="full", subnetwork_indices=indices, backend=backend,
+        )  # fmt: skip
+        la.fit(loader)
+        fitted.append((la, *la(X_test, pred_type="glm")))
+    (la, f_mu, f_var), (la_ref, f_mu_ref, f_var_ref) = fitted
+    assert isinstance(la.backend, JacbatchGGN) and la.H.shape == (4, 4)
+    torch.testing.assert_close(la.H, la_ref.H, **TOL)
+    torch.testing.assert_close(f_mu, f_mu_ref, **TOL)
+    torch.testing.assert_close(f_var, f_var_ref, **TOL)
+
+
 def test_predictive_with_enable_backprop_is_differentiable():
     loader, X_test, model = _toy_regression()
     la = Laplace(

@@ -3,7 +3,9 @@ torch.autograd.functional.jacobian float64 loop (NOTE [Pytree calls] in jacbatch
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -451,17 +453,184 @@ def test_explain_and_estimate_memory_take_pytrees():
     assert est.output_bytes == 4 * 4 * 3 * 8
 
 
-def test_streaming_refuses_pytrees_naming_the_alternative(tmp_path):
-    p = {"w": torch.randn(3, 2, dtype=DT)}
-    x = torch.randn(4, 3, dtype=DT)
-    for call in (
-        lambda: list(jacbatch.iter_jacobian(lambda p, x: x @ p["w"], p, x, in_dims=(None, 0))),
-        lambda: jacbatch.save_jacobian(
-            str(tmp_path / "j.npy"), lambda p, x: x @ p["w"], p, x, in_dims=(None, 0)
+# ---------------------------------------------------------------------------------------------
+# iter_jacobian and save_jacobian (NOTE [Pytree Jacobian files] in jacbatch.streaming)
+# ---------------------------------------------------------------------------------------------
+
+
+def _joined(chunks):
+    """The chunks of ``iter_jacobian`` concatenated along the batch, leaf by leaf."""
+    slices = [sl for sl, _ in chunks]
+    assert slices[0].start == 0
+    assert all(a.stop == b.start for a, b in itertools.pairwise(slices))
+    specs = {pt.tree_structure(J) for _, J in chunks}
+    assert len(specs) == 1
+    return pt.tree_map(lambda *xs: torch.cat(xs), *[J for _, J in chunks])
+
+
+def _stream_cases():
+    p = {"w": torch.randn(7, 3, 2, dtype=DT), "b": torch.randn(2, dtype=DT)}
+    state = (torch.randn(3, dtype=DT), {"s": torch.randn(7, 2, dtype=DT)})
+
+    def f(p, state):
+        h = (state[0] + 1.0) @ p["w"] + p["b"]
+        return {"h": torch.sin(h), "n": {"sq": h * state[1]["s"]}}
+
+    model = _mlp()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def g(params, x):
+        y = functional_call(model, params, (x,))
+        return y
+
+    def t(x):  # tensor argument, tuple output
+        return x.sin(), (x**2).sum()
+
+    x = torch.randn(7, 3, dtype=DT)
+    return {
+        "dict-output-batched-and-shared-leaves": (
+            f, (p, state), (0, 1), ({"w": 0, "b": None}, (None, {"s": 0}))
         ),
-    ):
-        with pytest.raises(TypeError, match=r"got dict\. jacbatch\.jacobian.*\*params\.values"):
-            call()
+        "parameter-dict": (g, (params, x), 0, (None, 0)),
+        "tensor-arg-tuple-output": (t, (torch.randn(7, 12, dtype=DT),), 0, 0),
+    }  # fmt: skip
+
+
+_STREAM = _stream_cases()
+
+
+@pytest.mark.parametrize("vec", [None, "row", "col"])
+@pytest.mark.parametrize("case", list(_STREAM))
+@pytest.mark.parametrize("chunking", ["batch_chunk", "max_memory"])
+def test_iter_jacobian_chunks_nest_like_jacobian(case, vec, chunking):
+    func, args, argnums, in_dims = _STREAM[case]
+    if chunking == "batch_chunk":
+        kw = {"batch_chunk": 3}
+    else:  # a budget for about half the batch (result and working memory)
+        est = jacbatch.estimate_memory(func, *args, argnums=argnums, in_dims=in_dims)
+        kw = {"max_memory": est.peak_bytes // 2}
+    chunks = list(
+        jacbatch.iter_jacobian(func, *args, argnums=argnums, in_dims=in_dims, vec=vec, **kw)
+    )
+    assert len(chunks) > 1, "the batch must be split"
+    check(_joined(chunks), func, args, argnums, in_dims, vec)
+
+
+@pytest.mark.parametrize("vec", [None, "col"])
+@pytest.mark.parametrize("case", list(_STREAM))
+def test_save_jacobian_writes_a_tree_directory(tmp_path, case, vec):
+    func, args, argnums, in_dims = _STREAM[case]
+    path = tmp_path / "J"
+    shapes = jacbatch.save_jacobian(
+        path, func, *args, argnums=argnums, in_dims=in_dims, vec=vec, batch_chunk=3
+    )
+    loaded = jacbatch.load_jacobian(path)
+    assert all(isinstance(a, np.memmap) for a in pt.tree_leaves(loaded))
+    got = pt.tree_map(lambda a: torch.from_numpy(np.array(a)), loaded)
+    assert pt.tree_map(lambda a: tuple(a.shape), got) == shapes
+    check(got, func, args, argnums, in_dims, vec)
+    assert os.listdir(tmp_path) == ["J"]  # no temporary left beside it
+    # written again: the old result is replaced as a whole, nothing left beside it
+    jacbatch.save_jacobian(path, func, *args, argnums=argnums, in_dims=in_dims, vec=vec)
+    check(pt.tree_map(lambda a: torch.from_numpy(np.array(a)), jacbatch.load_jacobian(path)),
+          func, args, argnums, in_dims, vec)  # fmt: skip
+    assert os.listdir(tmp_path) == ["J"]
+
+
+def test_save_jacobian_tree_failure_leaves_the_old_result(tmp_path):
+    func, args, _, in_dims = _STREAM["parameter-dict"]
+    path = tmp_path / "J"
+    jacbatch.save_jacobian(path, func, *args, in_dims=in_dims)
+    before = {n: (path / n).read_bytes() for n in os.listdir(path)}
+    calls = []
+
+    def flaky(params, x):
+        if x.device.type != "meta":
+            calls.append(1)
+            if len(calls) > 2:
+                raise RuntimeError("simulated interruption")
+        return func(params, x)
+
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        jacbatch.save_jacobian(path, flaky, *args, in_dims=in_dims, method="jacrev", batch_chunk=2)
+    assert {n: (path / n).read_bytes() for n in os.listdir(path)} == before
+    assert os.listdir(tmp_path) == ["J"]
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        calls.clear()
+        jacbatch.save_jacobian(
+            tmp_path / "new", flaky, *args, in_dims=in_dims, method="jacrev", batch_chunk=2
+        )
+    assert os.listdir(tmp_path) == ["J"]  # a failed new result does not appear at all
+
+
+def test_save_jacobian_tree_refuses_to_replace_other_things(tmp_path):
+    func, args, _, in_dims = _STREAM["parameter-dict"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    (tmp_path / "J.npy").write_bytes(b"keep")
+    for target in ("mine", "J.npy"):
+        with pytest.raises(FileExistsError, match="directory of Jacobian files"):
+            jacbatch.save_jacobian(tmp_path / target, func, *args, in_dims=in_dims)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert (tmp_path / "J.npy").read_bytes() == b"keep"
+    assert sorted(os.listdir(tmp_path)) == ["J.npy", "mine"]
+
+
+_KILLED_TREE_WRITER = """
+import sys, time, torch
+import jacbatch
+path, marker = sys.argv[1], sys.argv[2]
+calls = []
+def slow(p, x):
+    if x.device.type != 'meta':
+        calls.append(1)
+        if len(calls) == 3:
+            open(marker, 'w').close()  # two chunks are on their way to disk
+        if len(calls) >= 3:
+            time.sleep(0.2)
+    return {'y': torch.tanh(x @ p['w'] + p['b']), 's': x.sum()}
+g = torch.Generator().manual_seed(1)
+p = {'w': torch.randn(8, 8, generator=g), 'b': torch.randn(8, generator=g)}
+jacbatch.save_jacobian(path, slow, p, torch.randn(40, 8, generator=g), in_dims=(None, 0),
+                       method='jacrev', batch_chunk=1)
+"""
+
+
+def test_a_tree_writer_killed_mid_write_leaves_the_old_result(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    func, args, argnums, in_dims = _STREAM["parameter-dict"]
+    path, marker = tmp_path / "J", tmp_path.parent / f"{tmp_path.name}.marker"
+    jacbatch.save_jacobian(path, func, *args, argnums=argnums, in_dims=in_dims)
+    before = {n: (path / n).read_bytes() for n in os.listdir(path)}
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_TREE_WRITER, str(path), str(marker)],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(1200):  # up to 120 s on a loaded machine
+            if marker.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), proc.stderr.read().decode() if proc.stderr else ""
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+        marker.unlink(missing_ok=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert {n: (path / n).read_bytes() for n in os.listdir(path)} == before
+    others = [n for n in os.listdir(tmp_path) if n != "J"]
+    # a killed process cannot clean up: what it leaves is a hidden, unmistakable temporary
+    assert len(others) == 1 and others[0].startswith(".J.tmp-"), others
 
 
 # ---------------------------------------------------------------------------------------------
