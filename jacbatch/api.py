@@ -29,6 +29,7 @@ from .plan import (
     probe_output,
 )
 from .request import build_request, estimate
+from .sparse import SparsityPattern
 from .structured import JacobianOperator
 
 #: The routes a caller may name (besides ``"auto"``), from the registry.
@@ -53,6 +54,7 @@ def jacobian(
     create_graph: bool = False,
     batched: bool = False,
     has_aux: bool = False,
+    sparse: bool | SparsityPattern | tuple[SparsityPattern, ...] = False,
 ) -> torch.Tensor: ...
 
 
@@ -72,6 +74,7 @@ def jacobian(
     create_graph: bool = False,
     batched: bool = False,
     has_aux: bool = False,
+    sparse: bool | SparsityPattern | tuple[SparsityPattern, ...] = False,
 ) -> tuple[torch.Tensor, ...]: ...
 
 
@@ -90,6 +93,7 @@ def jacobian(
     create_graph: bool = False,
     batched: bool = False,
     has_aux: bool = False,
+    sparse: bool | SparsityPattern | tuple[SparsityPattern, ...] = False,
 ) -> Any:
     """Full Jacobian of ``func`` w.r.t. ``args[argnums]``, for one input or a batch of inputs.
 
@@ -156,6 +160,16 @@ def jacobian(
         has_aux: ``func`` returns ``(output, aux)``; the result is ``(jacobian, aux)`` with
             ``aux`` batched like the output (one more batched evaluation of ``func``), as
             ``vmap(torch.func.jacrev(func, has_aux=True))``.
+        sparse: ``False`` (dense); ``True`` (detect the per-sample Jacobian's structural
+            sparsity pattern from ``func``'s traced graph); or a
+            :class:`~jacbatch.sparse.SparsityPattern` (a tuple of them for tuple ``argnums``),
+            checked by one random product on the first sample (a pattern that misses a
+            dependence raises ``ValueError``). The Jacobian is then computed by one JVP per
+            column color (``method="jacfwd"``) or one VJP per row color (``"jacrev"``;
+            ``"auto"``: fewer colors) and returned as a sparse CSR tensor ``(B, out_numel,
+            in_numel)`` (no ``B`` without a batch) in ``vec`` order (row-major unless
+            ``vec="col"``), index tensors shared by the batch; ``out=`` is then the ``(B,
+            nnz)`` values buffer. See ``docs/sparse.md`` and :mod:`jacbatch.sparse.engine`.
 
     Returns:
         ``(B, *out_shape, *in_shape)`` (no ``B`` without a batch), or ``(B, out_numel,
@@ -177,6 +191,15 @@ def jacobian(
                 [4., 0., 5., 0., 6., 0.],
                 [0., 4., 0., 5., 0., 6.]])
     """
+
+    if sparse is not False:  # NOTE [Sparse Jacobians: what a call does]
+        from .sparse.engine import jacobian as sparse_jacobian
+
+        return sparse_jacobian(
+            func, args, out, argnums=argnums, in_dims=in_dims, sparse=sparse, method=method,
+            vec=vec, chunk_size=chunk_size, max_memory=max_memory, progress=progress,
+            randomness=randomness, create_graph=create_graph, batched=batched, has_aux=has_aux,
+        )  # fmt: skip
 
     def tree() -> torch.Tensor | tuple[torch.Tensor, ...]:  # NOTE [Pytree calls]
         opts = _tree_options(
