@@ -74,9 +74,7 @@ class Coloring:
         return f"Coloring({self.mode}, {self.n_colors} colors{both})"
 
 
-def _transpose(
-    crow: np.ndarray, col: np.ndarray, n_cols: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _transpose(crow: np.ndarray, col: np.ndarray, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
     """CSR ``(crow, col)`` of an ``m x n_cols`` pattern -> CSR of its transpose (i.e. CSC)."""
     m = crow.shape[0] - 1
     rows = np.repeat(np.arange(m, dtype=np.int64), np.diff(crow))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
 import torch
 
 from .coloring import Coloring
@@ -77,7 +78,7 @@ def column_pass(
         t = s.reshape(in_shape)
         if B is not None:
             t = t.expand(B, *in_shape)
-        _, tangent = torch.func.jvp(g, (x,), (t,))
+        tangent = torch.func.jvp(g, (x,), (t,))[1]
         return tangent.reshape(tangent.shape[0], -1)
 
     return torch.func.vmap(one)(seeds)
@@ -106,7 +107,7 @@ def row_pass(
         def g(xa: torch.Tensor) -> torch.Tensor:
             return func(*xs[:argnum], xa, *xs[argnum + 1 :])
 
-        _, pull = torch.func.vjp(g, xs[argnum])
+        pull = torch.func.vjp(g, xs[argnum])[1]
         return torch.func.vmap(lambda u: pull(u.reshape(out_shape))[0].reshape(-1))(cotangents)
 
     if any(flags):
@@ -213,9 +214,7 @@ def gather_dense(J: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:
     return J[:, rows, cols]
 
 
-def to_csr(
-    pattern: SparsityPattern, values: torch.Tensor, batched: bool, vec: str
-) -> torch.Tensor:
+def to_csr(pattern: SparsityPattern, values: torch.Tensor, batched: bool, vec: str) -> torch.Tensor:
     """The sparse CSR tensor of ``values`` (``(B, nnz)``, or ``(nnz,)`` with ``batched``
     False) on ``pattern``: ``(B, m, n)`` (or ``(m, n)``), index tensors shared by the batch
     (expanded views, no copies). ``vec="col"`` renumbers rows and columns to column-major vec

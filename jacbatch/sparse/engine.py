@@ -110,10 +110,9 @@ def _check_sparse(where: str, sparse: object, n_argnums: int) -> list[SparsityPa
         )
     if len(given) != n_argnums:
         raise ValueError(
-            f"{where}: expected {n_argnums} sparsity pattern(s), one per argnum, got "
-            f"{len(given)}."
+            f"{where}: expected {n_argnums} sparsity pattern(s), one per argnum, got {len(given)}."
         )
-    return list(given)  # type: ignore[arg-type]
+    return list(given)
 
 
 def _detect(
@@ -221,13 +220,11 @@ def _unit_bytes(prep: Prepared, part: Part) -> int:
     n = math.prod(call.sample_shape(part.argnum))
     item = torch.empty((), dtype=call.dtype).element_size()
     fallback = 16 * (m + n) * item
-    args = [
-        torch.empty(
-            (1, *call.sample_shape(i)) if d is not None else call.sample_shape(i),
-            dtype=call.dtype, device="meta",
-        )  # fmt: skip
+    shapes = [
+        (1, *call.sample_shape(i)) if d is not None else call.sample_shape(i)
         for i, d in enumerate(call.in_dims)
     ]
+    args = [torch.empty(s, dtype=call.dtype, device="meta") for s in shapes]
     flags = [d is not None for d in call.in_dims]
     seeds = torch.empty((1, part.layout.seeds.shape[1]), dtype=call.dtype, device="meta")
     try:
@@ -282,7 +279,9 @@ def _chunking(prep: Prepared, count_values: bool) -> tuple[int, list[int]]:
     if max(units) + per_sample_values > prep.budget:
         V.budget_too_small("jacobian", max(units) + per_sample_values, prep.budget, "sparse")
     room = max(1, target - per_sample_values)
-    return 1, [max(1, min(p.coloring.n_colors, room // u)) for u, p in zip(units, prep.parts, strict=True)]
+    return 1, [
+        max(1, min(p.coloring.n_colors, room // u)) for u, p in zip(units, prep.parts, strict=True)
+    ]
 
 
 def values_of(
@@ -321,10 +320,12 @@ def _single(call: Call, xs: list[torch.Tensor], a: int) -> Callable[[torch.Tenso
 
 def _rows_of(call: Call, xs: list[torch.Tensor], a: int, rows: torch.Tensor) -> torch.Tensor:
     """``(len(rows), n)``: rows of one sample's Jacobian by reverse mode, 256 at a time."""
-    out, pull = torch.func.vjp(_single(call, xs, a), xs[a])
+    out, pull = torch.func.vjp(_single(call, xs, a), xs[a])[:2]
     parts = []
     for s in range(0, rows.numel(), 256):
-        eye = torch.zeros(min(256, rows.numel() - s), out.numel(), dtype=out.dtype, device=out.device)
+        eye = torch.zeros(
+            min(256, rows.numel() - s), out.numel(), dtype=out.dtype, device=out.device
+        )
         eye[torch.arange(eye.shape[0]), rows[s : s + 256]] = 1
         parts.append(torch.func.vmap(lambda u: pull(u)[0].reshape(-1))(eye))
     return torch.cat(parts) if parts else out.new_zeros(0, xs[a].numel())
@@ -370,7 +371,7 @@ def check_pattern(prep: Prepared, call: Call, values: Sequence[torch.Tensor]) ->
             g = _single(call, xs, a)
             if part.coloring.mode == "column":  # check by reverse mode: u^T J over columns
                 u = torch.randn(m, generator=gen, dtype=call.dtype).to(call.device)
-                _, pull = torch.func.vjp(g, xs[a])
+                pull = torch.func.vjp(g, xs[a])[1]
                 exact = pull(u)[0].reshape(-1)
                 prod = torch.zeros(n, dtype=call.dtype, device=call.device)
                 prod.index_add_(0, cols, u[rows] * v0)
@@ -446,12 +447,16 @@ def _check_out(prep: Prepared, out: object) -> list[torch.Tensor | None]:
     bufs: list[torch.Tensor | None] = []
     for o, part in zip(given, prep.parts, strict=True):
         shape = (*lead, part.pattern.nnz)
-        o = V.check_out("jacobian (sparse=: out holds the values, (B, nnz))", o, shape, call.dtype, call.device)
+        o = V.check_out(
+            "jacobian (sparse=: out holds the values, (B, nnz))", o, shape, call.dtype, call.device
+        )
         bufs.append(o if lead else o.unsqueeze(0))
     return bufs
 
 
-def jacobian(func: Callable[..., Any], args: tuple[Any, ...], out: object = None, **options: Any) -> Any:
+def jacobian(
+    func: Callable[..., Any], args: tuple[Any, ...], out: object = None, **options: Any
+) -> Any:
     """The sparse Jacobian(s): ``jacbatch.jacobian(..., sparse=...)``; options as there."""
     prep = prepare("jacobian", func, args, **options)
     call = prep.call
@@ -467,12 +472,19 @@ def jacobian(func: Callable[..., Any], args: tuple[Any, ...], out: object = None
         values = values_of(prep, call, color_chunks, bufs)
     else:
         values = [
-            b if b is not None else torch.empty((B, p.pattern.nnz), dtype=call.dtype, device=call.device)
+            b
+            if b is not None
+            else torch.empty((B, p.pattern.nnz), dtype=call.dtype, device=call.device)
             for p, b in zip(prep.parts, bufs, strict=True)
         ]
         for start in range(0, B, batch_chunk):
             n = min(batch_chunk, B - start)
-            values_of(prep, _sub_call(call, start, n), color_chunks, [v[start : start + n] for v in values])
+            values_of(
+                prep,
+                _sub_call(call, start, n),
+                color_chunks,
+                [v[start : start + n] for v in values],
+            )
             memory.release_freed()
     check_pattern(prep, call, values)
     res = results(prep, values)
