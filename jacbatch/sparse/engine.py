@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -198,9 +199,23 @@ def prepare(
                     f"{tuple(pattern.out_shape)}, in_shape {tuple(pattern.in_shape)}."
                 )
         coloring = color(pattern, mode)
-        layout = Layout.of(pattern, coloring).to(call.device)
+        layout = _layout(pattern, coloring, call.device)
         parts.append(Part(a, pattern, coloring, layout, given is not None))
     return Prepared(call, out_shape, tuple(parts), checked_vec, budget, show, size)
+
+
+_LAYOUTS: weakref.WeakKeyDictionary[SparsityPattern, dict[Any, Layout]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _layout(pattern: SparsityPattern, coloring: Coloring, device: torch.device) -> Layout:
+    """:meth:`Layout.of`, cached per pattern object, mode and device (as the coloring is)."""
+    cache = _LAYOUTS.setdefault(pattern, {})
+    key = (coloring.mode, str(device))
+    if key not in cache:
+        cache[key] = Layout.of(pattern, coloring).to(device)
+    return cache[key]
 
 
 def _sub_call(call: Call, start: int, n: int) -> Call:
