@@ -309,7 +309,9 @@ def run_case(case: dict[str, Any], rounds: int, use_jax: bool) -> dict[str, Any]
     entry["peak_bytes"] = sparse_peak(lambda: jacbatch.jacobian(f, X, sparse=P))
     entry["peak_over_values"] = entry["peak_bytes"] / values_bytes
 
-    runners: dict[str, Callable[[], Any]] = {"jacbatch sparse": lambda: jacbatch.jacobian(f, X, sparse=P)}
+    runners: dict[str, Callable[[], Any]] = {
+        "jacbatch sparse": lambda: jacbatch.jacobian(f, X, sparse=P)
+    }
     detect = importlib.util.find_spec("jacbatch.sparse.detect") is not None
     if detect:
         from jacbatch.sparse.detect import detect as detect_pattern
