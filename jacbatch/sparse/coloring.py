@@ -16,19 +16,22 @@ NOTE [Distance-2 coloring of a Jacobian's columns and rows]
     row keeps the set of colors used by its columns so far, as one Python ``int`` bit set, and
     a column's forbidden colors are the OR of its rows' sets (one big-int OR per row, in C).
     The first free color is the lowest zero bit: ``(~f & (f + 1)).bit_length() - 1``. The cost
-    is ``O(nnz)`` big-int operations of ``colors / 64`` words each: the 10,000-column difference
-    pattern colors in about 10 ms and 10^5 columns with 5 entries each in about 0.2 s
-    (bench/README.md, "Sparse Jacobians"), and a coloring is cached per pattern object.
+    is ``O(nnz)`` big-int operations of ``colors / 64`` words each: one order on the
+    10,000-column difference pattern takes about 15-30 ms, on 10^5 columns with 5 entries per
+    row about 0.15 s; a coloring is cached per pattern object.
 
-    Orders. Two orders are tried and the one with fewer colors kept: the natural order (optimal
-    for banded patterns, where it reproduces the band's ``bandwidth + 1`` colors) and
-    largest-first (by the number of entries in a column's rows, an upper bound of its
-    distance-2 degree, ties in natural order), which helps on irregular patterns. Smallest-last
-    needs the exact degrees and their updates as vertices are removed, i.e. ``PᵀP``; on the
-    benchmark patterns it gave no fewer colors than the better of these two (measured with
-    networkx's ``greedy_color(strategy="smallest_last")`` on the conflict graph, bench/README.md),
-    so it is not implemented here. scipy has no graph coloring; networkx's greedy coloring needs
-    the conflict graph built first and is 20-100x slower (same bench).
+    Orders. Up to three orders are tried and the coloring with the fewest colors kept: the
+    natural order (optimal for banded patterns, where it reproduces the band's width), largest
+    first (by the number of entries in a column's rows, an upper bound of its distance-2
+    degree, ties in natural order), and smallest last (repeatedly remove a vertex of least
+    remaining degree in ``PᵀP``, color in reverse; a bucket queue), which needs the conflict
+    graph and is tried only while building it takes at most :data:`SMALLEST_LAST_PAIRS` column
+    pairs. On the 2-D Brusselator (N = 32) natural and largest-first give 12 colors, smallest
+    last 11, as networkx's ``greedy_color(strategy="smallest_last")``; on banded patterns all
+    three give the band's width. Measured (bench/README.md, "Sparse Jacobians"): all three
+    orders on 10^4 columns in about 0.15 s, once per pattern (cached). networkx's greedy
+    coloring needs the conflict graph built first (scipy) and is slower; scipy itself has no
+    graph coloring.
 
     Mode. ``mode="auto"`` colors both ways and keeps the fewer colors; on a tie, columns
     (forward mode): a JVP keeps no tape, so it costs less than a VJP of the same function.
@@ -100,19 +103,25 @@ def greedy_columns(
         ``(n,)`` int64 colors; columns that share a row differ. An empty column gets color 0.
     """
     if order == "best":
-        a = greedy_columns(crow, col, n_cols, "natural")
-        b = greedy_columns(crow, col, n_cols, "largest_first")
-        return a if _count(a) <= _count(b) else b
+        orders = ["natural", "largest_first"]
+        if int((np.diff(crow) ** 2).sum()) <= SMALLEST_LAST_PAIRS:
+            orders.append("smallest_last")
+        found = [greedy_columns(crow, col, n_cols, o) for o in orders]
+        return min(found, key=_count)  # the first of the fewest
     ccol, rows_of = _transpose(crow, col, n_cols)
     if order == "natural":
         visit = np.arange(n_cols)
+    elif order == "smallest_last":
+        visit = smallest_last(*_conflict_graph(crow, col, n_cols))
     elif order == "largest_first":
         row_len = np.diff(crow)
         degree = np.zeros(n_cols, dtype=np.int64)
         np.add.at(degree, col, row_len[np.repeat(np.arange(len(row_len)), row_len)])
         visit = np.argsort(-degree, kind="stable")
     else:
-        raise ValueError(f"order must be 'natural', 'largest_first' or 'best', got {order!r}")
+        raise ValueError(
+            f"order must be 'natural', 'largest_first', 'smallest_last' or 'best', got {order!r}"
+        )
     used = [0] * (crow.shape[0] - 1)  # per row: bit set of the colors its columns hold
     colors = [0] * n_cols
     cptr, rlist = ccol.tolist(), rows_of.tolist()
@@ -127,6 +136,56 @@ def greedy_columns(
         for r in rs:
             used[r] |= bit
     return np.asarray(colors, dtype=np.int64)
+
+
+#: ``smallest_last`` is tried by ``order="best"`` only when building the conflict graph takes
+#: at most this many column pairs (the sum of squared row lengths).
+SMALLEST_LAST_PAIRS = 2_000_000
+
+
+def _conflict_graph(crow: np.ndarray, col: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR adjacency ``(ptr, nbrs)`` of the column conflict graph ``PᵀP`` (no self loops):
+    every pair of columns of every row, deduplicated (``sum(row_len**2)`` pairs built)."""
+    row_len = np.diff(crow)
+    rows = np.repeat(np.arange(len(row_len)), row_len)
+    rl = row_len[rows]  # per entry, the length of its row
+    left = np.repeat(col, rl)
+    starts = np.repeat(crow[rows], rl)
+    offsets = np.arange(int(rl.sum())) - np.repeat(np.cumsum(rl) - rl, rl)
+    right = col[starts + offsets]
+    keep = left != right
+    key = np.unique(left[keep] * max(n, 1) + right[keep])
+    a, b = key // max(n, 1), key % max(n, 1)
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    ptr[1:] = np.cumsum(np.bincount(a, minlength=n))
+    return ptr, b
+
+
+def smallest_last(ptr: np.ndarray, nbrs: np.ndarray) -> np.ndarray:
+    """Smallest-last vertex order of the graph ``(ptr, nbrs)``: repeatedly remove a vertex of
+    least remaining degree; color in the reverse order of removal (bucket queue, O(V + E))."""
+    n = len(ptr) - 1
+    deg = np.diff(ptr).tolist()
+    buckets: list[set[int]] = [set() for _ in range(max(deg, default=0) + 1)]
+    for v, d in enumerate(deg):
+        buckets[d].add(v)
+    p, nb = ptr.tolist(), nbrs.tolist()
+    removed = [False] * n
+    order = []
+    low = 0
+    for _ in range(n):
+        while not buckets[low]:
+            low += 1
+        v = buckets[low].pop()  # deterministic for ints (hash order)
+        removed[v] = True
+        order.append(v)
+        for u in nb[p[v] : p[v + 1]]:
+            if not removed[u]:
+                buckets[deg[u]].discard(u)
+                deg[u] -= 1
+                buckets[deg[u]].add(u)
+        low = max(low - 1, 0)
+    return np.asarray(order[::-1], dtype=np.int64)
 
 
 def _count(colors: np.ndarray) -> int:
