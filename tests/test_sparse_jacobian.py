@@ -352,3 +352,17 @@ def test_cuda() -> None:
     torch.testing.assert_close(
         J.to_dense().cpu(), reference(f, args, in_dims, 0), rtol=0, atol=1e-12
     )
+
+
+def test_empty_batch() -> None:
+    P = patterns("diff")
+    J = jacbatch.jacobian(diff, torch.zeros(0, 12, dtype=DT), sparse=P)
+    assert J.shape == (0, 11, 12) and J.values().shape == (0, P.nnz)
+
+
+def test_refused_inside_a_transform() -> None:
+    P = patterns("diff")
+    with pytest.raises(NotImplementedError, match="torch.func transform"):
+        torch.func.vmap(lambda x: jacbatch.jacobian(diff, x, in_dims=None, sparse=P).values())(
+            torch.randn(2, 12, dtype=DT)
+        )

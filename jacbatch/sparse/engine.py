@@ -51,7 +51,7 @@ import torch
 from .. import _nonfinite, memory
 from .. import _validation as V
 from ..call import Call
-from ..methods import batched_args
+from ..methods import batched_args, in_transform
 from ..plan import forward_ok, normalize, probed
 from .coloring import Coloring, color
 from .compressed import Layout, column_pass, compressed_values, to_csr
@@ -166,6 +166,12 @@ def prepare(
             f"color's pass would see its own random draw. Use sparse=False."
         )
     call = normalize(where, func, args, argnums, in_dims, randomness, batched)
+    if in_transform(call.args):
+        raise NotImplementedError(
+            f"{where}: sparse= is not supported inside a torch.func transform (grad, vjp, "
+            f"jacrev, jacfwd, vmap): a sparse CSR tensor cannot hold transformed values. Call "
+            f"it outside the transform, or use sparse=False."
+        )
     checked_vec = V.check_vec(where, vec) or "row"
     show = V.check_progress(where, progress)
     size = V.check_chunk_size(where, chunk_size)
@@ -305,6 +311,13 @@ def values_of(
     """``(B, nnz)`` values per argnum for ``call`` (the prepared call or a batch chunk of it),
     the NaN policy applied (NOTE [Sparse Jacobians: what a call does], steps 4-5)."""
     args, flags, B = batched_args(call)
+    if B == 0:
+        return [
+            buf
+            if buf is not None
+            else torch.empty((0, p.pattern.nnz), dtype=call.dtype, device=call.device)
+            for p, buf in zip(prep.parts, bufs, strict=True)
+        ]
     results = []
     grad = torch.enable_grad() if call.create_graph else torch.no_grad()
     with grad:
