@@ -397,6 +397,54 @@ def asdex_runner(
     return info, lambda: values(Xj).block_until_ready()
 
 
+def markdown(data: dict[str, Any]) -> str:
+    """The tables of bench/README.md, "Sparse Jacobians", from the JSON of a run."""
+
+    def ms(t: float | None) -> str:
+        return "-" if t is None else f"{1e3 * t:.2f}"
+
+    lines = [
+        "| case | B | m x n | nnz | colors (col / row) | jacbatch sparse (ms) | "
+        "vmap(jacfwd) (ms) | jacbatch dense (ms) | asdex jit (ms) | vs vmap(jacfwd) | "
+        "vs jacbatch dense | jacbatch / asdex |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, e in data["cases"].items():
+        t = e["times_s"]
+        c = e["colors"]
+        m, n = e["shape"]
+
+        def x(v: float) -> str:
+            return "-" if v != v else f"{v:.3g}x"  # NaN: not measured
+
+        lines.append(
+            f"| {name} | {e['batch']} | {m} x {n} | {e['nnz']} | {c['column']} / {c['row']} | "
+            f"{ms(t.get('jacbatch sparse'))} | {ms(t.get('torch.func vmap(jacfwd)'))} | "
+            f"{ms(t.get('jacbatch dense'))} | {ms(t.get('asdex (jit)'))} | "
+            f"{x(e['speedup_vs_vmap_jacfwd'])} | {x(e['speedup_vs_jacbatch_dense'])} | "
+            f"{x(e['jacbatch_over_asdex'])} |"
+        )
+    lines += [
+        "",
+        "| case | ours: column / row (chosen) | independent greedy, natural: column / row | "
+        "networkx largest-first / smallest-last | asdex | ours uncached (ms) | networkx "
+        "largest-first / smallest-last (ms) | peak / values |",
+        "|---|---|---|---|---|---:|---|---:|",
+    ]
+    for name, e in data["cases"].items():
+        c, nx = e["colors"], e["colors"]["networkx_column"]
+        a = e.get("asdex", {})
+        lines.append(
+            f"| {name} | {c['column']} / {c['row']} ({c['chosen']}) | "
+            f"{c['independent_natural_column']} / {c['independent_natural_row']} | "
+            f"{nx.get('largest_first', '-')} / {nx.get('smallest_last', '-')} | "
+            f"{a.get('colors', '-')} ({a.get('mode', '-')}) | {ms(c['ours_column_s'])} | "
+            f"{ms(nx.get('largest_first_s'))} / {ms(nx.get('smallest_last_s'))} | "
+            f"{e['peak_over_values']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 rounds")
@@ -406,7 +454,11 @@ def main() -> None:
     ap.add_argument("--case", nargs="*", default=None, help="only these cases, by name")
     ap.add_argument("--write", action="store_true", help="write bench/results/sparse.json")
     ap.add_argument("--out", type=str, default=None, help="write the JSON here")
+    ap.add_argument("--report", type=str, default=None, help="print the tables of a JSON run")
     a = ap.parse_args()
+    if a.report:
+        print(markdown(json.loads(Path(a.report).read_text())))
+        return
     if not a.tiny:
         _pin()
     import torch

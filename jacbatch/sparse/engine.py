@@ -116,10 +116,8 @@ def _check_sparse(where: str, sparse: object, n_argnums: int) -> list[SparsityPa
     return list(given)
 
 
-def _detect(
-    where: str, func: Callable[..., Any], args: tuple[Any, ...], argnum: int,
-    in_dims: object, batched: bool,
-) -> SparsityPattern:  # fmt: skip
+def _detect(where: str, call: Call, argnum: int) -> SparsityPattern:
+    """The detected pattern (``sparse=True``), or a clear error where detection is missing."""
     try:
         from .detect import detect  # type: ignore[attr-defined,import-not-found,unused-ignore]
     except ImportError:
@@ -128,7 +126,9 @@ def _detect(
             f"not available in this installation. Pass the pattern instead: "
             f"sparse=SparsityPattern.from_mask(mask, out_shape, in_shape)."
         ) from None
-    pattern = detect(func, args, argnum, in_dims, batched=batched)
+    batched = call.batched_func is not None
+    func = call.batched_func if call.batched_func is not None else call.func
+    pattern = detect(func, call.args, argnum, call.in_dims, batched=batched)
     assert isinstance(pattern, SparsityPattern)
     return pattern
 
@@ -195,7 +195,7 @@ def prepare(
     for a, given in zip(call.argnums, patterns, strict=True):
         in_shape = call.sample_shape(a)
         if given is None:
-            pattern = _detect(where, func, args, a, in_dims, bool(batched))
+            pattern = _detect(where, call, a)
         else:
             pattern = given
             if (tuple(pattern.out_shape), tuple(pattern.in_shape)) != (out_shape, in_shape):
