@@ -123,11 +123,14 @@ class Layout:
     Attributes:
         mode: ``"column"`` or ``"row"``.
         n_colors: number of colors.
-        seeds: ``(n_colors, n)`` (column) or ``(n_colors, m)`` (row) 0/1 seeds, float64 CPU.
+        seeds: ``(n_colors, n)`` (column) or ``(n_colors, m)`` (row) 0/1 seeds in the
+            call's dtype, on its device.
         entries: ``(nnz,)`` the pattern's entries sorted by color.
         where: ``(nnz,)`` for each of ``entries``, its row (column mode) or column (row mode),
             the position it is read from in its color's compressed vector.
         starts: ``(n_colors + 1,)`` where each color's entries begin in ``entries``.
+        rows: ``(nnz,)`` the row of each entry (CSR order), on the device.
+        cols: ``(nnz,)`` the column of each entry, on the device.
     """
 
     mode: str
@@ -136,9 +139,17 @@ class Layout:
     entries: torch.Tensor
     where: torch.Tensor
     starts: list[int]
+    rows: torch.Tensor
+    cols: torch.Tensor
 
     @staticmethod
-    def of(pattern: SparsityPattern, coloring: Coloring) -> Layout:
+    def of(
+        pattern: SparsityPattern,
+        coloring: Coloring,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+    ) -> Layout:
+        """The layout of ``pattern`` under ``coloring``, seeds in ``dtype``, all on ``device``."""
         m, n = pattern.shape
         rows, cols = pattern.row_indices(), pattern.col_indices
         if coloring.mode == "column":
@@ -146,20 +157,14 @@ class Layout:
         else:
             key, where, size = coloring.colors[rows], cols, m
         k = coloring.n_colors
-        seeds = torch.zeros(k, size, dtype=torch.float64)
+        seeds = torch.zeros(k, size, dtype=dtype)
         seeds[coloring.colors, torch.arange(size)] = 1.0
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(key, minlength=k)
         starts = [0, *torch.cumsum(counts, 0).tolist()]
-        return Layout(coloring.mode, k, seeds, order, where[order], starts)
-
-    def to(self, device: torch.device) -> Layout:
-        """The index tensors on ``device`` (seeds stay; they are cast when used)."""
-        if self.entries.device == device:
-            return self
         return Layout(
-            self.mode, self.n_colors, self.seeds, self.entries.to(device),
-            self.where.to(device), self.starts,
+            coloring.mode, k, seeds.to(device), order.to(device), where[order].to(device),
+            starts, rows.to(device), cols.to(device),
         )  # fmt: skip
 
 
@@ -193,7 +198,9 @@ def compressed_values(
     ref = args[argnum]
     for c0 in range(0, k, step):
         c1 = min(k, c0 + step)
-        seeds = layout.seeds[c0:c1].to(dtype=ref.dtype, device=ref.device)
+        seeds = layout.seeds[c0:c1].to(
+            dtype=ref.dtype, device=ref.device
+        )  # no-op: cached per dtype
         if layout.mode == "column":
             comp = column_pass(func, args, flags, argnum, in_shape, seeds)
         else:

@@ -205,7 +205,7 @@ def prepare(
                     f"{tuple(pattern.out_shape)}, in_shape {tuple(pattern.in_shape)}."
                 )
         coloring = color(pattern, mode)
-        layout = _layout(pattern, coloring, call.device)
+        layout = _layout(pattern, coloring, call)
         parts.append(Part(a, pattern, coloring, layout, given is not None))
     return Prepared(call, out_shape, tuple(parts), checked_vec, budget, show, size)
 
@@ -215,12 +215,13 @@ _LAYOUTS: weakref.WeakKeyDictionary[SparsityPattern, dict[Any, Layout]] = (
 )
 
 
-def _layout(pattern: SparsityPattern, coloring: Coloring, device: torch.device) -> Layout:
-    """:meth:`Layout.of`, cached per pattern object, mode and device (as the coloring is)."""
+def _layout(pattern: SparsityPattern, coloring: Coloring, call: Call) -> Layout:
+    """:meth:`Layout.of`, cached per pattern object, mode, dtype and device (as the coloring
+    is), so that no index or seed tensor is built per call."""
     cache = _LAYOUTS.setdefault(pattern, {})
-    key = (coloring.mode, str(device))
+    key = (coloring.mode, call.dtype, str(call.device))
     if key not in cache:
-        cache[key] = Layout.of(pattern, coloring).to(device)
+        cache[key] = Layout.of(pattern, coloring, call.dtype, call.device)
     return cache[key]
 
 
@@ -379,7 +380,7 @@ def _reverse_entries(
     p = part.pattern
     rows = torch.arange(p.shape[0], device=call.device)
     dense_rows = _rows_of(call, _sample(args, flags, b), part.argnum, rows)
-    return dense_rows[p.row_indices().to(call.device), p.col_indices.to(call.device)]
+    return dense_rows[part.layout.rows, part.layout.cols]
 
 
 def check_pattern(prep: Prepared, call: Call, values: Sequence[torch.Tensor]) -> None:
@@ -394,7 +395,7 @@ def check_pattern(prep: Prepared, call: Call, values: Sequence[torch.Tensor]) ->
         for part, vals in zip(prep.parts, values, strict=True):
             p, a = part.pattern, part.argnum
             v0 = vals[0].detach()
-            rows, cols = p.row_indices().to(call.device), p.col_indices.to(call.device)
+            rows, cols = part.layout.rows, part.layout.cols
             m, n = p.shape
             g = _single(call, xs, a)
             if part.coloring.mode == "column":  # check by reverse mode: u^T J over columns
