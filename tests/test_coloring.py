@@ -115,12 +115,12 @@ def test_dense_needs_every_column() -> None:
     assert (c.mode, c.n_colors) == ("row", 3)
 
 
-def test_auto_prefers_fewer_and_columns_on_ties() -> None:
+def test_auto_prefers_fewer_and_rows_on_ties() -> None:
     tall = torch.ones(8, 3, dtype=torch.bool)  # 3 column colors, 8 row colors
     assert color(pattern(tall)).mode == "column"
-    square = banded(10, 1, 1)  # 3 and 3: a tie goes to columns (forward mode)
+    square = banded(10, 1, 1)  # 3 and 3: a tie goes to rows (reverse mode)
     c = color(pattern(square))
-    assert (c.mode, c.column_colors, c.row_colors) == ("column", 3, 3)
+    assert (c.mode, c.column_colors, c.row_colors) == ("row", 3, 3)
     assert "column 3 / row 3" in repr(c)
 
 
