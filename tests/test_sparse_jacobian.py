@@ -362,7 +362,7 @@ def test_empty_batch() -> None:
 
 def test_refused_inside_a_transform() -> None:
     P = patterns("diff")
-    with pytest.raises(NotImplementedError, match="torch.func transform"):
+    with pytest.raises(NotImplementedError, match=r"torch\.func transform"):
         torch.func.vmap(lambda x: jacbatch.jacobian(diff, x, in_dims=None, sparse=P).values())(
             torch.randn(2, 12, dtype=DT)
         )
