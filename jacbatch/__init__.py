@@ -20,6 +20,7 @@ from .functions import affine
 from .hessian import hessian
 from .memory import MemoryEstimate
 from .prepared import PreparedJacobian, prepare
+from .sparse import SparsityPattern, sparsity
 from .streaming import iter_jacobian, save_jacobian
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "MemoryEstimate",
     "Plan",
     "PreparedJacobian",
+    "SparsityPattern",
     "affine",
     "chain",
     "check",
@@ -43,6 +45,7 @@ __all__ = [
     "prepare",
     "save_jacobian",
     "sensitivity",
+    "sparsity",
     "structured_jacobian",
     "unvec",
     "vec",
