@@ -258,9 +258,18 @@ def test_iter_jacobian(batch_chunk: int | None) -> None:
     assert seen == B
 
 
-def test_batched_function() -> None:
+@pytest.mark.parametrize("detected", [False, True])
+def test_batched_function(detected: bool) -> None:
+    if detected and importlib.util.find_spec("jacbatch.sparse.detect") is None:
+        pytest.skip("no sparsity detection")
     x = CASES["heat"][1][0]
-    J = jacbatch.jacobian(lambda X: torch.vmap(heat)(X), x, sparse=patterns("heat"), batched=True)
+    sparse = True if detected else patterns("heat")
+
+    def heat_batch(X: torch.Tensor) -> torch.Tensor:  # heat, written for a batch (B, n)
+        lap = -2 * X + F.pad(X[:, :-1], (1, 0)) + F.pad(X[:, 1:], (0, 1))
+        return lap + 0.1 * X**3
+
+    J = jacbatch.jacobian(heat_batch, x, sparse=sparse, batched=True)
     check("heat", J)
 
 
@@ -321,7 +330,7 @@ def test_refused_options() -> None:
 
 def test_sparse_true_without_detection_is_refused() -> None:
     if importlib.util.find_spec("jacbatch.sparse.detect") is not None:
-        pytest.skip("detection is available: covered by test_detected")
+        pytest.skip("detection is available: see test_detected")
     f, args, _, _ = CASES["diff"]
     with pytest.raises(NotImplementedError, match="sparse=SparsityPattern"):
         jacbatch.jacobian(f, *args, sparse=True)
@@ -366,3 +375,40 @@ def test_refused_inside_a_transform() -> None:
         torch.func.vmap(lambda x: jacbatch.jacobian(diff, x, in_dims=None, sparse=P).values())(
             torch.randn(2, 12, dtype=DT)
         )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("jacbatch.sparse.detect") is None, reason="no sparsity detection"
+)
+@pytest.mark.parametrize("method", ["auto", "jacfwd", "jacrev"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_detected(name: str, method: str) -> None:
+    """sparse=True: the detected pattern gives the reference values, and covers the pattern
+    found from the reference's nonzeros."""
+    f, args, in_dims, argnums = CASES[name]
+    J = jacbatch.jacobian(f, *args, argnums=argnums, in_dims=in_dims, sparse=True, method=method)
+    check(name, J)
+    known = patterns(name)
+    for Ja, p in zip(
+        J if isinstance(J, tuple) else (J,),
+        known if isinstance(known, tuple) else (known,),
+        strict=True,
+    ):
+        assert bool((Ja[0].to_dense() != 0).le(p.to_mask()).all())
+        detected = torch.zeros(p.shape, dtype=torch.bool)
+        crow, col = Ja.crow_indices()[0], Ja.col_indices()[0]
+        rows = torch.repeat_interleave(torch.arange(p.shape[0]), crow[1:] - crow[:-1])
+        detected[rows, col] = True
+        assert bool(p.to_mask().le(detected).all())
+
+
+def test_detected_iter_and_explain() -> None:
+    f, args, in_dims, argnums = CASES["shared_w"]
+    ref = [reference(f, args, in_dims, a) for a in argnums]
+    for sl, Js in jacbatch.iter_jacobian(
+        f, *args, argnums=argnums, in_dims=in_dims, sparse=True, batch_chunk=3
+    ):
+        for J, R in zip(Js, ref, strict=True):
+            torch.testing.assert_close(J.to_dense(), R[sl], rtol=0, atol=1e-12)
+    text = str(jacbatch.explain(f, *args, argnums=argnums, in_dims=in_dims, sparse=True))
+    assert "pattern (detected)" in text
