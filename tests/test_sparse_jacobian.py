@@ -412,3 +412,14 @@ def test_detected_iter_and_explain() -> None:
             torch.testing.assert_close(J.to_dense(), R[sl], rtol=0, atol=1e-12)
     text = str(jacbatch.explain(f, *args, argnums=argnums, in_dims=in_dims, sparse=True))
     assert "pattern (detected)" in text
+
+
+def test_iter_jacobian_within_max_memory() -> None:
+    f, args, in_dims, _ = CASES["brusselator_8"]
+    P = patterns("brusselator_8")
+    ref = reference(f, args, in_dims, 0)
+    slices = []
+    for sl, J in jacbatch.iter_jacobian(f, *args, sparse=P, max_memory="48KiB"):
+        torch.testing.assert_close(J.to_dense(), ref[sl], rtol=0, atol=1e-12)
+        slices.append((sl.start, sl.stop))
+    assert len(slices) > 1 and slices[-1][1] == B
