@@ -329,7 +329,7 @@ def run_case(case: dict[str, Any], rounds: int, use_jax: bool) -> dict[str, Any]
     if detect:
         from jacbatch.sparse.detect import detect as detect_pattern
 
-        D = detect_pattern(f, (X,), 0, 0)
+        D = detect_pattern(f, (X,), 0, (0,))
         entry["detected_equals_known"] = bool(
             D.nnz == P.nnz
             and torch.equal(D.crow_indices, P.crow_indices)
