@@ -23,7 +23,7 @@ def test_tiny_case(case: dict[str, object]) -> None:
     assert colors["row"] <= 1.1 * colors["independent_natural_row"]
     if case["dense"]:
         assert entry["pattern_exact"]
-        assert entry["max_abs_diff_vs_dense"] == 0.0
+        assert entry["max_abs_diff_vs_dense"] < 1e-4  # float32: reverse vs forward rounding
     if HAVE_ASDEX:
         assert entry["asdex"]["pattern_equals_ours"]
         assert entry["asdex"]["max_abs_diff_vs_ours"] < 1e-5
