@@ -40,6 +40,7 @@ NOTE [Sparse Jacobians: what a call does]
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -130,6 +131,28 @@ def _detect(where: str, call: Call, argnum: int) -> SparsityPattern:
     func = call.batched_func if call.batched_func is not None else call.func
     pattern = detect(func, call.args, argnum, call.in_dims, batched=batched)
     assert isinstance(pattern, SparsityPattern)
+    return _canonical(pattern)
+
+
+#: Detected patterns seen lately, by content: detection returns a fresh copy on every call, and
+#: the coloring and gather layout are cached per pattern object, so an equal pattern is mapped
+#: to the first object seen (at most this many kept).
+_SEEN_MAX = 32
+_SEEN: dict[tuple[Any, ...], SparsityPattern] = {}
+
+
+def _canonical(pattern: SparsityPattern) -> SparsityPattern:
+    """The first-seen pattern equal to ``pattern`` (its coloring cached), else ``pattern``."""
+    crow, col = pattern.crow_indices.cpu(), pattern.col_indices.cpu()
+    digest = hashlib.blake2b(crow.numpy().tobytes(), digest_size=16)
+    digest.update(col.numpy().tobytes())
+    key = (tuple(pattern.out_shape), tuple(pattern.in_shape), pattern.nnz, digest.digest())
+    seen = _SEEN.get(key)
+    if seen is not None:
+        return seen
+    if len(_SEEN) >= _SEEN_MAX:
+        _SEEN.pop(next(iter(_SEEN)))
+    _SEEN[key] = pattern
     return pattern
 
 
