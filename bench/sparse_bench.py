@@ -404,10 +404,10 @@ def markdown(data: dict[str, Any]) -> str:
         return "-" if t is None else f"{1e3 * t:.2f}"
 
     lines = [
-        "| case | B | m x n | nnz | colors (col / row) | jacbatch sparse (ms) | "
-        "vmap(jacfwd) (ms) | jacbatch dense (ms) | asdex jit (ms) | vs vmap(jacfwd) | "
+        "| case | B | m x n | nnz | colors (col / row) | jacbatch sparse (ms) | sparse=True "
+        "(ms) | vmap(jacfwd) (ms) | jacbatch dense (ms) | asdex jit (ms) | vs vmap(jacfwd) | "
         "vs jacbatch dense | jacbatch / asdex |",
-        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, e in data["cases"].items():
         t = e["times_s"]
@@ -419,7 +419,8 @@ def markdown(data: dict[str, Any]) -> str:
 
         lines.append(
             f"| {name} | {e['batch']} | {m} x {n} | {e['nnz']} | {c['column']} / {c['row']} | "
-            f"{ms(t.get('jacbatch sparse'))} | {ms(t.get('torch.func vmap(jacfwd)'))} | "
+            f"{ms(t.get('jacbatch sparse'))} | {ms(t.get('jacbatch sparse=True'))} | "
+            f"{ms(t.get('torch.func vmap(jacfwd)'))} | "
             f"{ms(t.get('jacbatch dense'))} | {ms(t.get('asdex (jit)'))} | "
             f"{x(e['speedup_vs_vmap_jacfwd'])} | {x(e['speedup_vs_jacbatch_dense'])} | "
             f"{x(e['jacbatch_over_asdex'])} |"

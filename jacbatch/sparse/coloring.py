@@ -29,7 +29,7 @@ NOTE [Distance-2 coloring of a Jacobian's columns and rows]
     pairs. On the 2-D Brusselator (N = 32) natural and largest-first give 12 colors, smallest
     last 11, as networkx's ``greedy_color(strategy="smallest_last")``; on banded patterns all
     three give the band's width. Measured (bench/README.md, "Sparse Jacobians"): all three
-    orders on 10^4 columns in about 0.15 s, once per pattern (cached). networkx's greedy
+    orders on 10^4 columns in 50-170 ms (by machine load), once per pattern (cached). networkx's greedy
     coloring needs the conflict graph built first (scipy) and is slower; scipy itself has no
     graph coloring.
 
