@@ -10,7 +10,7 @@ running in :mod:`jacbatch.executor`, the routes in :mod:`jacbatch.methods`, and
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 import torch
 
@@ -29,6 +29,8 @@ from .plan import (
     probe_output,
 )
 from .request import build_request, estimate
+from .sparse import SparsityPattern
+from .sparse.engine import SparsePlan
 from .structured import JacobianOperator
 
 #: The routes a caller may name (besides ``"auto"``), from the registry.
@@ -53,6 +55,7 @@ def jacobian(
     create_graph: bool = False,
     batched: bool = False,
     has_aux: bool = False,
+    sparse: bool | SparsityPattern | tuple[SparsityPattern, ...] = False,
 ) -> torch.Tensor: ...
 
 
@@ -72,6 +75,7 @@ def jacobian(
     create_graph: bool = False,
     batched: bool = False,
     has_aux: bool = False,
+    sparse: bool | SparsityPattern | tuple[SparsityPattern, ...] = False,
 ) -> tuple[torch.Tensor, ...]: ...
 
 
@@ -90,6 +94,7 @@ def jacobian(
     create_graph: bool = False,
     batched: bool = False,
     has_aux: bool = False,
+    sparse: bool | SparsityPattern | tuple[SparsityPattern, ...] = False,
 ) -> Any:
     """Full Jacobian of ``func`` w.r.t. ``args[argnums]``, for one input or a batch of inputs.
 
@@ -156,6 +161,16 @@ def jacobian(
         has_aux: ``func`` returns ``(output, aux)``; the result is ``(jacobian, aux)`` with
             ``aux`` batched like the output (one more batched evaluation of ``func``), as
             ``vmap(torch.func.jacrev(func, has_aux=True))``.
+        sparse: ``False`` (dense); ``True`` (detect the per-sample Jacobian's structural
+            sparsity pattern from ``func``'s traced graph); or a
+            :class:`~jacbatch.sparse.SparsityPattern` (a tuple of them for tuple ``argnums``),
+            checked by one random product on the first sample (a pattern that misses a
+            dependence raises ``ValueError``). The Jacobian is then computed by one JVP per
+            column color (``method="jacfwd"``) or one VJP per row color (``"jacrev"``;
+            ``"auto"``: fewer colors) and returned as a sparse CSR tensor ``(B, out_numel,
+            in_numel)`` (no ``B`` without a batch) in ``vec`` order (row-major unless
+            ``vec="col"``), index tensors shared by the batch; ``out=`` is then the ``(B,
+            nnz)`` values buffer. See ``docs/sparse.md`` and :mod:`jacbatch.sparse.engine`.
 
     Returns:
         ``(B, *out_shape, *in_shape)`` (no ``B`` without a batch), or ``(B, out_numel,
@@ -177,6 +192,15 @@ def jacobian(
                 [4., 0., 5., 0., 6., 0.],
                 [0., 4., 0., 5., 0., 6.]])
     """
+
+    if sparse is not False:  # NOTE [Sparse Jacobians: what a call does]
+        from .sparse.engine import jacobian as sparse_jacobian
+
+        return sparse_jacobian(
+            func, args, out, argnums=argnums, in_dims=in_dims, sparse=sparse, method=method,
+            vec=vec, chunk_size=chunk_size, max_memory=max_memory, progress=progress,
+            randomness=randomness, create_graph=create_graph, batched=batched, has_aux=has_aux,
+        )  # fmt: skip
 
     def tree() -> torch.Tensor | tuple[torch.Tensor, ...]:  # NOTE [Pytree calls]
         opts = _tree_options(
@@ -212,6 +236,7 @@ def _tree_options(*values: object) -> dict[str, Any]:
     return dict(zip((*names, "create_graph", "batched"), values, strict=True))
 
 
+@overload
 def explain(
     func: Callable[..., torch.Tensor],
     *args: torch.Tensor,
@@ -221,7 +246,35 @@ def explain(
     randomness: str = "error",
     batched: bool = False,
     has_aux: bool = False,
-) -> Plan:
+    sparse: Literal[False] = False,
+) -> Plan: ...
+
+
+@overload
+def explain(
+    func: Callable[..., torch.Tensor],
+    *args: torch.Tensor,
+    argnums: int | tuple[int, ...] = 0,
+    in_dims: int | tuple[int | None, ...] | None = 0,
+    method: str = "auto",
+    randomness: str = "error",
+    batched: bool = False,
+    has_aux: bool = False,
+    sparse: Literal[True] | SparsityPattern | tuple[SparsityPattern, ...],
+) -> SparsePlan: ...
+
+
+def explain(
+    func: Callable[..., torch.Tensor],
+    *args: torch.Tensor,
+    argnums: int | tuple[int, ...] = 0,
+    in_dims: int | tuple[int | None, ...] | None = 0,
+    method: str = "auto",
+    randomness: str = "error",
+    batched: bool = False,
+    has_aux: bool = False,
+    sparse: bool | SparsityPattern | tuple[SparsityPattern, ...] = False,
+) -> Plan | SparsePlan:
     """Say which route :func:`jacobian` would run for this call, and why, without running it.
 
     Args:
@@ -230,9 +283,13 @@ def explain(
             :func:`jacobian` would). A pytree call is explained as the flat call it runs
             (NOTE [Pytree calls] in :mod:`jacbatch.pytree`): one input per tensor leaf, and
             the output leaves concatenated into one vector unless ``func`` returns one tensor.
+        sparse: as in :func:`jacobian`; a sparse call is explained by a
+            :class:`~jacbatch.sparse.engine.SparsePlan`: per argnum the pattern (nnz, density),
+            the colors of both modes and the mode chosen.
 
     Returns:
-        A :class:`Plan`; ``str(plan)`` is a readable summary.
+        A :class:`Plan` (a ``SparsePlan`` with ``sparse=``); ``str(plan)`` is a readable
+        summary.
 
     Example:
         >>> A, W, B = torch.ones(2, 3), torch.ones(3, 2), torch.ones(2)
@@ -248,6 +305,14 @@ def explain(
           note: argnum 0: special_erfcx = aten.special_erfcx.default: no closed-form rule for this op
           note: argnum 0: tanh = aten.tanh.default -> rule elementwise_tanh
     """
+    if sparse is not False:  # NOTE [Sparse Jacobians: what a call does]
+        from .sparse.engine import explain as sparse_explain
+
+        return sparse_explain(
+            func, args, argnums=argnums, in_dims=in_dims, sparse=sparse, method=method,
+            vec=None, max_memory=None, progress=None, randomness=randomness,
+            create_graph=False, batched=batched, has_aux=has_aux,
+        )  # fmt: skip
     call = (func, args, argnums, in_dims)
     if pytree.is_tree_call(args, in_dims, has_aux):  # NOTE [Pytree calls]
         call = pytree.flat_call("explain", *call, has_aux=has_aux, batched=batched)

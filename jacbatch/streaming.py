@@ -39,6 +39,7 @@ def iter_jacobian(
     randomness: str = "error",
     create_graph: bool = False,
     batched: bool = False,
+    sparse: Any = False,
 ) -> Iterator[tuple[slice, Any]]:
     """Yield the batched Jacobian chunk by chunk, never holding all of it.
 
@@ -57,6 +58,9 @@ def iter_jacobian(
         create_graph: as in :func:`jacbatch.jacobian`: every chunk is differentiable when asked
             for, or when grad mode is on and an argument (or a tensor ``func`` closes over)
             requires grad, or inside a torch.func transform. Decided when this is called.
+        sparse: as in :func:`jacbatch.jacobian`: ``True`` or a
+            :class:`~jacbatch.sparse.SparsityPattern` yields sparse CSR chunks ``(n,
+            out_numel, in_numel)``; the budget covers one chunk's values and working memory.
 
     Yields:
         ``(batch_slice, J_chunk)``: the samples ``batch_slice`` covers and their Jacobian,
@@ -69,6 +73,14 @@ def iter_jacobian(
         >>> [(s.start, s.stop, J.shape) for s, J in iter_jacobian(torch.sin, X, batch_chunk=4)]
         [(0, 4, torch.Size([4, 3, 3])), (4, 8, torch.Size([4, 3, 3])), (8, 10, torch.Size([2, 3, 3]))]
     """
+    if sparse is not False:  # NOTE [Sparse Jacobians: what a call does]
+        from .sparse.engine import iter_jacobian as sparse_chunks
+
+        return sparse_chunks(
+            func, args, batch_chunk, argnums=argnums, in_dims=in_dims, sparse=sparse,
+            method=method, vec=vec, chunk_size=chunk_size, max_memory=max_memory,
+            progress=progress, randomness=randomness, create_graph=create_graph, batched=batched,
+        )  # fmt: skip
     options = (
         method, vec, chunk_size, max_memory, batch_chunk, progress, randomness, create_graph,
         batched,

@@ -1,0 +1,596 @@
+"""``jacobian(..., sparse=...)``, ``iter_jacobian(..., sparse=...)`` and ``explain(...,
+sparse=...)``: the sparse path, from the validated call to batched sparse CSR results.
+
+NOTE [Sparse Jacobians: what a call does]
+    1. The call is validated and probed as every call is (:func:`jacbatch.plan.normalize`,
+       :func:`jacbatch.plan.probed`): arguments, ``in_dims``, ``argnums``, the output shape.
+    2. Per argnum, the pattern: the caller's :class:`SparsityPattern` (checked against the
+       per-sample shapes), or, with ``sparse=True``, :func:`jacbatch.sparse.detect.detect`'s.
+    3. The coloring (:func:`jacbatch.sparse.coloring.color`, cached per pattern): the mode
+       with fewer colors, or the one ``method`` names (``"jacfwd"``: columns, ``"jacrev"``:
+       rows). A function that switches grad mode off inside cannot be seen by forward mode, so
+       it is colored by rows (``method="jacfwd"`` refuses it, as for dense Jacobians).
+    4. The compressed passes and the gather (NOTE [Compressed Jacobians] in
+       :mod:`jacbatch.sparse.compressed`), in batch chunks (and color chunks when one sample's
+       passes do not fit) within the working-memory budget, into ``(B, nnz)`` values.
+    5. The NaN policy (NOTE [Non-finite values: one policy] in :mod:`jacbatch._nonfinite`):
+       samples whose arguments or values are not finite (after forward mode, also those with a
+       non-finite intermediate) are recomputed by per-sample reverse mode, one pull-back per
+       row, and their entries gathered; compression would otherwise mix a NaN of one column
+       (row) into the other columns (rows) of its color.
+    6. The pattern check: on the first sample, one random product in the *other* mode (a VJP
+       after column mode, a JVP after row mode) is compared with the same product of the
+       decompressed Jacobian. A pattern that misses a dependence makes them differ (a random
+       direction cancels the missing entries with probability zero); the columns (rows) that
+       differ are then computed exactly on that sample, the entries outside the pattern
+       counted, and the call refused with ``ValueError`` naming ``sparse=``. Checking in the
+       other mode also catches a forward-mode error that the compressed passes would share.
+       The check costs one pass on one sample.
+    7. The result: a sparse CSR tensor ``(B, out_numel, in_numel)`` (``(out_numel, in_numel)``
+       without a batch), its index tensors shared by the batch (expanded views), row-major vec
+       (``vec=None`` or ``"row"``) or column-major (``vec="col"``: indices renumbered, entries
+       reordered). ``.to_dense()`` gives the flattened dense Jacobian.
+
+    ``create_graph`` works through torch.func: the values carry a graph when the result must
+    be differentiable (differentiate through ``J.values()``; torch 2.13 has no backward for
+    a batched CSR tensor's ``to_dense``). ``randomness`` other than ``"error"`` is refused:
+    each color's pass would see its own draw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import _nonfinite, memory
+from .. import _validation as V
+from ..call import Call
+from ..methods import batched_args, in_transform
+from ..plan import forward_ok, normalize, probed
+from .coloring import Coloring, color
+from .compressed import Layout, column_pass, compressed_values, to_csr
+from .pattern import SparsityPattern
+
+_MODE_OF_METHOD = {"auto": "auto", "jacfwd": "column", "jacrev": "row"}
+
+
+@dataclass(frozen=True)
+class Part:
+    """One differentiated argument: its pattern, coloring and gather layout."""
+
+    argnum: int
+    pattern: SparsityPattern
+    coloring: Coloring
+    layout: Layout
+    given: bool  # the caller's pattern (checked by a random product), not detected
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated sparse call (NOTE [Sparse Jacobians: what a call does], steps 1-3)."""
+
+    call: Call
+    out_shape: tuple[int, ...]
+    parts: tuple[Part, ...]
+    vec: str
+    budget: int
+    show: bool | None
+    chunk_size: int | None = None
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """What ``explain(..., sparse=...)`` reports: per argnum the pattern and both colorings."""
+
+    batch_size: int | None
+    out_shape: tuple[int, ...]
+    lines: tuple[str, ...]
+
+    def __str__(self) -> str:
+        batch = "no batch" if self.batch_size is None else f"B={self.batch_size}"
+        return "\n".join([f"sparse jacobian plan ({batch}, out {self.out_shape}):", *self.lines])
+
+
+def _check_sparse(where: str, sparse: object, n_argnums: int) -> list[SparsityPattern | None]:
+    """``True`` -> detect every argnum; a pattern (a tuple of them for tuple argnums)."""
+    if sparse is True:
+        return [None] * n_argnums
+    given = sparse if isinstance(sparse, tuple) else (sparse,)
+    if not given or not all(isinstance(p, SparsityPattern) for p in given):
+        raise TypeError(
+            f"{where}: expected sparse to be False, True or a jacbatch.sparse.SparsityPattern "
+            f"(a tuple of them, one per argnum, for tuple argnums), got "
+            f"{type(sparse).__name__}. Pass sparse=True to detect the pattern, or build one "
+            f"with SparsityPattern.from_mask / from_coo."
+        )
+    if len(given) != n_argnums:
+        raise ValueError(
+            f"{where}: expected {n_argnums} sparsity pattern(s), one per argnum, got {len(given)}."
+        )
+    return list(given)
+
+
+def _detect(where: str, call: Call, argnum: int) -> SparsityPattern:
+    """The detected pattern (``sparse=True``), or a clear error where detection is missing."""
+    try:
+        from .detect import detect  # type: ignore[attr-defined,import-not-found,unused-ignore]
+    except ImportError:
+        raise NotImplementedError(
+            f"{where}: sparse=True needs sparsity detection (jacbatch.sparse.detect), which is "
+            f"not available in this installation. Pass the pattern instead: "
+            f"sparse=SparsityPattern.from_mask(mask, out_shape, in_shape)."
+        ) from None
+    batched = call.batched_func is not None
+    func = call.batched_func if call.batched_func is not None else call.func
+    pattern = detect(func, call.args, argnum, call.in_dims, batched=batched)
+    assert isinstance(pattern, SparsityPattern)
+    return _canonical(pattern)
+
+
+#: Detected patterns seen lately, by content: detection returns a fresh copy on every call, and
+#: the coloring and gather layout are cached per pattern object, so an equal pattern is mapped
+#: to the first object seen (at most this many kept).
+_SEEN_MAX = 32
+_SEEN: dict[tuple[Any, ...], SparsityPattern] = {}
+
+
+def _canonical(pattern: SparsityPattern) -> SparsityPattern:
+    """The first-seen pattern equal to ``pattern`` (its coloring cached), else ``pattern``."""
+    crow, col = pattern.crow_indices.cpu(), pattern.col_indices.cpu()
+    digest = hashlib.blake2b(crow.numpy().tobytes(), digest_size=16)
+    digest.update(col.numpy().tobytes())
+    key = (tuple(pattern.out_shape), tuple(pattern.in_shape), pattern.nnz, digest.digest())
+    seen = _SEEN.get(key)
+    if seen is not None:
+        return seen
+    if len(_SEEN) >= _SEEN_MAX:
+        _SEEN.pop(next(iter(_SEEN)))
+    _SEEN[key] = pattern
+    return pattern
+
+
+def prepare(
+    where: str,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    *,
+    argnums: object,
+    in_dims: object,
+    sparse: object,
+    method: object,
+    vec: object,
+    chunk_size: object = None,
+    max_memory: object = None,
+    progress: object,
+    randomness: object,
+    create_graph: object,
+    batched: object,
+    has_aux: object = False,
+) -> Prepared:
+    """Steps 1-3 of NOTE [Sparse Jacobians: what a call does]."""
+    if has_aux is not False:
+        raise ValueError(f"{where}: expected has_aux=False with sparse=, got {has_aux!r}.")
+    if method not in _MODE_OF_METHOD:
+        raise ValueError(
+            f"{where}: expected method to be one of 'auto', 'jacfwd' (column coloring, one "
+            f"JVP per color) or 'jacrev' (row coloring, one VJP per color) with sparse=, got "
+            f"{method!r}."
+        )
+    if V.check_randomness(where, randomness) != "error":
+        raise ValueError(
+            f"{where}: expected randomness='error' with sparse=, got {randomness!r}: each "
+            f"color's pass would see its own random draw. Use sparse=False."
+        )
+    call = normalize(where, func, args, argnums, in_dims, randomness, batched)
+    if in_transform(call.args):
+        raise NotImplementedError(
+            f"{where}: sparse= is not supported inside a torch.func transform (grad, vjp, "
+            f"jacrev, jacfwd, vmap): a sparse CSR tensor cannot hold transformed values. Call "
+            f"it outside the transform, or use sparse=False."
+        )
+    checked_vec = V.check_vec(where, vec) or "row"
+    show = V.check_progress(where, progress)
+    size = V.check_chunk_size(where, chunk_size)
+    budget = (
+        memory.default_budget(call.device)
+        if max_memory is None
+        else memory.parse_bytes(where, max_memory)
+    )
+    call, out_shape = probed(call, V.check_bool(where, "create_graph", create_graph))
+    mode = _MODE_OF_METHOD[str(method)]
+    if not forward_ok(call):
+        if mode == "column":
+            raise ValueError(
+                f"{where}: method='jacfwd' (column coloring) cannot see a function that "
+                f"switches grad mode off inside (forward mode ignores torch.no_grad); use "
+                f"method='jacrev' or 'auto'."
+            )
+        mode = "row"
+    patterns = _check_sparse(where, sparse, len(call.argnums))
+    parts = []
+    for a, given in zip(call.argnums, patterns, strict=True):
+        in_shape = call.sample_shape(a)
+        if given is None:
+            pattern = _detect(where, call, a)
+        else:
+            pattern = given
+            if (tuple(pattern.out_shape), tuple(pattern.in_shape)) != (out_shape, in_shape):
+                raise ValueError(
+                    f"{where}: expected sparse= pattern for argnum {a} with out_shape "
+                    f"{out_shape} and in_shape {in_shape} (per sample), got out_shape "
+                    f"{tuple(pattern.out_shape)}, in_shape {tuple(pattern.in_shape)}."
+                )
+        coloring = color(pattern, mode)
+        layout = _layout(pattern, coloring, call)
+        parts.append(Part(a, pattern, coloring, layout, given is not None))
+    return Prepared(call, out_shape, tuple(parts), checked_vec, budget, show, size)
+
+
+_LAYOUTS: weakref.WeakKeyDictionary[SparsityPattern, dict[Any, Layout]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _layout(pattern: SparsityPattern, coloring: Coloring, call: Call) -> Layout:
+    """:meth:`Layout.of`, cached per pattern object, mode, dtype and device (as the coloring
+    is), so that no index or seed tensor is built per call."""
+    cache = _LAYOUTS.setdefault(pattern, {})
+    key = (coloring.mode, call.dtype, str(call.device))
+    if key not in cache:
+        cache[key] = Layout.of(pattern, coloring, call.dtype, call.device)
+    return cache[key]
+
+
+def _sub_call(call: Call, start: int, n: int) -> Call:
+    args = tuple(
+        a if d is None else memory.compact(a.narrow(d, start, n))
+        for a, d in zip(call.args, call.in_dims, strict=True)
+    )
+    return dataclasses.replace(call, args=args, batch_size=n)
+
+
+def _unit_bytes(prep: Prepared, part: Part) -> int:
+    """Working bytes of one color's pass for one sample, simulated on meta tensors (NOTE
+    [Estimating peak memory by running the route on meta tensors] in :mod:`jacbatch.memory`);
+    a conservative multiple of the compressed vectors where ``func`` cannot run on meta."""
+    call = prep.call
+    m = math.prod(prep.out_shape)
+    n = math.prod(call.sample_shape(part.argnum))
+    item = torch.empty((), dtype=call.dtype).element_size()
+    fallback = 16 * (m + n) * item
+    shapes = [
+        (1, *call.sample_shape(i)) if d is not None else call.sample_shape(i)
+        for i, d in enumerate(call.in_dims)
+    ]
+    args = [torch.empty(s, dtype=call.dtype, device="meta") for s in shapes]
+    flags = [d is not None for d in call.in_dims]
+    seeds = torch.empty((1, part.layout.seeds.shape[1]), dtype=call.dtype, device="meta")
+    try:
+        if part.coloring.mode == "column":
+            run = lambda: column_pass(  # noqa: E731
+                call.func, args, flags, part.argnum, call.sample_shape(part.argnum), seeds
+            )
+        else:
+            from .compressed import row_pass
+
+            run = lambda: row_pass(  # noqa: E731
+                call.func, args, flags, part.argnum, prep.out_shape, seeds
+            )
+        return max(memory.simulate_peak(run), (m + n) * item)
+    except Exception:
+        return fallback
+
+
+def chunking(prep: Prepared, count_values: bool) -> tuple[int, list[int]]:
+    """Samples per batch chunk, and per argnum colors per pass (at most ``chunk_size``),
+    within ``prep.budget``.
+
+    Args:
+        prep: the prepared call.
+        count_values: the chunk's own values count against the budget (iter_jacobian).
+    """
+    batch, colors = _chunking(prep, count_values)
+    if prep.chunk_size is not None:
+        colors = [min(c, prep.chunk_size) for c in colors]
+    return batch, colors
+
+
+def _chunking(prep: Prepared, count_values: bool) -> tuple[int, list[int]]:
+    call = prep.call
+    B = call.batch_size if call.batch_size is not None else 1
+    item = torch.empty((), dtype=call.dtype).element_size()
+    target = memory.chunk_target(prep.budget, call.device)
+    per_sample_values = sum(p.pattern.nnz for p in prep.parts) * item if count_values else 0
+    # quick accept: a generous bound, without simulating
+    bound = sum(
+        12 * (math.prod(prep.out_shape) + p.pattern.shape[1]) * item * p.coloring.n_colors
+        for p in prep.parts
+    )
+    if (bound + per_sample_values) * max(B, 1) <= target:
+        return max(B, 1), [p.coloring.n_colors for p in prep.parts]
+    units = [_unit_bytes(prep, p) for p in prep.parts]
+    sample = max(u * p.coloring.n_colors for u, p in zip(units, prep.parts, strict=True))
+    if sample + per_sample_values <= target:
+        return max(1, min(B, target // (sample + per_sample_values))), [
+            p.coloring.n_colors for p in prep.parts
+        ]
+    if max(units) + per_sample_values > prep.budget:
+        V.budget_too_small("jacobian", max(units) + per_sample_values, prep.budget, "sparse")
+    room = max(1, target - per_sample_values)
+    return 1, [
+        max(1, min(p.coloring.n_colors, room // u)) for u, p in zip(units, prep.parts, strict=True)
+    ]
+
+
+def values_of(
+    prep: Prepared, call: Call, color_chunks: Sequence[int], bufs: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """``(B, nnz)`` values per argnum for ``call`` (the prepared call or a batch chunk of it),
+    the NaN policy applied (NOTE [Sparse Jacobians: what a call does], steps 4-5)."""
+    args, flags, B = batched_args(call)
+    if B == 0:
+        return [
+            buf
+            if buf is not None
+            else torch.empty((0, p.pattern.nnz), dtype=call.dtype, device=call.device)
+            for p, buf in zip(prep.parts, bufs, strict=True)
+        ]
+    results = []
+    grad = torch.enable_grad() if call.create_graph else torch.no_grad()
+    with grad:
+        for part, cc, buf in zip(prep.parts, color_chunks, bufs, strict=True):
+            values = buf if buf is not None else torch.empty(
+                (B, part.pattern.nnz), dtype=call.dtype, device=call.device
+            )  # fmt: skip
+            shapes = (prep.out_shape, call.sample_shape(part.argnum))
+            compressed_values(call.func, args, flags, part.argnum, shapes, part.layout, values, cc)
+            method = "jacfwd" if part.coloring.mode == "column" else "jacrev"
+            bad = _nonfinite.affected(call, [values], method, random=False)
+            for b in bad.nonzero().flatten().tolist():
+                values[b] = _reverse_entries(call, args, flags, b, part)
+            results.append(values)
+    return results
+
+
+def _sample(args: Sequence[torch.Tensor], flags: Sequence[bool], b: int) -> list[torch.Tensor]:
+    return [x[b] if f else x for x, f in zip(args, flags, strict=True)]
+
+
+def _single(call: Call, xs: list[torch.Tensor], a: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def g(xa: torch.Tensor) -> torch.Tensor:
+        return call.func(*xs[:a], xa, *xs[a + 1 :]).reshape(-1)
+
+    return g
+
+
+def _rows_of(call: Call, xs: list[torch.Tensor], a: int, rows: torch.Tensor) -> torch.Tensor:
+    """``(len(rows), n)``: rows of one sample's Jacobian by reverse mode, 256 at a time."""
+    out, pull = torch.func.vjp(_single(call, xs, a), xs[a])[:2]
+    parts = []
+    for s in range(0, rows.numel(), 256):
+        eye = torch.zeros(
+            min(256, rows.numel() - s), out.numel(), dtype=out.dtype, device=out.device
+        )
+        eye[torch.arange(eye.shape[0]), rows[s : s + 256]] = 1
+        parts.append(torch.func.vmap(lambda u: pull(u)[0].reshape(-1))(eye))
+    return torch.cat(parts) if parts else out.new_zeros(0, xs[a].numel())
+
+
+def _cols_of(call: Call, xs: list[torch.Tensor], a: int, cols: torch.Tensor) -> torch.Tensor:
+    """``(len(cols), m)``: columns of one sample's Jacobian by forward mode, 256 at a time."""
+    g, x = _single(call, xs, a), xs[a]
+    parts = []
+    for s in range(0, cols.numel(), 256):
+        eye = torch.zeros(min(256, cols.numel() - s), x.numel(), dtype=x.dtype, device=x.device)
+        eye[torch.arange(eye.shape[0]), cols[s : s + 256]] = 1
+        parts.append(
+            torch.func.vmap(lambda t: torch.func.jvp(g, (x,), (t.reshape(x.shape),))[1])(eye)
+        )
+    return torch.cat(parts)
+
+
+def _reverse_entries(
+    call: Call, args: Sequence[torch.Tensor], flags: Sequence[bool], b: int, part: Part
+) -> torch.Tensor:
+    """``(nnz,)``: sample ``b``'s entries by per-sample reverse mode (the NaN policy)."""
+    p = part.pattern
+    rows = torch.arange(p.shape[0], device=call.device)
+    dense_rows = _rows_of(call, _sample(args, flags, b), part.argnum, rows)
+    return dense_rows[part.layout.rows, part.layout.cols]
+
+
+def check_pattern(prep: Prepared, call: Call, values: Sequence[torch.Tensor]) -> None:
+    """Step 6 of NOTE [Sparse Jacobians: what a call does], on the first sample of ``call``."""
+    args, flags, B = batched_args(call)
+    if B == 0:
+        return
+    xs = _sample(args, flags, 0)
+    gen = torch.Generator().manual_seed(0)
+    eps = torch.finfo(call.dtype).eps
+    with torch.no_grad():
+        for part, vals in zip(prep.parts, values, strict=True):
+            p, a = part.pattern, part.argnum
+            v0 = vals[0].detach()
+            rows, cols = part.layout.rows, part.layout.cols
+            m, n = p.shape
+            g = _single(call, xs, a)
+            if part.coloring.mode == "column":  # check by reverse mode: u^T J over columns
+                u = torch.randn(m, generator=gen, dtype=call.dtype).to(call.device)
+                pull = torch.func.vjp(g, xs[a])[1]
+                exact = pull(u)[0].reshape(-1)
+                prod = torch.zeros(n, dtype=call.dtype, device=call.device)
+                prod.index_add_(0, cols, u[rows] * v0)
+                scale = torch.zeros_like(prod).index_add_(0, cols, (u[rows] * v0).abs())
+            else:  # check by forward mode: J v over rows
+                w = torch.randn(n, generator=gen, dtype=call.dtype).to(call.device)
+                exact = torch.func.jvp(g, (xs[a],), (w.reshape(xs[a].shape),))[1].reshape(-1)
+                prod = torch.zeros(m, dtype=call.dtype, device=call.device)
+                prod.index_add_(0, rows, v0 * w[cols])
+                scale = torch.zeros_like(prod).index_add_(0, rows, (v0 * w[cols]).abs())
+            # rounding of both products, plus a floor relative to the largest term
+            floor = float(scale.max()) if scale.numel() else 0.0
+            tol = 1000 * eps * (scale + exact.abs() + 1e-3 * floor)
+            finite = torch.isfinite(exact) & torch.isfinite(prod)
+            off = ((exact - prod).abs() > tol) & finite
+            if bool(off.any()):
+                _missed(prep.call, xs, part, off.nonzero().flatten())
+
+
+def _missed(call: Call, xs: list[torch.Tensor], part: Part, idx: torch.Tensor) -> None:
+    """Count the entries outside the pattern in the columns (rows) ``idx`` of the first
+    sample, and raise."""
+    p, a = part.pattern, part.argnum
+    idx = idx[:4096]
+    mask_full = None
+    if part.coloring.mode == "column":  # idx are columns
+        exact = _cols_of(call, xs, a, idx).T  # (m, k)
+        mask_full = p.to_mask()[:, idx.cpu()].to(exact.device)
+        kind = "columns"
+    else:
+        exact = _rows_of(call, xs, a, idx)  # (k, n)
+        mask_full = p.to_mask()[idx.cpu()].to(exact.device)
+        kind = "rows"
+    outside = (exact != 0) & ~mask_full
+    count = int(outside.sum())
+    detail = (
+        f"{count} nonzero entr{'y' if count == 1 else 'ies'} outside the pattern"
+        if count
+        else "no entry outside the pattern, but the compressed product disagrees"
+    )
+    raise ValueError(
+        f"jacobian: expected the sparse= pattern for argnum {a} to contain every dependence of "
+        f"the output on the argument, got {detail} in {idx.numel()} {kind} of the first "
+        f"sample's Jacobian (checked against a random {'VJP' if kind == 'columns' else 'JVP'}). "
+        f"A pattern that misses an entry gives wrong values; pass a pattern that covers it, "
+        f"or sparse=True to detect it."
+    )
+
+
+def results(prep: Prepared, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Sparse CSR tensors of ``values`` (step 7)."""
+    batched = prep.call.batch_size is not None
+    return [
+        to_csr(part.pattern, v if batched else v[0], batched, prep.vec)
+        for part, v in zip(prep.parts, values, strict=True)
+    ]
+
+
+def _check_out(prep: Prepared, out: object) -> list[torch.Tensor | None]:
+    """The caller's ``out=``: ``(B, nnz)`` values buffers (``(nnz,)`` without a batch)."""
+    call = prep.call
+    if out is None:
+        return [None] * len(prep.parts)
+    given = out if isinstance(out, tuple) else (out,)
+    if isinstance(out, tuple) != call.tuple_argnums or len(given) != len(prep.parts):
+        raise TypeError(
+            "jacobian: expected out to be "
+            + ("a tuple of values tensors, one per argnum" if call.tuple_argnums else "one tensor")
+            + f" with sparse=, got {type(out).__name__}."
+        )
+    lead = () if call.batch_size is None else (call.batch_size,)
+    V.check_out_aliasing("jacobian", [o for o in given if isinstance(o, torch.Tensor)], call.args)
+    bufs: list[torch.Tensor | None] = []
+    for o, part in zip(given, prep.parts, strict=True):
+        shape = (*lead, part.pattern.nnz)
+        o = V.check_out(
+            "jacobian (sparse=: out holds the values, (B, nnz))", o, shape, call.dtype, call.device
+        )
+        bufs.append(o if lead else o.unsqueeze(0))
+    return bufs
+
+
+def jacobian(
+    func: Callable[..., Any], args: tuple[Any, ...], out: object = None, **options: Any
+) -> Any:
+    """The sparse Jacobian(s): ``jacbatch.jacobian(..., sparse=...)``; options as there."""
+    prep = prepare("jacobian", func, args, **options)
+    call = prep.call
+    bufs = _check_out(prep, out)
+    B = call.batch_size if call.batch_size is not None else 1
+    item = torch.empty((), dtype=call.dtype).element_size()
+    fresh = sum(p.pattern.nnz for p, b in zip(prep.parts, bufs, strict=True) if b is None) * B
+    free = memory.available_memory(call.device)
+    if fresh * item > free:
+        V.result_too_large("jacobian", fresh * item, free, prep.budget, call.batch_size)
+    batch_chunk, color_chunks = chunking(prep, count_values=False)
+    if batch_chunk >= B:
+        values = values_of(prep, call, color_chunks, bufs)
+    else:
+        values = [
+            b
+            if b is not None
+            else torch.empty((B, p.pattern.nnz), dtype=call.dtype, device=call.device)
+            for p, b in zip(prep.parts, bufs, strict=True)
+        ]
+        for start in range(0, B, batch_chunk):
+            n = min(batch_chunk, B - start)
+            values_of(
+                prep,
+                _sub_call(call, start, n),
+                color_chunks,
+                [v[start : start + n] for v in values],
+            )
+            memory.release_freed()
+    check_pattern(prep, call, values)
+    res = results(prep, values)
+    return tuple(res) if call.tuple_argnums else res[0]
+
+
+def iter_jacobian(
+    func: Callable[..., Any], args: tuple[Any, ...], batch_chunk: int | None = None, **options: Any
+) -> Iterator[tuple[slice, Any]]:
+    """``iter_jacobian(..., sparse=...)``: ``(batch_slice, sparse CSR chunk)`` pairs; the
+    budget covers one chunk's values and working memory. Validated when called."""
+    prep = prepare("iter_jacobian", func, args, **options)
+    call = prep.call
+    if call.batch_size is None:
+        V.needs_batch("iter_jacobian")
+    chunk, color_chunks = chunking(prep, count_values=True)
+    if batch_chunk is not None:
+        chunk = V.check_positive_int("iter_jacobian", "batch_chunk", batch_chunk)
+    return _iterate(prep, chunk, color_chunks)
+
+
+def _iterate(prep: Prepared, chunk: int, color_chunks: list[int]) -> Iterator[tuple[slice, Any]]:
+    call = prep.call
+    B = call.batch_size or 0
+    for start in range(0, B, chunk):
+        n = min(chunk, B - start)
+        sub = _sub_call(call, start, n)
+        values = values_of(prep, sub, color_chunks, [None] * len(prep.parts))
+        if start == 0:
+            check_pattern(prep, sub, values)
+        res = results(prep, values)
+        del values
+        yield slice(start, start + n), (tuple(res) if call.tuple_argnums else res[0])
+        del res
+        memory.release_freed()
+
+
+def explain(func: Callable[..., Any], args: tuple[Any, ...], **options: Any) -> SparsePlan:
+    """``explain(..., sparse=...)``: the pattern, both colorings and the chosen mode."""
+    prep = prepare("explain", func, args, **options)
+    lines = []
+    for part in prep.parts:
+        p, c = part.pattern, part.coloring
+        both = color(p, "auto")
+        m, n = p.shape
+        source = "given" if part.given else "detected"
+        lines.append(
+            f"  argnum {part.argnum}: pattern ({source}) {m} x {n}, nnz {p.nnz}, density "
+            f"{p.density:.3g}; colors: column {both.column_colors} (JVPs), row "
+            f"{both.row_colors} (VJPs); chosen: {c.mode}, {c.n_colors} "
+            f"{'JVP' if c.mode == 'column' else 'VJP'} pass(es) per sample instead of "
+            f"{min(m, n)}"
+        )
+    return SparsePlan(prep.call.batch_size, prep.out_shape, tuple(lines))
+
+
+__all__ = ["SparsePlan", "explain", "iter_jacobian", "jacobian", "prepare"]
