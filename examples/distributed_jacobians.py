@@ -5,7 +5,7 @@ Run on CPU with two processes:
     torchrun --nproc-per-node 2 examples/distributed_jacobians.py
 
 On a machine with N GPUs, ``--nproc-per-node N`` puts one rank on each GPU (NCCL); across
-machines, see the README section "Scaling out with torch.distributed".
+machines, see docs/guide/distributed.md.
 
 Every rank builds the same inputs (same seed), computes the Jacobians of its own slice of the
 batch, and the shards are gathered; rank 0 checks the result against a single-process run.
