@@ -21,7 +21,10 @@ its Jacobian ``(2 N², 2 N²)`` has at most 6 nonzeros per row. The script
 
 Run from the repository root::
 
-    PYTHONPATH=$PWD python examples/sparse.py --size full --out docs/assets
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python examples/sparse.py --size full --out docs/assets
+
+(One torch thread, as in bench/sparse_bench.py: the sparse route runs many small operations,
+and on a busy 2-core machine two threads slow them down several-fold.)
 """
 
 from __future__ import annotations
@@ -150,8 +153,9 @@ def main(size: str = "small", out_dir: str | Path = ".") -> dict[str, float]:
     # (4) sparse vs dense time for the same batch.
     t_sparse = median_time(lambda: jacbatch.jacobian(brusselator, X, sparse=P), cfg["repeats"])
     t_dense = median_time(lambda: dense_jac(X), cfg["repeats"])
+    threads = torch.get_num_threads()
     print(f"sparse {t_sparse * 1e3:.1f} ms, dense vmap(jacfwd) {t_dense * 1e3:.1f} ms: "
-          f"{t_dense / t_sparse:.1f}x")  # fmt: skip
+          f"{t_dense / t_sparse:.1f}x ({threads} torch thread(s))")  # fmt: skip
 
     # (5) one implicit-Euler step of every state, Newton systems solved with the sparse Jacobian.
     _, history = implicit_euler(X, P)
@@ -183,7 +187,7 @@ def main(size: str = "small", out_dir: str | Path = ".") -> dict[str, float]:
     axes[2].set_yscale("log")
     axes[2].set_ylim(min(t_sparse, t_dense) * 1e3 / 3, max(t_sparse, t_dense) * 1e3 * 2)
     axes[2].set(title=f"B = {Bn}: dense / sparse time {t_dense / t_sparse:.1f}x",
-                ylabel="ms (median)")  # fmt: skip
+                ylabel=f"ms (median, {threads} thread(s))")  # fmt: skip
     axes[3].semilogy(range(len(history)), history, "o-", color="C0")
     axes[3].set_xticks(range(len(history)))
     axes[3].set(title=f"implicit Euler, dt = {DT}: Newton, sparse J",
