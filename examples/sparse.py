@@ -75,9 +75,10 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
 def solve(J: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Solve ``(I - DT J) x = rhs`` for every sample: ``J`` batched CSR ``(B, n, n)``, ``rhs (B, n)``.
 
-    torch has no sparse direct solver for CSR on the CPU, so each sample's matrix goes to
-    ``scipy.sparse`` (its CSR arrays are jacbatch's, unchanged) where SciPy is installed, and to
-    a dense ``torch.linalg.solve`` otherwise.
+    ``torch.sparse.spsolve`` has no CPU kernel for CSR in torch 2.13 (NotImplementedError on
+    the SparseCsrCPU backend; ``torch.linalg.solve`` dispatches to it), so each sample's matrix
+    goes to ``scipy.sparse`` (its CSR arrays are jacbatch's, unchanged) where SciPy is
+    installed, and to a dense ``torch.linalg.solve`` otherwise.
     """
     n = rhs.shape[1]
     try:
