@@ -509,8 +509,14 @@ def _check_out(prep: Prepared, out: object) -> list[torch.Tensor | None]:
 def jacobian(
     func: Callable[..., Any], args: tuple[Any, ...], out: object = None, **options: Any
 ) -> Any:
-    """The sparse Jacobian(s): ``jacbatch.jacobian(..., sparse=...)``; options as there."""
-    prep = prepare("jacobian", func, args, **options)
+    """The sparse Jacobian(s): ``jacbatch.jacobian(..., sparse=...)``; options as there.
+
+    A repeated call may reuse the prepared call and skip a redundant pattern check (NOTE
+    [Repeated sparse calls] in :mod:`jacbatch.sparse._hot`)."""
+    from . import _hot
+
+    kept = _hot.lookup(func, args, options)
+    prep, checked = kept if kept is not None else (prepare("jacobian", func, args, **options), False)
     call = prep.call
     bufs = _check_out(prep, out)
     B = call.batch_size if call.batch_size is not None else 1
@@ -538,7 +544,10 @@ def jacobian(
                 [v[start : start + n] for v in values],
             )
             memory.release_freed()
-    check_pattern(prep, call, values)
+    if not checked:
+        check_pattern(prep, call, values)
+    if kept is None:
+        _hot.record(func, args, options, prep)
     res = results(prep, values)
     return tuple(res) if call.tuple_argnums else res[0]
 
