@@ -56,7 +56,7 @@ def _diff_pattern(n: int) -> SparsityPattern:
 def test_repeated_calls_equal_reference(method: str, sparse: str) -> None:
     gen = torch.Generator().manual_seed(0)
     P = _diff_pattern(12) if sparse == "given" else True
-    for i in range(CALLS):
+    for _ in range(CALLS):
         X = torch.randn(3, 12, generator=gen, dtype=DT)
         J = jacbatch.jacobian(diff, X, sparse=P, method=method)
         assert torch.equal(J.to_dense(), reference(diff, X))

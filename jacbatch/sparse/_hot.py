@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 
 #: A key is kept on this many full calls (capturing costs some full calls' worth once).
 HOT_CALLS = 3
+#: ``False``: every call takes the full path (for benchmarks of the full path).
+ENABLED = True
 
 
 @dataclasses.dataclass
@@ -155,7 +157,7 @@ def lookup(
 ) -> tuple[Prepared, bool] | None:
     """The kept prepared call for this call and whether its pattern check is redundant, or
     ``None`` for the full path (NOTE [Repeated sparse calls], point 2)."""
-    key = _key(args, options)
+    key = _key(args, options) if ENABLED else None
     entry = _entry(func, key, create=False) if key is not None else None
     if entry is None or entry.prep is None:
         return None
@@ -193,7 +195,7 @@ def record(
 ) -> None:
     """Count a full call that passed its checks; on the :data:`HOT_CALLS`-th, keep it (NOTE
     [Repeated sparse calls], point 1)."""
-    key = _key(args, options)
+    key = _key(args, options) if ENABLED else None
     entry = _entry(func, key, create=True) if key is not None else None
     if entry is None or entry.refused or entry.prep is not None:
         return
@@ -235,4 +237,4 @@ def forget_all() -> None:
     _SEEN.clear()
 
 
-__all__ = ["HOT_CALLS", "forget_all", "lookup", "record"]
+__all__ = ["ENABLED", "HOT_CALLS", "forget_all", "lookup", "record"]

@@ -516,7 +516,9 @@ def jacobian(
     from . import _hot
 
     kept = _hot.lookup(func, args, options)
-    prep, checked = kept if kept is not None else (prepare("jacobian", func, args, **options), False)
+    prep, checked = (
+        kept if kept is not None else (prepare("jacobian", func, args, **options), False)
+    )
     call = prep.call
     bufs = _check_out(prep, out)
     B = call.batch_size if call.batch_size is not None else 1
