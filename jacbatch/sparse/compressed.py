@@ -16,9 +16,10 @@ NOTE [Compressed Jacobians]
     (a view, no copy). Reverse mode runs per sample (``vmap`` over the batch outside ``vjp``,
     as ``vmap(jacrev(f))``), because the pull-back of a batched function w.r.t. a shared
     argument would sum over the samples. Both return ``(colors, B, m)`` / ``(colors, B, n)``,
-    and the gather reads, color by color, the entries of that color:
-    ``values[:, k] = C[color, :, row_k]`` (column mode) or ``C[color, :, col_k]`` (row mode),
-    so that no index tensor of size ``B x nnz`` is ever built. These passes are torch.func
+    and the gather reads ``values[:, k] = C[color_k, :, row_k]`` (column mode) or
+    ``C[color_k, :, col_k]`` (row mode) for all entries at once (NOTE [One gather into the
+    values]; per chunk of colors when the colors are chunked), so that no index tensor of size
+    ``B x nnz`` is ever built. These passes are torch.func
     transforms: the project's traced closed forms write whole dense Jacobians and have no
     JVP-with-a-seed entry point, so a traced route that writes only the nonzeros would need a
     writer of its own (not done).

@@ -10,9 +10,10 @@ NOTE [Sparse Jacobians: what a call does]
        with fewer colors, or the one ``method`` names (``"jacfwd"``: columns, ``"jacrev"``:
        rows). A function that switches grad mode off inside cannot be seen by forward mode, so
        it is colored by rows (``method="jacfwd"`` refuses it, as for dense Jacobians).
-    4. The compressed passes and the gather (NOTE [Compressed Jacobians] in
-       :mod:`jacbatch.sparse.compressed`), in batch chunks (and color chunks when one sample's
-       passes do not fit) within the working-memory budget, into ``(B, nnz)`` values.
+    4. The compressed passes and the gather (NOTE [Compressed Jacobians] and NOTE [One gather
+       into the values] in :mod:`jacbatch.sparse.compressed`), in batch chunks (and color
+       chunks when one sample's passes do not fit) within the working-memory budget, into
+       ``(B, nnz)`` values.
     5. The NaN policy (NOTE [Non-finite values: one policy] in :mod:`jacbatch._nonfinite`):
        samples whose arguments or values are not finite (after forward mode, also those with a
        non-finite intermediate) are recomputed by per-sample reverse mode, one pull-back per
@@ -25,7 +26,9 @@ NOTE [Sparse Jacobians: what a call does]
        differ are then computed exactly on that sample, the entries outside the pattern
        counted, and the call refused with ``ValueError`` naming ``sparse=``. Checking in the
        other mode also catches a forward-mode error that the compressed passes would share.
-       The check costs one pass on one sample.
+       The check costs one pass on one sample. A repeated call may reuse steps 1-3 and skip
+       this check where the pattern contains the structural one (NOTE [Repeated sparse calls]
+       in :mod:`jacbatch.sparse._hot`).
     7. The result: a sparse CSR tensor ``(B, out_numel, in_numel)`` (``(out_numel, in_numel)``
        without a batch), its index tensors shared by the batch (expanded views), row-major vec
        (``vec=None`` or ``"row"``) or column-major (``vec="col"``: indices renumbered, entries
