@@ -53,7 +53,15 @@ def _diff_pattern(n: int) -> SparsityPattern:
 
 @pytest.mark.parametrize("method", ["auto", "jacfwd", "jacrev"])
 @pytest.mark.parametrize("sparse", ["given", "detect"])
-def test_repeated_calls_equal_reference(method: str, sparse: str) -> None:
+def test_repeated_calls_equal_reference(
+    method: str, sparse: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jacbatch.sparse import engine
+
+    prepared, checked = [], []
+    prepare, check = engine.prepare, engine.check_pattern
+    monkeypatch.setattr(engine, "prepare", lambda *a, **k: prepared.append(1) or prepare(*a, **k))
+    monkeypatch.setattr(engine, "check_pattern", lambda *a: checked.append(1) or check(*a))
     gen = torch.Generator().manual_seed(0)
     P = _diff_pattern(12) if sparse == "given" else True
     for _ in range(CALLS):
@@ -62,6 +70,7 @@ def test_repeated_calls_equal_reference(method: str, sparse: str) -> None:
         assert torch.equal(J.to_dense(), reference(diff, X))
     entry = _entry(diff)
     assert entry.prep is not None and entry.skip_check
+    assert len(prepared) == len(checked) == _hot.HOT_CALLS  # later calls reused the entry
 
 
 def test_repeated_calls_2d_roll() -> None:

@@ -210,7 +210,18 @@ def record(
         entry.refused = True
         return
     entry.skip_check = all(_covers(call, part) for part in prep.parts)
-    entry.prep, entry.graph, entry.lifted = prep, got.graph, _lifted_now(got)
+    # kept without the arguments and the function: a kept entry must not keep the caller's
+    # batch alive, nor ``func`` (the table's weak key is its code, which ``func`` holds)
+    bare = dataclasses.replace(call, func=_gone, args=())
+    entry.prep, entry.graph, entry.lifted = (
+        dataclasses.replace(prep, call=bare),
+        got.graph,
+        _lifted_now(got),
+    )
+
+
+def _gone(*args: Any) -> Any:
+    raise AssertionError("a kept sparse preparation's call is never run")
 
 
 def _covers(call: Any, part: Any) -> bool:
