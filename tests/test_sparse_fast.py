@@ -69,7 +69,7 @@ def test_repeated_calls_equal_reference(
         J = jacbatch.jacobian(diff, X, sparse=P, method=method)
         assert torch.equal(J.to_dense(), reference(diff, X))
     entry = _entry(diff)
-    assert entry.prep is not None and entry.skip_check
+    assert entry.prep is not None and entry.skip_check and entry.program is not None
     assert len(prepared) == len(checked) == _hot.HOT_CALLS  # later calls reused the entry
 
 
@@ -79,7 +79,7 @@ def test_repeated_calls_2d_roll() -> None:
         X = torch.randn(4, 5, 5, generator=gen, dtype=DT)
         J = jacbatch.jacobian(lap, X, sparse=True)
         torch.testing.assert_close(J.to_dense(), reference(lap, X), rtol=0, atol=1e-12)
-    assert _entry(lap).prep is not None
+    assert _entry(lap).prep is not None and _entry(lap).program is not None
 
 
 SCALE = torch.ones(6, dtype=DT)

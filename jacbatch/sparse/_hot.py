@@ -75,6 +75,34 @@ class _Entry:
     lifted: tuple[tuple[weakref.ReferenceType[torch.Tensor], int], ...] = ()
     skip_check: bool = False
     refused: bool = False
+    program: Callable[..., Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    """A kept entry that this call may use (NOTE [Repeated sparse calls], point 2).
+
+    Attributes:
+        prep: the kept prepared call, with this call's validated arguments.
+        skip_check: the pattern check is redundant (point 3).
+        program: the traced compressed passes and gather (point 4), or ``None``.
+        lifted: the graph's lifted tensors now (the program's trailing inputs).
+    """
+
+    prep: Prepared
+    skip_check: bool
+    program: Callable[..., Any] | None
+    lifted: tuple[torch.Tensor, ...]
+
+    def run(self, call: Any) -> list[torch.Tensor] | None:
+        """``(B, nnz)`` values per argnum by the program (before the NaN policy), or ``None``."""
+        if self.program is None:
+            return None
+        args, _, B = batched_args(call)
+        if B == 0:
+            return None
+        with torch.no_grad():
+            return list(self.program(*args, *self.lifted))
 
 
 _SEEN: weakref.WeakKeyDictionary[Any, dict[Any, _Entry]] = weakref.WeakKeyDictionary()
@@ -154,9 +182,9 @@ def _lifted_same(kept: Sequence[tuple[Any, int]], now: Sequence[torch.Tensor]) -
 
 def lookup(
     func: Callable[..., Any], args: tuple[Any, ...], options: Mapping[str, Any]
-) -> tuple[Prepared, bool] | None:
-    """The kept prepared call for this call and whether its pattern check is redundant, or
-    ``None`` for the full path (NOTE [Repeated sparse calls], point 2)."""
+) -> Hit | None:
+    """The kept entry for this call, or ``None`` for the full path (NOTE [Repeated sparse
+    calls], point 2)."""
     key = _key(args, options) if ENABLED else None
     entry = _entry(func, key, create=False) if key is not None else None
     if entry is None or entry.prep is None:
@@ -187,14 +215,19 @@ def lookup(
     now = dataclasses.replace(call, create_graph=False, probe=old.call.probe)
     if not forward_ok(now) and any(p.coloring.mode == "column" for p in old.parts):
         return None
-    return dataclasses.replace(old, call=now), entry.skip_check
+    return Hit(dataclasses.replace(old, call=now), entry.skip_check, entry.program, got.lifted)
 
 
 def record(
-    func: Callable[..., Any], args: tuple[Any, ...], options: Mapping[str, Any], prep: Prepared
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    options: Mapping[str, Any],
+    prep: Prepared,
+    values: Sequence[torch.Tensor] | None,
 ) -> None:
     """Count a full call that passed its checks; on the :data:`HOT_CALLS`-th, keep it (NOTE
-    [Repeated sparse calls], point 1)."""
+    [Repeated sparse calls], point 1), with a program where ``values`` (the call's values, all
+    colors and samples in one pass) are given and the program reproduces them exactly."""
     key = _key(args, options) if ENABLED else None
     entry = _entry(func, key, create=True) if key is not None else None
     if entry is None or entry.refused or entry.prep is not None:
@@ -210,6 +243,7 @@ def record(
         entry.refused = True
         return
     entry.skip_check = all(_covers(call, part) for part in prep.parts)
+    entry.program = _program(prep, call, got, values) if values is not None else None
     # kept without the arguments and the function: a kept entry must not keep the caller's
     # batch alive, nor ``func`` (the table's weak key is its code, which ``func`` holds)
     bare = dataclasses.replace(call, func=_gone, args=())
@@ -218,6 +252,49 @@ def record(
         got.graph,
         _lifted_now(got),
     )
+
+
+def _program(
+    prep: Prepared, call: Any, got: Any, values: Sequence[torch.Tensor]
+) -> Callable[..., Any] | None:
+    """The compressed passes and gather of every argnum over the captured graph, traced by
+    ``make_fx`` into one aten graph: inputs the batched arguments (batch first) and the lifted
+    tensors; outputs ``(B, nnz)`` per argnum. ``None`` where tracing fails or the program's
+    values are not exactly ``values`` (NOTE [Repeated sparse calls], point 4)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from .compressed import gathered
+
+    args, flags, B = batched_args(call)
+    if B == 0:
+        return None
+    n, graph = len(args), got.graph.gm
+
+    def run(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        xs, lifted = inputs[:n], inputs[n:]
+
+        def g(*ys: torch.Tensor) -> torch.Tensor:
+            out = graph(*ys, *lifted)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        return tuple(
+            gathered(
+                g, xs, flags, p.argnum, (prep.out_shape, call.sample_shape(p.argnum)), p.layout
+            )
+            for p in prep.parts
+        )
+
+    try:
+        with torch.no_grad():
+            program = make_fx(run)(*args, *got.lifted)
+            again = program(*args, *got.lifted)
+    except Exception:
+        return None
+    if len(again) != len(values) or not all(
+        a.shape == v.shape and bool(torch.equal(a, v)) for a, v in zip(again, values, strict=True)
+    ):
+        return None
+    return program
 
 
 def _gone(*args: Any) -> Any:
@@ -248,4 +325,4 @@ def forget_all() -> None:
     _SEEN.clear()
 
 
-__all__ = ["ENABLED", "HOT_CALLS", "forget_all", "lookup", "record"]
+__all__ = ["ENABLED", "HOT_CALLS", "Hit", "forget_all", "lookup", "record"]

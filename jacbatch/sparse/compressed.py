@@ -250,6 +250,27 @@ def _gather_all(comp: torch.Tensor, layout: Layout, values: torch.Tensor) -> Non
         values.copy_(per_sample[:, layout.color, layout.at])
 
 
+def gathered(
+    func: Callable[..., torch.Tensor],
+    args: Sequence[torch.Tensor],
+    flags: Sequence[bool],
+    argnum: int,
+    shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    layout: Layout,
+) -> torch.Tensor:
+    """``(B, nnz)``: :func:`compressed_values` with all colors in one pass, as a fresh tensor
+    (no ``out=``, no in-place write: traceable by ``make_fx``)."""
+    out_shape, in_shape = shapes
+    if layout.mode == "column":
+        comp = column_pass(func, args, flags, argnum, in_shape, layout.seeds)
+    else:
+        comp = row_pass(func, args, flags, argnum, out_shape, layout.seeds)
+    per_sample = comp.transpose(0, 1)
+    if per_sample.is_contiguous():
+        return per_sample.reshape(per_sample.shape[0], -1).index_select(1, layout.flat)
+    return per_sample[:, layout.color, layout.at]
+
+
 def gather_dense(J: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:
     """``(B, nnz)``: the pattern's entries of dense Jacobians ``J`` (``(B, m, n)``)."""
     rows = pattern.row_indices().to(J.device)
@@ -303,4 +324,12 @@ def _col_major(pattern: SparsityPattern) -> tuple[torch.Tensor, torch.Tensor, to
     return crow, c[order], order
 
 
-__all__ = ["Layout", "column_pass", "compressed_values", "gather_dense", "row_pass", "to_csr"]
+__all__ = [
+    "Layout",
+    "column_pass",
+    "compressed_values",
+    "gather_dense",
+    "gathered",
+    "row_pass",
+    "to_csr",
+]

@@ -333,10 +333,16 @@ def _chunking(prep: Prepared, count_values: bool) -> tuple[int, list[int]]:
 
 
 def values_of(
-    prep: Prepared, call: Call, color_chunks: Sequence[int], bufs: Sequence[torch.Tensor | None]
+    prep: Prepared,
+    call: Call,
+    color_chunks: Sequence[int],
+    bufs: Sequence[torch.Tensor | None],
+    computed: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """``(B, nnz)`` values per argnum for ``call`` (the prepared call or a batch chunk of it),
-    the NaN policy applied (NOTE [Sparse Jacobians: what a call does], steps 4-5)."""
+    the NaN policy applied (NOTE [Sparse Jacobians: what a call does], steps 4-5).
+    ``computed``: the compressed passes' values already gathered (a kept program's, NOTE
+    [Repeated sparse calls] in :mod:`jacbatch.sparse._hot`); the NaN policy still applies."""
     args, flags, B = batched_args(call)
     if B == 0:
         return [
@@ -348,12 +354,17 @@ def values_of(
     results = []
     grad = torch.enable_grad() if call.create_graph else torch.no_grad()
     with grad:
-        for part, cc, buf in zip(prep.parts, color_chunks, bufs, strict=True):
-            values = buf if buf is not None else torch.empty(
-                (B, part.pattern.nnz), dtype=call.dtype, device=call.device
-            )  # fmt: skip
-            shapes = (prep.out_shape, call.sample_shape(part.argnum))
-            compressed_values(call.func, args, flags, part.argnum, shapes, part.layout, values, cc)
+        for i, (part, cc, buf) in enumerate(zip(prep.parts, color_chunks, bufs, strict=True)):
+            if computed is not None:
+                values = computed[i] if buf is None else buf.copy_(computed[i])
+            else:
+                values = buf if buf is not None else torch.empty(
+                    (B, part.pattern.nnz), dtype=call.dtype, device=call.device
+                )  # fmt: skip
+                shapes = (prep.out_shape, call.sample_shape(part.argnum))
+                compressed_values(
+                    call.func, args, flags, part.argnum, shapes, part.layout, values, cc
+                )
             method = "jacfwd" if part.coloring.mode == "column" else "jacrev"
             bad = _nonfinite.affected(call, [values], method, random=False)
             for b in bad.nonzero().flatten().tolist():
@@ -519,9 +530,7 @@ def jacobian(
     from . import _hot
 
     kept = _hot.lookup(func, args, options)
-    prep, checked = (
-        kept if kept is not None else (prepare("jacobian", func, args, **options), False)
-    )
+    prep = kept.prep if kept is not None else prepare("jacobian", func, args, **options)
     call = prep.call
     bufs = _check_out(prep, out)
     B = call.batch_size if call.batch_size is not None else 1
@@ -531,8 +540,12 @@ def jacobian(
     if fresh * item > free:
         V.result_too_large("jacobian", fresh * item, free, prep.budget, call.batch_size)
     batch_chunk, color_chunks = chunking(prep, count_values=False)
+    whole = batch_chunk >= B and all(
+        c >= p.coloring.n_colors for c, p in zip(color_chunks, prep.parts, strict=True)
+    )
     if batch_chunk >= B:
-        values = values_of(prep, call, color_chunks, bufs)
+        computed = kept.run(call) if kept is not None and whole else None
+        values = values_of(prep, call, color_chunks, bufs, computed)
     else:
         values = [
             b
@@ -549,10 +562,10 @@ def jacobian(
                 [v[start : start + n] for v in values],
             )
             memory.release_freed()
-    if not checked:
+    if kept is None or not kept.skip_check:
         check_pattern(prep, call, values)
     if kept is None:
-        _hot.record(func, args, options, prep)
+        _hot.record(func, args, options, prep, values if whole else None)
     res = results(prep, values)
     return tuple(res) if call.tuple_argnums else res[0]
 
