@@ -1,4 +1,5 @@
-"""Repeated sparse calls: the probe, detection and the pattern check once per function state.
+"""Repeated sparse calls: the probe, detection and the pattern check once per function state,
+and the compressed passes as one traced program.
 
 NOTE [Repeated sparse calls]
     A sparse call pays, besides its compressed passes, the probe of ``func`` (on meta tensors,
@@ -35,12 +36,22 @@ NOTE [Repeated sparse calls]
        constants; the random product could not fail. A given pattern smaller than the detected
        one (it relies on derivatives that vanish at particular values, ``relu`` below zero)
        keeps its check on every call, as does a function detection refuses. The compressed
-       passes, the NaN policy and the gather run for real on every call.
+       passes, the NaN policy and the gather run on every call.
+    4. The program. At step 1, when the call ran all samples and colors in one pass, the
+       compressed passes and the gather of every argnum are traced by ``make_fx`` over the
+       captured graph (its lifted tensors as inputs, so their current values are read) into
+       one aten graph, run once on the call's arguments and kept only if its values equal the
+       full path's exactly. A hit whose chunking is still one pass runs that program instead of
+       the torch.func transforms (their Python overhead is most of a small call: ``diff`` at
+       n = 10,000 spends 0.1 ms in kernels of a 0.5 ms pass); the NaN policy then runs on its
+       values as on the full path's. The program stands for ``func`` exactly when the graph
+       does, which is what point 2 establishes before it runs.
 
     A stale graph whose output at the first sample equals ``func``'s but whose derivative
     differs (a method replaced on a class, which Dynamo does not guard) is not caught by the
-    value check (its limit as stated in :mod:`jacbatch.methods.traced`); the passes themselves
-    still differentiate ``func`` as it is, so only the skipped pattern check is affected.
+    value check (its limit as stated in :mod:`jacbatch.methods.traced`): the skipped pattern
+    check and the program (which differentiates the graph) are then stale, as the traced
+    closed forms are in that case.
 """
 
 from __future__ import annotations
