@@ -25,7 +25,8 @@ NOTE [Repeated sparse calls]
        graph), and the graph's output on this call's first sample equals ``func``'s. Anything
        else drops the entry and runs the full path. A differentiable result (an argument or a
        lifted tensor that requires grad under grad mode, ``create_graph``, a transform) and
-       ``batched=True`` always run the full path.
+       ``batched=True`` always run the full path. A key dropped :data:`MAX_DROPS` times is
+       not kept again (capturing and tracing would be paid over and over).
     3. What a hit skips: the probe (its output shape and grad-mode findings are those of the
        graph), detection (a function of the graph, the lifted constants and the shapes only:
        NOTE [Exact and conservative op classes] in :mod:`jacbatch.sparse.detect` reads no
@@ -74,6 +75,9 @@ if TYPE_CHECKING:
 
 #: A key is kept on this many full calls (capturing costs some full calls' worth once).
 HOT_CALLS = 3
+#: A key whose entry was dropped this many times (its function keeps changing, or its first
+#: sample is not finite) is not kept again: capturing and tracing cost more than they save.
+MAX_DROPS = 4
 #: ``False``: every call takes the full path (for benchmarks of the full path).
 ENABLED = True
 
@@ -87,6 +91,7 @@ class _Entry:
     skip_check: bool = False
     refused: bool = False
     program: Callable[..., Any] | None = None
+    drops: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +227,8 @@ def lookup(
         or not _same_output(call, got)
     ):
         entry.prep, entry.graph, entry.lifted, entry.count = None, None, (), 0
+        entry.drops += 1
+        entry.refused = entry.drops >= MAX_DROPS  # a function that keeps changing stays cold
         return None
     now = dataclasses.replace(call, create_graph=False, probe=old.call.probe)
     if not forward_ok(now) and any(p.coloring.mode == "column" for p in old.parts):

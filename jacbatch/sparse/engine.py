@@ -1,6 +1,10 @@
 """``jacobian(..., sparse=...)``, ``iter_jacobian(..., sparse=...)`` and ``explain(...,
 sparse=...)``: the sparse path, from the validated call to batched sparse CSR results.
 
+(A little over 600 lines: the steps of the NOTE below, the pattern check with its error and the
+``out=`` checks stay in one module that reads in the NOTE's order; repeated calls live in
+:mod:`jacbatch.sparse._hot`, the passes in :mod:`jacbatch.sparse.compressed`.)
+
 NOTE [Sparse Jacobians: what a call does]
     1. The call is validated and probed as every call is (:func:`jacbatch.plan.normalize`,
        :func:`jacbatch.plan.probed`): arguments, ``in_dims``, ``argnums``, the output shape.
