@@ -188,3 +188,42 @@ def test_chunked_colors_and_out_buffer() -> None:
         out = torch.empty_like(P.values().reshape(3, -1))
         J2 = jacbatch.jacobian(lap, X, sparse=True, method=method, out=out)
         torch.testing.assert_close(J2.to_dense(), ref, rtol=0, atol=1e-12)
+
+
+def test_non_finite_sample_on_a_repeated_call() -> None:
+    """The kept program's values go through the NaN policy like the full path's."""
+    gen = torch.Generator().manual_seed(6)
+    P = _diff_pattern(8)
+    for _ in range(CALLS):
+        jacbatch.jacobian(diff, torch.randn(3, 8, generator=gen, dtype=DT), sparse=P)
+    assert _entry(diff).program is not None
+    X = torch.randn(3, 8, generator=gen, dtype=DT)
+    X[1, 3] = float("nan")
+    X[2, 0] = float("inf")
+    J = jacbatch.jacobian(diff, X, sparse=P).to_dense()
+    assert torch.equal(J[:1], reference(diff, X[:1]))  # the finite sample, against autograd
+    # the non-finite samples: as the full path's NaN policy gives them (the dense autograd
+    # reference spreads a NaN over rows that do not depend on it, which the policy avoids)
+    _hot.ENABLED = False
+    try:
+        full = jacbatch.jacobian(diff, X, sparse=P).to_dense()
+    finally:
+        _hot.ENABLED = True
+    torch.testing.assert_close(J, full, rtol=0, atol=0, equal_nan=True)
+    assert not torch.isfinite(J[1]).all() and not torch.isfinite(J[2]).all()
+
+
+COUNTER = [0.0]
+
+
+def drifting(x: torch.Tensor) -> torch.Tensor:
+    return x**2 * COUNTER[0]
+
+
+def test_a_function_that_keeps_changing_stays_on_the_full_path() -> None:
+    X = torch.randn(2, 4, dtype=DT)
+    for i in range(_hot.MAX_DROPS * (_hot.HOT_CALLS + 2)):
+        COUNTER[0] = float(i // (_hot.HOT_CALLS + 1))  # a new constant every few calls
+        J = jacbatch.jacobian(drifting, X, sparse=True)
+        assert torch.equal(J.to_dense(), reference(drifting, X))
+    assert _entry(drifting).refused
