@@ -16,9 +16,10 @@ NOTE [Compressed Jacobians]
     (a view, no copy). Reverse mode runs per sample (``vmap`` over the batch outside ``vjp``,
     as ``vmap(jacrev(f))``), because the pull-back of a batched function w.r.t. a shared
     argument would sum over the samples. Both return ``(colors, B, m)`` / ``(colors, B, n)``,
-    and the gather reads, color by color, the entries of that color:
-    ``values[:, k] = C[color, :, row_k]`` (column mode) or ``C[color, :, col_k]`` (row mode),
-    so that no index tensor of size ``B x nnz`` is ever built. These passes are torch.func
+    and the gather reads ``values[:, k] = C[color_k, :, row_k]`` (column mode) or
+    ``C[color_k, :, col_k]`` (row mode) for all entries at once (NOTE [One gather into the
+    values]; per chunk of colors when the colors are chunked), so that no index tensor of size
+    ``B x nnz`` is ever built. These passes are torch.func
     transforms: the project's traced closed forms write whole dense Jacobians and have no
     JVP-with-a-seed entry point, so a traced route that writes only the nonzeros would need a
     writer of its own (not done).
@@ -131,6 +132,12 @@ class Layout:
         starts: ``(n_colors + 1,)`` where each color's entries begin in ``entries``.
         rows: ``(nnz,)`` the row of each entry (CSR order), on the device.
         cols: ``(nnz,)`` the column of each entry, on the device.
+        color: ``(nnz,)`` the color of each entry (CSR order), on the device.
+        at: ``(nnz,)`` the position each entry is read from (CSR order): its row (column
+            mode) or column (row mode), on the device.
+        flat: ``(nnz,)`` ``color * length + at`` (CSR order, ``length`` that of one
+            compressed vector: ``m`` in column mode, ``n`` in row mode): the entry's position in
+            one sample's compressed vectors laid end to end, on the device.
     """
 
     mode: str
@@ -141,6 +148,9 @@ class Layout:
     starts: list[int]
     rows: torch.Tensor
     cols: torch.Tensor
+    color: torch.Tensor
+    at: torch.Tensor
+    flat: torch.Tensor
 
     @staticmethod
     def of(
@@ -164,7 +174,8 @@ class Layout:
         starts = [0, *torch.cumsum(counts, 0).tolist()]
         return Layout(
             coloring.mode, k, seeds.to(device), order.to(device), where[order].to(device),
-            starts, rows.to(device), cols.to(device),
+            starts, rows.to(device), cols.to(device), key.to(device), where.to(device),
+            (key * (m if coloring.mode == "column" else n) + where).to(device),
         )  # fmt: skip
 
 
@@ -205,13 +216,59 @@ def compressed_values(
             comp = column_pass(func, args, flags, argnum, in_shape, seeds)
         else:
             comp = row_pass(func, args, flags, argnum, out_shape, seeds)
-        for c in range(c0, c1):
-            s, e = layout.starts[c], layout.starts[c + 1]
+        if c0 == 0 and c1 == k:
+            _gather_all(comp, layout, values)
+        else:
+            s, e = layout.starts[c0], layout.starts[c1]
             if e > s:
-                picked = comp[c - c0].index_select(1, layout.where[s:e])
-                values.index_copy_(1, layout.entries[s:e], picked)
+                idx = layout.entries[s:e]
+                picked = comp.transpose(0, 1)[:, layout.color[idx] - c0, layout.at[idx]]
+                values.index_copy_(1, idx, picked)
         del comp
     return values
+
+
+def _gather_all(comp: torch.Tensor, layout: Layout, values: torch.Tensor) -> None:
+    """``values[b, k] = comp[color_k, b, at_k]`` for every entry, in one gather.
+
+    NOTE [One gather into the values]
+        The passes return ``(colors, B, size)``. Row mode's is a view of a ``(B, colors,
+        size)`` tensor (the batch ``vmap`` is outermost), so per sample the compressed rows are
+        one flat vector of ``colors * size`` and entry ``k`` sits at ``color_k * size + at_k``:
+        one ``index_select`` on that flat view, written straight into ``values`` (no
+        ``B x nnz`` index, no scatter). Column mode's (the color ``vmap`` outermost) is not
+        flat per sample; advanced indexing of ``comp.transpose(0, 1)`` at ``(color, at)``
+        gathers ``(B, nnz)`` in CSR order in one kernel, copied into ``values``. With
+        autograd recording (``create_graph``) the copies are the differentiable ones.
+    """
+    per_sample = comp.transpose(0, 1)  # (B, colors, size)
+    B, k, size = per_sample.shape
+    plain = not (comp.requires_grad or values.requires_grad)
+    if plain and per_sample.is_contiguous() and values.is_contiguous():
+        torch.index_select(per_sample.reshape(B, k * size), 1, layout.flat, out=values)
+    else:
+        values.copy_(per_sample[:, layout.color, layout.at])
+
+
+def gathered(
+    func: Callable[..., torch.Tensor],
+    args: Sequence[torch.Tensor],
+    flags: Sequence[bool],
+    argnum: int,
+    shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    layout: Layout,
+) -> torch.Tensor:
+    """``(B, nnz)``: :func:`compressed_values` with all colors in one pass, as a fresh tensor
+    (no ``out=``, no in-place write: traceable by ``make_fx``)."""
+    out_shape, in_shape = shapes
+    if layout.mode == "column":
+        comp = column_pass(func, args, flags, argnum, in_shape, layout.seeds)
+    else:
+        comp = row_pass(func, args, flags, argnum, out_shape, layout.seeds)
+    per_sample = comp.transpose(0, 1)
+    if per_sample.is_contiguous():
+        return per_sample.reshape(per_sample.shape[0], -1).index_select(1, layout.flat)
+    return per_sample[:, layout.color, layout.at]
 
 
 def gather_dense(J: torch.Tensor, pattern: SparsityPattern) -> torch.Tensor:
@@ -267,4 +324,12 @@ def _col_major(pattern: SparsityPattern) -> tuple[torch.Tensor, torch.Tensor, to
     return crow, c[order], order
 
 
-__all__ = ["Layout", "column_pass", "compressed_values", "gather_dense", "row_pass", "to_csr"]
+__all__ = [
+    "Layout",
+    "column_pass",
+    "compressed_values",
+    "gather_dense",
+    "gathered",
+    "row_pass",
+    "to_csr",
+]

@@ -1,6 +1,10 @@
 """``jacobian(..., sparse=...)``, ``iter_jacobian(..., sparse=...)`` and ``explain(...,
 sparse=...)``: the sparse path, from the validated call to batched sparse CSR results.
 
+(A little over 600 lines: the steps of the NOTE below, the pattern check with its error and the
+``out=`` checks stay in one module that reads in the NOTE's order; repeated calls live in
+:mod:`jacbatch.sparse._hot`, the passes in :mod:`jacbatch.sparse.compressed`.)
+
 NOTE [Sparse Jacobians: what a call does]
     1. The call is validated and probed as every call is (:func:`jacbatch.plan.normalize`,
        :func:`jacbatch.plan.probed`): arguments, ``in_dims``, ``argnums``, the output shape.
@@ -10,9 +14,10 @@ NOTE [Sparse Jacobians: what a call does]
        with fewer colors, or the one ``method`` names (``"jacfwd"``: columns, ``"jacrev"``:
        rows). A function that switches grad mode off inside cannot be seen by forward mode, so
        it is colored by rows (``method="jacfwd"`` refuses it, as for dense Jacobians).
-    4. The compressed passes and the gather (NOTE [Compressed Jacobians] in
-       :mod:`jacbatch.sparse.compressed`), in batch chunks (and color chunks when one sample's
-       passes do not fit) within the working-memory budget, into ``(B, nnz)`` values.
+    4. The compressed passes and the gather (NOTE [Compressed Jacobians] and NOTE [One gather
+       into the values] in :mod:`jacbatch.sparse.compressed`), in batch chunks (and color
+       chunks when one sample's passes do not fit) within the working-memory budget, into
+       ``(B, nnz)`` values.
     5. The NaN policy (NOTE [Non-finite values: one policy] in :mod:`jacbatch._nonfinite`):
        samples whose arguments or values are not finite (after forward mode, also those with a
        non-finite intermediate) are recomputed by per-sample reverse mode, one pull-back per
@@ -25,7 +30,9 @@ NOTE [Sparse Jacobians: what a call does]
        differ are then computed exactly on that sample, the entries outside the pattern
        counted, and the call refused with ``ValueError`` naming ``sparse=``. Checking in the
        other mode also catches a forward-mode error that the compressed passes would share.
-       The check costs one pass on one sample.
+       The check costs one pass on one sample. A repeated call may reuse steps 1-3 and skip
+       this check where the pattern contains the structural one (NOTE [Repeated sparse calls]
+       in :mod:`jacbatch.sparse._hot`).
     7. The result: a sparse CSR tensor ``(B, out_numel, in_numel)`` (``(out_numel, in_numel)``
        without a batch), its index tensors shared by the batch (expanded views), row-major vec
        (``vec=None`` or ``"row"``) or column-major (``vec="col"``: indices renumbered, entries
@@ -330,10 +337,16 @@ def _chunking(prep: Prepared, count_values: bool) -> tuple[int, list[int]]:
 
 
 def values_of(
-    prep: Prepared, call: Call, color_chunks: Sequence[int], bufs: Sequence[torch.Tensor | None]
+    prep: Prepared,
+    call: Call,
+    color_chunks: Sequence[int],
+    bufs: Sequence[torch.Tensor | None],
+    computed: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """``(B, nnz)`` values per argnum for ``call`` (the prepared call or a batch chunk of it),
-    the NaN policy applied (NOTE [Sparse Jacobians: what a call does], steps 4-5)."""
+    the NaN policy applied (NOTE [Sparse Jacobians: what a call does], steps 4-5).
+    ``computed``: the compressed passes' values already gathered (a kept program's, NOTE
+    [Repeated sparse calls] in :mod:`jacbatch.sparse._hot`); the NaN policy still applies."""
     args, flags, B = batched_args(call)
     if B == 0:
         return [
@@ -345,12 +358,17 @@ def values_of(
     results = []
     grad = torch.enable_grad() if call.create_graph else torch.no_grad()
     with grad:
-        for part, cc, buf in zip(prep.parts, color_chunks, bufs, strict=True):
-            values = buf if buf is not None else torch.empty(
-                (B, part.pattern.nnz), dtype=call.dtype, device=call.device
-            )  # fmt: skip
-            shapes = (prep.out_shape, call.sample_shape(part.argnum))
-            compressed_values(call.func, args, flags, part.argnum, shapes, part.layout, values, cc)
+        for i, (part, cc, buf) in enumerate(zip(prep.parts, color_chunks, bufs, strict=True)):
+            if computed is not None:
+                values = computed[i] if buf is None else buf.copy_(computed[i])
+            else:
+                values = buf if buf is not None else torch.empty(
+                    (B, part.pattern.nnz), dtype=call.dtype, device=call.device
+                )  # fmt: skip
+                shapes = (prep.out_shape, call.sample_shape(part.argnum))
+                compressed_values(
+                    call.func, args, flags, part.argnum, shapes, part.layout, values, cc
+                )
             method = "jacfwd" if part.coloring.mode == "column" else "jacrev"
             bad = _nonfinite.affected(call, [values], method, random=False)
             for b in bad.nonzero().flatten().tolist():
@@ -509,8 +527,14 @@ def _check_out(prep: Prepared, out: object) -> list[torch.Tensor | None]:
 def jacobian(
     func: Callable[..., Any], args: tuple[Any, ...], out: object = None, **options: Any
 ) -> Any:
-    """The sparse Jacobian(s): ``jacbatch.jacobian(..., sparse=...)``; options as there."""
-    prep = prepare("jacobian", func, args, **options)
+    """The sparse Jacobian(s): ``jacbatch.jacobian(..., sparse=...)``; options as there.
+
+    A repeated call may reuse the prepared call and skip a redundant pattern check (NOTE
+    [Repeated sparse calls] in :mod:`jacbatch.sparse._hot`)."""
+    from . import _hot
+
+    kept = _hot.lookup(func, args, options)
+    prep = kept.prep if kept is not None else prepare("jacobian", func, args, **options)
     call = prep.call
     bufs = _check_out(prep, out)
     B = call.batch_size if call.batch_size is not None else 1
@@ -520,8 +544,12 @@ def jacobian(
     if fresh * item > free:
         V.result_too_large("jacobian", fresh * item, free, prep.budget, call.batch_size)
     batch_chunk, color_chunks = chunking(prep, count_values=False)
+    whole = batch_chunk >= B and all(
+        c >= p.coloring.n_colors for c, p in zip(color_chunks, prep.parts, strict=True)
+    )
     if batch_chunk >= B:
-        values = values_of(prep, call, color_chunks, bufs)
+        computed = kept.run(call) if kept is not None and whole else None
+        values = values_of(prep, call, color_chunks, bufs, computed)
     else:
         values = [
             b
@@ -538,7 +566,10 @@ def jacobian(
                 [v[start : start + n] for v in values],
             )
             memory.release_freed()
-    check_pattern(prep, call, values)
+    if kept is None or not kept.skip_check:
+        check_pattern(prep, call, values)
+    if kept is None:
+        _hot.record(func, args, options, prep, values if whole else None)
     res = results(prep, values)
     return tuple(res) if call.tuple_argnums else res[0]
 

@@ -1,0 +1,346 @@
+"""Repeated sparse calls: the probe, detection and the pattern check once per function state,
+and the compressed passes as one traced program.
+
+NOTE [Repeated sparse calls]
+    A sparse call pays, besides its compressed passes, the probe of ``func`` (on meta tensors,
+    a quarter of the call for the Brusselator), detection with ``sparse=True``, and the pattern
+    check (one pass in the other mode on the first sample, another quarter). None of these
+    answers changes while ``func`` computes the same composition of ops over the same
+    constants, and that is what Dynamo's guards tell (NOTE [Repeated plain calls] in
+    :mod:`jacbatch.repeated`, whose keying this follows):
+
+    1. A call is keyed by ``func`` (a plain function by its code object), the arguments'
+       shapes, dtypes and devices, and every option, the patterns by identity (the entry holds
+       them, so an identity is not reused while the entry lives). The full path runs; after it,
+       the key's count goes up. On the :data:`HOT_CALLS`-th full call, ``func`` is captured
+       (:func:`jacbatch.capture.capture`), its graph's output on the first sample compared with
+       ``func``'s (NOTE [The value check] in :mod:`jacbatch.methods.traced`), and the entry
+       keeps the prepared call, the graph object and the lifted tensors (weakly, with their
+       version counters).
+    2. A later call with the key is validated (:func:`jacbatch.plan.normalize`), captured again
+       (Dynamo's guards run: code, globals, closures and attributes read, shapes, dtypes), and
+       reuses the entry only if the graph is the very object kept, the lifted tensors are the
+       very objects kept at the same version (no global rebound to another tensor, no in-place
+       write: ``where`` masks and zero constants that detection reads are constants of the
+       graph), and the graph's output on this call's first sample equals ``func``'s. Anything
+       else drops the entry and runs the full path. A differentiable result (an argument or a
+       lifted tensor that requires grad under grad mode, ``create_graph``, a transform) and
+       ``batched=True`` always run the full path. A key dropped :data:`MAX_DROPS` times is
+       not kept again (capturing and tracing would be paid over and over).
+    3. What a hit skips: the probe (its output shape and grad-mode findings are those of the
+       graph), detection (a function of the graph, the lifted constants and the shapes only:
+       NOTE [Exact and conservative op classes] in :mod:`jacbatch.sparse.detect` reads no
+       argument value), the coloring and layout look-ups, and the pattern check, but the check
+       only where it is redundant: when, at step 1, every given pattern contains the pattern
+       detection finds for the graph. A structural pattern holds for every input, so a pattern
+       that contains it covers every dependence at every input of that graph and those
+       constants; the random product could not fail. A given pattern smaller than the detected
+       one (it relies on derivatives that vanish at particular values, ``relu`` below zero)
+       keeps its check on every call, as does a function detection refuses. The compressed
+       passes, the NaN policy and the gather run on every call.
+    4. The program. At step 1, when the call ran all samples and colors in one pass, the
+       compressed passes and the gather of every argnum are traced by ``make_fx`` over the
+       captured graph (its lifted tensors as inputs, so their current values are read) into
+       one aten graph, run once on the call's arguments and kept only if its values equal the
+       full path's exactly. A hit whose chunking is still one pass runs that program instead of
+       the torch.func transforms (their Python overhead is most of a small call: ``diff`` at
+       n = 10,000 spends 0.1 ms in kernels of a 0.5 ms pass); the NaN policy then runs on its
+       values as on the full path's. The program stands for ``func`` exactly when the graph
+       does, which is what point 2 establishes before it runs.
+
+    A stale graph whose output at the first sample equals ``func``'s but whose derivative
+    differs (a method replaced on a class, which Dynamo does not guard) is not caught by the
+    value check (its limit as stated in :mod:`jacbatch.methods.traced`): the skipped pattern
+    check and the program (which differentiates the graph) are then stale, as the traced
+    closed forms are in that case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import capture
+from ..methods import batched_args, in_transform
+from ..plan import forward_ok, normalize
+from .pattern import SparsityPattern
+
+if TYPE_CHECKING:
+    from .engine import Prepared
+
+#: A key is kept on this many full calls (capturing costs some full calls' worth once).
+HOT_CALLS = 3
+#: A key whose entry was dropped this many times (its function keeps changing, or its first
+#: sample is not finite) is not kept again: capturing and tracing cost more than they save.
+MAX_DROPS = 4
+#: ``False``: every call takes the full path (for benchmarks of the full path).
+ENABLED = True
+
+
+@dataclasses.dataclass
+class _Entry:
+    count: int = 0
+    prep: Prepared | None = None
+    graph: Any = None
+    lifted: tuple[tuple[weakref.ReferenceType[torch.Tensor], int], ...] = ()
+    skip_check: bool = False
+    refused: bool = False
+    program: Callable[..., Any] | None = None
+    drops: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    """A kept entry that this call may use (NOTE [Repeated sparse calls], point 2).
+
+    Attributes:
+        prep: the kept prepared call, with this call's validated arguments.
+        skip_check: the pattern check is redundant (point 3).
+        program: the traced compressed passes and gather (point 4), or ``None``.
+        lifted: the graph's lifted tensors now (the program's trailing inputs).
+    """
+
+    prep: Prepared
+    skip_check: bool
+    program: Callable[..., Any] | None
+    lifted: tuple[torch.Tensor, ...]
+
+    def run(self, call: Any) -> list[torch.Tensor] | None:
+        """``(B, nnz)`` values per argnum by the program (before the NaN policy), or ``None``."""
+        if self.program is None:
+            return None
+        args, _, B = batched_args(call)
+        if B == 0:
+            return None
+        with torch.no_grad():
+            return list(self.program(*args, *self.lifted))
+
+
+_SEEN: weakref.WeakKeyDictionary[Any, dict[Any, _Entry]] = weakref.WeakKeyDictionary()
+
+
+def _owner(func: Callable[..., Any]) -> Any:
+    return func.__code__ if isinstance(func, types.FunctionType) else func
+
+
+def _key(args: Sequence[Any], options: Mapping[str, Any]) -> Any:
+    if options.get("batched") is not False or options.get("create_graph") is not False:
+        return None
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        return None
+    sparse = options.get("sparse")
+    given = sparse if isinstance(sparse, tuple) else (sparse,)
+    marks = tuple(id(p) if isinstance(p, SparsityPattern) else p for p in given)
+    rest = tuple(sorted((k, v) for k, v in options.items() if k != "sparse"))
+    key = (tuple((a.shape, a.dtype, a.device) for a in args), marks, rest)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _entry(func: Callable[..., Any], key: Any, create: bool) -> _Entry | None:
+    try:
+        table = _SEEN.setdefault(_owner(func), {}) if create else _SEEN.get(_owner(func))
+    except TypeError:  # not weakly referenceable
+        return None
+    if table is None:
+        return None
+    return table.setdefault(key, _Entry()) if create else table.get(key)
+
+
+def _plain(args: Sequence[torch.Tensor], lifted: Sequence[torch.Tensor]) -> bool:
+    from ..prepared import _plain as plain
+
+    return plain(args, lifted)
+
+
+def _capture(call: Any) -> Any:
+    return capture.capture(
+        call.func,
+        [call.sample_shape(i) for i in range(len(call.args))],
+        call.dtype,
+        call.device,
+        [d is not None for d in call.in_dims],
+    )
+
+
+def _same_output(call: Any, got: Any) -> bool:
+    """The graph's output on the first sample equals ``func``'s (NOTE [The value check])."""
+    args, flags, B = batched_args(call)
+    if B == 0:
+        return True
+    first = [x[0] if f else x for x, f in zip(args, flags, strict=True)]
+    with torch.no_grad():
+        y = call.func(*first)
+        out = got.graph.gm(*first, *got.lifted)
+    v = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(y, torch.Tensor) or not isinstance(v, torch.Tensor):
+        return False
+    return y.shape == v.shape and bool(torch.equal(y, v.to(y.dtype)))
+
+
+def _lifted_now(got: Any) -> tuple[tuple[weakref.ReferenceType[torch.Tensor], int], ...]:
+    return tuple((weakref.ref(t), t._version) for t in got.lifted)
+
+
+def _lifted_same(kept: Sequence[tuple[Any, int]], now: Sequence[torch.Tensor]) -> bool:
+    if len(kept) != len(now):
+        return False
+    return all(r() is t and t._version == v for (r, v), t in zip(kept, now, strict=True))
+
+
+def lookup(
+    func: Callable[..., Any], args: tuple[Any, ...], options: Mapping[str, Any]
+) -> Hit | None:
+    """The kept entry for this call, or ``None`` for the full path (NOTE [Repeated sparse
+    calls], point 2)."""
+    key = _key(args, options) if ENABLED else None
+    entry = _entry(func, key, create=False) if key is not None else None
+    if entry is None or entry.prep is None:
+        return None
+    old = entry.prep
+    sparse = options.get("sparse")
+    given = sparse if isinstance(sparse, tuple) else (sparse,)
+    if sparse is not True and any(
+        p is not part.pattern for p, part in zip(given, old.parts, strict=True)
+    ):
+        return None
+    call = normalize(
+        "jacobian", func, args, options.get("argnums", 0), options.get("in_dims", 0),
+        options.get("randomness", "error"), False,
+    )  # fmt: skip
+    if in_transform(call.args):
+        return None
+    got = _capture(call)
+    if not _plain(call.args, got.lifted):
+        return None
+    if (
+        got.graph is not entry.graph
+        or not _lifted_same(entry.lifted, got.lifted)
+        or not _same_output(call, got)
+    ):
+        entry.prep, entry.graph, entry.lifted, entry.count = None, None, (), 0
+        entry.drops += 1
+        entry.refused = entry.drops >= MAX_DROPS  # a function that keeps changing stays cold
+        return None
+    now = dataclasses.replace(call, create_graph=False, probe=old.call.probe)
+    if not forward_ok(now) and any(p.coloring.mode == "column" for p in old.parts):
+        return None
+    return Hit(dataclasses.replace(old, call=now), entry.skip_check, entry.program, got.lifted)
+
+
+def record(
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    options: Mapping[str, Any],
+    prep: Prepared,
+    values: Sequence[torch.Tensor] | None,
+) -> None:
+    """Count a full call that passed its checks; on the :data:`HOT_CALLS`-th, keep it (NOTE
+    [Repeated sparse calls], point 1), with a program where ``values`` (the call's values, all
+    colors and samples in one pass) are given and the program reproduces them exactly."""
+    key = _key(args, options) if ENABLED else None
+    entry = _entry(func, key, create=True) if key is not None else None
+    if entry is None or entry.refused or entry.prep is not None:
+        return
+    entry.count += 1
+    if entry.count < HOT_CALLS:
+        return
+    call = prep.call
+    if call.create_graph or call.batched_func is not None or in_transform(call.args):
+        return
+    got = _capture(call)
+    if got.graph.gm is None or not _plain(call.args, got.lifted) or not _same_output(call, got):
+        entry.refused = True
+        return
+    entry.skip_check = all(_covers(call, part) for part in prep.parts)
+    entry.program = _program(prep, call, got, values) if values is not None else None
+    # kept without the arguments and the function: a kept entry must not keep the caller's
+    # batch alive, nor ``func`` (the table's weak key is its code, which ``func`` holds)
+    bare = dataclasses.replace(call, func=_gone, args=())
+    entry.prep, entry.graph, entry.lifted = (
+        dataclasses.replace(prep, call=bare),
+        got.graph,
+        _lifted_now(got),
+    )
+
+
+def _program(
+    prep: Prepared, call: Any, got: Any, values: Sequence[torch.Tensor]
+) -> Callable[..., Any] | None:
+    """The compressed passes and gather of every argnum over the captured graph, traced by
+    ``make_fx`` into one aten graph: inputs the batched arguments (batch first) and the lifted
+    tensors; outputs ``(B, nnz)`` per argnum. ``None`` where tracing fails or the program's
+    values are not exactly ``values`` (NOTE [Repeated sparse calls], point 4)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from .compressed import gathered
+
+    args, flags, B = batched_args(call)
+    if B == 0:
+        return None
+    n, graph = len(args), got.graph.gm
+
+    def run(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        xs, lifted = inputs[:n], inputs[n:]
+
+        def g(*ys: torch.Tensor) -> torch.Tensor:
+            out = graph(*ys, *lifted)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        return tuple(
+            gathered(
+                g, xs, flags, p.argnum, (prep.out_shape, call.sample_shape(p.argnum)), p.layout
+            )
+            for p in prep.parts
+        )
+
+    try:
+        with torch.no_grad():
+            program = make_fx(run)(*args, *got.lifted)
+            again = program(*args, *got.lifted)
+    except Exception:
+        return None
+    if len(again) != len(values) or not all(
+        a.shape == v.shape and bool(torch.equal(a, v)) for a, v in zip(again, values, strict=True)
+    ):
+        return None
+    return program
+
+
+def _gone(*args: Any) -> Any:
+    raise AssertionError("a kept sparse preparation's call is never run")
+
+
+def _covers(call: Any, part: Any) -> bool:
+    """``part``'s pattern contains the structural one (detected: True; refused: False)."""
+    if not part.given:
+        return True
+    try:
+        from .detect import detect
+
+        found = detect(call.func, call.args, part.argnum, call.in_dims)
+    except Exception:
+        return False
+    p = part.pattern
+    if tuple(found.shape) != tuple(p.shape):
+        return False
+    n = max(p.shape[1], 1)
+    mine = p.row_indices() * n + p.col_indices
+    theirs = found.row_indices() * n + found.col_indices
+    return bool(torch.isin(theirs, mine).all())
+
+
+def forget_all() -> None:
+    """Drop every kept entry (for tests)."""
+    _SEEN.clear()
+
+
+__all__ = ["ENABLED", "HOT_CALLS", "Hit", "forget_all", "lookup", "record"]
