@@ -51,6 +51,11 @@ Bugs:
 * ``logcumsumexp_forward_mode``: the forward-mode formula of ``logcumsumexp`` is inaccurate
   when the inputs spread widely: at ``x = (-30, 5, 8.7, -3.7, 9)`` (float64) ``jacfwd`` and
   ``jacrev`` differ by 0.9999, at torch's own samples by up to 1e-2. Instead: ``jacrev``.
+* ``cdist_backward_vmap``: the backward of ``cdist`` under ``vmap`` over cotangents (what
+  ``jacrev`` runs, ``torch.func.jacrev`` alone included) gives every output row the gradient
+  of the first: for ``f(x) = cdist(x[:, None], y[:, None]).sum(1)`` the Jacobian is diagonal,
+  ``jacrev`` returns one column. One backward per output element (the vjp route) is right;
+  forward AD of ``cdist`` is not implemented. Instead: ``per_sample`` for ``jacrev``.
 * ``lu_forward_nested_vmap``: ``vmap(jacfwd(f))`` (the tangent ``vmap`` inside the batch
   ``vmap``) is wrong for LU-based ops (``det``, ``logdet``, ``solve``). The forward route
   already puts the tangent ``vmap`` outside (NOTE [Forward mode: vmap over tangents outside the
@@ -145,6 +150,12 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         frozenset({"aten.logcumsumexp.default"}),
         frozenset({"jacfwd"}),
         "forward AD of logcumsumexp loses all accuracy when the inputs spread widely",
+    ),
+    KnownBug(
+        "cdist_backward_vmap",
+        frozenset({"aten._cdist_forward.default"}),
+        frozenset({"jacrev"}),
+        "the backward of cdist under vmap over cotangents repeats the first row's gradient",
     ),
     KnownBug(
         "lu_forward_nested_vmap",

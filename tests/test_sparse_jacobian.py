@@ -328,14 +328,6 @@ def test_refused_options() -> None:
         jacbatch.jacobian(f, *args, sparse=P, randomness="different")
 
 
-def test_sparse_true_without_detection_is_refused() -> None:
-    if importlib.util.find_spec("jacbatch.sparse.detect") is not None:
-        pytest.skip("detection is available: see test_detected")
-    f, args, _, _ = CASES["diff"]
-    with pytest.raises(NotImplementedError, match="sparse=SparsityPattern"):
-        jacbatch.jacobian(f, *args, sparse=True)
-
-
 def test_explain() -> None:
     f, args, _, _ = CASES["brusselator_8"]
     P = patterns("brusselator_8")
@@ -423,3 +415,52 @@ def test_iter_jacobian_within_max_memory() -> None:
         torch.testing.assert_close(J.to_dense(), ref[sl], rtol=0, atol=1e-12)
         slices.append((sl.start, sl.stop))
     assert len(slices) > 1 and slices[-1][1] == B
+
+
+class _Cube(torch.autograd.Function):
+    """x**3 with a backward and no forward-mode formula (torch.func-ready: setup_context and
+    a generated vmap rule)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+
+def test_pattern_check_without_forward_mode() -> None:
+    # _Cube has no forward-mode formula: a row-mode call checks its pattern by a reverse-mode
+    # product instead, and a pattern missing a dependence is still refused.
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return _Cube.apply(x) + x[[1, 2, 3, 4, 0]]
+
+    X = torch.randn(B, 5, dtype=DT)
+    eye = torch.eye(5, dtype=torch.bool)
+    full = SparsityPattern.from_mask(eye | eye[[1, 2, 3, 4, 0]], (5,), (5,))
+    J = jacbatch.jacobian(f, X, sparse=full, method="jacrev")
+    torch.testing.assert_close(J.to_dense(), reference(f, (X,), (0,), 0), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="sparse= pattern"):
+        jacbatch.jacobian(f, X, sparse=SparsityPattern.from_mask(eye, (5,), (5,)), method="jacrev")
+
+
+def test_known_torch_bug_is_routed_around_or_refused() -> None:
+    # cdist's backward under vmap is wrong in torch (jacbatch._torch_bugs): row passes would
+    # be wrong, so method="jacrev" is refused, and auto takes column passes (where forward
+    # mode has no formula for cdist, torch says so); never a wrong value.
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(x.reshape(5, 1), x.reshape(5, 1)).sum(1)
+
+    X = torch.randn(B, 5, dtype=DT)
+    with pytest.raises(NotImplementedError, match="cdist_backward_vmap"):
+        jacbatch.jacobian(f, X, sparse=True, method="jacrev")
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        jacbatch.jacobian(f, X, sparse=True)

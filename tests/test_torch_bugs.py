@@ -95,6 +95,20 @@ def test_none_gradient_is_rechecked_per_sample():
     torch.testing.assert_close(J[0], torch.diag_embed(X.cos()))
 
 
+def test_cdist_backward_vmap():
+    """(f) the backward of cdist under vmap over cotangents repeats the first row."""
+    torch.manual_seed(0)
+    Y = torch.randn(5, 1, dtype=torch.float64)
+
+    def f(x):
+        return torch.cdist(x.reshape(5, 1), Y).sum(1) + torch.cdist(x[:, None], x[:, None]).sum(0)
+
+    X = torch.randn(3, 5, dtype=torch.float64)
+    ref = reference_jacobian(f, (X,), 0, (0,))
+    assert not torch.allclose(vmap(torch.func.jacrev(f))(X), ref)  # the bug
+    _check_routes(f, X, "cdist_backward_vmap", route="jacrev", routes=["auto", "jacrev", "vjp"])
+
+
 def test_select_scatter_batched_src():
     """(b) vmap forward + backward scales the gradient of a batched ``src``."""
     torch.manual_seed(0)

@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from .. import _nonfinite, memory
+from .. import _nonfinite, _torch_bugs, memory
 from .. import _validation as V
 from ..call import Call
 from ..methods import batched_args, in_transform
@@ -66,6 +66,7 @@ from .compressed import Layout, column_pass, compressed_values, to_csr
 from .pattern import SparsityPattern
 
 _MODE_OF_METHOD = {"auto": "auto", "jacfwd": "column", "jacrev": "row"}
+_METHOD_OF_MODE = {m: k for k, m in _MODE_OF_METHOD.items()}
 
 
 @dataclass(frozen=True)
@@ -125,15 +126,10 @@ def _check_sparse(where: str, sparse: object, n_argnums: int) -> list[SparsityPa
 
 
 def _detect(where: str, call: Call, argnum: int) -> SparsityPattern:
-    """The detected pattern (``sparse=True``), or a clear error where detection is missing."""
-    try:
-        from .detect import detect  # type: ignore[attr-defined,import-not-found,unused-ignore]
-    except ImportError:
-        raise NotImplementedError(
-            f"{where}: sparse=True needs sparsity detection (jacbatch.sparse.detect), which is "
-            f"not available in this installation. Pass the pattern instead: "
-            f"sparse=SparsityPattern.from_mask(mask, out_shape, in_shape)."
-        ) from None
+    """The detected pattern (``sparse=True``; :func:`jacbatch.sparse.detect.detect` raises
+    :class:`~jacbatch.sparse.detect.NoPatternError` where no pattern can be given)."""
+    from .detect import detect
+
     batched = call.batched_func is not None
     func = call.batched_func if call.batched_func is not None else call.func
     pattern = detect(func, call.args, argnum, call.in_dims, batched=batched)
@@ -220,6 +216,7 @@ def prepare(
                 f"method='jacrev' or 'auto'."
             )
         mode = "row"
+    mode = _around_known_bugs(where, call, mode)
     patterns = _check_sparse(where, sparse, len(call.argnums))
     parts = []
     for a, given in zip(call.argnums, patterns, strict=True):
@@ -238,6 +235,31 @@ def prepare(
         layout = _layout(pattern, coloring, call)
         parts.append(Part(a, pattern, coloring, layout, given is not None))
     return Prepared(call, out_shape, tuple(parts), checked_vec, budget, show, size)
+
+
+def _around_known_bugs(where: str, call: Call, mode: str) -> str:
+    """``mode`` ("auto", "column" or "row"), narrowed to the coloring whose passes no known
+    torch bug (:mod:`jacbatch._torch_bugs`) makes wrong for the probed ops.
+
+    Column passes are JVPs under ``vmap`` (what ``jacfwd`` runs), row passes a ``vmap`` of a
+    pull-back over seeds (what ``jacrev`` runs), so the bugs listed for those routes apply.
+    """
+    ops = call.probe.ops if call.probe is not None else frozenset()
+    bugs = {
+        "column": _torch_bugs.affecting(ops, "jacfwd"),
+        "row": _torch_bugs.affecting(ops, "jacrev"),
+    }
+    wanted = ("column", "row") if mode == "auto" else (mode,)
+    fine = [m for m in wanted if not bugs[m]]
+    if fine:
+        return fine[0] if mode != "auto" or len(fine) == 1 else "auto"
+    names = ", ".join(sorted({f"{b.name} ({b.what})" for m in wanted for b in bugs[m]}))
+    raise NotImplementedError(
+        f"{where}: {_torch_bugs.NOTE_PREFIX}: {names}; the sparse passes "
+        f"({'method=' + repr(_METHOD_OF_MODE[mode]) if mode != 'auto' else 'both colorings'}) "
+        f"would be wrong for this function. Use the dense jacobian (sparse=False), which "
+        f"routes around it" + (", or method='auto'." if mode != "auto" else ".")
+    )
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[SparsityPattern, dict[Any, Layout]] = (
@@ -439,49 +461,76 @@ def check_pattern(prep: Prepared, call: Call, values: Sequence[torch.Tensor]) ->
             rows, cols = part.layout.rows, part.layout.cols
             m, n = p.shape
             g = _single(call, xs, a)
-            if part.coloring.mode == "column":  # check by reverse mode: u^T J over columns
-                u = torch.randn(m, generator=gen, dtype=call.dtype).to(call.device)
-                pull = torch.func.vjp(g, xs[a])[1]
-                exact = pull(u)[0].reshape(-1)
-                prod = torch.zeros(n, dtype=call.dtype, device=call.device)
-                prod.index_add_(0, cols, u[rows] * v0)
-                scale = torch.zeros_like(prod).index_add_(0, cols, (u[rows] * v0).abs())
-            else:  # check by forward mode: J v over rows
-                w = torch.randn(n, generator=gen, dtype=call.dtype).to(call.device)
-                exact = torch.func.jvp(g, (xs[a],), (w.reshape(xs[a].shape),))[1].reshape(-1)
-                prod = torch.zeros(m, dtype=call.dtype, device=call.device)
-                prod.index_add_(0, rows, v0 * w[cols])
-                scale = torch.zeros_like(prod).index_add_(0, rows, (v0 * w[cols]).abs())
+            # NOTE [The pattern check's mode]: a random product in the mode the passes did not
+            # use tests the decompression independently of the seeds; the same mode (a random
+            # direction, not a seed) detects a missed dependence as well. It is the fallback
+            # where the other mode has no formula for an op (forward AD of cdist, say).
+            first = "reverse" if part.coloring.mode == "column" else "forward"
+            used = first
+            try:
+                exact, prod, scale = _random_product(first, g, xs[a], rows, cols, v0, m, n, gen)
+            except (NotImplementedError, RuntimeError):
+                used = "forward" if first == "reverse" else "reverse"
+                exact, prod, scale = _random_product(used, g, xs[a], rows, cols, v0, m, n, gen)
             # rounding of both products, plus a floor relative to the largest term
             floor = float(scale.max()) if scale.numel() else 0.0
             tol = 1000 * eps * (scale + exact.abs() + 1e-3 * floor)
             finite = torch.isfinite(exact) & torch.isfinite(prod)
             off = ((exact - prod).abs() > tol) & finite
             if bool(off.any()):
-                _missed(prep.call, xs, part, off.nonzero().flatten())
+                _missed(prep.call, xs, part, off.nonzero().flatten(), used)
 
 
-def _missed(call: Call, xs: list[torch.Tensor], part: Part, idx: torch.Tensor) -> None:
-    """Count the entries outside the pattern in the columns (rows) ``idx`` of the first
-    sample, and raise."""
+def _random_product(
+    mode: str,
+    g: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    v0: torch.Tensor,
+    m: int,
+    n: int,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(exact, from the values, scale)`` of a random product with one sample's Jacobian:
+    ``uᵀ J`` ``(n,)`` by reverse mode, or ``J w`` ``(m,)`` by forward mode; ``v0 (nnz,)`` are the
+    sample's values at ``(rows, cols)``, ``scale`` the sums of the absolute terms."""
+    dtype, device = v0.dtype, v0.device
+    if mode == "reverse":
+        u = torch.randn(m, generator=gen, dtype=dtype).to(device)
+        exact = torch.func.vjp(g, x)[1](u)[0].reshape(-1)
+        terms, at, size = u[rows] * v0, cols, n
+    else:
+        w = torch.randn(n, generator=gen, dtype=dtype).to(device)
+        exact = torch.func.jvp(g, (x,), (w.reshape(x.shape),))[1].reshape(-1)
+        terms, at, size = v0 * w[cols], rows, m
+    prod = torch.zeros(size, dtype=dtype, device=device).index_add_(0, at, terms)
+    scale = torch.zeros(size, dtype=dtype, device=device).index_add_(0, at, terms.abs())
+    return exact, prod, scale
+
+
+def _missed(call: Call, xs: list[torch.Tensor], part: Part, idx: torch.Tensor, used: str) -> None:
+    """Count the entries outside the pattern in the columns (``used="reverse"``: the check was
+    ``uᵀ J``) or rows (``"forward"``) ``idx`` of the first sample, and raise."""
     p, a = part.pattern, part.argnum
     idx = idx[:4096]
-    mask_full = None
-    if part.coloring.mode == "column":  # idx are columns
-        exact = _cols_of(call, xs, a, idx).T  # (m, k)
-        mask_full = p.to_mask()[:, idx.cpu()].to(exact.device)
-        kind = "columns"
+    kind = "columns" if used == "reverse" else "rows"
+    try:  # columns by forward mode, rows by reverse mode: the check's other mode
+        if used == "reverse":
+            exact = _cols_of(call, xs, a, idx).T  # (m, k)
+            mask_full = p.to_mask()[:, idx.cpu()].to(exact.device)
+        else:
+            exact = _rows_of(call, xs, a, idx)  # (k, n)
+            mask_full = p.to_mask()[idx.cpu()].to(exact.device)
+        count: int | None = int(((exact != 0) & ~mask_full).sum())
+    except (NotImplementedError, RuntimeError):  # that mode has no formula for some op
+        count = None
+    if count:
+        detail = f"{count} nonzero entr{'y' if count == 1 else 'ies'} outside the pattern"
+    elif count is None:
+        detail = "a compressed product that disagrees with the exact one"
     else:
-        exact = _rows_of(call, xs, a, idx)  # (k, n)
-        mask_full = p.to_mask()[idx.cpu()].to(exact.device)
-        kind = "rows"
-    outside = (exact != 0) & ~mask_full
-    count = int(outside.sum())
-    detail = (
-        f"{count} nonzero entr{'y' if count == 1 else 'ies'} outside the pattern"
-        if count
-        else "no entry outside the pattern, but the compressed product disagrees"
-    )
+        detail = "no entry outside the pattern, but the compressed product disagrees"
     raise ValueError(
         f"jacobian: expected the sparse= pattern for argnum {a} to contain every dependence of "
         f"the output on the argument, got {detail} in {idx.numel()} {kind} of the first "
