@@ -52,10 +52,12 @@ Bugs:
   when the inputs spread widely: at ``x = (-30, 5, 8.7, -3.7, 9)`` (float64) ``jacfwd`` and
   ``jacrev`` differ by 0.9999, at torch's own samples by up to 1e-2. Instead: ``jacrev``.
 * ``cdist_backward_vmap``: the backward of ``cdist`` under ``vmap`` over cotangents (what
-  ``jacrev`` runs, ``torch.func.jacrev`` alone included) gives every output row the gradient
-  of the first: for ``f(x) = cdist(x[:, None], y[:, None]).sum(1)`` the Jacobian is diagonal,
-  ``jacrev`` returns one column. One backward per output element (the vjp route) is right;
-  forward AD of ``cdist`` is not implemented. Instead: ``per_sample`` for ``jacrev``.
+  ``jacrev`` runs, ``torch.func.jacrev`` alone included) is wrong for every ``p > 0`` (``p =
+  1, 2, 3, inf``, any feature size): for ``f(x) = cdist(x[:, None], y[:, None]).sum(1)`` the
+  Jacobian is diagonal, ``jacrev`` repeats the first row's gradient in every row. torch's own
+  OpInfo samples of ``cdist`` start with ``p = 0`` (a zero derivative), so they do not show
+  it. One backward per output element (the vjp route) is right; forward AD of ``cdist`` is
+  not implemented. Instead: ``per_sample`` for ``jacrev``.
 * ``lu_forward_nested_vmap``: ``vmap(jacfwd(f))`` (the tangent ``vmap`` inside the batch
   ``vmap``) is wrong for LU-based ops (``det``, ``logdet``, ``solve``). The forward route
   already puts the tangent ``vmap`` outside (NOTE [Forward mode: vmap over tangents outside the
@@ -155,7 +157,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         "cdist_backward_vmap",
         frozenset({"aten._cdist_forward.default"}),
         frozenset({"jacrev"}),
-        "the backward of cdist under vmap over cotangents repeats the first row's gradient",
+        "the backward of cdist (p > 0) under vmap over cotangents is wrong",
     ),
     KnownBug(
         "lu_forward_nested_vmap",
