@@ -338,6 +338,7 @@ def estimate_memory(
     randomness: str = "error",
     batched: bool = False,
     has_aux: bool = False,
+    sparse: bool | SparsityPattern | tuple[SparsityPattern, ...] = False,
 ) -> memory.MemoryEstimate:
     """Preflight: the result's bytes and the route's peak working bytes, from shapes alone.
 
@@ -348,6 +349,10 @@ def estimate_memory(
     Args:
         func, args, argnums, in_dims, method, vec, chunk_size, randomness, batched, has_aux:
             as in :func:`jacobian` (pytrees too).
+        sparse: as in :func:`jacobian`: the estimate of the sparse call (the values ``(B,
+            nnz)`` and the shared CSR index tensors as output, the compressed passes of every
+            color and sample at once as working memory; see
+            :func:`jacbatch.sparse.engine.estimate_memory`).
 
     Returns:
         A :class:`~jacbatch.memory.MemoryEstimate` (``output_bytes``, ``peak_bytes``,
@@ -359,6 +364,14 @@ def estimate_memory(
         >>> est.output_bytes // 2**20, est.working_bytes < est.output_bytes // 100
         (512, True)
     """
+    if sparse is not False:  # NOTE [Sparse Jacobians: what a call does]
+        from .sparse.engine import estimate_memory as sparse_estimate
+
+        return sparse_estimate(
+            func, args, argnums=argnums, in_dims=in_dims, sparse=sparse, method=method,
+            vec=vec, chunk_size=chunk_size, progress=False, randomness=randomness,
+            create_graph=False, batched=batched, has_aux=has_aux,
+        )  # fmt: skip
     where, call = "estimate_memory", (func, args, argnums, in_dims)
     if pytree.is_tree_call(args, in_dims, has_aux):  # NOTE [Pytree calls]
         call = pytree.flat_call(where, *call, has_aux=has_aux, vec=vec, batched=batched)

@@ -464,3 +464,24 @@ def test_known_torch_bug_is_routed_around_or_refused() -> None:
         jacbatch.jacobian(f, X, sparse=True, method="jacrev")
     with pytest.raises(NotImplementedError, match="forward AD"):
         jacbatch.jacobian(f, X, sparse=True)
+
+
+@pytest.mark.parametrize("method", ["jacfwd", "jacrev"])
+def test_estimate_memory(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The estimate's output is the values plus the shared index tensors; its peak bounds the
+    # measured peak of the compressed passes and the gather of a whole-batch call (measured up
+    # to the CSR construction, whose storage the tracker cannot read).
+    from jacbatch.memory import LiveBytes
+
+    f, args, in_dims, _ = CASES["brusselator_8"]
+    P = patterns("brusselator_8")
+    est = jacbatch.estimate_memory(f, *args, in_dims=in_dims, sparse=P, method=method)
+    item = torch.empty((), dtype=DT).element_size()
+    assert est.output_bytes == B * P.nnz * item + (P.shape[0] + 1 + P.nnz) * 8
+    assert est.batch_size == B and est.exact
+    assert ("column" if method == "jacfwd" else "row") in est.route
+    jacbatch.jacobian(f, *args, in_dims=in_dims, sparse=P, method=method)  # warm caches
+    monkeypatch.setattr(engine, "results", lambda prep, values: list(values))
+    with LiveBytes(include_meta=False) as live:
+        jacbatch.jacobian(f, *args, in_dims=in_dims, sparse=P, method=method)
+    assert 0 < live.peak <= est.peak_bytes * 1.5 and est.peak_bytes <= 4 * live.peak

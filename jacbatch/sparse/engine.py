@@ -317,6 +317,44 @@ def _unit_bytes(prep: Prepared, part: Part) -> int:
         return fallback
 
 
+def estimate_memory(func: Callable[..., Any], args: tuple[Any, ...], **options: Any) -> Any:
+    """:func:`jacbatch.estimate_memory` of a sparse call: a
+    :class:`~jacbatch.memory.MemoryEstimate` from shapes alone.
+
+    ``output_bytes``: the values ``(B, nnz)`` plus the CSR index tensors ``crow (m + 1,)`` and
+    ``col (nnz,)``, int64, shared by the batch (one copy). ``peak_bytes`` adds the working memory
+    of the compressed passes with the whole batch and every color (at most ``chunk_size``) in
+    one pass, simulated on meta tensors per color and sample (``exact=False`` where ``func``
+    cannot run on meta and the figure is a conservative multiple of the compressed vectors).
+    ``route`` names the coloring, e.g. ``"sparse row (11 colors)"``.
+    """
+    prep = prepare("estimate_memory", func, args, **options)
+    call = prep.call
+    B = call.batch_size if call.batch_size is not None else 1
+    item = torch.empty((), dtype=call.dtype).element_size()
+    values = B * sum(p.pattern.nnz for p in prep.parts) * item
+    index = sum((p.pattern.shape[0] + 1 + p.pattern.nnz) * 8 for p in prep.parts)
+    colors = [
+        p.coloring.n_colors
+        if prep.chunk_size is None
+        else min(p.coloring.n_colors, prep.chunk_size)
+        for p in prep.parts
+    ]
+    units = [_unit_bytes(prep, p) for p in prep.parts]
+    m = math.prod(prep.out_shape)
+    fallbacks = [
+        16 * (m + p.pattern.shape[1]) * item for p in prep.parts
+    ]  # what _unit_bytes returns when func cannot run on meta
+    exact = all(u != f for u, f in zip(units, fallbacks, strict=True))
+    working = max(u * c for u, c in zip(units, colors, strict=True)) * B
+    route = ", ".join(
+        f"sparse {p.coloring.mode} ({p.coloring.n_colors} colors)" for p in prep.parts
+    )
+    return memory.MemoryEstimate(
+        route, values + index, values + index + working, call.batch_size, exact=exact
+    )
+
+
 def chunking(prep: Prepared, count_values: bool) -> tuple[int, list[int]]:
     """Samples per batch chunk, and per argnum colors per pass (at most ``chunk_size``),
     within ``prep.budget``.
