@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jacbatch
+from bench._timing import median_seconds
 
 Case = tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, dict[str, Callable[[], Any]]]
 
@@ -120,15 +121,6 @@ CASES: dict[str, Callable[[], Case]] = {
 CLOCK: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def _median(fn: Callable[[], Any], reps: int, clock: Callable[[], float]) -> float:
-    times = []
-    for _ in range(reps):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return statistics.median(times)
-
-
 def run_case(
     name: str, make: Callable[[], Case], rounds: int, reps: int, clock: str = "wall"
 ) -> dict[str, Any]:
@@ -144,7 +136,7 @@ def run_case(
     names = list(runners)
     for r in range(rounds):
         for k in names[r % len(names) :] + names[: r % len(names)]:
-            per_round[k].append(_median(runners[k], reps, CLOCK[clock]))
+            per_round[k].append(median_seconds(runners[k], reps, CLOCK[clock]))
     times = {k: statistics.median(v) for k, v in per_round.items()}
     base, ours = per_round["vmap(torch.func.hessian)"], per_round["jacbatch.hessian"]
     ratios = [b / a for a, b in zip(ours, base, strict=True)]  # per round, same load

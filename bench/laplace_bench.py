@@ -28,7 +28,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +44,7 @@ from laplace.curvature import (
     CurvlinopsGGN,
 )
 
+from bench._timing import median_seconds
 from jacbatch.integrations.laplace import JacbatchGGN
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -91,15 +91,6 @@ BACKENDS: dict[str, Callable[[torch.nn.Module], Any]] = {
 FULL = {"JacbatchGGN": "JacbatchGGN", "BackPACK": "BackPACK", "curvlinops": "torch.func"}
 
 
-def _median_ms(fn: Callable[[], Any], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def run_case(
     make: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch.Tensor, rounds: int
 ) -> dict[str, float]:
@@ -133,7 +124,7 @@ def run_case(
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             reps = 1 if name.endswith(" full") else 3
-            per_round[name].append(_median_ms(runners[name], reps))
+            per_round[name].append(median_seconds(runners[name], reps) * 1e3)
     return {k: statistics.median(v) for k, v in per_round.items()}
 
 

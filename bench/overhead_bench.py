@@ -29,7 +29,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jacbatch
+from bench._timing import median_seconds
 from jacbatch import capture, repeated
 
 
@@ -62,15 +62,6 @@ def _cases() -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Te
         "MLP 3-64-5, B=128": (mlp_small, rnd(128, 3)),
         "sin(A x), 8x8, B=16": (tiny, rnd(16, 8)),
     }
-
-
-def _median_us(fn: Callable[[], Any], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
 
 
 def run_case(
@@ -114,7 +105,7 @@ def run_case(
         for name in order:
             reps = 20 if name == "jacobian (cold)" else 200
             with torch.no_grad():
-                per_round[name].append(_median_us(runners[name], reps))
+                per_round[name].append(median_seconds(runners[name], reps) * 1e6)
     return {k: statistics.median(v) for k, v in per_round.items()}
 
 
