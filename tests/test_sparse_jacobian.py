@@ -4,7 +4,6 @@ chunking, out=, iter_jacobian, and the errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Callable
 from typing import Any
@@ -260,8 +259,6 @@ def test_iter_jacobian(batch_chunk: int | None) -> None:
 
 @pytest.mark.parametrize("detected", [False, True])
 def test_batched_function(detected: bool) -> None:
-    if detected and importlib.util.find_spec("jacbatch.sparse.detect") is None:
-        pytest.skip("no sparsity detection")
     x = CASES["heat"][1][0]
     sparse = True if detected else patterns("heat")
 
@@ -369,9 +366,6 @@ def test_refused_inside_a_transform() -> None:
         )
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("jacbatch.sparse.detect") is None, reason="no sparsity detection"
-)
 @pytest.mark.parametrize("method", ["auto", "jacfwd", "jacrev"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_detected(name: str, method: str) -> None:
@@ -485,3 +479,19 @@ def test_estimate_memory(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with LiveBytes(include_meta=False) as live:
         jacbatch.jacobian(f, *args, in_dims=in_dims, sparse=P, method=method)
     assert 0 < live.peak <= est.peak_bytes * 1.5 and est.peak_bytes <= 4 * live.peak
+
+
+def test_detected_pattern_object_is_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # sparse=True gets detection's cached pattern itself, so a second call finds its coloring
+    # and layout by object, without hashing the pattern's indices again.
+    f, args, in_dims, _ = CASES["heat"]
+    prep1 = engine.prepare("jacobian", f, args, argnums=0, in_dims=in_dims, sparse=True,
+                           method="auto", vec=None, progress=None, randomness="error",
+                           create_graph=False, batched=False)  # fmt: skip
+    hashed = []
+    monkeypatch.setattr(engine.hashlib, "blake2b", lambda *a, **k: hashed.append(1))
+    prep2 = engine.prepare("jacobian", f, args, argnums=0, in_dims=in_dims, sparse=True,
+                           method="auto", vec=None, progress=None, randomness="error",
+                           create_graph=False, batched=False)  # fmt: skip
+    assert prep2.parts[0].pattern is prep1.parts[0].pattern and not hashed
+    assert prep2.parts[0].coloring is prep1.parts[0].coloring

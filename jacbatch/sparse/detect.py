@@ -122,6 +122,7 @@ def detect(
     argnum: int,
     in_dims: tuple[int | None, ...],
     batched: bool = False,
+    copy: bool = True,
 ) -> SparsityPattern:
     """The structural pattern of ``d func(*sample) / d sample[argnum]``, shared by the batch.
 
@@ -133,6 +134,9 @@ def detect(
         argnum: the differentiated argument (non-negative).
         in_dims: per argument, its batch dimension or ``None`` (shared).
         batched: ``func`` takes the whole batch.
+        copy: return a cached pattern as a copy (the caller may write into its index
+            tensors); ``False``: the cached object itself, for callers that only read it
+            and key their own caches (coloring, gather layout) on the object.
 
     Returns:
         The :class:`SparsityPattern` of the flattened per-sample Jacobian ``(out_numel,
@@ -174,6 +178,8 @@ def detect(
     gm = tg.gm
     key = (argnum, tg.inputs, tuple(shapes))
     cached = _CACHE.get(gm, {}).get(key)
+    if cached is not None and not copy:
+        return cached
     if cached is not None:  # a copy: the caller may write into its index tensors
         return SparsityPattern(
             cached.out_shape, cached.in_shape, cached.crow_indices.clone(),

@@ -132,31 +132,41 @@ def _detect(where: str, call: Call, argnum: int) -> SparsityPattern:
 
     batched = call.batched_func is not None
     func = call.batched_func if call.batched_func is not None else call.func
-    pattern = detect(func, call.args, argnum, call.in_dims, batched=batched)
+    pattern = detect(func, call.args, argnum, call.in_dims, batched=batched, copy=False)
     assert isinstance(pattern, SparsityPattern)
     return _canonical(pattern)
 
 
-#: Detected patterns seen lately, by content: detection returns a fresh copy on every call, and
-#: the coloring and gather layout are cached per pattern object, so an equal pattern is mapped
-#: to the first object seen (at most this many kept).
+#: Detected patterns seen lately, by content. Detection hands out its cached object (the same
+#: one on every call) where it caches; a pattern it could not cache (one shaped by a lifted
+#: tensor's values) is new on every call, and the coloring and gather layout are cached per
+#: pattern object, so an equal one is mapped to the first object seen (at most this many kept).
 _SEEN_MAX = 32
 _SEEN: dict[tuple[Any, ...], SparsityPattern] = {}
+#: What :func:`_canonical` answered per pattern object (weakly both ways: a pattern that is
+#: its own answer must not keep itself alive): met again, it needs no hashing.
+_CANONICAL: weakref.WeakKeyDictionary[SparsityPattern, weakref.ref[SparsityPattern]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _canonical(pattern: SparsityPattern) -> SparsityPattern:
     """The first-seen pattern equal to ``pattern`` (its coloring cached), else ``pattern``."""
+    ref = _CANONICAL.get(pattern)
+    known = ref() if ref is not None else None
+    if known is not None:
+        return known
     crow, col = pattern.crow_indices.cpu(), pattern.col_indices.cpu()
     digest = hashlib.blake2b(crow.numpy().tobytes(), digest_size=16)
     digest.update(col.numpy().tobytes())
     key = (tuple(pattern.out_shape), tuple(pattern.in_shape), pattern.nnz, digest.digest())
     seen = _SEEN.get(key)
-    if seen is not None:
-        return seen
-    if len(_SEEN) >= _SEEN_MAX:
-        _SEEN.pop(next(iter(_SEEN)))
-    _SEEN[key] = pattern
-    return pattern
+    if seen is None:
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.pop(next(iter(_SEEN)))
+        seen = _SEEN[key] = pattern
+    _CANONICAL[pattern] = weakref.ref(seen)
+    return seen
 
 
 def prepare(
