@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 import jacbatch
 from jacbatch import executor, memory
 from jacbatch.errors import JacobianMemoryError
+from tests._killed import kill_at_marker
 from tests.conftest import assert_matches, reference_jacobian
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -444,24 +444,7 @@ def test_a_writer_killed_mid_write_leaves_the_old_file(tmp_path):
     path, marker = tmp_path / "J.npy", tmp_path.parent / f"{tmp_path.name}.marker"
     old = np.arange(12.0).reshape(3, 4)
     np.save(path, old)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_WRITER, str(path), str(marker)],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        for _ in range(1200):  # up to 120 s on a loaded machine
-            if marker.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert marker.exists(), proc.stderr.read().decode() if proc.stderr else ""
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_at_marker(_KILLED_WRITER, path, marker) == -signal.SIGKILL
     np.testing.assert_array_equal(np.load(path), old)  # the final name holds the old content
     others = [n for n in os.listdir(tmp_path) if n != "J.npy"]
     # a killed process cannot clean up: what it leaves is a hidden, unmistakable temporary

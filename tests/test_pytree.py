@@ -598,35 +598,14 @@ jacbatch.save_jacobian(path, slow, p, torch.randn(40, 8, generator=g), in_dims=(
 
 def test_a_tree_writer_killed_mid_write_leaves_the_old_result(tmp_path):
     import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+
+    from tests._killed import kill_at_marker
 
     func, args, argnums, in_dims = _STREAM["parameter-dict"]
     path, marker = tmp_path / "J", tmp_path.parent / f"{tmp_path.name}.marker"
     jacbatch.save_jacobian(path, func, *args, argnums=argnums, in_dims=in_dims)
     before = {n: (path / n).read_bytes() for n in os.listdir(path)}
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_TREE_WRITER, str(path), str(marker)],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        for _ in range(1200):  # up to 120 s on a loaded machine
-            if marker.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert marker.exists(), proc.stderr.read().decode() if proc.stderr else ""
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
-        marker.unlink(missing_ok=True)
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_at_marker(_KILLED_TREE_WRITER, path, marker) == -signal.SIGKILL
     assert {n: (path / n).read_bytes() for n in os.listdir(path)} == before
     others = [n for n in os.listdir(tmp_path) if n != "J"]
     # a killed process cannot clean up: what it leaves is a hidden, unmistakable temporary
