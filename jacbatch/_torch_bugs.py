@@ -63,12 +63,25 @@ Bugs:
   already puts the tangent ``vmap`` outside (NOTE [Forward mode: vmap over tangents outside the
   batch] in :mod:`jacbatch.methods.functorch`), so no route is affected; listed so that the
   nesting is never reintroduced without its test.
+* ``lu_backward_nested_vmap_no_grad``: ``vmap(jacrev(f))`` (a ``vmap`` over cotangents inside
+  the batch ``vmap``) run under ``torch.no_grad()`` or ``torch.inference_mode()`` is wrong for
+  every sample but the first for LU-based ops (``det``, ``slogdet``/``logdet``, ``solve``): at
+  ``solve(A, b)`` with a well-conditioned ``A`` (5 x 5, float64) the error is 2.5e4, for
+  ``det`` 1e9. The same call with grad mode on is right, as are one cotangent at a time and
+  ``jacrev`` without the batch ``vmap``. Every place that runs a reverse-mode transform under
+  the batch ``vmap`` (the ``jacrev`` route, the Hessians' autodiff, the sparse row passes) does
+  so inside :func:`reverse_mode`, which turns grad mode on for the transform only; the caller's
+  grad mode decides, as before, whether the result carries a graph. No op list: it applies to
+  every call, whatever the ops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+import torch
 
 #: Every plan note about a known torch bug starts with this.
 NOTE_PREFIX = "known torch bug"
@@ -165,7 +178,23 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         frozenset(),
         "vmap(jacfwd(f)) is wrong for det/logdet/solve; the forward route avoids the nesting",
     ),
+    KnownBug(
+        "lu_backward_nested_vmap_no_grad",
+        frozenset(),  # every reverse-mode transform under the batch vmap runs in reverse_mode()
+        frozenset(),
+        "vmap(jacrev(f)) under no_grad/inference_mode is wrong for det/slogdet/solve",
+    ),
 )
+
+
+@contextlib.contextmanager
+def reverse_mode() -> Iterator[None]:
+    """Grad mode on while a reverse-mode transform runs under the batch ``vmap`` (the
+    ``lu_backward_nested_vmap_no_grad`` bug). Where the caller had grad mode off, the
+    results must be detached by the caller of the transform (the routes detach results that
+    need no graph anyway)."""
+    with torch.enable_grad():
+        yield
 
 
 def affecting(ops: Iterable[str], route: str) -> tuple[KnownBug, ...]:
@@ -201,4 +230,12 @@ def note(bugs: Iterable[KnownBug], route: str, instead: str) -> str:
     return f"{NOTE_PREFIX} for {route}: {names}; using {instead}"
 
 
-__all__ = ["KNOWN_BUGS", "NOTE_PREFIX", "KnownBug", "affecting", "note", "replacement"]
+__all__ = [
+    "KNOWN_BUGS",
+    "NOTE_PREFIX",
+    "KnownBug",
+    "affecting",
+    "note",
+    "replacement",
+    "reverse_mode",
+]

@@ -410,8 +410,11 @@ def autodiff(call: Call, outer: str, chunk_size: int | None = None) -> list[torc
         second = torch.func.jacfwd(inner, argnums=argnums)
     else:
         second = torch.func.jacrev(inner, argnums=argnums, chunk_size=chunk_size)
-    got = torch.func.vmap(second, in_dims=call.in_dims)(*call.args)
-    return [got[i][j] for i in range(len(argnums)) for j in range(len(argnums))]
+    keep = torch.is_grad_enabled()
+    with _torch_bugs.reverse_mode():  # lu_backward_nested_vmap_no_grad
+        got = torch.func.vmap(second, in_dims=call.in_dims)(*call.args)
+    blocks = [got[i][j] for i in range(len(argnums)) for j in range(len(argnums))]
+    return blocks if keep else [b.detach() for b in blocks]
 
 
 # ---------------------------------------------------------------------------------------------

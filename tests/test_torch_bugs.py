@@ -204,3 +204,61 @@ def test_every_bug_is_listed_once_with_a_replacement_that_it_spares():
         for route in bug.routes:
             instead, bugs = _torch_bugs.replacement(bug.ops, route)
             assert bugs and instead not in bug.routes
+
+
+def _lu_cases():
+    torch.manual_seed(0)
+    A = torch.randn(4, 5, 5, dtype=torch.float64) + 5 * torch.eye(5, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    return A, {
+        "solve": lambda a: torch.linalg.solve(a, b),
+        "slogdet": lambda a: torch.linalg.slogdet(a)[1] * a.sum(),
+        "det": lambda a: torch.linalg.det(a) * a[0],
+    }
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_lu_ops_reverse_mode_without_grad(context):
+    """``vmap(jacrev(f))`` under no_grad / inference_mode is wrong for LU-based ops (every
+    sample but the first); every jacbatch entry point that runs a reverse-mode transform under
+    the batch vmap gives the reference there, and no result carries a graph."""
+    A, funcs = _lu_cases()
+    for name, f in funcs.items():
+        ref = reference_jacobian(f, (A,), 0, (0,))
+        with context():
+            bad = vmap(torch.func.jacrev(f))(A)
+        assert not torch.allclose(bad, ref), f"{name}: torch's bug is fixed; update the note"
+        with context():
+            got = {
+                route: jacbatch.jacobian(f, A, method=route)
+                for route in [*AUTODIFF_ROUTES, "closed_form"]
+            }
+            got["prepare jacrev"] = jacbatch.prepare(f, A, method="jacrev")(A)
+            got["iter_jacobian"] = torch.cat(
+                [J for _, J in jacbatch.iter_jacobian(f, A, method="jacrev", batch_chunk=2)]
+            )
+            for method in ("jacrev", "jacfwd"):
+                for _ in range(4):  # the fourth call runs the kept program of the hot key
+                    J = jacbatch.jacobian(f, A, sparse=True, method=method)
+                got[f"sparse {method}"] = J.to_dense().reshape(ref.shape)
+        for where, J in got.items():
+            assert not J.requires_grad, where
+            torch.testing.assert_close(J, ref, rtol=1e-9, atol=1e-9, msg=f"{name}, {where}")
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_lu_ops_hessian_without_grad(context):
+    """The same bug in ``vmap(jacfwd(jacrev(f)))``: jacbatch's Hessians of logdet are right
+    under no_grad and inference_mode."""
+    A, _ = _lu_cases()
+
+    def g(a):
+        return torch.linalg.slogdet(a)[1]
+
+    ref = torch.stack([torch.autograd.functional.hessian(g, a) for a in A])
+    with context():
+        assert not torch.allclose(vmap(torch.func.hessian(g))(A), ref)
+        got = {m: jacbatch.hessian(g, A, method=m) for m in ("auto", "jacfwd", "jacrev")}
+    for m, H in got.items():
+        assert not H.requires_grad, m
+        torch.testing.assert_close(H, ref, rtol=1e-9, atol=1e-9, msg=m)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch.func import jacrev, jvp, vmap
 
-from .. import _state, _threads, memory
+from .. import _state, _threads, _torch_bugs, memory
 from ..call import Call
 from . import Route, batched_args, finish, has_tangents
 
@@ -144,6 +144,7 @@ def compute(
         if mode == "fwd":
             stack.enter_context(_threads.FORWARD_AD)  # NOTE [First calls from several threads]
         if mode == "rev":
+            stack.enter_context(_torch_bugs.reverse_mode())  # lu_backward_nested_vmap_no_grad
             fn = jacrev(call.func, argnums=nums, chunk_size=chunk_size)
             res = (
                 vmap(fn, in_dims=dims, randomness=call.randomness)(*args)

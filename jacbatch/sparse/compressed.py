@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _torch_bugs
 from .coloring import Coloring
 from .pattern import SparsityPattern
 
@@ -111,10 +112,11 @@ def row_pass(
         pull = torch.func.vjp(g, xs[argnum])[1]
         return torch.func.vmap(lambda u: pull(u.reshape(out_shape))[0].reshape(-1))(cotangents)
 
-    if any(flags):
-        dims = tuple(0 if f else None for f in flags)
-        return torch.func.vmap(per_sample, in_dims=dims, out_dims=1)(*args)
-    return per_sample(*args).unsqueeze(1)
+    with _torch_bugs.reverse_mode():  # lu_backward_nested_vmap_no_grad
+        if any(flags):
+            dims = tuple(0 if f else None for f in flags)
+            return torch.func.vmap(per_sample, in_dims=dims, out_dims=1)(*args)
+        return per_sample(*args).unsqueeze(1)
 
 
 @dataclass(frozen=True)
