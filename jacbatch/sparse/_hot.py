@@ -338,9 +338,17 @@ def _covers(call: Any, part: Any) -> bool:
     return bool(torch.isin(theirs, mine).all())
 
 
+def forget(func: Callable[..., Any], args: tuple[Any, ...], options: Mapping[str, Any]) -> None:
+    """Drop the kept entry of this call (its prepared call no longer holds)."""
+    key = _key(args, options)
+    entry = _entry(func, key, create=False) if key is not None else None
+    if entry is not None:
+        entry.prep, entry.graph, entry.lifted, entry.program, entry.count = None, None, (), None, 0
+
+
 def forget_all() -> None:
     """Drop every kept entry (for tests)."""
     _SEEN.clear()
 
 
-__all__ = ["ENABLED", "HOT_CALLS", "Hit", "forget_all", "lookup", "record"]
+__all__ = ["ENABLED", "HOT_CALLS", "Hit", "forget", "forget_all", "lookup", "record"]

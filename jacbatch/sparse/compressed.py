@@ -93,6 +93,7 @@ def row_pass(
     argnum: int,
     out_shape: tuple[int, ...],
     cotangents: torch.Tensor,
+    loop: bool = False,
 ) -> torch.Tensor:
     """``U J_b`` for every sample by reverse mode.
 
@@ -100,6 +101,9 @@ def row_pass(
         func, args, flags, argnum: as in :func:`column_pass`.
         out_shape: the per-sample output shape (``m = prod(out_shape)``).
         cotangents: ``(colors, m)`` cotangent seeds.
+        loop: one pull-back per color in a Python loop instead of a ``vmap`` over the
+            cotangents (for ops whose backward is wrong under that ``vmap``, e.g. ``cdist``:
+            ``cdist_backward_vmap`` in :mod:`jacbatch._torch_bugs`).
 
     Returns:
         ``(colors, B, n)``: ``out[c, b] = cotangents[c] @ J_b``.
@@ -110,6 +114,8 @@ def row_pass(
             return func(*xs[:argnum], xa, *xs[argnum + 1 :])
 
         pull = torch.func.vjp(g, xs[argnum])[1]
+        if loop:
+            return torch.stack([pull(u.reshape(out_shape))[0].reshape(-1) for u in cotangents])
         return torch.func.vmap(lambda u: pull(u.reshape(out_shape))[0].reshape(-1))(cotangents)
 
     with _torch_bugs.reverse_mode():  # lu_backward_nested_vmap_no_grad
@@ -140,6 +146,7 @@ class Layout:
         flat: ``(nnz,)`` ``color * length + at`` (CSR order, ``length`` that of one
             compressed vector: ``m`` in column mode, ``n`` in row mode): the entry's position in
             one sample's compressed vectors laid end to end, on the device.
+        loop: row mode only: one pull-back per color in a loop (:func:`row_pass`).
     """
 
     mode: str
@@ -153,6 +160,7 @@ class Layout:
     color: torch.Tensor
     at: torch.Tensor
     flat: torch.Tensor
+    loop: bool = False
 
     @staticmethod
     def of(
@@ -160,8 +168,10 @@ class Layout:
         coloring: Coloring,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
+        loop: bool = False,
     ) -> Layout:
-        """The layout of ``pattern`` under ``coloring``, seeds in ``dtype``, all on ``device``."""
+        """The layout of ``pattern`` under ``coloring``, seeds in ``dtype``, all on ``device``;
+        ``loop``: see :func:`row_pass`."""
         m, n = pattern.shape
         rows, cols = pattern.row_indices(), pattern.col_indices
         if coloring.mode == "column":
@@ -178,6 +188,7 @@ class Layout:
             coloring.mode, k, seeds.to(device), order.to(device), where[order].to(device),
             starts, rows.to(device), cols.to(device), key.to(device), where.to(device),
             (key * (m if coloring.mode == "column" else n) + where).to(device),
+            loop and coloring.mode == "row",
         )  # fmt: skip
 
 
@@ -217,7 +228,7 @@ def compressed_values(
         if layout.mode == "column":
             comp = column_pass(func, args, flags, argnum, in_shape, seeds)
         else:
-            comp = row_pass(func, args, flags, argnum, out_shape, seeds)
+            comp = row_pass(func, args, flags, argnum, out_shape, seeds, layout.loop)
         if c0 == 0 and c1 == k:
             _gather_all(comp, layout, values)
         else:
@@ -266,7 +277,7 @@ def gathered(
     if layout.mode == "column":
         comp = column_pass(func, args, flags, argnum, in_shape, layout.seeds)
     else:
-        comp = row_pass(func, args, flags, argnum, out_shape, layout.seeds)
+        comp = row_pass(func, args, flags, argnum, out_shape, layout.seeds, layout.loop)
     per_sample = comp.transpose(0, 1)
     if per_sample.is_contiguous():
         return per_sample.reshape(per_sample.shape[0], -1).index_select(1, layout.flat)

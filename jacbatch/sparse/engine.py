@@ -1,7 +1,7 @@
 """``jacobian(..., sparse=...)``, ``iter_jacobian(..., sparse=...)`` and ``explain(...,
 sparse=...)``: the sparse path, from the validated call to batched sparse CSR results.
 
-(A little over 600 lines: the steps of the NOTE below, the pattern check with its error and the
+(About 800 lines: the steps of the NOTE below and their fall-backs, the pattern check with its error and the
 ``out=`` checks stay in one module that reads in the NOTE's order; repeated calls live in
 :mod:`jacbatch.sparse._hot`, the passes in :mod:`jacbatch.sparse.compressed`.)
 
@@ -61,6 +61,7 @@ from .. import _validation as V
 from ..call import Call
 from ..methods import batched_args, in_transform
 from ..plan import forward_ok, normalize, probed
+from . import _gaps
 from .coloring import Coloring, color
 from .compressed import Layout, column_pass, compressed_values, to_csr
 from .pattern import SparsityPattern
@@ -91,6 +92,7 @@ class Prepared:
     budget: int
     show: bool | None
     chunk_size: int | None = None
+    method: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -186,8 +188,10 @@ def prepare(
     create_graph: object,
     batched: object,
     has_aux: object = False,
+    rows: frozenset[int] = frozenset(),
 ) -> Prepared:
-    """Steps 1-3 of NOTE [Sparse Jacobians: what a call does]."""
+    """Steps 1-3 of NOTE [Sparse Jacobians: what a call does]; ``rows``: argnums colored by
+    rows whatever ``method`` (NOTE [Forward-mode gaps fall back to rows] in :mod:`jacbatch.sparse._gaps`)."""
     if has_aux is not False:
         raise ValueError(f"{where}: expected has_aux=False with sparse=, got {has_aux!r}.")
     if method not in _MODE_OF_METHOD:
@@ -241,10 +245,17 @@ def prepare(
                     f"{out_shape} and in_shape {in_shape} (per sample), got out_shape "
                     f"{tuple(pattern.out_shape)}, in_shape {tuple(pattern.in_shape)}."
                 )
-        coloring = color(pattern, mode)
-        layout = _layout(pattern, coloring, call)
+        part_mode, loop = mode, False
+        if mode != "row" and (a in rows or _gaps.known(call, a)):
+            if mode == "column" and method == "jacfwd":
+                raise _gaps.jacfwd_error(where, a)
+            part_mode, loop = "row", _gaps.row_loop(where, call)
+        coloring = color(pattern, part_mode)
+        layout = _layout(pattern, coloring, call, loop)
         parts.append(Part(a, pattern, coloring, layout, given is not None))
-    return Prepared(call, out_shape, tuple(parts), checked_vec, budget, show, size)
+    return Prepared(
+        call, out_shape, tuple(parts), checked_vec, budget, show, size, str(method)
+    )  # fmt: skip
 
 
 def _around_known_bugs(where: str, call: Call, mode: str) -> str:
@@ -277,13 +288,13 @@ _LAYOUTS: weakref.WeakKeyDictionary[SparsityPattern, dict[Any, Layout]] = (
 )
 
 
-def _layout(pattern: SparsityPattern, coloring: Coloring, call: Call) -> Layout:
-    """:meth:`Layout.of`, cached per pattern object, mode, dtype and device (as the coloring
-    is), so that no index or seed tensor is built per call."""
+def _layout(pattern: SparsityPattern, coloring: Coloring, call: Call, loop: bool = False) -> Layout:
+    """:meth:`Layout.of`, cached per pattern object, mode, dtype, device (as the coloring
+    is) and ``loop``, so that no index or seed tensor is built per call."""
     cache = _LAYOUTS.setdefault(pattern, {})
-    key = (coloring.mode, call.dtype, str(call.device))
+    key = (coloring.mode, call.dtype, str(call.device), loop)
     if key not in cache:
-        cache[key] = Layout.of(pattern, coloring, call.dtype, call.device)
+        cache[key] = Layout.of(pattern, coloring, call.dtype, call.device, loop)
     return cache[key]
 
 
@@ -320,7 +331,7 @@ def _unit_bytes(prep: Prepared, part: Part) -> int:
             from .compressed import row_pass
 
             run = lambda: row_pass(  # noqa: E731
-                call.func, args, flags, part.argnum, prep.out_shape, seeds
+                call.func, args, flags, part.argnum, prep.out_shape, seeds, part.layout.loop
             )
         return max(memory.simulate_peak(run), (m + n) * item)
     except Exception:
@@ -436,15 +447,31 @@ def values_of(
                     (B, part.pattern.nnz), dtype=call.dtype, device=call.device
                 )  # fmt: skip
                 shapes = (prep.out_shape, call.sample_shape(part.argnum))
-                compressed_values(
-                    call.func, args, flags, part.argnum, shapes, part.layout, values, cc
-                )
+                try:
+                    compressed_values(
+                        call.func, args, flags, part.argnum, shapes, part.layout, values, cc
+                    )
+                except (NotImplementedError, RuntimeError) as err:
+                    _forward_gap(prep, call, part, err)
+                    raise
             method = "jacfwd" if part.coloring.mode == "column" else "jacrev"
             bad = _nonfinite.affected(call, [values], method, random=False)
             for b in bad.nonzero().flatten().tolist():
                 values[b] = _reverse_entries(call, args, flags, b, part)
             results.append(values)
     return results
+
+
+def _forward_gap(prep: Prepared, call: Call, part: Part, err: BaseException) -> None:
+    """Where column passes failed for want of a forward-mode formula: remember it and raise
+    :class:`ForwardGap` (``method="auto"``) or a ``ValueError`` naming the fix (``"jacfwd"``);
+    any other error returns (the caller re-raises it)."""
+    if part.coloring.mode != "column" or not _gaps.is_gap(err):
+        return
+    _gaps.remember(call, part.argnum)
+    if prep.method == "jacfwd":
+        raise _gaps.jacfwd_error("jacobian", part.argnum, err) from err
+    raise _gaps.ForwardGap(part.argnum) from err
 
 
 def _sample(args: Sequence[torch.Tensor], flags: Sequence[bool], b: int) -> list[torch.Tensor]:
@@ -627,11 +654,36 @@ def jacobian(
     """The sparse Jacobian(s): ``jacbatch.jacobian(..., sparse=...)``; options as there.
 
     A repeated call may reuse the prepared call and skip a redundant pattern check (NOTE
-    [Repeated sparse calls] in :mod:`jacbatch.sparse._hot`)."""
+    [Repeated sparse calls] in :mod:`jacbatch.sparse._hot`); column passes that meet an op
+    without a forward-mode formula fall back to rows (NOTE [Forward-mode gaps fall back to
+    rows])."""
     from . import _hot
 
     kept = _hot.lookup(func, args, options)
     prep = kept.prep if kept is not None else prepare("jacobian", func, args, **options)
+    rows: frozenset[int] = frozenset()
+    while True:
+        try:
+            return _jacobian(func, args, out, options, prep, kept)
+        except _gaps.ForwardGap as gap:
+            if gap.argnum in rows:  # colored by rows already: not a gap of the column passes
+                raise
+            if kept is not None:
+                _hot.forget(func, args, options)
+            rows |= {gap.argnum}
+            kept, prep = None, prepare("jacobian", func, args, rows=rows, **options)
+
+
+def _jacobian(
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    out: object,
+    options: dict[str, Any],
+    prep: Prepared,
+    kept: Any,
+) -> Any:
+    from . import _hot
+
     call = prep.call
     bufs = _check_out(prep, out)
     B = call.batch_size if call.batch_size is not None else 1
@@ -683,16 +735,34 @@ def iter_jacobian(
     chunk, color_chunks = chunking(prep, count_values=True)
     if batch_chunk is not None:
         chunk = V.check_positive_int("iter_jacobian", "batch_chunk", batch_chunk)
-    return _iterate(prep, chunk, color_chunks)
+    again = lambda rows: prepare("iter_jacobian", func, args, rows=rows, **options)  # noqa: E731
+    return _iterate(prep, chunk, color_chunks, again)
 
 
-def _iterate(prep: Prepared, chunk: int, color_chunks: list[int]) -> Iterator[tuple[slice, Any]]:
+def _iterate(
+    prep: Prepared,
+    chunk: int,
+    color_chunks: list[int],
+    again: Callable[[frozenset[int]], Prepared],
+) -> Iterator[tuple[slice, Any]]:
+    """The chunks; ``again(rows)``: the call prepared with ``rows`` colored by rows (NOTE
+    [Forward-mode gaps fall back to rows])."""
     call = prep.call
     B = call.batch_size or 0
+    rows: frozenset[int] = frozenset()
     for start in range(0, B, chunk):
         n = min(chunk, B - start)
         sub = _sub_call(call, start, n)
-        values = values_of(prep, sub, color_chunks, [None] * len(prep.parts))
+        while True:
+            try:
+                values = values_of(prep, sub, color_chunks, [None] * len(prep.parts))
+                break
+            except _gaps.ForwardGap as gap:
+                if gap.argnum in rows:
+                    raise
+                rows |= {gap.argnum}
+                prep = again(rows)
+                color_chunks = chunking(prep, count_values=True)[1]
         if start == 0:
             check_pattern(prep, sub, values)
         res = results(prep, values)
@@ -703,8 +773,21 @@ def _iterate(prep: Prepared, chunk: int, color_chunks: list[int]) -> Iterator[tu
 
 
 def explain(func: Callable[..., Any], args: tuple[Any, ...], **options: Any) -> SparsePlan:
-    """``explain(..., sparse=...)``: the pattern, both colorings and the chosen mode."""
+    """``explain(..., sparse=...)``: the pattern, both colorings and the chosen mode: the one
+    that will run where a forward pass on meta tensors tells that column passes would meet an
+    op without a forward-mode formula (NOTE [Forward-mode gaps fall back to rows] in :mod:`jacbatch.sparse._gaps`); where
+    ``func`` cannot run on meta, the coloring, and the call falls back when it runs."""
     prep = prepare("explain", func, args, **options)
+    gaps = frozenset(
+        p.argnum
+        for p in prep.parts
+        if p.coloring.mode == "column"
+        and _gaps.meta_gap(prep.call, p.argnum, p.layout.seeds.shape[1])
+    )
+    if gaps:
+        if prep.method == "jacfwd":
+            raise _gaps.jacfwd_error("explain", min(gaps))
+        prep = prepare("explain", func, args, rows=gaps, **options)
     lines = []
     for part in prep.parts:
         p, c = part.pattern, part.coloring
@@ -717,6 +800,12 @@ def explain(func: Callable[..., Any], args: tuple[Any, ...], **options: Any) -> 
             f"{both.row_colors} (VJPs); chosen: {c.mode}, {c.n_colors} "
             f"{'JVP' if c.mode == 'column' else 'VJP'} pass(es) per sample instead of "
             f"{min(m, n)}"
+            + (
+                " (column passes would meet an op without a forward-mode formula)"
+                if part.argnum in gaps
+                else ""
+            )
+            + (" (one pull-back per color: cdist_backward_vmap)" if part.layout.loop else "")
         )
     return SparsePlan(prep.call.batch_size, prep.out_shape, tuple(lines))
 
