@@ -240,7 +240,9 @@ def _is_clear(err: BaseException, route: str) -> bool:
     msg = str(err)
     if msg.startswith(("jacobian:", "jacobian ")):
         return True
-    if route in ("jacfwd", "jacrev", "vjp", "auto") and _TORCH_REFUSALS.search(msg):
+    if route in SPARSE and type(err).__name__ == "NoPatternError":  # detection's own refusal
+        return True
+    if route in ("jacfwd", "jacrev", "vjp", "auto", *SPARSE) and _TORCH_REFUSALS.search(msg):
         return isinstance(err, (RuntimeError, NotImplementedError, ValueError, TypeError))
     return False
 
@@ -250,9 +252,21 @@ def _is_clear(err: BaseException, route: str) -> bool:
 #: calls]); ``"prepared"`` is :func:`jacbatch.prepare`'s program.
 PROGRAMS = ("auto:repeated", "prepared")
 
+#: The sparse path (``sparse=True``: detection, coloring, compressed passes, the pattern check),
+#: compared through ``to_dense()``; ``"sparse:repeated"`` calls until its key is hot (NOTE
+#: [Repeated sparse calls] in jacbatch/sparse/_hot.py). Detection may refuse an op
+#: (``NoPatternError``, a ``NotImplementedError`` naming the call); it may never be wrong.
+SPARSE = ("sparse", "sparse:repeated")
+
 
 def _compute(case: Case, route: str) -> torch.Tensor:
     kw = {"argnums": 0, "in_dims": case.in_dims, "randomness": RANDOMNESS}
+    if route in SPARSE:
+        from jacbatch.sparse import _hot
+
+        for _ in range(_hot.HOT_CALLS if route == "sparse:repeated" else 0):
+            jacbatch.jacobian(case.func, *case.args, sparse=True, **kw)
+        return jacbatch.jacobian(case.func, *case.args, sparse=True, **kw).to_dense()  # type: ignore[union-attr]
     if route == "prepared":
         return jacbatch.prepare(case.func, *case.args, **kw)(*case.args)  # type: ignore[return-value]
     if route == "auto:repeated":
@@ -275,6 +289,9 @@ def run_route(case: Case, route: str, ref: torch.Tensor) -> tuple[str, str]:
             ]
         )
         return ("refused" if _is_clear(err, route) else "error"), line
+    if route in SPARSE and J.dim() == 3 and J.numel() == ref.numel():  # (B, out_numel, in_numel)
+        J = J.reshape(ref.shape)
+        ref = _structural_zeros(case, ref)
     if J.shape != ref.shape or J.dtype != ref.dtype:
         return "wrong", f"{tuple(J.shape)} {J.dtype} vs {tuple(ref.shape)} {ref.dtype}"
     scale = max(1.0, float(ref.nan_to_num(0.0, 0.0, 0.0).abs().max()) if ref.numel() else 1.0)
@@ -286,8 +303,21 @@ def run_route(case: Case, route: str, ref: torch.Tensor) -> tuple[str, str]:
     return ("workaround", bug) if bug else ("agree", "")
 
 
+def _structural_zeros(case: Case, ref: torch.Tensor) -> torch.Tensor:
+    """``ref`` with its NaN outside the detected pattern set to zero: there the derivative is
+    zero by the function's structure, and per-sample autograd's NaN is a ``0 · NaN`` of its
+    pull-back (``entr`` at a negative input spreads NaN along its column); a sparse result
+    holds no entry there (docs/sparse.md, "NaN and Inf")."""
+    P = jacbatch.sparsity(case.func, *case.args, argnums=0, in_dims=case.in_dims)
+    outside = ~P.to_mask().reshape(ref.shape[1:]).to(ref.device)
+    return torch.where(outside & ref.isnan(), torch.zeros((), dtype=ref.dtype), ref)
+
+
 def worked_around(case: Case, route: str) -> str:
-    """The known torch bug whose workaround this call ran, or ``""``."""
+    """The known torch bug whose workaround this call ran, or ``""`` (the sparse path routes
+    around them by its choice of coloring, which its explain does not list as a workaround)."""
+    if route in SPARSE:
+        return ""
     route = "auto" if route in PROGRAMS else route
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -7,7 +7,10 @@ tests/test_opinfo.py``; ``bench/opinfo_sweep.py`` prints its table of counts).
 
 Per route, no result may be wrong; ``method="auto"`` must moreover give an answer (agree, or
 agree through a known torch bug's workaround) wherever autograd can differentiate the op, and
-the closed form may only refuse with its own ``NotImplementedError``.
+the closed form may only refuse with its own ``NotImplementedError``. The sparse path
+(``sparse=True``, compared through ``to_dense()``, NaN outside the detected pattern read as the
+structural zero it is) may refuse with detection's ``NoPatternError`` or its own
+``NotImplementedError``; the default run takes a quarter of the ops, the ``slow`` run all.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ def _check(
                     detail.startswith("NotImplementedError: jacobian:")
                     or _opinfo.is_random_refusal(detail)
                 )
+            if route in _opinfo.SPARSE and outcome == "refused":
+                bad |= not (
+                    detail.startswith(("NoPatternError: ", "NotImplementedError: jacobian:"))
+                    or _opinfo.is_random_refusal(detail)
+                )
             if route == "jacfwd" and not case.supports_forward_ad:
                 bad |= outcome == "error"
             if bad:
@@ -76,6 +84,43 @@ def test_op_full(op):
 def test_op_programs(op):
     """The programs of repeated plain calls and of prepare() on every op (first sample)."""
     _check(op, 1, ("shared", "batched"), _opinfo.PROGRAMS)
+
+
+#: The default run's share of the sparse sweep (the slow run takes every op): every fourth op,
+#: plus the ones that met each of the sparse path's special cases (a refusal of vmap, a torch
+#: bug of one mode, NaN outside the pattern, a check that fails inside the pattern).
+_SPARSE_HARD = {
+    "cdist",
+    "gradient",
+    "linalg.solve",
+    "linalg.eigh",
+    "special.entr",
+    "nn.functional.batch_norm",
+    "nn.functional.scaled_dot_product_attention",
+    "scatter_reduce.prod",
+}
+SPARSE_OPS = [
+    op
+    for k, op in enumerate(OPS)
+    if k % 4 == 0 or f"{op.name}.{op.variant_test_name}".rstrip(".") in _SPARSE_HARD
+]
+
+
+@pytest.mark.parametrize(
+    "op", SPARSE_OPS, ids=lambda op: f"{op.name}.{op.variant_test_name}".rstrip(".")
+)
+def test_op_sparse(op):
+    """``sparse=True`` (first sample, shared second argument): detection may refuse an op with
+    its own error, the passes with a clear one; the result may never be wrong."""
+    _check(op, 1, ("shared",), _opinfo.SPARSE[:1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS, ids=lambda op: f"{op.name}.{op.variant_test_name}".rstrip("."))
+def test_op_sparse_full(op):
+    """``sparse=True`` on every op, its repeated-call program too, three samples, batched
+    second arguments as well."""
+    _check(op, 3, ("shared", "batched"), _opinfo.SPARSE)
 
 
 def test_sweep_covers_the_known_bugs_and_counts_them():

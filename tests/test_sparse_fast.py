@@ -227,3 +227,26 @@ def test_a_function_that_keeps_changing_stays_on_the_full_path() -> None:
         J = jacbatch.jacobian(drifting, X, sparse=True)
         assert torch.equal(J.to_dense(), reference(drifting, X))
     assert _entry(drifting).refused
+
+
+def test_functions_sharing_code_and_a_graph_that_reorders_its_inputs():
+    """Functions that share one code object (closures made by one factory, as torch's OpInfo
+    samples are) count towards one key; the one whose call makes the key hot reads closed-over
+    tensors that its graph takes in another order than (arguments, lifted tensors). Keeping it
+    must neither crash nor give wrong values, on any later call of either function."""
+    torch.manual_seed(0)
+    C = torch.randn(6, 6)
+    Y = torch.randn(6, 6, dtype=torch.float64)
+
+    def make(cond, other):
+        def f(x, _c=cond, _o=other):
+            return torch.where(_c, x, _o) * x.sum()
+
+        return f
+
+    X = torch.randn(3, 6, 6, dtype=torch.float64)
+    fs = [make(C > 0, Y), make(C < 0, 2 * Y)]
+    for k in range(2 * _hot.HOT_CALLS + 2):
+        f = fs[k % 2]
+        J = jacbatch.jacobian(f, X, sparse=True)
+        torch.testing.assert_close(J.to_dense(), reference(f, X).reshape(3, 36, 36))

@@ -177,9 +177,15 @@ def _same_output(call: Any, got: Any) -> bool:
     if B == 0:
         return True
     first = [x[0] if f else x for x, f in zip(args, flags, strict=True)]
-    with torch.no_grad():
-        y = call.func(*first)
-        out = got.graph.gm(*first, *got.lifted)
+    values = [*first, *got.lifted]
+    if got.graph.inputs is not None:  # placeholders: the arguments read, then lifted tensors
+        values = [values[i] for i in got.graph.inputs]
+    try:
+        with torch.no_grad():
+            y = call.func(*first)
+            out = got.graph.gm(*values)
+    except Exception:  # a graph that cannot even run on the sample does not stand for func
+        return False
     v = out[0] if isinstance(out, (tuple, list)) else out
     if not isinstance(y, torch.Tensor) or not isinstance(v, torch.Tensor):
         return False
@@ -286,13 +292,14 @@ def _program(
     args, flags, B = batched_args(call)
     if B == 0:
         return None
-    n, graph = len(args), got.graph.gm
+    n, graph, wiring = len(args), got.graph.gm, got.graph.inputs
 
     def run(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         xs, lifted = inputs[:n], inputs[n:]
 
         def g(*ys: torch.Tensor) -> torch.Tensor:
-            out = graph(*ys, *lifted)
+            values = [*ys, *lifted]
+            out = graph(*(values if wiring is None else [values[i] for i in wiring]))
             return out[0] if isinstance(out, (tuple, list)) else out
 
         return tuple(

@@ -61,6 +61,7 @@ from .. import _validation as V
 from ..call import Call
 from ..methods import batched_args, in_transform
 from ..plan import forward_ok, normalize, probed
+from ..testing import tolerance
 from . import _gaps
 from .coloring import Coloring, color
 from .compressed import Layout, column_pass, compressed_values, to_csr
@@ -453,7 +454,7 @@ def values_of(
                     )
                 except (NotImplementedError, RuntimeError) as err:
                     _forward_gap(prep, call, part, err)
-                    raise
+                    raise _passes_failed(part, err) from err
             method = "jacfwd" if part.coloring.mode == "column" else "jacrev"
             bad = _nonfinite.affected(call, [values], method, random=False)
             for b in bad.nonzero().flatten().tolist():
@@ -472,6 +473,19 @@ def _forward_gap(prep: Prepared, call: Call, part: Part, err: BaseException) -> 
     if prep.method == "jacfwd":
         raise _gaps.jacfwd_error("jacobian", part.argnum, err) from err
     raise _gaps.ForwardGap(part.argnum) from err
+
+
+def _passes_failed(part: Part, err: BaseException) -> NotImplementedError:
+    """The error for compressed passes that torch's transforms cannot run (a batching rule
+    ``vmap`` lacks, an op on an in-place buffer, ``.item()``): the function itself ran (the
+    probe), so it is the transform, and the dense routes' per-sample fallbacks can answer."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    mode = "one JVP per column color" if part.coloring.mode == "column" else "one VJP per row color"
+    return NotImplementedError(
+        f"jacobian: the sparse passes for argnum {part.argnum} ({mode}, under torch.func.vmap "
+        f"over the batch) cannot run this function: {type(err).__name__}: {first[:300]}. Use "
+        f"sparse=False: the dense routes fall back to a per-sample loop where vmap fails."
+    )
 
 
 def _sample(args: Sequence[torch.Tensor], flags: Sequence[bool], b: int) -> list[torch.Tensor]:
@@ -529,6 +543,7 @@ def check_pattern(prep: Prepared, call: Call, values: Sequence[torch.Tensor]) ->
     xs = _sample(args, flags, 0)
     gen = torch.Generator().manual_seed(0)
     eps = torch.finfo(call.dtype).eps
+    ops = prep.call.probe.ops if prep.call.probe is not None else frozenset()
     with torch.no_grad():
         for part, vals in zip(prep.parts, values, strict=True):
             p, a = part.pattern, part.argnum
@@ -539,8 +554,12 @@ def check_pattern(prep: Prepared, call: Call, values: Sequence[torch.Tensor]) ->
             # NOTE [The pattern check's mode]: a random product in the mode the passes did not
             # use tests the decompression independently of the seeds; the same mode (a random
             # direction, not a seed) detects a missed dependence as well. It is the fallback
-            # where the other mode has no formula for an op (forward AD of cdist, say).
-            first = "reverse" if part.coloring.mode == "column" else "forward"
+            # where the other mode has no formula for an op (forward AD of cdist, say), and
+            # where a known torch bug makes forward mode wrong for an op the call runs
+            # (cholesky, eigh: symmetric_input_forward_mode in jacbatch._torch_bugs), since a
+            # wrong reference would refuse a right result.
+            wrong_fwd = _torch_bugs.affecting(ops, "jacfwd")
+            first = "reverse" if part.coloring.mode == "column" or wrong_fwd else "forward"
             used = first
             try:
                 exact, prod, scale = _random_product(first, g, xs[a], rows, cols, v0, m, n, gen)
@@ -553,7 +572,7 @@ def check_pattern(prep: Prepared, call: Call, values: Sequence[torch.Tensor]) ->
             finite = torch.isfinite(exact) & torch.isfinite(prod)
             off = ((exact - prod).abs() > tol) & finite
             if bool(off.any()):
-                _missed(prep.call, xs, part, off.nonzero().flatten(), used)
+                _missed(prep.call, xs, part, off.nonzero().flatten(), used, v0)
 
 
 def _random_product(
@@ -584,9 +603,23 @@ def _random_product(
     return exact, prod, scale
 
 
-def _missed(call: Call, xs: list[torch.Tensor], part: Part, idx: torch.Tensor, used: str) -> None:
+def _missed(
+    call: Call, xs: list[torch.Tensor], part: Part, idx: torch.Tensor, used: str, v0: torch.Tensor
+) -> None:
     """Count the entries outside the pattern in the columns (``used="reverse"``: the check was
-    ``uᵀ J``) or rows (``"forward"``) ``idx`` of the first sample, and raise."""
+    ``uᵀ J``) or rows (``"forward"``) ``idx`` of the first sample, and raise; ``v0 (nnz,)``:
+    that sample's values.
+
+    NOTE [A check that fails inside the pattern]
+        Where no entry lies outside the pattern, the pattern is not at fault: either the random
+        product's rounding exceeded the check's tight bound (an ill-conditioned function whose
+        entries cancel: attention, at 1e-10 relative) or the compressed passes are wrong (a
+        torch transform that gives wrong derivatives under ``vmap`` for some op: the row
+        passes of ``torch.gradient``). The exact columns (rows) just computed tell which: the
+        values agree with them within the routes' tolerance (:data:`jacbatch.testing.
+        TOLERANCES`, atol relative to the largest entry), and the call stands, or they do
+        not, and it is refused with ``NotImplementedError`` naming the fix, never returned.
+    """
     p, a = part.pattern, part.argnum
     idx = idx[:4096]
     kind = "columns" if used == "reverse" else "rows"
@@ -600,6 +633,29 @@ def _missed(call: Call, xs: list[torch.Tensor], part: Part, idx: torch.Tensor, u
         count: int | None = int(((exact != 0) & ~mask_full).sum())
     except (NotImplementedError, RuntimeError):  # that mode has no formula for some op
         count = None
+    if count == 0:
+        rows, cols = part.layout.rows, part.layout.cols
+        pos = torch.full((p.shape[1] if kind == "columns" else p.shape[0],), -1, device=rows.device)
+        pos[idx.to(rows.device)] = torch.arange(idx.numel(), device=rows.device)
+        line, other = (cols, rows) if kind == "columns" else (rows, cols)
+        sel = pos[line] >= 0
+        ours = torch.zeros_like(exact)
+        if kind == "columns":
+            ours[other[sel], pos[line[sel]]] = v0[sel].to(exact.dtype)
+        else:
+            ours[pos[line[sel]], other[sel]] = v0[sel].to(exact.dtype)
+        rtol, atol = tolerance(exact.dtype)
+        big = float(exact.abs().nan_to_num(0.0, 0.0, 0.0).max()) if exact.numel() else 0.0
+        if torch.allclose(ours, exact, rtol=rtol, atol=atol * max(big, 1e-300), equal_nan=True):
+            return
+        mode = "column (forward)" if part.coloring.mode == "column" else "row (reverse)"
+        raise NotImplementedError(
+            f"jacobian: the sparse passes for argnum {a} ({mode} mode, under torch.func.vmap) "
+            f"give wrong derivatives for this function: {idx.numel()} {kind} of the first "
+            f"sample's Jacobian differ from {'forward' if kind == 'columns' else 'reverse'} "
+            f"mode on that sample alone, with no dependence outside the pattern. Use "
+            f"method={'jacfwd' if part.coloring.mode == 'row' else 'jacrev'!r} or sparse=False."
+        )
     if count:
         detail = f"{count} nonzero entr{'y' if count == 1 else 'ies'} outside the pattern"
     elif count is None:
