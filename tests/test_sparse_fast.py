@@ -6,9 +6,11 @@ function changes between calls."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import jacbatch
 from jacbatch.sparse import SparsityPattern, _hot
@@ -227,3 +229,39 @@ def test_a_function_that_keeps_changing_stays_on_the_full_path() -> None:
         J = jacbatch.jacobian(drifting, X, sparse=True)
         assert torch.equal(J.to_dense(), reference(drifting, X))
     assert _entry(drifting).refused
+
+
+class _Passthrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def test_call_under_a_dispatch_mode_keeps_the_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call that cannot capture (under a dispatch mode, a memory tracker say) takes the full
+    path and leaves the kept entry alone (NOTE [Repeated sparse calls], point 5): not dropped,
+    so the next plain call reuses it; nor kept or refused while the mode is on. (A given
+    pattern: detection itself needs a capture, so ``sparse=True`` refuses under the mode.)"""
+    from jacbatch.sparse import engine
+
+    gen = torch.Generator().manual_seed(7)
+    P = _diff_pattern(9)
+    X = torch.randn(2, 9, generator=gen, dtype=DT)
+    for _ in range(_hot.HOT_CALLS + 1):
+        with _Passthrough():  # never counted: no entry is kept under the mode
+            J = jacbatch.jacobian(diff, X, sparse=P)
+        assert torch.equal(J.to_dense(), reference(diff, X))
+    entry = _entry(diff)
+    assert entry.count == 0 and entry.prep is None and not entry.refused
+    for _ in range(_hot.HOT_CALLS):
+        jacbatch.jacobian(diff, X, sparse=P)
+    assert entry.prep is not None and entry.program is not None
+    with _Passthrough():
+        J = jacbatch.jacobian(diff, X, sparse=P)
+    assert torch.equal(J.to_dense(), reference(diff, X))
+    assert entry.prep is not None and entry.drops == 0  # still kept
+    prepared = []
+    prepare = engine.prepare
+    monkeypatch.setattr(engine, "prepare", lambda *a, **k: prepared.append(1) or prepare(*a, **k))
+    X2 = torch.randn(2, 9, generator=gen, dtype=DT)
+    assert torch.equal(jacbatch.jacobian(diff, X2, sparse=P).to_dense(), reference(diff, X2))
+    assert not prepared  # the kept entry ran

@@ -48,6 +48,14 @@ NOTE [Repeated sparse calls]
        values as on the full path's. The program stands for ``func`` exactly when the graph
        does, which is what point 2 establishes before it runs.
 
+    5. A call under a ``TorchDispatchMode`` (a memory tracker, a probe of an enclosing call)
+       or inside a transform cannot capture (NOTE [No capture under a dispatch mode, a
+       transform or another compile] in :mod:`jacbatch.capture`). Such a call takes the full
+       path and leaves the entry as it is: neither counted, nor dropped, nor refused. (Treated
+       as a changed function, one tracked call used to drop a kept entry, and the next calls
+       paid the full path and the tracing again: the benchmark's peak-memory measurement
+       made the given-pattern ``diff`` case look twice as slow as ``sparse=True``.)
+
     A stale graph whose output at the first sample equals ``func``'s but whose derivative
     differs (a method replaced on a class, which Dynamo does not guard) is not caught by the
     value check (its limit as stated in :mod:`jacbatch.methods.traced`): the skipped pattern
@@ -216,8 +224,8 @@ def lookup(
         "jacobian", func, args, options.get("argnums", 0), options.get("in_dims", 0),
         options.get("randomness", "error"), False,
     )  # fmt: skip
-    if in_transform(call.args):
-        return None
+    if in_transform(call.args) or capture._busy() is not None:
+        return None  # point 5: no capture now, which says nothing about ``func``
     got = _capture(call)
     if not _plain(call.args, got.lifted):
         return None
@@ -248,8 +256,8 @@ def record(
     colors and samples in one pass) are given and the program reproduces them exactly."""
     key = _key(args, options) if ENABLED else None
     entry = _entry(func, key, create=True) if key is not None else None
-    if entry is None or entry.refused or entry.prep is not None:
-        return
+    if entry is None or entry.refused or entry.prep is not None or capture._busy() is not None:
+        return  # point 5: a call that cannot capture is not counted
     entry.count += 1
     if entry.count < HOT_CALLS:
         return
