@@ -5,6 +5,7 @@ function changes between calls."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -265,3 +266,54 @@ def test_call_under_a_dispatch_mode_keeps_the_entry(monkeypatch: pytest.MonkeyPa
     X2 = torch.randn(2, 9, generator=gen, dtype=DT)
     assert torch.equal(jacbatch.jacobian(diff, X2, sparse=P).to_dense(), reference(diff, X2))
     assert not prepared  # the kept entry ran
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="Inductor needs a C++ compiler",
+)
+@pytest.mark.parametrize("method", ["jacfwd", "jacrev"])
+def test_compiled_program_equals_reference(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``COMPILE`` (NOTE [Compiling the kept program]) the kept program is Inductor's (not
+    make_fx's GraphModule), it is what later calls run, and its values equal the reference."""
+    import torch._inductor.compile_fx as cfx
+
+    monkeypatch.setattr(_hot, "COMPILE", True)
+    compiled = []
+    compile_fx = cfx.compile_fx
+    monkeypatch.setattr(
+        cfx, "compile_fx", lambda *a, **k: compiled.append(1) or compile_fx(*a, **k)
+    )
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(CALLS):
+        X = torch.randn(3, 5, 5, generator=gen, dtype=DT)
+        J = jacbatch.jacobian(lap, X, sparse=True, method=method)
+        torch.testing.assert_close(J.to_dense(), reference(lap, X), rtol=0, atol=1e-12)
+    entry = _entry(lap)
+    assert entry.compiled and entry.program is not None and len(compiled) == 1
+    assert not isinstance(entry.program, torch.fx.GraphModule)
+    ran = []
+    program = entry.program
+    entry.program = lambda *a: ran.append(1) or program(*a)
+    X = torch.randn(3, 5, 5, generator=gen, dtype=DT)
+    J = jacbatch.jacobian(lap, X, sparse=True, method=method)
+    torch.testing.assert_close(J.to_dense(), reference(lap, X), rtol=0, atol=1e-12)
+    assert ran == [1]  # the compiled program computed this call's values
+
+
+def test_compiled_program_not_equal_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled program whose values differ from the full path's is dropped; the make_fx
+    program stays."""
+    import torch._inductor.compile_fx as cfx
+
+    monkeypatch.setattr(_hot, "COMPILE", True)
+    monkeypatch.setattr(
+        cfx, "compile_fx", lambda gm, inputs: lambda *a: [v * (1 + 1e-15) + 1e-300 for v in gm(*a)]
+    )
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(CALLS):
+        X = torch.randn(2, 7, generator=gen, dtype=DT)
+        J = jacbatch.jacobian(diff, X, sparse=True)
+        assert torch.equal(J.to_dense(), reference(diff, X))
+    entry = _entry(diff)
+    assert not entry.compiled and isinstance(entry.program, torch.fx.GraphModule)

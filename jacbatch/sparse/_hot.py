@@ -61,6 +61,29 @@ NOTE [Repeated sparse calls]
     value check (its limit as stated in :mod:`jacbatch.methods.traced`): the skipped pattern
     check and the program (which differentiates the graph) are then stale, as the traced
     closed forms are in that case.
+
+NOTE [Compiling the kept program]
+    With :data:`COMPILE` set, the program of point 4, once it reproduced the full path's
+    values, is also compiled by Inductor (``torch._inductor.compile_fx``, C++ on the CPU), run
+    once on the same inputs, and kept instead of it only if its values are again exactly the
+    full path's; otherwise (or where compiling raises) the make_fx program stays. The gate is
+    equality, not a tolerance: Inductor may fuse, contract to FMA or reassociate, and a
+    program that differs in the last bit is simply not kept (the measured cases below all
+    compiled to equal values, float32 and float64). Everything else of a hit (the guards, the
+    value check, the NaN policy) is unchanged; the compiled program stands for ``func`` exactly
+    when the make_fx one does.
+
+    Inductor's default fusion inlines each intermediate into every consumer: the gathers of
+    the compressed passes then recompute the whole forward per gathered entry, and the
+    compiled program was slower than eager (heat n = 2,048, B = 64: 6.2 ms vs 1.7 ms;
+    Brusselator 32², B = 64: 36 vs 16 ms). Storing every intermediate once
+    (``realize_*_threshold = 1``) makes it faster: program alone diff n = 10⁴ 0.10 vs 0.25 ms,
+    Brusselator 6.2 vs 14.3 ms, heat 1.45 vs 1.67 ms (one core, loaded machine).
+
+    It is off by default: the compile takes 1-6 s per key (more for the first compile in a
+    process) and saves 0.05-15 ms per call, so it pays after some hundreds (Brusselator) to
+    some ten thousands (diff, heat) of calls: a Newton loop on a large residual wins, a test
+    suite calling a few times loses.
 """
 
 from __future__ import annotations
@@ -88,6 +111,9 @@ HOT_CALLS = 3
 MAX_DROPS = 4
 #: ``False``: every call takes the full path (for benchmarks of the full path).
 ENABLED = True
+#: ``True``: a kept program is also compiled by Inductor (NOTE [Compiling the kept program]);
+#: off by default, since the compile takes seconds per key.
+COMPILE = False
 
 
 @dataclasses.dataclass
@@ -100,6 +126,7 @@ class _Entry:
     refused: bool = False
     program: Callable[..., Any] | None = None
     drops: int = 0
+    compiled: bool = False  # ``program`` is Inductor's (NOTE [Compiling the kept program])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +297,10 @@ def record(
         return
     entry.skip_check = all(_covers(call, part) for part in prep.parts)
     entry.program = _program(prep, call, got, values) if values is not None else None
+    # make_fx's program is a GraphModule; Inductor's is not
+    entry.compiled = entry.program is not None and not isinstance(
+        entry.program, torch.fx.GraphModule
+    )
     # kept without the arguments and the function: a kept entry must not keep the caller's
     # batch alive, nor ``func`` (the table's weak key is its code, which ``func`` holds)
     bare = dataclasses.replace(call, func=_gone, args=())
@@ -316,11 +347,43 @@ def _program(
             again = program(*args, *got.lifted)
     except Exception:
         return None
-    if len(again) != len(values) or not all(
-        a.shape == v.shape and bool(torch.equal(a, v)) for a, v in zip(again, values, strict=True)
-    ):
+    if not _equal(again, values):
         return None
+    if COMPILE:
+        return _compiled(program, (*args, *got.lifted), values) or program
     return program
+
+
+def _equal(got: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> bool:
+    return len(got) == len(values) and all(
+        a.shape == v.shape and bool(torch.equal(a, v)) for a, v in zip(got, values, strict=True)
+    )
+
+
+#: Inductor settings for the kept program (NOTE [Compiling the kept program]): every
+#: intermediate is stored once instead of recomputed inside the gathers that read it.
+_INDUCTOR = {"realize_opcount_threshold": 1, "realize_reads_threshold": 1,
+             "realize_acc_reads_threshold": 1}  # fmt: skip
+
+
+def _compiled(
+    program: Callable[..., Any], inputs: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
+) -> Callable[..., Any] | None:
+    """``program`` compiled by Inductor, or ``None`` where compiling fails or its values on
+    ``inputs`` are not exactly ``values`` (the full path's)."""
+    try:
+        from torch._inductor import config
+        from torch._inductor.compile_fx import compile_fx
+
+        with torch.no_grad(), config.patch(_INDUCTOR):
+            # Any: compile_fx's declared result also covers its AOT modes (paths, weights)
+            fast: Any = compile_fx(program, list(inputs))  # type: ignore[arg-type]
+            again = fast(*inputs)
+    except Exception:
+        return None
+    if not _equal(list(again), values):
+        return None
+    return fast
 
 
 def _gone(*args: Any) -> Any:
@@ -351,4 +414,4 @@ def forget_all() -> None:
     _SEEN.clear()
 
 
-__all__ = ["ENABLED", "HOT_CALLS", "Hit", "forget_all", "lookup", "record"]
+__all__ = ["COMPILE", "ENABLED", "HOT_CALLS", "Hit", "forget_all", "lookup", "record"]
