@@ -5,10 +5,13 @@ function changes between calls."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import jacbatch
 from jacbatch.sparse import SparsityPattern, _hot
@@ -250,3 +253,90 @@ def test_functions_sharing_code_and_a_graph_that_reorders_its_inputs():
         f = fs[k % 2]
         J = jacbatch.jacobian(f, X, sparse=True)
         torch.testing.assert_close(J.to_dense(), reference(f, X).reshape(3, 36, 36))
+
+
+class _Passthrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def test_call_under_a_dispatch_mode_keeps_the_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call that cannot capture (under a dispatch mode, a memory tracker say) takes the full
+    path and leaves the kept entry alone (NOTE [Repeated sparse calls], point 5): not dropped,
+    so the next plain call reuses it; nor kept or refused while the mode is on. (A given
+    pattern: detection itself needs a capture, so ``sparse=True`` refuses under the mode.)"""
+    from jacbatch.sparse import engine
+
+    gen = torch.Generator().manual_seed(7)
+    P = _diff_pattern(9)
+    X = torch.randn(2, 9, generator=gen, dtype=DT)
+    for _ in range(_hot.HOT_CALLS + 1):
+        with _Passthrough():  # never counted: no entry is kept under the mode
+            J = jacbatch.jacobian(diff, X, sparse=P)
+        assert torch.equal(J.to_dense(), reference(diff, X))
+    entry = _entry(diff)
+    assert entry.count == 0 and entry.prep is None and not entry.refused
+    for _ in range(_hot.HOT_CALLS):
+        jacbatch.jacobian(diff, X, sparse=P)
+    assert entry.prep is not None and entry.program is not None
+    with _Passthrough():
+        J = jacbatch.jacobian(diff, X, sparse=P)
+    assert torch.equal(J.to_dense(), reference(diff, X))
+    assert entry.prep is not None and entry.drops == 0  # still kept
+    prepared = []
+    prepare = engine.prepare
+    monkeypatch.setattr(engine, "prepare", lambda *a, **k: prepared.append(1) or prepare(*a, **k))
+    X2 = torch.randn(2, 9, generator=gen, dtype=DT)
+    assert torch.equal(jacbatch.jacobian(diff, X2, sparse=P).to_dense(), reference(diff, X2))
+    assert not prepared  # the kept entry ran
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="Inductor needs a C++ compiler",
+)
+@pytest.mark.parametrize("method", ["jacfwd", "jacrev"])
+def test_compiled_program_equals_reference(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``COMPILE`` (NOTE [Compiling the kept program]) the kept program is Inductor's (not
+    make_fx's GraphModule), it is what later calls run, and its values equal the reference."""
+    import torch._inductor.compile_fx as cfx
+
+    monkeypatch.setattr(_hot, "COMPILE", True)
+    compiled = []
+    compile_fx = cfx.compile_fx
+    monkeypatch.setattr(
+        cfx, "compile_fx", lambda *a, **k: compiled.append(1) or compile_fx(*a, **k)
+    )
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(CALLS):
+        X = torch.randn(3, 5, 5, generator=gen, dtype=DT)
+        J = jacbatch.jacobian(lap, X, sparse=True, method=method)
+        torch.testing.assert_close(J.to_dense(), reference(lap, X), rtol=0, atol=1e-12)
+    entry = _entry(lap)
+    assert entry.compiled and entry.program is not None and len(compiled) == 1
+    assert not isinstance(entry.program, torch.fx.GraphModule)
+    ran = []
+    program = entry.program
+    entry.program = lambda *a: ran.append(1) or program(*a)
+    X = torch.randn(3, 5, 5, generator=gen, dtype=DT)
+    J = jacbatch.jacobian(lap, X, sparse=True, method=method)
+    torch.testing.assert_close(J.to_dense(), reference(lap, X), rtol=0, atol=1e-12)
+    assert ran == [1]  # the compiled program computed this call's values
+
+
+def test_compiled_program_not_equal_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled program whose values differ from the full path's is dropped; the make_fx
+    program stays."""
+    import torch._inductor.compile_fx as cfx
+
+    monkeypatch.setattr(_hot, "COMPILE", True)
+    monkeypatch.setattr(
+        cfx, "compile_fx", lambda gm, inputs: lambda *a: [v * (1 + 1e-15) + 1e-300 for v in gm(*a)]
+    )
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(CALLS):
+        X = torch.randn(2, 7, generator=gen, dtype=DT)
+        J = jacbatch.jacobian(diff, X, sparse=True)
+        assert torch.equal(J.to_dense(), reference(diff, X))
+    entry = _entry(diff)
+    assert not entry.compiled and isinstance(entry.program, torch.fx.GraphModule)

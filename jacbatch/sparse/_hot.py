@@ -48,11 +48,42 @@ NOTE [Repeated sparse calls]
        values as on the full path's. The program stands for ``func`` exactly when the graph
        does, which is what point 2 establishes before it runs.
 
+    5. A call under a ``TorchDispatchMode`` (a memory tracker, a probe of an enclosing call)
+       or inside a transform cannot capture (NOTE [No capture under a dispatch mode, a
+       transform or another compile] in :mod:`jacbatch.capture`). Such a call takes the full
+       path and leaves the entry as it is: neither counted, nor dropped, nor refused. (Treated
+       as a changed function, one tracked call used to drop a kept entry, and the next calls
+       paid the full path and the tracing again: the benchmark's peak-memory measurement
+       made the given-pattern ``diff`` case look twice as slow as ``sparse=True``.)
+
     A stale graph whose output at the first sample equals ``func``'s but whose derivative
     differs (a method replaced on a class, which Dynamo does not guard) is not caught by the
     value check (its limit as stated in :mod:`jacbatch.methods.traced`): the skipped pattern
     check and the program (which differentiates the graph) are then stale, as the traced
     closed forms are in that case.
+
+NOTE [Compiling the kept program]
+    With :data:`COMPILE` set, the program of point 4, once it reproduced the full path's
+    values, is also compiled by Inductor (``torch._inductor.compile_fx``, C++ on the CPU), run
+    once on the same inputs, and kept instead of it only if its values are again exactly the
+    full path's; otherwise (or where compiling raises) the make_fx program stays. The gate is
+    equality, not a tolerance: Inductor may fuse, contract to FMA or reassociate, and a
+    program that differs in the last bit is simply not kept (the measured cases below all
+    compiled to equal values, float32 and float64). Everything else of a hit (the guards, the
+    value check, the NaN policy) is unchanged; the compiled program stands for ``func`` exactly
+    when the make_fx one does.
+
+    Inductor's default fusion inlines each intermediate into every consumer: the gathers of
+    the compressed passes then recompute the whole forward per gathered entry, and the
+    compiled program was slower than eager (heat n = 2,048, B = 64: 6.2 ms vs 1.7 ms;
+    Brusselator 32², B = 64: 36 vs 16 ms). Storing every intermediate once
+    (``realize_*_threshold = 1``) makes it faster: program alone diff n = 10⁴ 0.10 vs 0.25 ms,
+    Brusselator 6.2 vs 14.3 ms, heat 1.45 vs 1.67 ms (one core, loaded machine).
+
+    It is off by default: the compile takes 1-6 s per key (more for the first compile in a
+    process) and saves 0.05-15 ms per call, so it pays after some hundreds (Brusselator) to
+    some ten thousands (diff, heat) of calls: a Newton loop on a large residual wins, a test
+    suite calling a few times loses.
 """
 
 from __future__ import annotations
@@ -80,6 +111,9 @@ HOT_CALLS = 3
 MAX_DROPS = 4
 #: ``False``: every call takes the full path (for benchmarks of the full path).
 ENABLED = True
+#: ``True``: a kept program is also compiled by Inductor (NOTE [Compiling the kept program]);
+#: off by default, since the compile takes seconds per key.
+COMPILE = False
 
 
 @dataclasses.dataclass
@@ -92,6 +126,7 @@ class _Entry:
     refused: bool = False
     program: Callable[..., Any] | None = None
     drops: int = 0
+    compiled: bool = False  # ``program`` is Inductor's (NOTE [Compiling the kept program])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,8 +257,8 @@ def lookup(
         "jacobian", func, args, options.get("argnums", 0), options.get("in_dims", 0),
         options.get("randomness", "error"), False,
     )  # fmt: skip
-    if in_transform(call.args):
-        return None
+    if in_transform(call.args) or capture._busy() is not None:
+        return None  # point 5: no capture now, which says nothing about ``func``
     got = _capture(call)
     if not _plain(call.args, got.lifted):
         return None
@@ -254,8 +289,8 @@ def record(
     colors and samples in one pass) are given and the program reproduces them exactly."""
     key = _key(args, options) if ENABLED else None
     entry = _entry(func, key, create=True) if key is not None else None
-    if entry is None or entry.refused or entry.prep is not None:
-        return
+    if entry is None or entry.refused or entry.prep is not None or capture._busy() is not None:
+        return  # point 5: a call that cannot capture is not counted
     entry.count += 1
     if entry.count < HOT_CALLS:
         return
@@ -268,6 +303,10 @@ def record(
         return
     entry.skip_check = all(_covers(call, part) for part in prep.parts)
     entry.program = _program(prep, call, got, values) if values is not None else None
+    # make_fx's program is a GraphModule; Inductor's is not
+    entry.compiled = entry.program is not None and not isinstance(
+        entry.program, torch.fx.GraphModule
+    )
     # kept without the arguments and the function: a kept entry must not keep the caller's
     # batch alive, nor ``func`` (the table's weak key is its code, which ``func`` holds)
     bare = dataclasses.replace(call, func=_gone, args=())
@@ -315,11 +354,43 @@ def _program(
             again = program(*args, *got.lifted)
     except Exception:
         return None
-    if len(again) != len(values) or not all(
-        a.shape == v.shape and bool(torch.equal(a, v)) for a, v in zip(again, values, strict=True)
-    ):
+    if not _equal(again, values):
         return None
+    if COMPILE:
+        return _compiled(program, (*args, *got.lifted), values) or program
     return program
+
+
+def _equal(got: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> bool:
+    return len(got) == len(values) and all(
+        a.shape == v.shape and bool(torch.equal(a, v)) for a, v in zip(got, values, strict=True)
+    )
+
+
+#: Inductor settings for the kept program (NOTE [Compiling the kept program]): every
+#: intermediate is stored once instead of recomputed inside the gathers that read it.
+_INDUCTOR = {"realize_opcount_threshold": 1, "realize_reads_threshold": 1,
+             "realize_acc_reads_threshold": 1}  # fmt: skip
+
+
+def _compiled(
+    program: Callable[..., Any], inputs: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
+) -> Callable[..., Any] | None:
+    """``program`` compiled by Inductor, or ``None`` where compiling fails or its values on
+    ``inputs`` are not exactly ``values`` (the full path's)."""
+    try:
+        from torch._inductor import config
+        from torch._inductor.compile_fx import compile_fx
+
+        with torch.no_grad(), config.patch(_INDUCTOR):
+            # Any: compile_fx's declared result also covers its AOT modes (paths, weights)
+            fast: Any = compile_fx(program, list(inputs))  # type: ignore[arg-type]
+            again = fast(*inputs)
+    except Exception:
+        return None
+    if not _equal(list(again), values):
+        return None
+    return fast
 
 
 def _gone(*args: Any) -> Any:
@@ -358,4 +429,4 @@ def forget_all() -> None:
     _SEEN.clear()
 
 
-__all__ = ["ENABLED", "HOT_CALLS", "Hit", "forget", "forget_all", "lookup", "record"]
+__all__ = ["COMPILE", "ENABLED", "HOT_CALLS", "Hit", "forget", "forget_all", "lookup", "record"]
