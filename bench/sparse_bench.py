@@ -26,7 +26,9 @@ repeated call and for the full path.
 The whole process is pinned to one core (``taskset -c 1``, re-executing itself), torch runs one
 thread, XLA one thread; runners interleave within each round (order rotating), each timed
 ``reps`` times per round (sized from the warm-up to about 50 ms); a figure is the median over
-rounds of the per-round medians. JAX compile time is excluded (warm-up).
+rounds of the per-round medians. JAX compile time is excluded (warm-up); so is Inductor's for
+``jacbatch sparse, compiled`` (``jacbatch.sparse.compile_repeated``; its compile time is
+reported apart, ``--no-compile`` skips it).
 
     PYTHONPATH=$PWD python bench/sparse_bench.py [--quick] [--write]
 
@@ -302,7 +304,9 @@ def sparse_peak(fn: Callable[[], Any]) -> int:
     return tracker.peak
 
 
-def run_case(case: dict[str, Any], rounds: int, use_jax: bool) -> dict[str, Any]:
+def run_case(
+    case: dict[str, Any], rounds: int, use_jax: bool, compiled: bool = False
+) -> dict[str, Any]:
     import importlib.util
 
     import numpy as np
@@ -342,6 +346,22 @@ def run_case(case: dict[str, Any], rounds: int, use_jax: bool) -> dict[str, Any]
         "jacbatch sparse": lambda: jacbatch.jacobian(f, X, sparse=P),
         "jacbatch sparse, full path": full_path,
     }
+    if compiled:  # its own function object and code, so its own hot key
+        fc = lambda x: f(x)  # noqa: E731
+        before = jacbatch.sparse.compile_repeated(True)
+        try:
+            for _ in range(_hot.HOT_CALLS - 1):
+                jacbatch.jacobian(fc, X, sparse=P)
+            t0 = time.perf_counter()
+            jacbatch.jacobian(fc, X, sparse=P)  # the call that keeps and compiles the program
+            entry["compile_s"] = time.perf_counter() - t0
+        finally:
+            jacbatch.sparse.compile_repeated(before)
+        Jc = jacbatch.jacobian(fc, X, sparse=P)
+        entry["compiled_equals_eager"] = bool(
+            torch.equal(Jc.values(), jacbatch.jacobian(f, X, sparse=P).values())
+        )
+        runners["jacbatch sparse, compiled"] = lambda: jacbatch.jacobian(fc, X, sparse=P)
     detect = importlib.util.find_spec("jacbatch.sparse.detect") is not None
     if detect:
         from jacbatch.sparse.detect import detect as detect_pattern
@@ -377,6 +397,10 @@ def run_case(case: dict[str, Any], rounds: int, use_jax: bool) -> dict[str, Any]
     entry["full_path_over_asdex"] = t["jacbatch sparse, full path"] / t.get(
         "asdex (jit)", float("nan")
     )
+    if "jacbatch sparse, compiled" in t:
+        entry["compiled_over_asdex"] = t["jacbatch sparse, compiled"] / t.get(
+            "asdex (jit)", float("nan")
+        )
     del np
     return entry
 
@@ -466,6 +490,22 @@ def markdown(data: dict[str, Any]) -> str:
             f"{ms(nx.get('largest_first_s'))} / {ms(nx.get('smallest_last_s'))} | "
             f"{e['peak_over_values']:.2f} | {e.get('peak_over_values_full_path', nan):.2f} |"
         )
+    compiled = {n: e for n, e in data["cases"].items() if "compiled_over_asdex" in e}
+    if compiled:
+        lines += [
+            "",
+            "| case | jacbatch sparse (ms) | compiled (ms) | asdex jit (ms) | jacbatch / asdex | "
+            "compiled / asdex | compile (s) | compiled values equal |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for name, e in compiled.items():
+            t = e["times_s"]
+            lines.append(
+                f"| {name} | {ms(t.get('jacbatch sparse'))} | "
+                f"{ms(t.get('jacbatch sparse, compiled'))} | {ms(t.get('asdex (jit)'))} | "
+                f"{e['jacbatch_over_asdex']:.3g}x | {e['compiled_over_asdex']:.3g}x | "
+                f"{e['compile_s']:.1f} | {e['compiled_equals_eager']} |"
+            )
     return "\n".join(lines)
 
 
@@ -475,6 +515,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (smoke test)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-jax", action="store_true")
+    ap.add_argument(
+        "--no-compile", action="store_true", help="skip jacbatch.sparse.compile_repeated's runner"
+    )
     ap.add_argument("--case", nargs="*", default=None, help="only these cases, by name")
     ap.add_argument("--write", action="store_true", help="write bench/results/sparse.json")
     ap.add_argument("--out", type=str, default=None, help="write the JSON here")
@@ -505,7 +548,9 @@ def main() -> None:
     targets += [Path(a.out)] if a.out else []
     chosen = [c for c in cases(a.tiny) if not a.case or c["name"] in a.case]
     for case in chosen:
-        data["cases"][case["name"]] = run_case(case, rounds, not a.no_jax)
+        data["cases"][case["name"]] = run_case(
+            case, rounds, not a.no_jax, compiled=not (a.no_compile or a.tiny)
+        )
         text = json.dumps(data, indent=1, default=str)
         for t in targets:  # after every case: a long run keeps what it measured
             t.write_text(text + "\n")

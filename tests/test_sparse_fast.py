@@ -301,7 +301,8 @@ def test_compiled_program_equals_reference(method: str, monkeypatch: pytest.Monk
     make_fx's GraphModule), it is what later calls run, and its values equal the reference."""
     import torch._inductor.compile_fx as cfx
 
-    monkeypatch.setattr(_hot, "COMPILE", True)
+    monkeypatch.setattr(_hot, "COMPILE", _hot.COMPILE)  # restored after the test
+    assert jacbatch.sparse.compile_repeated(True) is False  # the public switch, off by default
     compiled = []
     compile_fx = cfx.compile_fx
     monkeypatch.setattr(
