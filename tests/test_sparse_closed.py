@@ -241,3 +241,18 @@ SCALE = torch.linspace(0.5, 2.0, 64, dtype=DT).reshape(8, 8)
 
 def _scaled(u: torch.Tensor) -> torch.Tensor:
     return brusselator(u) * SCALE + SCALE * u[0] ** 2
+
+
+def test_repeated_calls_run_the_program_checked_against_the_closed_form() -> None:
+    f = _scaled
+    X = _rand(3, 2, 8, 8)
+    R = reference(f, (X,), (0,), 0, 3)
+    before = closed.STATS["calls"]
+    for _ in range(_hot.HOT_CALLS):
+        _check(jacbatch.jacobian(f, X, sparse=True), R)
+    assert before + _hot.HOT_CALLS == closed.STATS["calls"]
+    (entry,) = _hot._SEEN[f.__code__].values()
+    assert entry.prep is not None and entry.program is not None
+    for _ in range(2):  # hits: the kept program, not the closed form
+        _check(jacbatch.jacobian(f, X, sparse=True), R)
+    assert before + _hot.HOT_CALLS == closed.STATS["calls"]
