@@ -256,3 +256,51 @@ def test_repeated_calls_run_the_program_checked_against_the_closed_form() -> Non
     for _ in range(2):  # hits: the kept program, not the closed form
         _check(jacbatch.jacobian(f, X, sparse=True), R)
     assert before + _hot.HOT_CALLS == closed.STATS["calls"]
+
+
+@pytest.mark.parametrize("kind", ["scalar_out", "unbatched", "create_graph"])
+def test_edges(kind: str) -> None:
+    if kind == "scalar_out":
+        f: Callable[..., torch.Tensor] = lambda x: (x.sin() * x).sum()  # noqa: E731
+        X = _rand(3, 7)
+        assert _uses_closed(f, (X,), sparse=True)
+        _check(jacbatch.jacobian(f, X, sparse=True), reference(f, (X,), (0,), 0, 3))
+    elif kind == "unbatched":
+        f = ONE_ARG["sum_of_terms"][0]
+        x = _rand(16)
+        J = jacbatch.jacobian(f, x, in_dims=None, sparse=True)
+        _check(J, reference(f, (x,), (None,), 0, 1)[0])
+    else:
+        f = ONE_ARG["elementwise"][0]
+        X = _rand(2, 3, 5).requires_grad_()
+        before = closed.STATS["calls"]
+        J = jacbatch.jacobian(f, X, sparse=True, create_graph=True)
+        assert before == closed.STATS["calls"]  # a differentiable result: the passes
+        _check(J.detach(), reference(f, (X.detach(),), (0,), 0, 2))
+        J.values().sum().backward()
+        assert X.grad is not None and bool(torch.isfinite(X.grad).all())
+
+
+class _Base:
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * x.roll(1)
+
+
+def test_method_replaced_on_a_class_is_never_stale() -> None:
+    """Dynamo does not guard a method replaced on a class; the value check (NOTE [The value
+    check] in jacbatch.methods.traced) sees the stale graph and the passes answer."""
+    base = type("Base", (_Base,), {})
+    c = type("Child", (base,), {})()
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return c.act(x)
+
+    X = _rand(3, 9)
+    _hot.ENABLED = False
+    try:
+        _check(jacbatch.jacobian(f, X, sparse=True), reference(f, (X,), (0,), 0, 3))
+        base.act = lambda self, x: torch.sin(x) * x.roll(1) ** 2  # type: ignore[attr-defined]
+        _check(jacbatch.jacobian(f, X, sparse=True), reference(f, (X,), (0,), 0, 3))
+        _check(jacbatch.jacobian(f, X, sparse=True), reference(f, (X,), (0,), 0, 3))
+    finally:
+        _hot.ENABLED = True

@@ -158,7 +158,7 @@ def write_sampled(
             pattern, "in", cols, term.in_sizes
         )
         key, sel, at = _selection(pattern, term, axes, values.device)
-        prod = _sampled(pattern, term, key, at, values.dtype)
+        prod = _sampled(pattern, term, key, at, nnz if sel is None else sel.shape[0], values)
         if prod.shape[0] != 1:
             batched.append((prod, sel))
         elif sel is None:
@@ -176,12 +176,12 @@ def write_sampled(
 
 
 def _sampled(
-    pattern: SparsityPattern, term: Term, key: Any, at: _Index, dtype: torch.dtype
+    pattern: SparsityPattern, term: Term, key: Any, at: _Index, k: int, like: torch.Tensor
 ) -> torch.Tensor:
-    """``(B or 1, k)``: ``term`` at the entries whose per-axis indices are ``at`` (``(k,)``
-    each), scale included."""
+    """``(B or 1, k)``: ``term`` at the ``k`` entries whose per-axis indices are ``at``
+    (``(k,)`` each; none for a ``1 x 1`` Jacobian), scale included; dtype and device of
+    ``like``."""
     letters = term.out + term.inp
-    k = at[0].shape[0]
     prod: torch.Tensor | None = None
     for T, ls in term.factors:
         if any(x not in letters for x in ls):
@@ -198,10 +198,10 @@ def _sampled(
             g = T.reshape(T.shape[0], 1)
         prod = g if prod is None else prod * g
     if prod is None:
-        return torch.full((1, k), term.scale, dtype=dtype, device=at[0].device)
+        return torch.full((1, k), term.scale, dtype=like.dtype, device=like.device)
     if term.scale != 1.0:
         prod = prod * term.scale
-    return prod.to(dtype).expand(prod.shape[0], k)
+    return prod.to(like.dtype).expand(prod.shape[0], k)
 
 
 def _stale(err: Exception) -> bool:
