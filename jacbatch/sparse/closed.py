@@ -204,10 +204,6 @@ def _sampled(
     return prod.to(like.dtype).expand(prod.shape[0], k)
 
 
-def _stale(err: Exception) -> bool:
-    return type(err).__name__ == "_Stale"
-
-
 def closed_values(
     call: Call,
     parts: Sequence[Any],
@@ -221,9 +217,12 @@ def closed_values(
         Unsupported: a rule does not cover these values, or the graph is stale (its captures
             are then dropped, so the next call captures afresh).
     """
-    from ..methods.traced import _output_check, lifted_inputs, traced_graph
+    from ..methods.traced import _output_check, _Stale, lifted_inputs, traced_graph
 
-    tg = traced_graph(call)
+    tg = traced_graph(call)  # Dynamo's guards may have re-traced it since the decision
+    for p in parts:
+        if not tg.analysis(p.argnum).ok:
+            raise Unsupported(tg.analysis(p.argnum).reason)
     args, _, B = batched_args(call)
     check = _output_check(call, args)
     full = [x.detach() for x in (*args, *lifted_inputs(call))]
@@ -231,13 +230,9 @@ def closed_values(
     with torch.no_grad():
         try:
             all_terms = tracing.jacobian_terms(tg, argnums, full, B, check)
-        except Unsupported:
-            raise
-        except Exception as err:
-            if _stale(err):
-                capture.forget(call.func)
-                raise Unsupported(str(err)) from None
-            raise
+        except _Stale as err:  # NOTE [The value check]: the passes answer, the next call
+            capture.forget(call.func)  # captures afresh
+            raise Unsupported(str(err)) from None
         results = []
         for part, ts, buf in zip(parts, all_terms, bufs, strict=True):
             values = buf if buf is not None else torch.empty(
