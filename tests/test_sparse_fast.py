@@ -151,7 +151,8 @@ def test_closure_change_gives_fresh_results() -> None:
     for _ in range(CALLS):
         assert torch.equal(jacbatch.jacobian(f1, X, sparse=True).to_dense(), reference(f1, X))
     J2 = jacbatch.jacobian(f2, X, sparse=True)
-    assert torch.equal(J2.to_dense(), reference(f2, X))
+    # the traced closed form may write these values: equal up to rounding, not bit for bit
+    torch.testing.assert_close(J2.to_dense(), reference(f2, X), rtol=1e-13, atol=1e-13)
     diag = SparsityPattern.from_mask(torch.eye(5, dtype=torch.bool), (5,), (5,))
     for _ in range(CALLS):
         jacbatch.jacobian(f1, X, sparse=diag)

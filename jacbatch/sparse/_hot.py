@@ -42,7 +42,9 @@ NOTE [Repeated sparse calls]
        compressed passes and the gather of every argnum are traced by ``make_fx`` over the
        captured graph (its lifted tensors as inputs, so their current values are read) into
        one aten graph, run once on the call's arguments and kept only if its values equal the
-       full path's exactly. A hit whose chunking is still one pass runs that program instead of
+       full path's exactly (to rounding where the traced closed form wrote the full path's
+       values: two computations that agree; a hit then runs the program, which measured
+       faster than the closed form on repeated calls). A hit whose chunking is still one pass runs that program instead of
        the torch.func transforms (their Python overhead is most of a small call: ``diff`` at
        n = 10,000 spends 0.1 ms in kernels of a 0.5 ms pass); the NaN policy then runs on its
        values as on the full path's. The program stands for ``func`` exactly when the graph
@@ -65,8 +67,8 @@ NOTE [Repeated sparse calls]
 NOTE [Compiling the kept program]
     With :data:`COMPILE` set, the program of point 4, once it reproduced the full path's
     values, is also compiled by Inductor (``torch._inductor.compile_fx``, C++ on the CPU), run
-    once on the same inputs, and kept instead of it only if its values are again exactly the
-    full path's; otherwise (or where compiling raises) the make_fx program stays. The gate is
+    once on the same inputs, and kept instead of it only if its values are exactly the make_fx
+    program's; otherwise (or where compiling raises) the make_fx program stays. The gate is
     equality, not a tolerance: Inductor may fuse, contract to FMA or reassociate, and a
     program that differs in the last bit is simply not kept (the measured cases below all
     compiled to equal values, float32 and float64). Everything else of a hit (the guards, the
@@ -283,10 +285,12 @@ def record(
     options: Mapping[str, Any],
     prep: Prepared,
     values: Sequence[torch.Tensor] | None,
+    exact: bool = True,
 ) -> None:
     """Count a full call that passed its checks; on the :data:`HOT_CALLS`-th, keep it (NOTE
     [Repeated sparse calls], point 1), with a program where ``values`` (the call's values, all
-    colors and samples in one pass) are given and the program reproduces them exactly."""
+    colors and samples in one pass) are given and the program reproduces them exactly
+    (``exact=False``: to rounding, for values the traced closed form wrote)."""
     key = _key(args, options) if ENABLED else None
     entry = _entry(func, key, create=True) if key is not None else None
     if entry is None or entry.refused or entry.prep is not None or capture._busy() is not None:
@@ -302,7 +306,7 @@ def record(
         entry.refused = True
         return
     entry.skip_check = all(_covers(call, part) for part in prep.parts)
-    entry.program = _program(prep, call, got, values) if values is not None else None
+    entry.program = _program(prep, call, got, values, exact) if values is not None else None
     # make_fx's program is a GraphModule; Inductor's is not
     entry.compiled = entry.program is not None and not isinstance(
         entry.program, torch.fx.GraphModule
@@ -318,7 +322,7 @@ def record(
 
 
 def _program(
-    prep: Prepared, call: Any, got: Any, values: Sequence[torch.Tensor]
+    prep: Prepared, call: Any, got: Any, values: Sequence[torch.Tensor], exact: bool = True
 ) -> Callable[..., Any] | None:
     """The compressed passes and gather of every argnum over the captured graph, traced by
     ``make_fx`` into one aten graph: inputs the batched arguments (batch first) and the lifted
@@ -354,10 +358,12 @@ def _program(
             again = program(*args, *got.lifted)
     except Exception:
         return None
-    if not _equal(again, values):
+    if len(again) != len(values) or not all(
+        a.shape == v.shape and _same(a, v, exact) for a, v in zip(again, values, strict=True)
+    ):
         return None
     if COMPILE:
-        return _compiled(program, (*args, *got.lifted), values) or program
+        return _compiled(program, (*args, *got.lifted), again) or program
     return program
 
 
@@ -377,7 +383,7 @@ def _compiled(
     program: Callable[..., Any], inputs: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
 ) -> Callable[..., Any] | None:
     """``program`` compiled by Inductor, or ``None`` where compiling fails or its values on
-    ``inputs`` are not exactly ``values`` (the full path's)."""
+    ``inputs`` are not exactly ``values`` (``program``'s own on them)."""
     try:
         from torch._inductor import config
         from torch._inductor.compile_fx import compile_fx
@@ -391,6 +397,20 @@ def _compiled(
     if not _equal(list(again), values):
         return None
     return fast
+
+
+def _same(a: torch.Tensor, v: torch.Tensor, exact: bool) -> bool:
+    """``a`` equals ``v``; not ``exact``: to rounding (``v`` from another computation, the
+    traced closed form: NOTE [Sampling lettered terms at the nonzeros] in
+    :mod:`jacbatch.sparse.closed`), non-finite entries where both are."""
+    if bool(torch.equal(a, v)) or exact:
+        return bool(torch.equal(a, v))
+    finite = torch.isfinite(v)
+    if not bool(torch.equal(finite, torch.isfinite(a))):
+        return False
+    scale = float(v[finite].abs().max()) if bool(finite.any()) else 0.0
+    tol = 1e3 * torch.finfo(v.dtype).eps * max(1.0, scale)
+    return bool(((a - v).abs()[finite] <= tol).all())
 
 
 def _gone(*args: Any) -> Any:

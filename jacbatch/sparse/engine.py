@@ -17,12 +17,18 @@ NOTE [Sparse Jacobians: what a call does]
     4. The compressed passes and the gather (NOTE [Compressed Jacobians] and NOTE [One gather
        into the values] in :mod:`jacbatch.sparse.compressed`), in batch chunks (and color
        chunks when one sample's passes do not fit) within the working-memory budget, into
-       ``(B, nnz)`` values.
+       ``(B, nnz)`` values. Where the traced closed form covers an argnum and its working
+       memory is acceptable, it writes that argnum's values instead, only at the nonzeros
+       (NOTE [Sampling lettered terms at the nonzeros] and NOTE [When the closed form writes a
+       sparse Jacobian] in :mod:`jacbatch.sparse.closed`); its graph's output is checked
+       against ``func`` on the first sample, and anything it cannot do falls back to the
+       passes.
     5. The NaN policy (NOTE [Non-finite values: one policy] in :mod:`jacbatch._nonfinite`):
        samples whose arguments or values are not finite (after forward mode, also those with a
        non-finite intermediate) are recomputed by per-sample reverse mode, one pull-back per
        row, and their entries gathered; compression would otherwise mix a NaN of one column
-       (row) into the other columns (rows) of its color.
+       (row) into the other columns (rows) of its color. Values the closed form wrote follow
+       the dense traced route's policy: samples with a non-finite argument or value.
     6. The pattern check: on the first sample, one random product in the *other* mode (a VJP
        after column mode, a JVP after row mode) is compared with the same product of the
        decompressed Jacobian. A pattern that misses a dependence makes them differ (a random
@@ -94,6 +100,8 @@ class Prepared:
     show: bool | None
     chunk_size: int | None = None
     method: str = "auto"
+    #: per part: whether the traced closed form writes its values, and why (or why not)
+    closed: tuple[tuple[bool, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -254,9 +262,30 @@ def prepare(
         coloring = color(pattern, part_mode)
         layout = _layout(pattern, coloring, call, loop)
         parts.append(Part(a, pattern, coloring, layout, given is not None))
-    return Prepared(
-        call, out_shape, tuple(parts), checked_vec, budget, show, size, str(method)
-    )  # fmt: skip
+    prep = Prepared(call, out_shape, tuple(parts), checked_vec, budget, show, size, str(method))
+    return dataclasses.replace(prep, closed=_closed_decisions(prep, str(method)))
+
+
+def _closed_decisions(prep: Prepared, method: str) -> tuple[tuple[bool, str], ...]:
+    """Per part, whether the traced closed form writes its values (NOTE [When the closed form
+    writes a sparse Jacobian] in :mod:`jacbatch.sparse.closed`); ``method`` other than
+    ``"auto"`` asks for the passes."""
+    from . import closed
+
+    if method != "auto":
+        return tuple(
+            (False, f"closed form: method={method!r} asks for the passes") for _ in prep.parts
+        )
+    B = prep.call.batch_size if prep.call.batch_size is not None else 1
+    return tuple(
+        closed.decide(
+            prep.call,
+            part,
+            prep.budget,
+            lambda part=part: _unit_bytes(prep, part) * part.coloring.n_colors * B,  # type: ignore[misc]
+        )
+        for part in prep.parts
+    )
 
 
 def _around_known_bugs(where: str, call: Call, mode: str) -> str:
@@ -438,10 +467,15 @@ def values_of(
             for p, buf in zip(prep.parts, bufs, strict=True)
         ]
     results = []
+    closed: dict[int, torch.Tensor] = {}
+    if computed is None and any(use for use, _ in prep.closed):
+        closed = _closed(prep, call, bufs)
     grad = torch.enable_grad() if call.create_graph else torch.no_grad()
     with grad:
         for i, (part, cc, buf) in enumerate(zip(prep.parts, color_chunks, bufs, strict=True)):
-            if computed is not None:
+            if i in closed:
+                values = closed[i]
+            elif computed is not None:
                 values = computed[i] if buf is None else buf.copy_(computed[i])
             else:
                 values = buf if buf is not None else torch.empty(
@@ -456,6 +490,7 @@ def values_of(
                     _forward_gap(prep, call, part, err)
                     raise _passes_failed(part, err) from err
             method = "jacfwd" if part.coloring.mode == "column" else "jacrev"
+            method = "traced" if i in closed else method
             bad = _nonfinite.affected(call, [values], method, random=False)
             for b in bad.nonzero().flatten().tolist():
                 values[b] = _reverse_entries(call, args, flags, b, part)
@@ -486,6 +521,22 @@ def _passes_failed(part: Part, err: BaseException) -> NotImplementedError:
         f"over the batch) cannot run this function: {type(err).__name__}: {first[:300]}. Use "
         f"sparse=False: the dense routes fall back to a per-sample loop where vmap fails."
     )
+
+
+def _closed(
+    prep: Prepared, call: Call, bufs: Sequence[torch.Tensor | None]
+) -> dict[int, torch.Tensor]:
+    """Values of the parts the closed form writes, by index (empty where it fails: the
+    compressed passes then run, NOTE [When the closed form writes a sparse Jacobian])."""
+    from ..rules.terms import Unsupported
+    from .closed import closed_values
+
+    todo = [i for i, (use, _) in enumerate(prep.closed) if use]
+    try:
+        got = closed_values(call, [prep.parts[i] for i in todo], [bufs[i] for i in todo])
+    except Unsupported:
+        return {}
+    return dict(zip(todo, got, strict=True))
 
 
 def _sample(args: Sequence[torch.Tensor], flags: Sequence[bool], b: int) -> list[torch.Tensor]:
@@ -774,7 +825,8 @@ def _jacobian(
     if kept is None or not kept.skip_check:
         check_pattern(prep, call, values)
     if kept is None:
-        _hot.record(func, args, options, prep, values if whole else None)
+        closed = any(use for use, _ in prep.closed)  # its values are not the passes' bit for bit
+        _hot.record(func, args, options, prep, values if whole else None, exact=not closed)
     res = results(prep, values)
     return tuple(res) if call.tuple_argnums else res[0]
 
@@ -845,7 +897,7 @@ def explain(func: Callable[..., Any], args: tuple[Any, ...], **options: Any) -> 
             raise _gaps.jacfwd_error("explain", min(gaps))
         prep = prepare("explain", func, args, rows=gaps, **options)
     lines = []
-    for part in prep.parts:
+    for k, part in enumerate(prep.parts):
         p, c = part.pattern, part.coloring
         both = color(p, "auto")
         m, n = p.shape
@@ -863,6 +915,8 @@ def explain(func: Callable[..., Any], args: tuple[Any, ...], **options: Any) -> 
             )
             + (" (one pull-back per color: cdist_backward_vmap)" if part.layout.loop else "")
         )
+        use, why = prep.closed[k] if prep.closed else (False, "")
+        lines.append(f"    values: {why}" if use else f"    values: compressed passes ({why})")
     return SparsePlan(prep.call.batch_size, prep.out_shape, tuple(lines))
 
 
