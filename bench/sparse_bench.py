@@ -346,6 +346,19 @@ def run_case(
         "jacbatch sparse": lambda: jacbatch.jacobian(f, X, sparse=P),
         "jacbatch sparse, full path": full_path,
     }
+    from jacbatch.sparse import closed
+
+    entry["closed_form"] = jacbatch.explain(f, X, sparse=P).lines[-1].split("values: ")[-1]
+    if entry["closed_form"].startswith("closed form writes"):
+
+        def passes_path() -> Any:  # the full path with the compressed passes
+            closed.ENABLED = False
+            try:
+                return full_path()
+            finally:
+                closed.ENABLED = True
+
+        runners["jacbatch sparse, full path, passes"] = passes_path
     if compiled:  # its own function object and code, so its own hot key
         fc = lambda x: f(x)  # noqa: E731
         before = jacbatch.sparse.compile_repeated(True)
@@ -489,6 +502,17 @@ def markdown(data: dict[str, Any]) -> str:
             f"{a.get('colors', '-')} ({a.get('mode', '-')}) | {ms(c['ours_column_s'])} | "
             f"{ms(nx.get('largest_first_s'))} / {ms(nx.get('smallest_last_s'))} | "
             f"{e['peak_over_values']:.2f} | {e.get('peak_over_values_full_path', nan):.2f} |"
+        )
+    lines += [
+        "",
+        "| case | values written by (explain) | full path (ms) | full path, compressed passes (ms) |",
+        "|---|---|---:|---:|",
+    ]
+    for name, e in data["cases"].items():
+        t = e["times_s"]
+        lines.append(
+            f"| {name} | {e.get('closed_form', '-')} | {ms(t.get('jacbatch sparse, full path'))} "
+            f"| {ms(t.get('jacbatch sparse, full path, passes'))} |"
         )
     compiled = {n: e for n, e in data["cases"].items() if "compiled_over_asdex" in e}
     if compiled:

@@ -20,9 +20,8 @@ NOTE [Compressed Jacobians]
     ``C[color_k, :, col_k]`` (row mode) for all entries at once (NOTE [One gather into the
     values]; per chunk of colors when the colors are chunked), so that no index tensor of size
     ``B x nnz`` is ever built. These passes are torch.func
-    transforms: the project's traced closed forms write whole dense Jacobians and have no
-    JVP-with-a-seed entry point, so a traced route that writes only the nonzeros would need a
-    writer of its own (not done).
+    transforms; where the traced rules cover the function and memory allows, the traced
+    closed form writes the nonzeros instead (:mod:`jacbatch.sparse.closed`).
 """
 
 from __future__ import annotations
