@@ -352,7 +352,7 @@ def estimate_memory(
         sparse: as in :func:`jacobian`: the estimate of the sparse call (the values ``(B,
             nnz)`` and the shared CSR index tensors as output, the compressed passes of every
             color and sample at once as working memory; see
-            :func:`jacbatch.sparse.engine.estimate_memory`).
+            :func:`jacbatch.sparse.sizing.estimate_memory`).
 
     Returns:
         A :class:`~jacbatch.memory.MemoryEstimate` (``output_bytes``, ``peak_bytes``,
@@ -365,7 +365,7 @@ def estimate_memory(
         (512, True)
     """
     if sparse is not False:  # NOTE [Sparse Jacobians: what a call does]
-        from .sparse.engine import estimate_memory as sparse_estimate
+        from .sparse.sizing import estimate_memory as sparse_estimate
 
         return sparse_estimate(
             func, args, argnums=argnums, in_dims=in_dims, sparse=sparse, method=method,

@@ -1,9 +1,10 @@
 """``jacobian(..., sparse=...)``, ``iter_jacobian(..., sparse=...)`` and ``explain(...,
 sparse=...)``: the sparse path, from the validated call to batched sparse CSR results.
 
-(About 800 lines: the steps of the NOTE below and their fall-backs, the pattern check with its error and the
-``out=`` checks stay in one module that reads in the NOTE's order; repeated calls live in
-:mod:`jacbatch.sparse._hot`, the passes in :mod:`jacbatch.sparse.compressed`.)
+(A little over 600 lines: the steps of the NOTE below and their fall-backs stay in one module
+that reads in the NOTE's order; the pattern check lives in :mod:`jacbatch.sparse.checks`, the
+sizes and chunks in :mod:`jacbatch.sparse.sizing`, repeated calls in :mod:`jacbatch.sparse._hot`,
+the passes in :mod:`jacbatch.sparse.compressed`, the closed form in :mod:`jacbatch.sparse.closed`.)
 
 NOTE [Sparse Jacobians: what a call does]
     1. The call is validated and probed as every call is (:func:`jacbatch.plan.normalize`,
@@ -54,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -67,11 +67,12 @@ from .. import _validation as V
 from ..call import Call
 from ..methods import batched_args, in_transform
 from ..plan import forward_ok, normalize, probed
-from ..testing import tolerance
 from . import _gaps
+from .checks import check_pattern, reverse_entries
 from .coloring import Coloring, color
-from .compressed import Layout, column_pass, compressed_values, to_csr
+from .compressed import Layout, compressed_values, to_csr
 from .pattern import SparsityPattern
+from .sizing import chunking, unit_bytes
 
 _MODE_OF_METHOD = {"auto": "auto", "jacfwd": "column", "jacrev": "row"}
 _METHOD_OF_MODE = {m: k for k, m in _MODE_OF_METHOD.items()}
@@ -282,7 +283,7 @@ def _closed_decisions(prep: Prepared, method: str) -> tuple[tuple[bool, str], ..
             prep.call,
             part,
             prep.budget,
-            lambda part=part: _unit_bytes(prep, part) * part.coloring.n_colors * B,  # type: ignore[misc]
+            lambda part=part: unit_bytes(prep, part) * part.coloring.n_colors * B,  # type: ignore[misc]
         )
         for part in prep.parts
     )
@@ -336,117 +337,6 @@ def _sub_call(call: Call, start: int, n: int) -> Call:
     return dataclasses.replace(call, args=args, batch_size=n)
 
 
-def _unit_bytes(prep: Prepared, part: Part) -> int:
-    """Working bytes of one color's pass for one sample, simulated on meta tensors (NOTE
-    [Estimating peak memory by running the route on meta tensors] in :mod:`jacbatch.memory`);
-    a conservative multiple of the compressed vectors where ``func`` cannot run on meta."""
-    call = prep.call
-    m = math.prod(prep.out_shape)
-    n = math.prod(call.sample_shape(part.argnum))
-    item = torch.empty((), dtype=call.dtype).element_size()
-    fallback = 16 * (m + n) * item
-    shapes = [
-        (1, *call.sample_shape(i)) if d is not None else call.sample_shape(i)
-        for i, d in enumerate(call.in_dims)
-    ]
-    args = [torch.empty(s, dtype=call.dtype, device="meta") for s in shapes]
-    flags = [d is not None for d in call.in_dims]
-    seeds = torch.empty((1, part.layout.seeds.shape[1]), dtype=call.dtype, device="meta")
-    try:
-        if part.coloring.mode == "column":
-            run = lambda: column_pass(  # noqa: E731
-                call.func, args, flags, part.argnum, call.sample_shape(part.argnum), seeds
-            )
-        else:
-            from .compressed import row_pass
-
-            run = lambda: row_pass(  # noqa: E731
-                call.func, args, flags, part.argnum, prep.out_shape, seeds, part.layout.loop
-            )
-        return max(memory.simulate_peak(run), (m + n) * item)
-    except Exception:
-        return fallback
-
-
-def estimate_memory(func: Callable[..., Any], args: tuple[Any, ...], **options: Any) -> Any:
-    """:func:`jacbatch.estimate_memory` of a sparse call: a
-    :class:`~jacbatch.memory.MemoryEstimate` from shapes alone.
-
-    ``output_bytes``: the values ``(B, nnz)`` plus the CSR index tensors ``crow (m + 1,)`` and
-    ``col (nnz,)``, int64, shared by the batch (one copy). ``peak_bytes`` adds the working memory
-    of the compressed passes with the whole batch and every color (at most ``chunk_size``) in
-    one pass, simulated on meta tensors per color and sample (``exact=False`` where ``func``
-    cannot run on meta and the figure is a conservative multiple of the compressed vectors).
-    ``route`` names the coloring, e.g. ``"sparse row (11 colors)"``.
-    """
-    prep = prepare("estimate_memory", func, args, **options)
-    call = prep.call
-    B = call.batch_size if call.batch_size is not None else 1
-    item = torch.empty((), dtype=call.dtype).element_size()
-    values = B * sum(p.pattern.nnz for p in prep.parts) * item
-    index = sum((p.pattern.shape[0] + 1 + p.pattern.nnz) * 8 for p in prep.parts)
-    colors = [
-        p.coloring.n_colors
-        if prep.chunk_size is None
-        else min(p.coloring.n_colors, prep.chunk_size)
-        for p in prep.parts
-    ]
-    units = [_unit_bytes(prep, p) for p in prep.parts]
-    m = math.prod(prep.out_shape)
-    fallbacks = [
-        16 * (m + p.pattern.shape[1]) * item for p in prep.parts
-    ]  # what _unit_bytes returns when func cannot run on meta
-    exact = all(u != f for u, f in zip(units, fallbacks, strict=True))
-    working = max(u * c for u, c in zip(units, colors, strict=True)) * B
-    route = ", ".join(
-        f"sparse {p.coloring.mode} ({p.coloring.n_colors} colors)" for p in prep.parts
-    )
-    return memory.MemoryEstimate(
-        route, values + index, values + index + working, call.batch_size, exact=exact
-    )
-
-
-def chunking(prep: Prepared, count_values: bool) -> tuple[int, list[int]]:
-    """Samples per batch chunk, and per argnum colors per pass (at most ``chunk_size``),
-    within ``prep.budget``.
-
-    Args:
-        prep: the prepared call.
-        count_values: the chunk's own values count against the budget (iter_jacobian).
-    """
-    batch, colors = _chunking(prep, count_values)
-    if prep.chunk_size is not None:
-        colors = [min(c, prep.chunk_size) for c in colors]
-    return batch, colors
-
-
-def _chunking(prep: Prepared, count_values: bool) -> tuple[int, list[int]]:
-    call = prep.call
-    B = call.batch_size if call.batch_size is not None else 1
-    item = torch.empty((), dtype=call.dtype).element_size()
-    target = memory.chunk_target(prep.budget, call.device)
-    per_sample_values = sum(p.pattern.nnz for p in prep.parts) * item if count_values else 0
-    # quick accept: a generous bound, without simulating
-    bound = sum(
-        12 * (math.prod(prep.out_shape) + p.pattern.shape[1]) * item * p.coloring.n_colors
-        for p in prep.parts
-    )
-    if (bound + per_sample_values) * max(B, 1) <= target:
-        return max(B, 1), [p.coloring.n_colors for p in prep.parts]
-    units = [_unit_bytes(prep, p) for p in prep.parts]
-    sample = max(u * p.coloring.n_colors for u, p in zip(units, prep.parts, strict=True))
-    if sample + per_sample_values <= target:
-        return max(1, min(B, target // (sample + per_sample_values))), [
-            p.coloring.n_colors for p in prep.parts
-        ]
-    if max(units) + per_sample_values > prep.budget:
-        V.budget_too_small("jacobian", max(units) + per_sample_values, prep.budget, "sparse")
-    room = max(1, target - per_sample_values)
-    return 1, [
-        max(1, min(p.coloring.n_colors, room // u)) for u, p in zip(units, prep.parts, strict=True)
-    ]
-
-
 def values_of(
     prep: Prepared,
     call: Call,
@@ -493,7 +383,7 @@ def values_of(
             method = "traced" if i in closed else method
             bad = _nonfinite.affected(call, [values], method, random=False)
             for b in bad.nonzero().flatten().tolist():
-                values[b] = _reverse_entries(call, args, flags, b, part)
+                values[b] = reverse_entries(call, args, flags, b, part)
             results.append(values)
     return results
 
@@ -537,189 +427,6 @@ def _closed(
     except Unsupported:
         return {}
     return dict(zip(todo, got, strict=True))
-
-
-def _sample(args: Sequence[torch.Tensor], flags: Sequence[bool], b: int) -> list[torch.Tensor]:
-    return [x[b] if f else x for x, f in zip(args, flags, strict=True)]
-
-
-def _single(call: Call, xs: list[torch.Tensor], a: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    def g(xa: torch.Tensor) -> torch.Tensor:
-        return call.func(*xs[:a], xa, *xs[a + 1 :]).reshape(-1)
-
-    return g
-
-
-def _rows_of(call: Call, xs: list[torch.Tensor], a: int, rows: torch.Tensor) -> torch.Tensor:
-    """``(len(rows), n)``: rows of one sample's Jacobian by reverse mode, 256 at a time."""
-    out, pull = torch.func.vjp(_single(call, xs, a), xs[a])[:2]
-    parts = []
-    for s in range(0, rows.numel(), 256):
-        eye = torch.zeros(
-            min(256, rows.numel() - s), out.numel(), dtype=out.dtype, device=out.device
-        )
-        eye[torch.arange(eye.shape[0]), rows[s : s + 256]] = 1
-        parts.append(torch.func.vmap(lambda u: pull(u)[0].reshape(-1))(eye))
-    return torch.cat(parts) if parts else out.new_zeros(0, xs[a].numel())
-
-
-def _cols_of(call: Call, xs: list[torch.Tensor], a: int, cols: torch.Tensor) -> torch.Tensor:
-    """``(len(cols), m)``: columns of one sample's Jacobian by forward mode, 256 at a time."""
-    g, x = _single(call, xs, a), xs[a]
-    parts = []
-    for s in range(0, cols.numel(), 256):
-        eye = torch.zeros(min(256, cols.numel() - s), x.numel(), dtype=x.dtype, device=x.device)
-        eye[torch.arange(eye.shape[0]), cols[s : s + 256]] = 1
-        parts.append(
-            torch.func.vmap(lambda t: torch.func.jvp(g, (x,), (t.reshape(x.shape),))[1])(eye)
-        )
-    return torch.cat(parts)
-
-
-def _reverse_entries(
-    call: Call, args: Sequence[torch.Tensor], flags: Sequence[bool], b: int, part: Part
-) -> torch.Tensor:
-    """``(nnz,)``: sample ``b``'s entries by per-sample reverse mode (the NaN policy)."""
-    p = part.pattern
-    rows = torch.arange(p.shape[0], device=call.device)
-    dense_rows = _rows_of(call, _sample(args, flags, b), part.argnum, rows)
-    return dense_rows[part.layout.rows, part.layout.cols]
-
-
-def check_pattern(prep: Prepared, call: Call, values: Sequence[torch.Tensor]) -> None:
-    """Step 6 of NOTE [Sparse Jacobians: what a call does], on the first sample of ``call``."""
-    args, flags, B = batched_args(call)
-    if B == 0:
-        return
-    xs = _sample(args, flags, 0)
-    gen = torch.Generator().manual_seed(0)
-    eps = torch.finfo(call.dtype).eps
-    ops = prep.call.probe.ops if prep.call.probe is not None else frozenset()
-    with torch.no_grad():
-        for part, vals in zip(prep.parts, values, strict=True):
-            p, a = part.pattern, part.argnum
-            v0 = vals[0].detach()
-            rows, cols = part.layout.rows, part.layout.cols
-            m, n = p.shape
-            g = _single(call, xs, a)
-            # NOTE [The pattern check's mode]: a random product in the mode the passes did not
-            # use tests the decompression independently of the seeds; the same mode (a random
-            # direction, not a seed) detects a missed dependence as well. It is the fallback
-            # where the other mode has no formula for an op (forward AD of cdist, say), and
-            # where a known torch bug makes forward mode wrong for an op the call runs
-            # (cholesky, eigh: symmetric_input_forward_mode in jacbatch._torch_bugs), since a
-            # wrong reference would refuse a right result.
-            wrong_fwd = _torch_bugs.affecting(ops, "jacfwd")
-            first = "reverse" if part.coloring.mode == "column" or wrong_fwd else "forward"
-            used = first
-            try:
-                exact, prod, scale = _random_product(first, g, xs[a], rows, cols, v0, m, n, gen)
-            except (NotImplementedError, RuntimeError):
-                used = "forward" if first == "reverse" else "reverse"
-                exact, prod, scale = _random_product(used, g, xs[a], rows, cols, v0, m, n, gen)
-            # rounding of both products, plus a floor relative to the largest term
-            floor = float(scale.max()) if scale.numel() else 0.0
-            tol = 1000 * eps * (scale + exact.abs() + 1e-3 * floor)
-            finite = torch.isfinite(exact) & torch.isfinite(prod)
-            off = ((exact - prod).abs() > tol) & finite
-            if bool(off.any()):
-                _missed(prep.call, xs, part, off.nonzero().flatten(), used, v0)
-
-
-def _random_product(
-    mode: str,
-    g: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    v0: torch.Tensor,
-    m: int,
-    n: int,
-    gen: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(exact, from the values, scale)`` of a random product with one sample's Jacobian:
-    ``uᵀ J`` ``(n,)`` by reverse mode, or ``J w`` ``(m,)`` by forward mode; ``v0 (nnz,)`` are the
-    sample's values at ``(rows, cols)``, ``scale`` the sums of the absolute terms."""
-    dtype, device = v0.dtype, v0.device
-    if mode == "reverse":
-        u = torch.randn(m, generator=gen, dtype=dtype).to(device)
-        exact = torch.func.vjp(g, x)[1](u)[0].reshape(-1)
-        terms, at, size = u[rows] * v0, cols, n
-    else:
-        w = torch.randn(n, generator=gen, dtype=dtype).to(device)
-        exact = torch.func.jvp(g, (x,), (w.reshape(x.shape),))[1].reshape(-1)
-        terms, at, size = v0 * w[cols], rows, m
-    prod = torch.zeros(size, dtype=dtype, device=device).index_add_(0, at, terms)
-    scale = torch.zeros(size, dtype=dtype, device=device).index_add_(0, at, terms.abs())
-    return exact, prod, scale
-
-
-def _missed(
-    call: Call, xs: list[torch.Tensor], part: Part, idx: torch.Tensor, used: str, v0: torch.Tensor
-) -> None:
-    """Count the entries outside the pattern in the columns (``used="reverse"``: the check was
-    ``uᵀ J``) or rows (``"forward"``) ``idx`` of the first sample, and raise; ``v0 (nnz,)``:
-    that sample's values.
-
-    NOTE [A check that fails inside the pattern]
-        Where no entry lies outside the pattern, the pattern is not at fault: either the random
-        product's rounding exceeded the check's tight bound (an ill-conditioned function whose
-        entries cancel: attention, at 1e-10 relative) or the compressed passes are wrong (a
-        torch transform that gives wrong derivatives under ``vmap`` for some op: the row
-        passes of ``torch.gradient``). The exact columns (rows) just computed tell which: the
-        values agree with them within the routes' tolerance (:data:`jacbatch.testing.
-        TOLERANCES`, atol relative to the largest entry), and the call stands, or they do
-        not, and it is refused with ``NotImplementedError`` naming the fix, never returned.
-    """
-    p, a = part.pattern, part.argnum
-    idx = idx[:4096]
-    kind = "columns" if used == "reverse" else "rows"
-    try:  # columns by forward mode, rows by reverse mode: the check's other mode
-        if used == "reverse":
-            exact = _cols_of(call, xs, a, idx).T  # (m, k)
-            mask_full = p.to_mask()[:, idx.cpu()].to(exact.device)
-        else:
-            exact = _rows_of(call, xs, a, idx)  # (k, n)
-            mask_full = p.to_mask()[idx.cpu()].to(exact.device)
-        count: int | None = int(((exact != 0) & ~mask_full).sum())
-    except (NotImplementedError, RuntimeError):  # that mode has no formula for some op
-        count = None
-    if count == 0:
-        rows, cols = part.layout.rows, part.layout.cols
-        pos = torch.full((p.shape[1] if kind == "columns" else p.shape[0],), -1, device=rows.device)
-        pos[idx.to(rows.device)] = torch.arange(idx.numel(), device=rows.device)
-        line, other = (cols, rows) if kind == "columns" else (rows, cols)
-        sel = pos[line] >= 0
-        ours = torch.zeros_like(exact)
-        if kind == "columns":
-            ours[other[sel], pos[line[sel]]] = v0[sel].to(exact.dtype)
-        else:
-            ours[pos[line[sel]], other[sel]] = v0[sel].to(exact.dtype)
-        rtol, atol = tolerance(exact.dtype)
-        big = float(exact.abs().nan_to_num(0.0, 0.0, 0.0).max()) if exact.numel() else 0.0
-        if torch.allclose(ours, exact, rtol=rtol, atol=atol * max(big, 1e-300), equal_nan=True):
-            return
-        mode = "column (forward)" if part.coloring.mode == "column" else "row (reverse)"
-        raise NotImplementedError(
-            f"jacobian: the sparse passes for argnum {a} ({mode} mode, under torch.func.vmap) "
-            f"give wrong derivatives for this function: {idx.numel()} {kind} of the first "
-            f"sample's Jacobian differ from {'forward' if kind == 'columns' else 'reverse'} "
-            f"mode on that sample alone, with no dependence outside the pattern. Use "
-            f"method={'jacfwd' if part.coloring.mode == 'row' else 'jacrev'!r} or sparse=False."
-        )
-    if count:
-        detail = f"{count} nonzero entr{'y' if count == 1 else 'ies'} outside the pattern"
-    elif count is None:
-        detail = "a compressed product that disagrees with the exact one"
-    else:
-        detail = "no entry outside the pattern, but the compressed product disagrees"
-    raise ValueError(
-        f"jacobian: expected the sparse= pattern for argnum {a} to contain every dependence of "
-        f"the output on the argument, got {detail} in {idx.numel()} {kind} of the first "
-        f"sample's Jacobian (checked against a random {'VJP' if kind == 'columns' else 'JVP'}). "
-        f"A pattern that misses an entry gives wrong values; pass a pattern that covers it, "
-        f"or sparse=True to detect it."
-    )
 
 
 def results(prep: Prepared, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
