@@ -115,15 +115,15 @@ ONE_ARG: dict[str, tuple[Callable[..., torch.Tensor], tuple[int, ...]]] = {
 def test_closed_form_equals_reference(name: str) -> None:
     f, shape = ONE_ARG[name]
     X = _rand(3, *shape)
-    assert _uses_closed(f, (X,), sparse=True)
+    assert _uses_closed(f, (X,), sparse=True, method="closed_form")
     before = closed.STATS["calls"]
-    J = jacbatch.jacobian(f, X, sparse=True)
+    J = jacbatch.jacobian(f, X, sparse=True, method="closed_form")
     assert closed.STATS["calls"] == before + 1  # the closed form wrote these values
     R = reference(f, (X,), (0,), 0, 3)
     _check(J, R)
     out_shape = tuple(f(X[0]).shape)
     P = SparsityPattern.from_mask(R.abs().sum(0) != 0, out_shape, tuple(shape))
-    J2 = jacbatch.jacobian(f, X, sparse=P)
+    J2 = jacbatch.jacobian(f, X, sparse=P, method="closed_form")
     _check(J2, R, P)
 
 
@@ -134,9 +134,11 @@ def test_strided_slice_times_shared_and_batched() -> None:
     X, Y, W = _rand(4, 3, 8), _rand(4, 3, 4), _rand(3, 4)
     args = (X, Y, W)
     dims = (0, 0, None)
-    assert _uses_closed(f, args, argnums=(0, 1, 2), in_dims=dims, sparse=True)
+    assert _uses_closed(f, args, argnums=(0, 1, 2), in_dims=dims, sparse=True, method="closed_form")
     before = closed.STATS["calls"]
-    Js = jacbatch.jacobian(f, *args, argnums=(0, 1, 2), in_dims=dims, sparse=True)
+    Js = jacbatch.jacobian(
+        f, *args, argnums=(0, 1, 2), in_dims=dims, sparse=True, method="closed_form"
+    )
     assert closed.STATS["calls"] == before + 1
     for a, J in enumerate(Js):
         _check(J, reference(f, args, dims, a, 4))
@@ -146,19 +148,19 @@ def test_vec_col_and_out() -> None:
     f, shape = ONE_ARG["sum_of_terms"]
     X = _rand(3, *shape)
     R = reference(f, (X,), (0,), 0, 3)
-    Jc = jacbatch.jacobian(f, X, sparse=True, vec="col")
+    Jc = jacbatch.jacobian(f, X, sparse=True, method="closed_form", vec="col")
     # column-major vec: both flat indices reversed; 1-D shapes make that the same order
     _check(Jc, R)
     g, shape2 = ONE_ARG["elementwise"]
     X2 = _rand(3, *shape2)
     R2 = reference(g, (X2,), (0,), 0, 3)
     perm_o = torch.arange(15).reshape(3, 5).T.reshape(-1)
-    Jc2 = jacbatch.jacobian(g, X2, sparse=True, vec="col")
+    Jc2 = jacbatch.jacobian(g, X2, sparse=True, method="closed_form", vec="col")
     _check(Jc2, R2[:, perm_o][:, :, perm_o])
     P = SparsityPattern.from_mask(R.abs().sum(0) != 0, (16,), (16,))
     buf = torch.full((3, P.nnz), float("nan"), dtype=DT)
     before = closed.STATS["calls"]
-    J = jacbatch.jacobian(f, X, sparse=P, out=buf)
+    J = jacbatch.jacobian(f, X, sparse=P, method="closed_form", out=buf)
     assert closed.STATS["calls"] == before + 1
     assert J.values().data_ptr() == buf.data_ptr() or torch.equal(J.values(), buf)
     _check(J, R, P)
@@ -171,7 +173,9 @@ def test_selection_heavy_function_takes_the_passes() -> None:
     n = 10_000
     X = _rand(2, n)
     text = str(jacbatch.explain(diff, X, sparse=True))
-    assert "compressed passes (closed form: factors" in text
+    assert "compressed passes (they fit the budget in one pass" in text
+    with pytest.raises(NotImplementedError, match=r"method='closed_form' with sparse=.*factors"):
+        jacbatch.jacobian(diff, X, sparse=True, method="closed_form")
     before = closed.STATS["calls"]
     J = jacbatch.jacobian(diff, X, sparse=True)
     assert closed.STATS["calls"] == before
@@ -186,9 +190,12 @@ def test_max_memory_chunks_and_iter_jacobian() -> None:
     f, shape = ONE_ARG["brusselator_roll"]
     X = _rand(6, *shape)
     R = reference(f, (X,), (0,), 0, 6)
-    J = jacbatch.jacobian(f, X, sparse=True, max_memory="40MB")
+    J = jacbatch.jacobian(f, X, sparse=True, method="closed_form", max_memory="40MB")
     _check(J, R)
-    got = [Jc.to_dense() for _, Jc in jacbatch.iter_jacobian(f, X, sparse=True, batch_chunk=4)]
+    got = [
+        Jc.to_dense()
+        for _, Jc in jacbatch.iter_jacobian(f, X, sparse=True, method="closed_form", batch_chunk=4)
+    ]
     torch.testing.assert_close(torch.cat(got), R, rtol=1e-12, atol=1e-12)
 
 
@@ -209,8 +216,8 @@ def test_non_finite_sample_follows_reverse_mode() -> None:
     X = _rand(3, 8)
     X[1, 2] = 0.0  # sqrt(0)' is inf, log(0) = -inf: reverse mode decides this sample
     X[2, 5] = float("nan")
-    assert _uses_closed(f, (X,), sparse=True)
-    J = jacbatch.jacobian(f, X, sparse=True)
+    assert _uses_closed(f, (X,), sparse=True, method="closed_form")
+    J = jacbatch.jacobian(f, X, sparse=True, method="closed_form")
     R = reference(f, (X,), (0,), 0, 3)
     torch.testing.assert_close(J.to_dense()[0], R[0], rtol=1e-12, atol=1e-12)
     crow, col = J.crow_indices()[0], J.col_indices()[0]
@@ -225,14 +232,14 @@ def test_repeated_calls_after_a_global_changes() -> None:
     f = _scaled
     X = _rand(4, 2, 8, 8)
     for _ in range(_hot.HOT_CALLS + 2):
-        J = jacbatch.jacobian(f, X, sparse=True)
+        J = jacbatch.jacobian(f, X, sparse=True, method="closed_form")
         _check(J, reference(f, (X,), (0,), 0, 4))
     SCALE.mul_(3.0)  # in place
-    J = jacbatch.jacobian(f, X, sparse=True)
+    J = jacbatch.jacobian(f, X, sparse=True, method="closed_form")
     _check(J, reference(f, (X,), (0,), 0, 4))
     SCALE = torch.full((8, 8), -0.5, dtype=DT)  # rebound
     for _ in range(2):
-        J = jacbatch.jacobian(f, X, sparse=True)
+        J = jacbatch.jacobian(f, X, sparse=True, method="closed_form")
         _check(J, reference(f, (X,), (0,), 0, 4))
 
 
@@ -249,12 +256,12 @@ def test_repeated_calls_run_the_program_checked_against_the_closed_form() -> Non
     R = reference(f, (X,), (0,), 0, 3)
     before = closed.STATS["calls"]
     for _ in range(_hot.HOT_CALLS):
-        _check(jacbatch.jacobian(f, X, sparse=True), R)
+        _check(jacbatch.jacobian(f, X, sparse=True, method="closed_form"), R)
     assert before + _hot.HOT_CALLS == closed.STATS["calls"]
     (entry,) = _hot._SEEN[f.__code__].values()
     assert entry.prep is not None and entry.program is not None
     for _ in range(2):  # hits: the kept program, not the closed form
-        _check(jacbatch.jacobian(f, X, sparse=True), R)
+        _check(jacbatch.jacobian(f, X, sparse=True, method="closed_form"), R)
     assert before + _hot.HOT_CALLS == closed.STATS["calls"]
 
 
@@ -263,12 +270,15 @@ def test_edges(kind: str) -> None:
     if kind == "scalar_out":
         f: Callable[..., torch.Tensor] = lambda x: (x.sin() * x).sum()  # noqa: E731
         X = _rand(3, 7)
-        assert _uses_closed(f, (X,), sparse=True)
-        _check(jacbatch.jacobian(f, X, sparse=True), reference(f, (X,), (0,), 0, 3))
+        assert _uses_closed(f, (X,), sparse=True, method="closed_form")
+        _check(
+            jacbatch.jacobian(f, X, sparse=True, method="closed_form"),
+            reference(f, (X,), (0,), 0, 3),
+        )
     elif kind == "unbatched":
         f = ONE_ARG["sum_of_terms"][0]
         x = _rand(16)
-        J = jacbatch.jacobian(f, x, in_dims=None, sparse=True)
+        J = jacbatch.jacobian(f, x, in_dims=None, sparse=True, method="closed_form")
         _check(J, reference(f, (x,), (None,), 0, 1)[0])
     else:
         f = ONE_ARG["elementwise"][0]
@@ -298,9 +308,31 @@ def test_method_replaced_on_a_class_is_never_stale() -> None:
     X = _rand(3, 9)
     _hot.ENABLED = False
     try:
-        _check(jacbatch.jacobian(f, X, sparse=True), reference(f, (X,), (0,), 0, 3))
+        _check(
+            jacbatch.jacobian(f, X, sparse=True, method="closed_form"),
+            reference(f, (X,), (0,), 0, 3),
+        )
         base.act = lambda self, x: torch.sin(x) * x.roll(1) ** 2  # type: ignore[attr-defined]
-        _check(jacbatch.jacobian(f, X, sparse=True), reference(f, (X,), (0,), 0, 3))
-        _check(jacbatch.jacobian(f, X, sparse=True), reference(f, (X,), (0,), 0, 3))
+        _check(
+            jacbatch.jacobian(f, X, sparse=True, method="closed_form"),
+            reference(f, (X,), (0,), 0, 3),
+        )
+        _check(
+            jacbatch.jacobian(f, X, sparse=True, method="closed_form"),
+            reference(f, (X,), (0,), 0, 3),
+        )
     finally:
         _hot.ENABLED = True
+
+
+def test_auto_takes_the_closed_form_where_the_passes_do_not_fit() -> None:
+    """NOTE [The closed form is chosen for memory] in jacbatch.sparse.engine: with a budget that
+    the passes of the whole batch exceed but the closed form fits, auto writes the nonzeros
+    from the traced rules; with room for the passes, it runs them."""
+    X = _rand(8, 2, 16, 16)
+    R = reference(brusselator, (X,), (0,), 0, 8)
+    before = closed.STATS["calls"]
+    _check(jacbatch.jacobian(brusselator, X, sparse=True, max_memory="16MB"), R)
+    assert closed.STATS["calls"] == before  # the passes fit in one pass
+    _check(jacbatch.jacobian(brusselator, X, sparse=True, max_memory="3MB"), R)
+    assert closed.STATS["calls"] > before
