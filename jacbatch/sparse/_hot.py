@@ -64,6 +64,19 @@ NOTE [Repeated sparse calls]
     check and the program (which differentiates the graph) are then stale, as the traced
     closed forms are in that case.
 
+NOTE [Writes the version counter does not see]
+    A write through ``.data`` (``w.data.fill_(0.5)``, ``idx.data[0] = 7``, a hand-written
+    ``p.data -= lr * g``) changes a tensor's values without bumping its version counter (the
+    ``.data`` tensor has a counter of its own). The kept program reads the lifted tensors'
+    current values, and so does the value check of point 2, so neither sees it; but the
+    pattern detection found, and the skipped pattern check, depend on those values (an index
+    tensor, a ``where`` mask, a factor's zeros: NOTE [Cost and caching] in
+    :mod:`jacbatch.sparse.detect`), and a stale pattern gives silently wrong values. So the
+    entry also keeps a copy of every lifted tensor, and a hit requires each to equal its copy
+    (``torch.equal``: a NaN makes the call take the full path, which is safe). The copies cost
+    the lifted tensors' memory once more and one comparison per hit; where they would exceed
+    :data:`MAX_LIFTED_BYTES` the key is not kept and every call takes the full path.
+
 NOTE [Compiling the kept program]
     With :data:`COMPILE` set, the program of point 4, once it reproduced the full path's
     values, is also compiled by Inductor (``torch._inductor.compile_fx``, C++ on the CPU), run
@@ -111,6 +124,9 @@ HOT_CALLS = 3
 #: A key whose entry was dropped this many times (its function keeps changing, or its first
 #: sample is not finite) is not kept again: capturing and tracing cost more than they save.
 MAX_DROPS = 4
+#: Lifted tensors of more bytes than this in all are not copied, and their key not kept (NOTE
+#: [Writes the version counter does not see]).
+MAX_LIFTED_BYTES = 64 * 2**20
 #: ``False``: every call takes the full path (for benchmarks of the full path).
 ENABLED = True
 #: ``True``: a kept program is also compiled by Inductor (NOTE [Compiling the kept program]);
@@ -123,7 +139,7 @@ class _Entry:
     count: int = 0
     prep: Prepared | None = None
     graph: Any = None
-    lifted: tuple[tuple[weakref.ReferenceType[torch.Tensor], int], ...] = ()
+    lifted: tuple[tuple[weakref.ReferenceType[torch.Tensor], int, torch.Tensor], ...] = ()
     skip_check: bool = False
     refused: bool = False
     program: Callable[..., Any] | None = None
@@ -229,14 +245,27 @@ def _same_output(call: Any, got: Any) -> bool:
     return y.shape == v.shape and bool(torch.equal(y, v.to(y.dtype)))
 
 
-def _lifted_now(got: Any) -> tuple[tuple[weakref.ReferenceType[torch.Tensor], int], ...]:
-    return tuple((weakref.ref(t), t._version) for t in got.lifted)
+def _lifted_now(
+    got: Any,
+) -> tuple[tuple[weakref.ReferenceType[torch.Tensor], int, torch.Tensor], ...] | None:
+    """Per lifted tensor: a weak reference, its version and a copy of its values (NOTE
+    [Writes the version counter does not see]); ``None`` when the copies would exceed
+    :data:`MAX_LIFTED_BYTES`."""
+    size = sum(t.numel() * t.element_size() for t in got.lifted)
+    if size > MAX_LIFTED_BYTES:
+        return None
+    return tuple((weakref.ref(t), t._version, t.detach().clone()) for t in got.lifted)
 
 
-def _lifted_same(kept: Sequence[tuple[Any, int]], now: Sequence[torch.Tensor]) -> bool:
+def _lifted_same(
+    kept: Sequence[tuple[Any, int, torch.Tensor]], now: Sequence[torch.Tensor]
+) -> bool:
     if len(kept) != len(now):
         return False
-    return all(r() is t and t._version == v for (r, v), t in zip(kept, now, strict=True))
+    return all(
+        r() is t and t._version == v and c.shape == t.shape and bool(torch.equal(c, t.detach()))
+        for (r, v, c), t in zip(kept, now, strict=True)
+    )
 
 
 def lookup(
@@ -305,6 +334,10 @@ def record(
     if got.graph.gm is None or not _plain(call.args, got.lifted) or not _same_output(call, got):
         entry.refused = True
         return
+    lifted = _lifted_now(got)
+    if lifted is None:
+        entry.refused = True
+        return
     entry.skip_check = all(_covers(call, part) for part in prep.parts)
     entry.program = _program(prep, call, got, values, exact) if values is not None else None
     # make_fx's program is a GraphModule; Inductor's is not
@@ -317,7 +350,7 @@ def record(
     entry.prep, entry.graph, entry.lifted = (
         dataclasses.replace(prep, call=bare),
         got.graph,
-        _lifted_now(got),
+        lifted,
     )
 
 

@@ -120,7 +120,11 @@ def row_pass(
     with _torch_bugs.reverse_mode():  # lu_backward_nested_vmap_no_grad
         if any(flags):
             dims = tuple(0 if f else None for f in flags)
-            return torch.func.vmap(per_sample, in_dims=dims, out_dims=1)(*args)
+            # out_dims=0 and a transpose, not out_dims=1: torch 2.13's vmap cannot place an
+            # unbatched output (a pull-back that does not depend on the sample, ``A @ x``) at
+            # out_dims=1 ("The expanded size of the tensor ... must match"); the transpose is
+            # the same view out_dims=1 returns for a batched one
+            return torch.func.vmap(per_sample, in_dims=dims)(*args).transpose(0, 1)
         return per_sample(*args).unsqueeze(1)
 
 

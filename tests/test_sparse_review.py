@@ -1,0 +1,93 @@
+"""Sparse Jacobians in situations found to go wrong: results against the per-sample float64
+autograd reference, on every call of a repeated sequence (so kept programs run)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+import jacbatch
+from jacbatch.sparse import _hot
+
+DT = torch.float64
+CALLS = _hot.HOT_CALLS + 3
+
+
+def reference(f: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor) -> torch.Tensor:
+    """``(B, out_numel, in_numel)``: per-sample autograd Jacobians."""
+    out = []
+    for x in X:
+        J = torch.autograd.functional.jacobian(f, x)
+        out.append(J.reshape(f(x).numel(), x.numel()))
+    return torch.stack(out)
+
+
+@pytest.fixture(autouse=True)
+def _fresh() -> Iterator[None]:
+    _hot.forget_all()
+    yield
+    _hot.forget_all()
+
+
+@pytest.mark.parametrize("method", ["auto", "jacfwd", "jacrev"])
+def test_pullback_independent_of_the_sample(method: str) -> None:
+    """``A @ x``: the row passes' pull-back does not depend on the sample, which torch 2.13's
+    vmap could not return at ``out_dims=1``."""
+    n = 12
+    A = torch.eye(n, dtype=DT) + torch.diag(torch.ones(n - 1, dtype=DT), 1)
+    X = torch.randn(4, n, dtype=DT)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return A @ x
+
+    for _ in range(CALLS):
+        J = jacbatch.jacobian(f, X, sparse=True, method=method)
+        torch.testing.assert_close(J.to_dense(), reference(f, X), rtol=0, atol=1e-12)
+
+
+def _index(x: torch.Tensor) -> torch.Tensor:
+    return x[IDX] * 2
+
+
+def _mask(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(MASK, x * 2, x.roll(1) * 3)
+
+
+def _factor(x: torch.Tensor) -> torch.Tensor:
+    return x * W + (x * (1 - W)).roll(1)
+
+
+IDX = torch.tensor([0, 3, 3, 5, 11])
+MASK = torch.arange(12) % 2 == 0
+W = torch.ones(12, dtype=DT)
+
+
+@pytest.mark.parametrize("method", ["auto", "jacfwd", "jacrev"])
+@pytest.mark.parametrize(
+    ("f", "write"),
+    [
+        (_index, lambda: IDX.data.__setitem__(0, 7)),
+        (_mask, lambda: MASK.data.logical_not_()),
+        (_factor, lambda: W.data.fill_(0.5)),
+    ],
+    ids=["index", "mask", "factor-zeros"],
+)
+def test_data_write_between_calls(
+    f: Callable[[torch.Tensor], torch.Tensor], write: Callable[[], object], method: str
+) -> None:
+    """A write through ``.data`` bumps no version counter; the pattern detected from the
+    tensor's old values must not be reused (NOTE [Writes the version counter does not see])."""
+    saved = IDX.clone(), MASK.clone(), W.clone()
+    try:
+        X = torch.randn(4, 12, dtype=DT)
+        for i in range(CALLS):
+            if i == _hot.HOT_CALLS + 1:
+                write()
+            J = jacbatch.jacobian(f, X, sparse=True, method=method)
+            torch.testing.assert_close(J.to_dense(), reference(f, X), rtol=0, atol=1e-12)
+    finally:
+        IDX.data.copy_(saved[0])
+        MASK.data.copy_(saved[1])
+        W.data.copy_(saved[2])
