@@ -254,9 +254,11 @@ PROGRAMS = ("auto:repeated", "prepared")
 
 #: The sparse path (``sparse=True``: detection, coloring, compressed passes, the pattern check),
 #: compared through ``to_dense()``; ``"sparse:repeated"`` calls until its key is hot (NOTE
-#: [Repeated sparse calls] in jacbatch/sparse/_hot.py). Detection may refuse an op
+#: [Repeated sparse calls] in jacbatch/sparse/_hot.py), ``"sparse:closed_form"`` asks for the
+#: traced closed form at the nonzeros (refused where the rules do not cover the op). Detection
+#: may refuse an op
 #: (``NoPatternError``, a ``NotImplementedError`` naming the call); it may never be wrong.
-SPARSE = ("sparse", "sparse:repeated")
+SPARSE = ("sparse", "sparse:repeated", "sparse:closed_form")
 
 
 def _compute(case: Case, route: str) -> torch.Tensor:
@@ -266,7 +268,9 @@ def _compute(case: Case, route: str) -> torch.Tensor:
 
         for _ in range(_hot.HOT_CALLS if route == "sparse:repeated" else 0):
             jacbatch.jacobian(case.func, *case.args, sparse=True, **kw)
-        return jacbatch.jacobian(case.func, *case.args, sparse=True, **kw).to_dense()  # type: ignore[union-attr]
+        method = "closed_form" if route == "sparse:closed_form" else "auto"
+        J = jacbatch.jacobian(case.func, *case.args, sparse=True, method=method, **kw)
+        return J.to_dense()  # type: ignore[union-attr]
     if route == "prepared":
         return jacbatch.prepare(case.func, *case.args, **kw)(*case.args)  # type: ignore[return-value]
     if route == "auto:repeated":

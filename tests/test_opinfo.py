@@ -118,9 +118,10 @@ def test_op_sparse(op):
 @pytest.mark.slow
 @pytest.mark.parametrize("op", OPS, ids=lambda op: f"{op.name}.{op.variant_test_name}".rstrip("."))
 def test_op_sparse_full(op):
-    """``sparse=True`` on every op, its repeated-call program too, three samples, batched
-    second arguments as well."""
-    _check(op, 3, ("shared", "batched"), _opinfo.SPARSE)
+    """``sparse=True`` on every op, three samples, batched second arguments as well; its
+    repeated-call program and ``method="closed_form"`` on the first sample."""
+    _check(op, 3, ("shared", "batched"), _opinfo.SPARSE[:1])
+    _check(op, 1, ("shared", "batched"), _opinfo.SPARSE[1:])
 
 
 def test_sweep_covers_the_known_bugs_and_counts_them():
