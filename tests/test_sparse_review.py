@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import jacbatch
-from jacbatch.sparse import _hot
+from jacbatch.sparse import SparsityPattern, _hot
 
 DT = torch.float64
 CALLS = _hot.HOT_CALLS + 3
@@ -91,3 +91,30 @@ def test_data_write_between_calls(
         IDX.data.copy_(saved[0])
         MASK.data.copy_(saved[1])
         W.data.copy_(saved[2])
+
+
+@pytest.mark.parametrize("method", ["auto", "jacfwd", "jacrev"])
+def test_a_pattern_missing_entries_that_vanish_on_the_first_sample_is_refused(method):
+    """NOTE [The pattern check covers every sample]: ``x * x.roll(1)`` with a pattern of the
+    diagonal only misses ``(i, i - 1)``, whose derivative ``x[i]`` is zero on a zero first
+    sample; the other samples give the miss away."""
+    n = 12
+
+    def f(x):
+        return x * x.roll(1)
+
+    P = SparsityPattern.from_coo(torch.arange(n), torch.arange(n), (n,), (n,))
+    X = torch.randn(4, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    X[0] = 0
+    with pytest.raises(ValueError, match="outside the pattern in .* of sample 1's Jacobian"):
+        jacbatch.jacobian(f, X, sparse=P, method=method)
+    # the full pattern gives the reference on every sample, the zero one included
+    full = SparsityPattern.from_coo(
+        torch.cat([torch.arange(n), torch.arange(n)]),
+        torch.cat([torch.arange(n), (torch.arange(n) - 1) % n]),
+        (n,),
+        (n,),
+    )
+    J = jacbatch.jacobian(f, X, sparse=full, method=method)
+    ref = torch.stack([torch.autograd.functional.jacobian(f, x) for x in X])
+    torch.testing.assert_close(J.to_dense(), ref, rtol=1e-12, atol=1e-12)

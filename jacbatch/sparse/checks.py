@@ -1,7 +1,7 @@
 """The pattern check of a sparse call and the per-sample exact entries its fall-backs use.
 
 Step 6 of NOTE [Sparse Jacobians: what a call does] in :mod:`jacbatch.sparse.engine`: one random
-product of the first sample's Jacobian in the other mode, compared with the same product of the
+product of every sample's Jacobian in the other mode, compared with the same product of the
 decompressed values; and the per-sample reverse-mode entries of the NaN policy (step 5).
 """
 
@@ -69,21 +69,24 @@ def reverse_entries(
 
 
 def check_pattern(prep: Prepared, call: Call, values: Sequence[torch.Tensor]) -> None:
-    """Step 6 of NOTE [Sparse Jacobians: what a call does], on the first sample of ``call``."""
+    """Step 6 of NOTE [Sparse Jacobians: what a call does], on every sample of ``call``.
+
+    NOTE [The pattern check covers every sample]
+        A pattern that misses an entry is caught where that entry is nonzero; on one sample it
+        may vanish (a zero initial state, ``relu`` below zero) and be wrong on the others. So
+        the random product (one direction, shared by the samples) runs for the whole batch
+        under ``vmap``, as one more pass next to the ``colors`` passes, and every sample's
+        product is compared; the first sample that disagrees is examined and refused.
+    """
     args, flags, B = batched_args(call)
     if B == 0:
         return
-    xs = _sample(args, flags, 0)
     gen = torch.Generator().manual_seed(0)
     eps = torch.finfo(call.dtype).eps
     ops = prep.call.probe.ops if prep.call.probe is not None else frozenset()
     with torch.no_grad():
         for part, vals in zip(prep.parts, values, strict=True):
-            p, a = part.pattern, part.argnum
-            v0 = vals[0].detach()
-            rows, cols = part.layout.rows, part.layout.cols
-            m, n = p.shape
-            g = _single(call, xs, a)
+            V = vals.detach()
             # NOTE [The pattern check's mode]: a random product in the mode the passes did not
             # use tests the decompression independently of the seeds; the same mode (a random
             # direction, not a seed) detects a missed dependence as well. It is the fallback
@@ -95,53 +98,64 @@ def check_pattern(prep: Prepared, call: Call, values: Sequence[torch.Tensor]) ->
             first = "reverse" if part.coloring.mode == "column" or wrong_fwd else "forward"
             used = first
             try:
-                exact, prod, scale = _random_product(first, g, xs[a], rows, cols, v0, m, n, gen)
-            except (NotImplementedError, RuntimeError):
+                exact, prod, scale = _random_products(first, prep, call, part, V, gen)
+            except Exception:  # torch cannot run that mode here (a custom Function without jvp
+                # fails inside vmap with an AssertionError): the passes' own mode ran
                 used = "forward" if first == "reverse" else "reverse"
-                exact, prod, scale = _random_product(used, g, xs[a], rows, cols, v0, m, n, gen)
-            # rounding of both products, plus a floor relative to the largest term
-            floor = float(scale.max()) if scale.numel() else 0.0
+                exact, prod, scale = _random_products(used, prep, call, part, V, gen)
+            # rounding of both products, plus a floor relative to each sample's largest term
+            floor = scale.amax(1, keepdim=True) if scale.shape[1] else scale.sum(1, keepdim=True)
             tol = 1000 * eps * (scale + exact.abs() + 1e-3 * floor)
             finite = torch.isfinite(exact) & torch.isfinite(prod)
             off = ((exact - prod).abs() > tol) & finite
-            if bool(off.any()):
-                _missed(prep.call, xs, part, off.nonzero().flatten(), used, v0)
+            bad = off.any(1).nonzero().flatten()
+            if bad.numel():
+                b = int(bad[0])
+                xs = _sample(args, flags, b)
+                _missed(prep.call, xs, part, off[b].nonzero().flatten(), used, V[b], b)
 
 
-def _random_product(
-    mode: str,
-    g: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    v0: torch.Tensor,
-    m: int,
-    n: int,
-    gen: torch.Generator,
+def _random_products(
+    mode: str, prep: Prepared, call: Call, part: Part, V: torch.Tensor, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(exact, from the values, scale)`` of a random product with one sample's Jacobian:
-    ``uᵀ J`` ``(n,)`` by reverse mode, or ``J w`` ``(m,)`` by forward mode; ``v0 (nnz,)`` are the
-    sample's values at ``(rows, cols)``, ``scale`` the sums of the absolute terms."""
-    dtype, device = v0.dtype, v0.device
+    """``(exact, from the values, scale)``, each ``(B, size)``: one random product with every
+    sample's Jacobian, ``uᵀ J_b`` ``(n,)`` by reverse mode or ``J_b w`` ``(m,)`` by forward
+    mode, the same direction for all samples; ``V (B, nnz)`` the values at the pattern's
+    ``(rows, cols)``; ``scale`` the sums of the absolute terms."""
+    from .compressed import column_pass, row_pass
+
+    args, flags, _ = batched_args(call)
+    m, n = part.pattern.shape
+    rows, cols = part.layout.rows, part.layout.cols
+    dtype, device = V.dtype, V.device
+    a = part.argnum
     if mode == "reverse":
         u = torch.randn(m, generator=gen, dtype=dtype).to(device)
-        exact = torch.func.vjp(g, x)[1](u)[0].reshape(-1)
-        terms, at, size = u[rows] * v0, cols, n
+        # one cotangent, pulled back without a vmap over cotangents (cdist_backward_vmap)
+        exact = row_pass(call.func, args, flags, a, prep.out_shape, u[None], loop=True)[0]
+        terms, at, size = u[rows] * V, cols, n
     else:
         w = torch.randn(n, generator=gen, dtype=dtype).to(device)
-        exact = torch.func.jvp(g, (x,), (w.reshape(x.shape),))[1].reshape(-1)
-        terms, at, size = v0 * w[cols], rows, m
-    prod = torch.zeros(size, dtype=dtype, device=device).index_add_(0, at, terms)
-    scale = torch.zeros(size, dtype=dtype, device=device).index_add_(0, at, terms.abs())
-    return exact, prod, scale
+        exact = column_pass(call.func, args, flags, a, call.sample_shape(a), w[None])[0]
+        terms, at, size = V * w[cols], rows, m
+    B = V.shape[0]
+    prod = torch.zeros(B, size, dtype=dtype, device=device).index_add_(1, at, terms)
+    scale = torch.zeros(B, size, dtype=dtype, device=device).index_add_(1, at, terms.abs())
+    return exact.reshape(B, size).to(dtype), prod, scale
 
 
 def _missed(
-    call: Call, xs: list[torch.Tensor], part: Part, idx: torch.Tensor, used: str, v0: torch.Tensor
+    call: Call,
+    xs: list[torch.Tensor],
+    part: Part,
+    idx: torch.Tensor,
+    used: str,
+    v0: torch.Tensor,
+    b: int = 0,
 ) -> None:
     """Count the entries outside the pattern in the columns (``used="reverse"``: the check was
-    ``uᵀ J``) or rows (``"forward"``) ``idx`` of the first sample, and raise; ``v0 (nnz,)``:
-    that sample's values.
+    ``uᵀ J``) or rows (``"forward"``) ``idx`` of sample ``b`` (``xs`` its arguments), and
+    raise; ``v0 (nnz,)``: that sample's values.
 
     NOTE [A check that fails inside the pattern]
         Where no entry lies outside the pattern, the pattern is not at fault: either the random
@@ -184,8 +198,8 @@ def _missed(
         mode = "column (forward)" if part.coloring.mode == "column" else "row (reverse)"
         raise NotImplementedError(
             f"jacobian: the sparse passes for argnum {a} ({mode} mode, under torch.func.vmap) "
-            f"give wrong derivatives for this function: {idx.numel()} {kind} of the first "
-            f"sample's Jacobian differ from {'forward' if kind == 'columns' else 'reverse'} "
+            f"give wrong derivatives for this function: {idx.numel()} {kind} of sample {b}'s "
+            f"Jacobian differ from {'forward' if kind == 'columns' else 'reverse'} "
             f"mode on that sample alone, with no dependence outside the pattern. Use "
             f"method={'jacfwd' if part.coloring.mode == 'row' else 'jacrev'!r} or sparse=False."
         )
@@ -197,8 +211,8 @@ def _missed(
         detail = "no entry outside the pattern, but the compressed product disagrees"
     raise ValueError(
         f"jacobian: expected the sparse= pattern for argnum {a} to contain every dependence of "
-        f"the output on the argument, got {detail} in {idx.numel()} {kind} of the first "
-        f"sample's Jacobian (checked against a random {'VJP' if kind == 'columns' else 'JVP'}). "
+        f"the output on the argument, got {detail} in {idx.numel()} {kind} of sample {b}'s "
+        f"Jacobian (checked against a random {'VJP' if kind == 'columns' else 'JVP'}). "
         f"A pattern that misses an entry gives wrong values; pass a pattern that covers it, "
         f"or sparse=True to detect it."
     )

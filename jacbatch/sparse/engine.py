@@ -30,14 +30,15 @@ NOTE [Sparse Jacobians: what a call does]
        row, and their entries gathered; compression would otherwise mix a NaN of one column
        (row) into the other columns (rows) of its color. Values the closed form wrote follow
        the dense traced route's policy: samples with a non-finite argument or value.
-    6. The pattern check: on the first sample, one random product in the *other* mode (a VJP
-       after column mode, a JVP after row mode) is compared with the same product of the
-       decompressed Jacobian. A pattern that misses a dependence makes them differ (a random
-       direction cancels the missing entries with probability zero); the columns (rows) that
-       differ are then computed exactly on that sample, the entries outside the pattern
-       counted, and the call refused with ``ValueError`` naming ``sparse=``. Checking in the
-       other mode also catches a forward-mode error that the compressed passes would share.
-       The check costs one pass on one sample. A repeated call may reuse steps 1-3 and skip
+    6. The pattern check (:mod:`jacbatch.sparse.checks`): on every sample, one random product
+       in the *other* mode (a VJP after column mode, a JVP after row mode) is compared with
+       the same product of the decompressed Jacobian. A pattern that misses a dependence makes
+       them differ where the missed entry is nonzero (a random direction cancels the missing
+       entries with probability zero); the columns (rows) that differ are then computed
+       exactly on the first such sample, the entries outside the pattern counted, and the
+       call refused with ``ValueError`` naming ``sparse=``. Checking in the other mode also
+       catches a forward-mode error that the compressed passes would share. The check costs
+       one pass over the batch. A repeated call may reuse steps 1-3 and skip
        this check where the pattern contains the structural one (NOTE [Repeated sparse calls]
        in :mod:`jacbatch.sparse._hot`).
     7. The result: a sparse CSR tensor ``(B, out_numel, in_numel)`` (``(out_numel, in_numel)``
