@@ -290,8 +290,12 @@ def _closed_decisions(prep: Prepared, method: str) -> tuple[tuple[bool, str], ..
     B = prep.call.batch_size if prep.call.batch_size is not None else 1
     target = memory.chunk_target(prep.budget, prep.call.device)
     verdicts = []
+    item = torch.empty((), dtype=prep.call.dtype).element_size()
     for part in prep.parts:
-        passes = unit_bytes(prep, part) * part.coloring.n_colors * B
+        # the generous bound of sizing.chunking first: no simulation where it settles it
+        m, n = part.pattern.shape
+        bound = 12 * (m + n) * item * part.coloring.n_colors * B
+        passes = bound if bound <= target else unit_bytes(prep, part) * part.coloring.n_colors * B
         if method == "auto" and passes <= target:
             verdicts.append(
                 (False, "they fit the budget in one pass; method='closed_form' writes the "
