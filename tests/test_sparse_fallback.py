@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import jacbatch
 from jacbatch.sparse import _gaps, _hot, engine
+from tests._sparse_reference import flat_reference
 
 DT = torch.float64
 B = 3
@@ -23,16 +24,7 @@ def reference(
     f: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...], in_dims: tuple[Any, ...], a: int
 ) -> torch.Tensor:
     """``(B, out_numel, in_numel)``: per-sample autograd Jacobians w.r.t. ``args[a]``."""
-    out = []
-    for b in range(B):
-        xs = [x[b] if d is not None else x for x, d in zip(args, in_dims, strict=True)]
-
-        def g(xa: torch.Tensor, xs: list[torch.Tensor] = xs) -> torch.Tensor:
-            return f(*xs[:a], xa, *xs[a + 1 :])
-
-        J = torch.autograd.functional.jacobian(g, xs[a])
-        out.append(J.reshape(g(xs[a]).numel(), xs[a].numel()))
-    return torch.stack(out)
+    return flat_reference(f, args, in_dims, a)
 
 
 def cdist_sq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import jacbatch
 from jacbatch.sparse import SparsityPattern, _hot
+from tests._sparse_reference import flat_reference
 
 DT = torch.float64
 CALLS = _hot.HOT_CALLS + 3
@@ -22,11 +23,7 @@ CALLS = _hot.HOT_CALLS + 3
 
 def reference(f: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor) -> torch.Tensor:
     """``(B, out_numel, in_numel)``: per-sample autograd Jacobians."""
-    out = []
-    for x in X:
-        J = torch.autograd.functional.jacobian(f, x)
-        out.append(J.reshape(f(x).numel(), x.numel()))
-    return torch.stack(out)
+    return flat_reference(f, (X,))
 
 
 @pytest.fixture(autouse=True)
