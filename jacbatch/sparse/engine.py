@@ -274,7 +274,8 @@ def _closed_decisions(prep: Prepared, method: str) -> tuple[tuple[bool, str], ..
 
     NOTE [The closed form is chosen for memory]
         ``method="closed_form"`` asks for it (refused with ``NotImplementedError`` where it
-        cannot run). ``"auto"`` takes it only where the compressed passes of the whole batch
+        cannot run: an op without a rule, or a working memory over the budget or over a few
+        times the passes', the 0/1 selection factors of ``x[1:]`` at ``n = 10⁴``). ``"auto"`` takes it only where the compressed passes of the whole batch
         do not fit the working-memory budget in one pass (they would be chunked) and the
         closed form is allowed: on time alone the passes measured as fast or faster (the
         Brusselator at B = 64: 37 ms against 46 ms on a full call), and deciding costs a
@@ -302,7 +303,13 @@ def _closed_decisions(prep: Prepared, method: str) -> tuple[tuple[bool, str], ..
                  "nonzeros from the traced rules")
             )  # fmt: skip
             continue
-        use, why = closed.decide(prep.call, part, prep.budget, lambda passes=passes: passes)  # type: ignore[misc]
+        # the passes' simulated size, not the bound: the closed form may hold a few times it
+        use, why = closed.decide(
+            prep.call,
+            part,
+            prep.budget,
+            lambda part=part: unit_bytes(prep, part) * part.coloring.n_colors * B,  # type: ignore[misc]
+        )
         if method == "closed_form" and not use:
             raise NotImplementedError(
                 f"jacobian: method='closed_form' with sparse= writes argnum {part.argnum}'s "
