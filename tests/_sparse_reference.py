@@ -31,3 +31,8 @@ def flat_reference(
         J = torch.autograd.functional.jacobian(g, xs[a])
         out.append(J.reshape(g(xs[a]).numel(), xs[a].numel()))
     return torch.stack(out)
+
+
+def one_arg_reference(f: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor) -> torch.Tensor:
+    """``(B, out_numel, in_numel)``: :func:`flat_reference` of a one-argument ``f``."""
+    return flat_reference(f, (X,))

@@ -10,15 +10,13 @@ import torch
 
 import jacbatch
 from jacbatch.sparse import SparsityPattern, _hot
-from tests._sparse_reference import flat_reference
+from tests._sparse_reference import one_arg_reference
 
 DT = torch.float64
 CALLS = _hot.HOT_CALLS + 3
 
 
-def reference(f: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor) -> torch.Tensor:
-    """``(B, out_numel, in_numel)``: per-sample autograd Jacobians."""
-    return flat_reference(f, (X,))
+reference = one_arg_reference
 
 
 @pytest.fixture(autouse=True)

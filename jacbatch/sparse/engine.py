@@ -278,8 +278,8 @@ def _closed_decisions(prep: Prepared, method: str) -> tuple[tuple[bool, str], ..
         times the passes', the 0/1 selection factors of ``x[1:]`` at ``n = 10⁴``). ``"auto"`` takes it only where the compressed passes of the whole batch
         do not fit the working-memory budget in one pass (they would be chunked) and the
         closed form is allowed: on time alone the passes measured as fast or faster (the
-        Brusselator at B = 64: 37 ms against 46 ms on a full call), and deciding costs a
-        capture of ``func`` (about a second on its first call). ``"jacfwd"``/``"jacrev"``
+        Brusselator at B = 64: 45.6 ms against 56.0 ms on a full call, bench/README.md), and
+        deciding costs a capture of ``func`` (about a second on its first call). ``"jacfwd"``/``"jacrev"``
         ask for the passes.
     """
     from . import closed
